@@ -1,0 +1,58 @@
+"""ace-diffusers: Attentional Concept Erasure for Hugging Face diffusers.
+
+``import ace_diffusers`` gives every diffusers pipeline ``load_ace_adapter``, ``erase_concept`` and
+friends (see :mod:`ace_diffusers.pipeline` for the mechanism and how to undo it).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0.dev0"
+
+from .adapter import ACEAdapter, LayerFactors
+from .errors import (
+    ACEAdapterFormatError,
+    ACEAdapterNameError,
+    ACEArchitectureMismatchError,
+    ACECompatibilityError,
+    ACEError,
+    ACEHubError,
+    ACEValueError,
+)
+from .pipeline import (
+    disable_adapters,
+    enable_adapters,
+    get_active_adapters,
+    get_adapter,
+    get_list_adapters,
+    install_pipeline_methods,
+    load_adapter,
+    remove_pipeline_methods,
+    set_adapters,
+    unload_adapter,
+)
+from .processor import ACEAttnProcessor
+
+install_pipeline_methods()
+
+__all__ = [
+    "ACEAdapter",
+    "ACEAdapterFormatError",
+    "ACEAdapterNameError",
+    "ACEArchitectureMismatchError",
+    "ACEAttnProcessor",
+    "ACECompatibilityError",
+    "ACEError",
+    "ACEHubError",
+    "ACEValueError",
+    "LayerFactors",
+    "disable_adapters",
+    "enable_adapters",
+    "get_active_adapters",
+    "get_adapter",
+    "get_list_adapters",
+    "install_pipeline_methods",
+    "load_adapter",
+    "remove_pipeline_methods",
+    "set_adapters",
+    "unload_adapter",
+]

@@ -1,0 +1,209 @@
+"""Model-level injection: put ACE adapters on a ``UNet2DConditionModel`` and take them off again.
+
+This is the layer under the pipeline verbs (like diffusers' model-level ``load_lora_adapter`` under
+``load_lora_weights``). Attaching installs one stateless :class:`ACEAttnProcessor` on every attention
+module and an :class:`ACEAdapterStack` on every cross-attention module; detaching the last adapter
+restores the exact processor objects that were there before (tomesd-style undoable patch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from .adapter import ACEAdapter
+from .errors import ACEAdapterNameError, ACECompatibilityError, ACEValueError
+from .processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta, get_stack
+
+# Processors whose math ACEAttnProcessor reproduces exactly (or, for AttnProcessor, equivalently).
+REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor, ACEAttnProcessor)
+_ADAPTERS_ATTR = "_ace_adapters"
+_ORIGINAL_PROCESSORS_ATTR = "_ace_original_processors"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
+def cross_attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    """Attention modules whose K/V read the text embeddings (``attn2`` in SD UNets)."""
+    return {name: m for name, m in attention_modules(unet).items() if m.is_cross_attention}
+
+
+def layer_shapes(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """``{layer name: (d_text, d_k, d_v)}`` for every cross-attention layer: the architecture fingerprint."""
+    shapes = {}
+    for name, attn in cross_attention_modules(unet).items():
+        k_weight, v_weight = _weight(attn.to_k), _weight(attn.to_v)
+        shapes[name] = (k_weight.shape[1], k_weight.shape[0], v_weight.shape[0])
+    return shapes
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:
+    weight = getattr(linear, "weight", None)  # PEFT-wrapped layers expose the base layer's weight
+    if weight is None:
+        weight = linear.base_layer.weight
+    return weight
+
+
+def validate_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ACEAdapterNameError(
+            f"Invalid adapter name {name!r}: use 1-64 characters from letters, digits, '_' and '-'."
+        )
+    return name
+
+
+def loaded_adapters(unet: nn.Module) -> dict[str, ACEAdapter]:
+    """Loaded adapters in load order (a live view: do not mutate)."""
+    return unet.__dict__.setdefault(_ADAPTERS_ATTR, {})
+
+
+def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
+    """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
+    validate_adapter_name(name)
+    adapters = loaded_adapters(unet)
+    if name in adapters:
+        raise ACEAdapterNameError(
+            f"An ACE adapter named '{name}' is already loaded; pass another adapter_name or unload it first "
+            f"(loaded: {list(adapters)})."
+        )
+    modules = cross_attention_modules(unet)
+    if not modules:
+        raise ACECompatibilityError("This UNet has no cross-attention layers, so it cannot carry an ACE adapter.")
+    adapter.check_compatible(layer_shapes(unet))
+    _check_processors_replaceable(unet)
+
+    deltas = {}
+    for layer, attn in modules.items():
+        ref = _weight(attn.to_k)
+        factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
+        deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
+
+    _install_processors(unet)
+    for layer, attn in modules.items():
+        stack = get_stack(attn)
+        if stack is None:
+            stack = ACEAdapterStack(_weight(attn.to_k))
+            attn.add_module(ACE_STACK_ATTR, stack)
+        stack.adapters[name] = deltas[layer]
+    adapters[name] = adapter
+
+
+def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
+    adapters = loaded_adapters(unet)
+    if name not in adapters:
+        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(adapters)}).")
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None and name in stack.adapters:
+            del stack.adapters[name]
+    adapter = adapters.pop(name)
+    if not adapters:
+        _uninstall(unet)
+    return adapter
+
+
+def _deltas(unet: nn.Module, name: str) -> Iterable[ACELayerDelta]:
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None and name in stack.adapters:
+            yield stack.adapters[name]
+
+
+def _stacks(unet: nn.Module) -> Iterable[ACEAdapterStack]:
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None:
+            yield stack
+
+
+def set_active_adapters(
+    unet: nn.Module, names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
+) -> None:
+    """Make exactly ``names`` active (others stay loaded but contribute nothing), with optional scales."""
+    names = [names] if isinstance(names, str) else list(names)
+    adapters = loaded_adapters(unet)
+    unknown = [n for n in names if n not in adapters]
+    if unknown:
+        raise ACEAdapterNameError(f"Unknown ACE adapter(s) {unknown}; loaded: {list(adapters)}.")
+    if scales is None:
+        scale_of: dict[str, float | None] = {n: None for n in names}
+    elif isinstance(scales, Mapping):
+        scale_of = {n: scales.get(n) for n in names}
+    elif isinstance(scales, (int, float)):
+        scale_of = {n: float(scales) for n in names}
+    else:
+        scales = list(scales)
+        if len(scales) != len(names):
+            raise ACEValueError(f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name.")
+        scale_of = dict(zip(names, scales, strict=True))
+    for value in scale_of.values():
+        if value is not None and not (isinstance(value, (int, float)) and value == value):
+            raise ACEValueError(f"Adapter scales must be real numbers, got {value!r}.")
+    for adapter_name in adapters:
+        for delta in _deltas(unet, adapter_name):
+            delta.active.fill_(1.0 if adapter_name in scale_of else 0.0)
+            if scale_of.get(adapter_name) is not None:
+                delta.scale.fill_(float(scale_of[adapter_name]))
+
+
+def set_enabled(unet: nn.Module, enabled: bool) -> None:
+    for stack in _stacks(unet):
+        stack.enabled.fill_(1.0 if enabled else 0.0)
+
+
+def active_adapters(unet: nn.Module) -> list[str]:
+    """Names that currently change the output: loaded, active, enabled and with a non-zero scale."""
+    names = []
+    for name in loaded_adapters(unet):
+        delta = next(iter(_deltas(unet, name)), None)
+        stack = next(iter(_stacks(unet)), None)
+        if delta is not None and stack is not None and float(delta.active * delta.scale * stack.enabled) != 0.0:
+            names.append(name)
+    return names
+
+
+def adapter_scale(unet: nn.Module, name: str) -> float:
+    delta = next(iter(_deltas(unet, name)), None)
+    if delta is None:
+        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded.")
+    return float(delta.scale)
+
+
+# ---------------------------------------------------------------------- processors
+def _check_processors_replaceable(unet: nn.Module) -> None:
+    for name, attn in attention_modules(unet).items():
+        if type(attn.processor) not in REPLACEABLE_PROCESSORS:  # subclasses may change the math
+            raise ACECompatibilityError(
+                f"Attention layer '{name}' uses {type(attn.processor).__name__}, which ACE cannot wrap: ACE "
+                "needs diffusers' standard scaled-dot-product processor. Load ACE adapters before calls that "
+                "install other processors (fuse_qkv_projections, attention slicing, xformers, custom "
+                "set_attn_processor), or call unet.set_attn_processor(AttnProcessor2_0()) first."
+            )
+
+
+def _install_processors(unet: nn.Module) -> None:
+    if _ORIGINAL_PROCESSORS_ATTR not in unet.__dict__:
+        unet.__dict__[_ORIGINAL_PROCESSORS_ATTR] = {
+            name: attn.processor for name, attn in attention_modules(unet).items()
+        }
+    processor = ACEAttnProcessor()
+    for attn in attention_modules(unet).values():
+        if not isinstance(attn.processor, ACEAttnProcessor):
+            attn.set_processor(processor)
+
+
+def _uninstall(unet: nn.Module) -> None:
+    """Remove every ACE store and put back the processors that were there before ACE was attached."""
+    originals = unet.__dict__.pop(_ORIGINAL_PROCESSORS_ATTR, {})
+    for name, attn in attention_modules(unet).items():
+        if ACE_STACK_ATTR in attn._modules:
+            del attn._modules[ACE_STACK_ATTR]
+        if isinstance(attn.processor, ACEAttnProcessor):
+            attn.set_processor(originals.get(name) or AttnProcessor2_0())

@@ -1,0 +1,177 @@
+"""Pipeline verbs: the functional API, and the methods ``import ace_diffusers`` adds to diffusers pipelines.
+
+Attach mechanism (and why): at import we add a handful of methods (``load_ace_adapter``,
+``erase_concept``, ...) to ``diffusers.DiffusionPipeline`` itself — the same object every SD/SDXL,
+img2img and inpaint pipeline inherits from. We never swap a pipeline's ``__class__`` nor subclass it,
+so ``pipe.save_pretrained`` still records the original ``_class_name`` and the folder reloads with
+plain ``DiffusionPipeline.from_pretrained``. The patch is undoable (:func:`remove_pipeline_methods`)
+and never overwrites an attribute diffusers already defines. Users who prefer no class changes call
+the functions below (``ace_diffusers.load_adapter(pipe, ...)``) and can run
+``ace_diffusers.remove_pipeline_methods()``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from torch import nn
+
+from . import attach
+from .adapter import ACEAdapter
+from .errors import ACECompatibilityError
+
+
+def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
+    """The ``UNet2DConditionModel`` of a pipeline (or the UNet itself)."""
+    if isinstance(pipe_or_unet, UNet2DConditionModel):
+        return pipe_or_unet
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, nn.Module) and attach.cross_attention_modules(unet):
+        return unet
+    raise ACECompatibilityError(
+        f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
+        "Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint variants)."
+    )
+
+
+def _default_name(unet: nn.Module, adapter: ACEAdapter) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", (adapter.concepts[0] if adapter.concepts else "ace").strip().lower())
+    base = base.strip("_")[:48] or "ace"
+    if len(adapter.concepts) > 1:
+        base = f"{base}_and_{len(adapter.concepts) - 1}_more"
+    taken = attach.loaded_adapters(unet)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def load_adapter(
+    pipe: Any,
+    adapter: ACEAdapter | str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    scale: float = 1.0,
+    **hub_kwargs: Any,
+) -> str:
+    """Load an adapter (object, local folder or Hub repo id) into ``pipe.unet``; return its name.
+
+    ``hub_kwargs``: ``revision``, ``subfolder``, ``cache_dir``, ``token``, ``local_files_only``.
+    """
+    unet = get_unet(pipe)
+    if not isinstance(adapter, ACEAdapter):
+        adapter = ACEAdapter.from_pretrained(adapter, **hub_kwargs)
+    elif hub_kwargs:
+        raise TypeError(f"Hub arguments {sorted(hub_kwargs)} only apply when loading from a path or repo id.")
+    name = adapter_name if adapter_name is not None else _default_name(unet, adapter)
+    attach.attach_adapter(unet, adapter, name, scale=scale)
+    return name
+
+
+def unload_adapter(pipe: Any, adapter_name: str | list[str] | None = None) -> None:
+    """Unload one, several, or (``None``) all ACE adapters; with none left, stock processors return."""
+    unet = get_unet(pipe)
+    if adapter_name is None:
+        names = list(attach.loaded_adapters(unet))
+    elif isinstance(adapter_name, str):
+        names = [adapter_name]
+    else:
+        names = list(adapter_name)
+    for name in names:
+        attach.detach_adapter(unet, name)
+
+
+def set_adapters(
+    pipe: Any, adapter_names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
+) -> None:
+    """Activate exactly ``adapter_names`` (others stay loaded, inactive), optionally setting their scales."""
+    attach.set_active_adapters(get_unet(pipe), adapter_names, scales)
+
+
+def enable_adapters(pipe: Any) -> None:
+    """Switch all active ACE adapters back on after :func:`disable_adapters`."""
+    attach.set_enabled(get_unet(pipe), True)
+
+
+def disable_adapters(pipe: Any) -> None:
+    """Temporarily switch every ACE adapter off (outputs become bit-identical to the base model)."""
+    attach.set_enabled(get_unet(pipe), False)
+
+
+def get_active_adapters(pipe: Any) -> list[str]:
+    return attach.active_adapters(get_unet(pipe))
+
+
+def get_list_adapters(pipe: Any) -> list[str]:
+    return list(attach.loaded_adapters(get_unet(pipe)))
+
+
+def get_adapter(pipe: Any, adapter_name: str | None = None) -> ACEAdapter:
+    """The loaded :class:`ACEAdapter` object named ``adapter_name`` (or the only one loaded)."""
+    adapters = attach.loaded_adapters(get_unet(pipe))
+    if adapter_name is None:
+        if len(adapters) != 1:
+            raise attach.ACEAdapterNameError(
+                f"{len(adapters)} ACE adapters are loaded ({list(adapters)}); pass adapter_name."
+            )
+        return next(iter(adapters.values()))
+    if adapter_name not in adapters:
+        raise attach.ACEAdapterNameError(f"No ACE adapter named '{adapter_name}' is loaded (loaded: {list(adapters)}).")
+    return adapters[adapter_name]
+
+
+# ---------------------------------------------------------------------- methods on pipelines
+def _method(function: Any, name: str) -> Any:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return function(self, *args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"DiffusionPipeline.{name}"
+    method.__doc__ = function.__doc__
+    method.__wrapped__ = function
+    return method
+
+
+def _pipeline_methods() -> dict[str, Any]:
+    methods = {
+        "load_ace_adapter": load_adapter,
+        "unload_ace_adapter": unload_adapter,
+        "set_ace_adapters": set_adapters,
+        "enable_ace_adapters": enable_adapters,
+        "disable_ace_adapters": disable_adapters,
+        "get_active_ace_adapters": get_active_adapters,
+        "get_list_ace_adapters": get_list_adapters,
+        "get_ace_adapter": get_adapter,
+    }
+    return methods
+
+
+_installed: dict[str, Any] = {}
+
+
+def install_pipeline_methods() -> list[str]:
+    """Add the ``*_ace_*`` verbs and ``erase_concept`` to ``DiffusionPipeline`` (idempotent)."""
+    for name, function in _pipeline_methods().items():
+        if name in _installed:
+            continue
+        if hasattr(DiffusionPipeline, name):
+            raise ACECompatibilityError(
+                f"diffusers.DiffusionPipeline already defines '{name}'; refusing to overwrite it. Use the "
+                f"functional API (ace_diffusers.{function.__name__}) instead."
+            )
+        method = _method(function, name)
+        setattr(DiffusionPipeline, name, method)
+        _installed[name] = method
+    return sorted(_installed)
+
+
+def remove_pipeline_methods() -> None:
+    """Undo :func:`install_pipeline_methods`: ``DiffusionPipeline`` is as diffusers defined it."""
+    for name, method in list(_installed.items()):
+        if DiffusionPipeline.__dict__.get(name) is method:
+            delattr(DiffusionPipeline, name)
+        del _installed[name]

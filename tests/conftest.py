@@ -1,0 +1,66 @@
+"""Shared fixtures. Offline by default: the Hub tests switch on their own 127.0.0.1 server."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub read it at import
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ace_diffusers  # noqa: E402,F401  (installs the pipeline verbs)
+
+# The tiny test models are far faster on one thread, and CI machines have only two cores.
+torch.set_num_threads(int(os.environ.get("ACE_TEST_THREADS", "1")))
+from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+
+@pytest.fixture
+def sd_pipe():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture
+def sdxl_pipe():
+    return tiny_sdxl_pipeline(seed=0)
+
+
+def generate(pipe, prompt="a photo of a cat", seed=0, steps=2):
+    """Deterministic 32x32 images as a tensor (the tiny pipelines' fast path)."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt, num_inference_steps=steps, generator=generator, output_type="pt", height=32, width=32
+    ).images
+
+
+@pytest.fixture
+def run():
+    return generate
+
+
+class SDPARecorder:
+    """Records (query, key, value) of every scaled-dot-product-attention call, in call order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, original):
+        def wrapper(query, key, value, *args, **kwargs):
+            self.calls.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+            return original(query, key, value, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.fixture
+def sdpa_recorder(monkeypatch):
+    recorder = SDPARecorder()
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        recorder(torch.nn.functional.scaled_dot_product_attention),
+    )
+    return recorder
