@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0.dev0"
 
 from .adapter import ACEAdapter, LayerFactors
+from .closed_form import erase_concept
 from .errors import (
     ACEAdapterFormatError,
     ACEAdapterNameError,
@@ -26,6 +27,7 @@ from .pipeline import (
     get_list_adapters,
     install_pipeline_methods,
     load_adapter,
+    push_adapter,
     remove_pipeline_methods,
     set_adapters,
     unload_adapter,
@@ -47,11 +49,13 @@ __all__ = [
     "LayerFactors",
     "disable_adapters",
     "enable_adapters",
+    "erase_concept",
     "get_active_adapters",
     "get_adapter",
     "get_list_adapters",
     "install_pipeline_methods",
     "load_adapter",
+    "push_adapter",
     "remove_pipeline_methods",
     "set_adapters",
     "unload_adapter",

@@ -124,6 +124,11 @@ def get_adapter(pipe: Any, adapter_name: str | None = None) -> ACEAdapter:
     return adapters[adapter_name]
 
 
+def push_adapter(pipe: Any, repo_id: str, adapter_name: str | None = None, **push_kwargs: Any) -> str:
+    """Publish a loaded adapter to the Hub (see :meth:`ACEAdapter.push_to_hub` for ``push_kwargs``)."""
+    return get_adapter(pipe, adapter_name).push_to_hub(repo_id, **push_kwargs)
+
+
 # ---------------------------------------------------------------------- methods on pipelines
 def _method(function: Any, name: str) -> Any:
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -146,7 +151,11 @@ def _pipeline_methods() -> dict[str, Any]:
         "get_active_ace_adapters": get_active_adapters,
         "get_list_ace_adapters": get_list_adapters,
         "get_ace_adapter": get_adapter,
+        "push_ace_adapter": push_adapter,
     }
+    from .closed_form import erase_concept
+
+    methods["erase_concept"] = erase_concept
     return methods
 
 

@@ -113,9 +113,9 @@ def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 
 def tiny_sd_pipeline(
-    seed: int = 0, *, text_dim: int = 32, prediction_type: str = "epsilon"
+    seed: int = 0, *, text_dim: int = 64, prediction_type: str = "epsilon"
 ) -> StableDiffusionPipeline:
-    """SD-1-like (``text_dim=32``) or SD-2-like (e.g. ``text_dim=64, prediction_type="v_prediction"``)."""
+    """SD-1-like (default) or SD-2-like (e.g. ``text_dim=96, prediction_type="v_prediction"``)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -143,8 +143,9 @@ def tiny_sd_pipeline(
     return pipe
 
 
-def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """SDXL-like: two CLIP text encoders (32 + 32 = 64-d tokens), ``text_time`` added conditioning."""
+def tiny_sdxl_pipeline(seed: int = 0, *, text_dim: int = 64) -> StableDiffusionXLPipeline:
+    """SDXL-like: two CLIP text encoders (``text_dim / 2`` each, concatenated), ``text_time`` conditioning."""
+    half = text_dim // 2
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -159,14 +160,14 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=6 * 8 + half,
+        cross_attention_dim=text_dim,
         norm_num_groups=1,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_clip_text_config(32, 2, 4, 37, 32)),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(32, 2, 4, 37, 32)),
+        text_encoder=CLIPTextModel(_clip_text_config(half, 2, 4, 2 * half, half)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(half, 2, 4, 2 * half, half)),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         unet=unet,

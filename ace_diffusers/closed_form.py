@@ -1,0 +1,377 @@
+"""The closed-form fitter: prompts -> token embeddings -> gate + low-rank K/V edit -> :class:`ACEAdapter`.
+
+Notation: ``c_i`` a text-token embedding from a prompt containing the concept, ``n_i`` the embedding
+of the aligned token in the same prompt with the neutral anchor instead, ``p_j`` tokens of
+preservation and unrelated prompts, ``W`` a layer's ``to_k`` or ``to_v`` weight.
+
+1. **Gate.** ``g(e) = sigmoid(w·e + b)`` is a logistic regression separating tokens that carry the
+   concept (``c_i`` that differ from their neutral counterpart) from everything else, then sharpened
+   so it is ~1 / ~0 on the two sides. It is shared by all layers (they read the same text tokens).
+2. **Edit.** With the gate fixed, the edited projection of a concept token is ``W c_i + g_i Δ c_i`` and
+   we solve::
+
+       min_Δ  1/N Σ_i ||g_i Δ c_i − W (n_i − c_i)||²  +  λ_p/N_p Σ_j ||Δ p_j||²  +  λ ||Δ||²
+
+   whose minimiser is ``Δ* = W G`` with the text-space map ``G = R M⁻¹``,
+   ``R = 1/N Σ g_i (n_i − c_i) c_iᵀ``, ``M = 1/N Σ g_i² c_i c_iᵀ + λ_p/N_p Σ p_j p_jᵀ + λ I``.
+3. **Rank.** The objective equals ``||(Δ − Δ*) M^{1/2}||²`` up to a constant, so the best rank-r edit
+   (Eckart–Young) is the top-r SVD ``U S Vᵀ`` of ``Δ* M^{1/2}``: ``B = U S``, ``A = Vᵀ M^{-1/2}``.
+
+Everything but step 3 is shared by all layers, so one fit costs a few text-encoder passes plus one
+small SVD per K/V projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import attach
+from .adapter import ACEAdapter, LayerFactors
+from .errors import ACEValueError
+from .pipeline import _default_name, get_unet
+from .presets import ErasureSpec, resolve_spec
+from .text import EncodedPrompt, TextEmbedder
+
+CHANGED_TOKEN_THRESHOLD = 0.02  # relative change that marks a token as carrying the concept
+GATE_MARGIN_LOGIT = 4.6  # sigmoid(4.6) ~ 0.99: where the sharpened gate puts its class quantiles
+
+
+@dataclass
+class FitSettings:
+    rank: int | None = None  # None: default_rank(n_concepts, d_text)
+    preserve_weight: float = 0.05  # λ_p
+    ridge: float = 1e-3  # λ, relative to the mean token energy
+    gate_ridge: float = 1e-3
+    preserve_templates: int = 2
+    full_length_templates: int = 2  # causal encoders: templates encoded with all padding tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FitData:
+    concept: torch.Tensor  # (N, d) c_i
+    target: torch.Tensor  # (N, d) n_i
+    gate_positive: torch.Tensor  # (N,) bool: c_i carries the concept
+    others: torch.Tensor  # (N_p, d) tokens of neutral, preservation and unrelated prompts
+
+
+# ---------------------------------------------------------------------- embeddings
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _encode_cached(embedder: TextEmbedder, prompts: list[str], spans: list, full: bool) -> list[EncodedPrompt]:
+    """Encode with a per-text-encoder cache, invalidated when any encoder weight changes in place."""
+    encoder = embedder.encoders[0][1]
+    signature = tuple(
+        (len(tok), sum(p._version for p in enc.parameters()), sum(1 for _ in enc.parameters()))
+        for tok, enc in embedder.encoders
+    )
+    entry = _cache.get(encoder)
+    if entry is None or entry[0] != signature:
+        entry = (signature, {})
+        _cache[encoder] = entry
+    store: dict = entry[1]
+    keys = [(p, s, full) for p, s in zip(prompts, spans, strict=True)]
+    missing = [i for i, k in enumerate(keys) if k not in store]
+    if missing:
+        encoded = embedder.encode(
+            [prompts[i] for i in missing], [spans[i] for i in missing], extra_pad_tokens=None if full else 4
+        )
+        for i, enc in zip(missing, encoded, strict=True):
+            store[keys[i]] = enc
+        if len(store) > 4096:
+            for key in list(store)[: len(store) - 4096]:
+                del store[key]
+    return [store[k] for k in keys]
+
+
+def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
+    start = template.index("{}")
+    prompt = template[:start] + phrase + template[start + 2 :]
+    prompt = " ".join(prompt.split()) if not phrase else prompt
+    return prompt, ((start, start + len(phrase)) if phrase else None)
+
+
+def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
+    """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
+    full_n = settings.full_length_templates
+    concept_jobs, neutral_jobs = [], []
+    for concept, anchor in zip(spec.concepts, spec.neutral, strict=True):
+        for t_index, template in enumerate(spec.templates):
+            full = t_index < full_n
+            concept_jobs.append((*_fill(template, concept), full))
+            neutral_jobs.append((*_fill(template, anchor), full))
+
+    def run(jobs: list[tuple[str, Any, bool]]) -> list[EncodedPrompt]:
+        out: list[EncodedPrompt | None] = [None] * len(jobs)
+        for full in (True, False):
+            idx = [i for i, job in enumerate(jobs) if job[2] == full]
+            if idx:
+                encoded = _encode_cached(embedder, [jobs[i][0] for i in idx], [jobs[i][1] for i in idx], full)
+                for i, enc in zip(idx, encoded, strict=True):
+                    out[i] = enc
+        return out  # type: ignore[return-value]
+
+    concept_enc, neutral_enc = run(concept_jobs), run(neutral_jobs)
+    other_jobs = [(p, None, i < 4) for i, p in enumerate(spec.negatives)]
+    for phrase in spec.preserve:
+        for template in spec.templates[: settings.preserve_templates]:
+            other_jobs.append((_fill(template, phrase)[0], None, False))
+    other_enc = run(other_jobs)
+
+    concept_rows, target_rows, positive = [], [], []
+    for c_enc, n_enc in zip(concept_enc, neutral_enc, strict=True):
+        pairs = _align(c_enc, n_enc)
+        if not pairs:
+            continue
+        ci = torch.tensor([i for i, _ in pairs])
+        nj = torch.tensor([j for _, j in pairs])
+        c, n = c_enc.embeddings[ci], n_enc.embeddings[nj]
+        change = (c - n).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-8)
+        concept_rows.append(c)
+        target_rows.append(n)
+        positive.append(change > CHANGED_TOKEN_THRESHOLD)
+    if not concept_rows:
+        raise ACEValueError(
+            "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
+        )
+    others = [e.embeddings for e in other_enc] + [e.embeddings for e in neutral_enc]
+    return FitData(
+        concept=torch.cat(concept_rows),
+        target=torch.cat(target_rows),
+        gate_positive=torch.cat(positive),
+        others=torch.cat(others),
+    )
+
+
+def _align(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, int]]:
+    """Pairs (concept-prompt token, neutral-prompt token): same prefix, span stretched, suffix shifted."""
+    if c_enc.span is None:
+        return []
+    s, e = c_enc.span
+    if n_enc.span is not None:
+        ns, ne = n_enc.span
+    else:  # empty anchor: the concept collapses onto the token that follows it in the neutral prompt
+        ns = ne = s
+    rows_c, rows_n = c_enc.embeddings.shape[0], n_enc.embeddings.shape[0]
+    pairs = []
+    for i in range(rows_c):
+        if i < s:
+            j = i
+        elif i < e:
+            j = ns + ((i - s) * (ne - ns)) // (e - s) if ne > ns else ns
+        else:
+            j = ne + (i - e)
+        if j < rows_n:
+            pairs.append((i, j))
+    return pairs
+
+
+# ---------------------------------------------------------------------- gate
+def fit_gate(
+    positive: torch.Tensor, negative: torch.Tensor, *, ridge: float = 1e-3, iterations: int = 25
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Logistic-regression gate ``sigmoid(w·e + b)`` (class-balanced, ridge, Newton), then sharpened.
+
+    Sharpening rescales the logit so that the 5th percentile of concept tokens and the 99.5th of the
+    others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there.
+    """
+    x = torch.cat([positive, negative]).double()
+    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).double()
+    sample_w = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))]).double()
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    theta = torch.zeros(z.shape[1], dtype=x.dtype)
+    penalty = torch.full((z.shape[1],), ridge, dtype=x.dtype)
+    penalty[-1] = 0.0
+    for _ in range(iterations):
+        p = torch.sigmoid(z @ theta)
+        grad = z.T @ (sample_w * (p - y)) + penalty * theta
+        hess = (z * (sample_w * p * (1 - p)).unsqueeze(1)).T @ z + torch.diag(penalty) + 1e-10 * torch.eye(len(theta), dtype=x.dtype)
+        step = torch.linalg.solve(hess, grad)
+        theta = theta - step
+        if step.abs().max() < 1e-6:
+            break
+    w = theta[:-1] / std
+    b = theta[-1] - (mean * w).sum()
+    logit_pos, logit_neg = positive.double() @ w + b, negative.double() @ w + b
+    hi, lo = torch.quantile(logit_pos, 0.05), torch.quantile(logit_neg, 0.995)
+    if hi <= lo:  # not separable at those quantiles: fall back to the class medians
+        hi, lo = logit_pos.median(), logit_neg.median()
+    if hi > lo:
+        alpha = 2 * GATE_MARGIN_LOGIT / (hi - lo)
+        center = (hi + lo) / 2
+        w, b = w * alpha, (b - center) * alpha
+    gate_pos = torch.sigmoid(positive.double() @ w + b)
+    gate_neg = torch.sigmoid(negative.double() @ w + b)
+    stats = {
+        "gate_mean_concept_tokens": float(gate_pos.mean()),
+        "gate_mean_other_tokens": float(gate_neg.mean()),
+        "gate_concept_tokens_open": float((gate_pos > 0.5).double().mean()),
+        "gate_other_tokens_open": float((gate_neg > 0.5).double().mean()),
+    }
+    return w.float(), b.float().reshape(1), stats
+
+
+# ---------------------------------------------------------------------- edit
+def solve_text_map(
+    data: FitData, gate_w: torch.Tensor, gate_b: torch.Tensor, settings: FitSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Return ``(G, M_sqrt, M_inv_sqrt, stats)`` of the closed-form solution (module docstring)."""
+    c, n, p = data.concept.double(), data.target.double(), data.others.double()
+    g = torch.sigmoid(c @ gate_w.double() + gate_b.double())
+    d = c.shape[1]
+    m_concept = (c * (g * g).unsqueeze(1)).T @ c / len(c)
+    m_other = p.T @ p / len(p)
+    energy = (torch.trace(m_concept) + torch.trace(m_other)) / (2 * d)
+    m = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=c.dtype)
+    r = ((n - c) * g.unsqueeze(1)).T @ c / len(c)
+    eigval, eigvec = torch.linalg.eigh(m)
+    eigval = eigval.clamp_min(eigval.max() * 1e-12)
+    m_sqrt = (eigvec * eigval.sqrt()) @ eigvec.T
+    m_inv_sqrt = (eigvec * eigval.rsqrt()) @ eigvec.T
+    text_map = r @ (eigvec * (1 / eigval)) @ eigvec.T
+    moved = (c @ text_map.T) * g.unsqueeze(1)
+    wanted = n - c
+    stats = {
+        "text_residual": float((moved - wanted).norm() / wanted.norm().clamp_min(1e-12)),
+        "preserve_drift": float((p @ text_map.T).norm() / p.norm().clamp_min(1e-12)),
+        "concept_tokens": int(len(c)),
+        "other_tokens": int(len(p)),
+    }
+    return text_map, m_sqrt, m_inv_sqrt, stats
+
+
+def low_rank_edit(
+    weight: torch.Tensor, text_map: torch.Tensor, m_sqrt: torch.Tensor, m_inv_sqrt: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` approximation of ``Δ* = W G`` in the metric of the objective: ``(A, B)``."""
+    x = weight.double() @ (text_map @ m_sqrt)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    up = u[:, :rank] * s[:rank]
+    down = vh[:rank] @ m_inv_sqrt
+    return down.float(), up.float()
+
+
+def default_rank(n_concepts: int, d_text: int) -> int:
+    """32 for one concept, +8 per extra concept, at most 256 (or the text width)."""
+    return min(d_text, 24 + 8 * n_concepts, 256)
+
+
+def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None = None) -> ACEAdapter:
+    """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline)."""
+    started = time.perf_counter()
+    unet = get_unet(pipe)
+    shapes = attach.layer_shapes(unet)
+    d_text = next(iter(shapes.values()))[0]
+    rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
+    _check_rank(rank, d_text)
+    embedder = TextEmbedder(pipe)
+    data = collect_fit_data(embedder, spec, settings)
+    if data.concept.shape[1] != d_text:
+        raise ACEValueError(
+            f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
+            f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
+        )
+    negatives = torch.cat([data.concept[~data.gate_positive], data.others])
+    if not bool(data.gate_positive.any()):
+        raise ACEValueError(
+            f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
+            f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
+        )
+    gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
+    text_map, m_sqrt, m_inv_sqrt, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
+
+    layers = {}
+    modules = attach.cross_attention_modules(unet)
+    for name in tqdm(sorted(modules), desc="ACE closed form", disable=not progress, leave=False):
+        attn = modules[name]
+        k_down, k_up = low_rank_edit(attach._weight(attn.to_k).detach().cpu(), text_map, m_sqrt, m_inv_sqrt, rank)
+        v_down, v_up = low_rank_edit(attach._weight(attn.to_v).detach().cpu(), text_map, m_sqrt, m_inv_sqrt, rank)
+        layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
+
+    fit = {
+        "settings": {**settings.to_dict(), "rank": rank},
+        "templates": spec.templates,
+        "preserve": spec.preserve,
+        "stats": {**gate_stats, **edit_stats},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
+    return ACEAdapter(
+        layers,
+        concepts=spec.concepts,
+        neutral=spec.neutral,
+        kind=spec.kind,
+        method="closed-form",
+        fit=fit,
+        base_model=base_model if isinstance(base_model, str) else None,
+    )
+
+
+def _check_rank(rank: Any, d_text: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ACEValueError(f"rank must be a positive integer, got {rank!r}.")
+    if rank > d_text:
+        raise ACEValueError(f"rank {rank} exceeds the text width {d_text} of this UNet's cross-attention; use <= {d_text}.")
+
+
+def erase_concept(
+    pipe: Any,
+    concepts: str | list[str],
+    *,
+    neutral: str | list[str] | None = None,
+    kind: str | None = None,
+    preserve: str | list[str] | None = None,
+    rank: int | None = None,
+    adapter_name: str | None = None,
+    templates: list[str] | None = None,
+    scale: float = 1.0,
+    preserve_weight: float = 0.05,
+    load: bool = True,
+    progress: bool | None = None,
+    settings: FitSettings | None = None,
+) -> ACEAdapter:
+    """Erase ``concepts`` from ``pipe`` in closed form: fit an :class:`ACEAdapter`, load it, return it.
+
+    Args:
+        concepts: one phrase or a list (hundreds fit in one adapter).
+        neutral: what the concept should turn into; default from ``kind`` (e.g. ``"art"`` for styles).
+        kind: ``"object"``, ``"style"``, ``"celebrity"``, ``"explicit"`` or ``None`` (custom) — picks
+            templates, anchor and preservation set (``ace_diffusers/data/presets.json``).
+        preserve: concepts that must stay intact; default from ``kind``.
+        rank: rank of the K/V edit per layer; default ``min(24 + 8 * len(concepts), 256, d_text)``.
+        adapter_name: name in the pipeline; default derived from the first concept.
+        load: set False to only fit (the pipeline is not changed).
+        settings: advanced fitter settings (:class:`FitSettings`); ``rank``/``preserve_weight`` win.
+    """
+    spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+    unet = get_unet(pipe)
+    if adapter_name is not None:
+        attach.validate_adapter_name(adapter_name)
+        if adapter_name in attach.loaded_adapters(unet):
+            raise attach.ACEAdapterNameError(
+                f"An ACE adapter named '{adapter_name}' is already loaded; choose another adapter_name."
+            )
+    if progress is None:
+        progress = len(spec.concepts) >= 20
+    settings = dataclasses.replace(settings or FitSettings(), preserve_weight=preserve_weight)
+    if rank is not None:
+        settings.rank = rank
+    # The fit reads text embeddings and the base to_k/to_v weights only, so adapters already loaded
+    # (ACE or PEFT LoRA) do not influence it.
+    adapter = fit_adapter(pipe, spec, settings, progress=progress)
+    if load:
+        name = adapter_name or _default_name(unet, adapter)
+        attach.attach_adapter(unet, adapter, name, scale=scale)
+    return adapter

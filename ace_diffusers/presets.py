@@ -1,0 +1,129 @@
+"""Concept kinds and what erasing one means: templates, neutral anchor, preservation set.
+
+The data lives in ``ace_diffusers/data/presets.json`` so it can be read, reviewed and overridden
+without touching code; :func:`resolve_spec` turns a user's arguments into a validated
+:class:`ErasureSpec`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from .errors import ACEValueError
+
+MAX_CONCEPT_CHARS = 500
+
+
+@functools.lru_cache(maxsize=1)
+def load_presets() -> dict[str, Any]:
+    return json.loads(resources.files("ace_diffusers").joinpath("data/presets.json").read_text(encoding="utf-8"))
+
+
+def available_kinds() -> list[str]:
+    return sorted(load_presets()["kinds"])
+
+
+@dataclass
+class ErasureSpec:
+    """Everything the fitter needs to know about *what* to erase (not *how*)."""
+
+    concepts: list[str]
+    neutral: list[str]  # one anchor per concept
+    kind: str
+    templates: list[str]
+    preserve: list[str]
+    negatives: list[str] = field(default_factory=list)  # generic prompts whose tokens the gate must ignore
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "concepts": self.concepts,
+            "neutral": self.neutral,
+            "kind": self.kind,
+            "templates": self.templates,
+            "preserve": self.preserve,
+        }
+
+
+def _clean_phrase(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ACEValueError(f"Each {what} must be a string, got {type(value).__name__} ({value!r}).")
+    phrase = " ".join(value.split())
+    if not phrase:
+        raise ACEValueError(f"Empty {what}: {value!r}. Give the words that name it, e.g. 'Van Gogh'.")
+    if len(phrase) > MAX_CONCEPT_CHARS:
+        raise ACEValueError(f"A {what} of {len(phrase)} characters is too long (limit {MAX_CONCEPT_CHARS}).")
+    return phrase
+
+
+def _as_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [_clean_phrase(value, what)]
+    if not isinstance(value, (list, tuple)):
+        raise ACEValueError(f"{what}s must be a string or a list of strings, got {type(value).__name__}.")
+    return [_clean_phrase(v, what) for v in value]
+
+
+def resolve_spec(
+    concepts: str | list[str],
+    *,
+    neutral: str | list[str] | None = None,
+    kind: str | None = None,
+    preserve: str | list[str] | None = None,
+    templates: list[str] | None = None,
+) -> ErasureSpec:
+    """Validate the arguments of ``erase_concept`` and fill in the kind's presets."""
+    presets = load_presets()
+    kind_name = kind if kind is not None else "custom"
+    if kind_name not in presets["kinds"]:
+        raise ACEValueError(f"Unknown concept kind {kind!r}; choose one of {available_kinds()} or leave it None.")
+    preset = presets["kinds"][kind_name]
+
+    concept_list = _as_list(concepts, "concept") or []
+    if not concept_list:
+        raise ACEValueError("No concept given: pass a string such as 'Van Gogh' or a list of strings.")
+    if kind_name == "explicit":
+        concept_list += [t for t in preset.get("expand", []) if t.lower() not in {c.lower() for c in concept_list}]
+    concept_list = list(dict.fromkeys(concept_list))  # drop duplicates, keep order
+
+    neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
+    if neutral_list is None:
+        neutral_list = [neutral if neutral == "" else preset["neutral"]] * len(concept_list)
+    elif len(neutral_list) == 1:
+        neutral_list = neutral_list * len(concept_list)
+    elif len(neutral_list) != len(concept_list):
+        raise ACEValueError(
+            f"Got {len(concept_list)} concepts but {len(neutral_list)} neutral anchors; pass one anchor for all "
+            "or one per concept."
+        )
+    for concept, anchor in zip(concept_list, neutral_list, strict=True):
+        if concept.lower() == anchor.lower():
+            raise ACEValueError(
+                f"The concept {concept!r} equals its neutral anchor; the anchor must be what the concept should "
+                "turn into (e.g. 'art' for a style, 'a person' for a celebrity)."
+            )
+
+    template_list = list(templates) if templates is not None else list(preset["templates"])
+    for template in template_list:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ACEValueError(f"Template {template!r} must be a string containing '{{}}' exactly once.")
+
+    lowered = {c.lower() for c in concept_list}
+    preserve_list = _as_list(preserve, "preserved concept")
+    if preserve_list is None:
+        preserve_list = list(preset["preserve"])
+    preserve_list = [p for p in preserve_list if p.lower() not in lowered]
+
+    return ErasureSpec(
+        concepts=concept_list,
+        neutral=neutral_list,
+        kind=kind_name,
+        templates=template_list,
+        preserve=preserve_list,
+        negatives=list(presets["generic_negatives"]),
+    )

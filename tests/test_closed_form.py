@@ -1,0 +1,195 @@
+import pytest
+import torch
+
+from ace_diffusers import ACEAdapterNameError, ACEValueError, erase_concept
+from ace_diffusers.attach import cross_attention_modules
+from ace_diffusers.closed_form import _align
+from ace_diffusers.presets import load_presets
+from ace_diffusers.processor import get_stack
+from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from ace_diffusers.text import TextEmbedder
+
+from .conftest import generate
+
+# Tolerances reached on tiny random-weight pipelines with 256-d text tokens (docs/method.md says what
+# they measure). A random 2-layer text encoder has no semantics, so generalisation to unseen
+# templates/synonyms is measured on the miniature world instead (real pretrained text encoder).
+TEXT_DIM = 256
+CONCEPT_GAP_LEFT = 0.35  # sqrt(sum ||K_edit(c) - K(n)||^2 / sum ||K(c) - K(n)||^2) over layers, K and V
+PRESERVE_CHANGE = 0.03  # sqrt(sum ||K_edit(p) - K(p)||^2 / sum ||K(p)||^2) on preservation prompts
+UNRELATED_GATE = 0.05  # max gate value on any token of an unrelated prompt
+
+
+def keys_values(attn, context):
+    """K and V exactly as the ACE processor computes them (base projection + loaded deltas)."""
+    key, value = attn.to_k(context), attn.to_v(context)
+    stack = get_stack(attn)
+    if stack is not None and len(stack.adapters):
+        key, value = stack.add_delta(context, key, value)
+    return key, value
+
+
+def encode(pipe, template, phrase):
+    start = template.index("{}")
+    prompt = template.replace("{}", phrase)
+    return TextEmbedder(pipe).encode([prompt], [(start, start + len(phrase))], extra_pad_tokens=None)[0]
+
+
+def concept_gap_left(pipe, template, concept, neutral):
+    """Fraction of the concept->neutral K/V gap that remains after the edit, over all layers."""
+    c_enc, n_enc = encode(pipe, template, concept), encode(pipe, template, neutral)
+    pairs = [(i, j) for i, j in _align(c_enc, n_enc) if i >= c_enc.span[0]]
+    ci, nj = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
+    left, gap = 0.0, 0.0
+    with torch.no_grad():
+        for attn in cross_attention_modules(pipe.unet).values():
+            k_edit, v_edit = keys_values(attn, c_enc.embeddings[ci])
+            k_n, v_n = attn.to_k(n_enc.embeddings[nj]), attn.to_v(n_enc.embeddings[nj])
+            k_c, v_c = attn.to_k(c_enc.embeddings[ci]), attn.to_v(c_enc.embeddings[ci])
+            left += (k_edit - k_n).norm() ** 2 + (v_edit - v_n).norm() ** 2
+            gap += (k_c - k_n).norm() ** 2 + (v_c - v_n).norm() ** 2
+    return float((left / gap).sqrt())
+
+
+def relative_change(pipe, prompt):
+    enc = TextEmbedder(pipe).encode([prompt], extra_pad_tokens=None)[0].embeddings
+    change, norm = 0.0, 0.0
+    with torch.no_grad():
+        for attn in cross_attention_modules(pipe.unet).values():
+            k_edit, v_edit = keys_values(attn, enc)
+            k, v = attn.to_k(enc), attn.to_v(enc)
+            change += (k_edit - k).norm() ** 2 + (v_edit - v).norm() ** 2
+            norm += k.norm() ** 2 + v.norm() ** 2
+    return float((change / norm).sqrt())
+
+
+def max_gate(pipe, prompt):
+    enc = TextEmbedder(pipe).encode([prompt], extra_pad_tokens=None)[0].embeddings
+    gates = [
+        delta.gate(enc.unsqueeze(0)).max()
+        for attn in cross_attention_modules(pipe.unet).values()
+        for delta in get_stack(attn).adapters.values()
+    ]
+    return float(max(gates))
+
+
+@pytest.fixture(scope="module")
+def erased_pipe():
+    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
+    adapter = erase_concept(pipe, "Van Gogh", kind="style")
+    return pipe, adapter
+
+
+def test_concept_kv_moves_to_neutral_anchor(erased_pipe):
+    pipe, adapter = erased_pipe
+    assert adapter.method == "closed-form" and adapter.neutral == ["art"]
+    for template in ("a painting in the style of {}", "an artwork by {}", "art by {}"):
+        assert concept_gap_left(pipe, template, "Van Gogh", "art") < CONCEPT_GAP_LEFT, template
+
+
+def test_preserved_concepts_kv_barely_change(erased_pipe):
+    pipe, _ = erased_pipe
+    for artist in ("Claude Monet", "Pablo Picasso", "Rembrandt"):
+        assert relative_change(pipe, f"a painting in the style of {artist}") < PRESERVE_CHANGE, artist
+
+
+def test_unrelated_prompts_gate_closed_and_images_unchanged(erased_pipe):
+    pipe, _ = erased_pipe
+    for prompt in ("a photo of a cat", "a bowl of soup on a kitchen table", ""):
+        assert max_gate(pipe, prompt) < UNRELATED_GATE, prompt
+    edited = generate(pipe, "a photo of a cat")
+    pipe.disable_ace_adapters()
+    try:
+        stock = generate(pipe, "a photo of a cat")
+    finally:
+        pipe.enable_ace_adapters()
+    assert (edited - stock).abs().max() < 2e-3
+    concept_edited = generate(pipe, "a painting in the style of Van Gogh")
+    pipe.disable_ace_adapters()
+    try:
+        concept_stock = generate(pipe, "a painting in the style of Van Gogh")
+    finally:
+        pipe.enable_ace_adapters()
+    assert (concept_edited - concept_stock).abs().max() > 1e-2
+
+
+def test_two_concepts_in_one_adapter_erase_both_and_preserve_a_third():
+    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
+    adapter = erase_concept(pipe, ["Van Gogh", "Claude Monet"], kind="style", adapter_name="two")
+    assert adapter.concepts == ["Van Gogh", "Claude Monet"] and pipe.get_list_ace_adapters() == ["two"]
+    assert concept_gap_left(pipe, "an artwork by {}", "Van Gogh", "art") < CONCEPT_GAP_LEFT
+    assert concept_gap_left(pipe, "an artwork by {}", "Claude Monet", "art") < CONCEPT_GAP_LEFT
+    assert relative_change(pipe, "an artwork by Pablo Picasso") < PRESERVE_CHANGE
+
+
+def test_sdxl_uses_both_text_encoders():
+    pipe = tiny_sdxl_pipeline(text_dim=TEXT_DIM)
+    adapter = erase_concept(pipe, "Van Gogh", kind="style")
+    d_text = next(iter(adapter.layers.values())).shape[0]
+    assert d_text == TEXT_DIM  # both encoders' tokens, concatenated
+    assert concept_gap_left(pipe, "a painting in the style of {}", "Van Gogh", "art") < CONCEPT_GAP_LEFT
+    assert relative_change(pipe, "a photo of a cat") < PRESERVE_CHANGE
+
+
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_text_embedder_matches_pipeline_encode_prompt(builder):
+    pipe = builder()
+    prompts = ["a painting in the style of Van Gogh", "a cat"]
+    ours = torch.stack([e.embeddings for e in TextEmbedder(pipe).encode(prompts, extra_pad_tokens=None)])
+    if hasattr(pipe, "text_encoder_2"):
+        theirs = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)[0]
+    else:
+        theirs = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    torch.testing.assert_close(ours, theirs)
+    short = TextEmbedder(pipe).encode(prompts, extra_pad_tokens=2)
+    for enc, full in zip(short, ours, strict=True):  # causal encoders: truncation keeps the prefix
+        assert enc.embeddings.shape[0] == max(e.length for e in short) + 2 < 77
+        torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
+
+
+def test_many_concepts_fit_in_one_adapter():
+    pipe = tiny_sd_pipeline()
+    concepts = [f"concept number {i}" for i in range(100)]
+    adapter = erase_concept(pipe, concepts, load=False)
+    assert len(adapter.concepts) == 100 and adapter.rank == 64  # min(d_text=64, 24 + 8 * 100, 256)
+    assert pipe.get_list_ace_adapters() == []
+
+
+def test_explicit_kind_expands_to_nudity_terms():
+    pipe = tiny_sd_pipeline()
+    adapter = erase_concept(pipe, "nudity", kind="explicit", load=False)
+    expected = load_presets()["kinds"]["explicit"]["expand"]
+    assert adapter.concepts[0] == "nudity" and set(expected) <= set(adapter.concepts)
+    assert adapter.kind == "explicit" and adapter.neutral[0] == "clothed person"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(concepts="   "), "Empty concept"),
+        (dict(concepts=[]), "No concept"),
+        (dict(concepts=["ok", 3]), "must be a string"),
+        (dict(concepts="cat", kind="animal"), "Unknown concept kind"),
+        (dict(concepts="art", kind="style"), "equals its neutral anchor"),
+        (dict(concepts="cat", rank=0), "positive integer"),
+        (dict(concepts="cat", rank=10_000), "exceeds the text width"),
+        (dict(concepts=["a", "b"], neutral=["x", "y", "z"]), "neutral anchors"),
+        (dict(concepts="cat", templates=["no placeholder"]), "exactly once"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(sd_pipe, kwargs, message):
+    with pytest.raises(ACEValueError, match=message):
+        erase_concept(sd_pipe, **kwargs)
+    assert sd_pipe.get_list_ace_adapters() == []
+
+
+def test_taken_adapter_name_is_refused_before_fitting(sd_pipe):
+    erase_concept(sd_pipe, "cat", adapter_name="x")
+    with pytest.raises(ACEAdapterNameError, match="already loaded"):
+        erase_concept(sd_pipe, "dog", adapter_name="x")
+
+
+def test_pipeline_method_and_custom_neutral(sd_pipe):
+    adapter = sd_pipe.erase_concept("a red apple", neutral="a fruit", preserve=["a banana"])
+    assert adapter.neutral == ["a fruit"] and adapter.fit["preserve"] == ["a banana"]
+    assert sd_pipe.get_list_ace_adapters() == ["a_red_apple"]
