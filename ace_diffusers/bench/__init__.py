@@ -1,0 +1,1 @@
+"""Benchmarks that print ratios and figures measured in one run (never typed by hand)."""

@@ -1,0 +1,38 @@
+"""The ``ace-diffusers`` command: a thin dispatcher to each feature's own ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# name -> (module, help). Modules are imported only when their command runs (fast --help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ace_diffusers.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
+    "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
+    "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
+    "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: ace-diffusers COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            module = importlib.import_module(COMMANDS[name][0])
+            return int(module.main(argv[words:]) or 0)
+    print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Erasure experiments in the miniature world: what to fit on, and how to judge the result.
+
+Erasing a shape (or a fill style) is *given only its canonical word*; its trained synonyms are held
+out and measure generalisation (MACE's Acc_g). Metrics, all from the bundled classifier:
+
+* ``acc_e``  — images of prompts naming the erased concept canonically that still show it (lower is better);
+* ``acc_g``  — the same for prompts using its trained synonyms (lower is better);
+* ``acc_s``  — images of the *other* concepts that show the right shape/style (higher is better);
+* ``colour`` — colour accuracy on those other-concept images (higher is better);
+* ``h``      — harmonic mean 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, _article_fix
+
+DEFAULT_NEUTRAL = {"shape": "shape", "style": "pattern"}
+
+
+def concept_kind(concept: str) -> str:
+    if concept in SHAPES:
+        return "shape"
+    if concept in STYLES:
+        return "style"
+    raise ValueError(f"{concept!r} is not a miniature-world concept; choose from {SHAPES + STYLES}.")
+
+
+def fit_templates(kind: str) -> list[str]:
+    """Caption-like templates with canonical colour/style words; ``{}`` takes the concept word."""
+    if kind == "shape":
+        return [
+            "a red {}",
+            "a striped blue {}",
+            "a picture of a green {}",
+            "yellow {}, dotted",
+            "an image showing a {} in purple",
+            "a {}",
+            "a solid orange {}",
+            "a drawing of a dotted cyan {}",
+        ]
+    return [
+        "a {} red circle",
+        "a {} blue square",
+        "a green triangle, {}",
+        "a {} yellow star",
+        "a picture of a {} purple heart",
+        "a {} orange hexagon",
+        "a drawing of a {} cyan diamond",
+        "a {} pink cross",
+    ]
+
+
+def erase_arguments(concept: str, neutral: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``erase_concept`` / ``ACETrainer``: canonical word only, others preserved."""
+    kind = concept_kind(concept)
+    others = [c for c in (SHAPES if kind == "shape" else STYLES) if c != concept]
+    return {
+        "concepts": concept,
+        "neutral": neutral if neutral is not None else DEFAULT_NEUTRAL[kind],
+        "preserve": others,
+        "templates": fit_templates(kind),
+    }
+
+
+@dataclass
+class PromptSet:
+    name: str
+    prompts: list[str]
+    labels: list[dict[str, str]]
+
+
+def metric_sets(concept: str, colours: list[str] | None = None) -> dict[str, PromptSet]:
+    """``erased`` (canonical word), ``synonyms`` (held-out trained synonyms), ``others`` (the rest)."""
+    colours = colours or COLOURS
+    kind = concept_kind(concept)
+    sets: dict[str, PromptSet] = {}
+    if kind == "shape":
+
+        def prompt(shape_word: str, colour: str) -> str:
+            return _article_fix(f"a {colour} {shape_word}")
+
+        sets["erased"] = PromptSet(
+            "erased", [prompt(concept, c) for c in colours], [{"shape": concept, "colour": c} for c in colours]
+        )
+        syn = [(w, c) for i, w in enumerate(SHAPE_WORDS[concept][1:]) for c in colours[i::2]]
+        sets["synonyms"] = PromptSet(
+            "synonyms", [prompt(w, c) for w, c in syn], [{"shape": concept, "colour": c} for _, c in syn]
+        )
+        others = [(s, c) for i, s in enumerate(s for s in SHAPES if s != concept) for c in colours[i % 2 :: 2]]
+        sets["others"] = PromptSet(
+            "others", [prompt(s, c) for s, c in others], [{"shape": s, "colour": c} for s, c in others]
+        )
+        return sets
+
+    def style_prompt(style_word: str, colour: str, shape: str) -> str:
+        return _article_fix(f"a {style_word} {colour} {shape}")
+
+    grid = [(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(colours)]
+    sets["erased"] = PromptSet(
+        "erased",
+        [style_prompt(concept, c, s) for c, s in grid],
+        [{"style": concept, "colour": c, "shape": s} for c, s in grid],
+    )
+    syn = [(w, c, s) for w in STYLE_WORDS[concept][1:] for c, s in grid[::2]]
+    sets["synonyms"] = PromptSet(
+        "synonyms",
+        [style_prompt(w, c, s) for w, c, s in syn],
+        [{"style": concept, "colour": c, "shape": s} for _, c, s in syn],
+    )
+    others = [(st, c, s) for st in STYLES if st != concept for c, s in grid]
+    sets["others"] = PromptSet(
+        "others",
+        [style_prompt(st, c, s) for st, c, s in others],
+        [{"style": st, "colour": c, "shape": s} for st, c, s in others],
+    )
+    return sets
+
+
+def measure(
+    pipe: Any,
+    classifier: Any,
+    concept: str,
+    *,
+    images_per_prompt: int = 2,
+    seed: int = 0,
+    sets: dict[str, PromptSet] | None = None,
+    **sampler: Any,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Generate every prompt set with fixed seeds and score it; returns (metrics, images per set)."""
+    from .pipeline import generate
+
+    kind = concept_kind(concept)
+    sets = sets or metric_sets(concept)
+    images, hits = {}, {}
+    for name, pset in sets.items():
+        prompts = [p for p in pset.prompts for _ in range(images_per_prompt)]
+        labels = [lab for lab in pset.labels for _ in range(images_per_prompt)]
+        seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
+        imgs = generate(pipe, prompts, seeds=seeds, **sampler)
+        pred = classifier.predict(imgs)
+        images[name] = imgs
+        hits[name] = {
+            key: sum(p == lab[key] for p, lab in zip(pred[key], labels, strict=True)) / len(labels)
+            for key in ("shape", "colour", "style")
+            if key in labels[0]
+        }
+    acc_e = hits["erased"][kind]
+    acc_g = hits["synonyms"][kind]
+    acc_s = hits["others"][kind]
+    metrics = {
+        "acc_e": acc_e,
+        "acc_g": acc_g,
+        "acc_s": acc_s,
+        "colour": hits["others"]["colour"],
+        "h": harmonic(acc_e, acc_s, acc_g),
+    }
+    return metrics, images
+
+
+def harmonic(acc_e: float, acc_s: float, acc_g: float) -> float:
+    """MACE's H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); 0 when any term is 0."""
+    terms = (1 - acc_e, acc_s, 1 - acc_g)
+    if min(terms) <= 0:
+        return 0.0
+    return 3 / sum(1 / t for t in terms)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from ace_diffusers import ACEAdapter, ACEValueError
+from ace_diffusers.closed_form import FitSettings, fit_adapter
+from ace_diffusers.presets import resolve_spec
+from ace_diffusers.testing import tiny_sd_pipeline
+from ace_diffusers.trainer import ACETrainer
+
+
+def small_trainer(pipe, **kwargs):
+    defaults = dict(kind="style", steps=12, adversarial_every=5, adversarial_steps=2, mined_synonyms=2,
+                    queries_per_layer=16, batch_size=8, progress=False)
+    return ACETrainer(pipe, "Van Gogh", **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
+    trainer = small_trainer(pipe, steps=25)
+    adapter = trainer.fit()
+    assert isinstance(adapter, ACEAdapter) and adapter.method == "ace"
+    assert adapter.concepts == ["Van Gogh"] and adapter.neutral == ["art"]
+    tuning = adapter.fit["fine_tuning"]
+    assert tuning["steps_run"] == 25 and tuning["adversaries_found"] >= 1 and len(tuning["mined_synonyms"]) == 2
+    assert tuning["erase_loss_after"] < 0.8 * tuning["erase_loss_before"]  # on the fixed concept prompts
+    assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
+
+
+def test_zero_steps_returns_the_closed_form_solution(pipe):
+    adapter = small_trainer(pipe, steps=0, mined_synonyms=0).fit()
+    closed = fit_adapter(pipe, resolve_spec("Van Gogh", kind="style"), FitSettings())
+    for key, tensor in closed.state_dict().items():
+        torch.testing.assert_close(adapter.state_dict()[key], tensor)
+
+
+def test_same_seed_same_adapter_other_seed_differs(pipe):
+    a = small_trainer(pipe, seed=3).fit().state_dict()
+    b = small_trainer(pipe, seed=3).fit().state_dict()
+    c = small_trainer(pipe, seed=4).fit().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_time_budget_stops_early(pipe):
+    trainer = small_trainer(pipe, steps=100_000, time_budget=2.0)  # seconds for the whole fit
+    adapter = trainer.fit()
+    assert len(trainer.history) < 100_000 and adapter.fit["fine_tuning"]["steps_run"] == len(trainer.history)
+
+
+def test_save_and_push_need_a_fit(pipe, tmp_path):
+    trainer = small_trainer(pipe)
+    with pytest.raises(ACEValueError, match="Call fit"):
+        trainer.save(tmp_path / "a")
+    trainer.fit()
+    trainer.save(tmp_path / "a")
+    assert ACEAdapter.from_pretrained(tmp_path / "a").method == "ace"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=-1), "steps must be an integer"),
+        (dict(steps=2.5), "steps must be an integer"),
+        (dict(learning_rate=0), "learning_rate must be a positive number"),
+        (dict(batch_size=0), "batch_size must be an integer"),
+        (dict(time_budget=-3), "time_budget must be a positive number"),
+        (dict(synonyms=["ok", ""]), "synonyms must be a list"),
+        (dict(kind="nope"), "Unknown concept kind"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(ACEValueError, match=message):
+        small_trainer(pipe, **kwargs)
