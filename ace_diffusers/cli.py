@@ -9,7 +9,10 @@ import sys
 # name -> (module, help). Modules are imported only when their command runs (fast --help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ace_diffusers.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
+    "erase": ("ace_diffusers.cli_erase", "fit an erasure adapter (closed form + fine-tuning), save/push it"),
+    "export": ("ace_diffusers.export", "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)"),
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
+    "bench trainer": ("ace_diffusers.bench.trainer", "ACE efficacy on the miniature world: closed form vs full"),
     "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
 }

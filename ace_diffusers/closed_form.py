@@ -106,7 +106,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     full_n = settings.full_length_templates
     concept_jobs, neutral_jobs = [], []
     for concept, anchor in zip(spec.concepts, spec.neutral, strict=True):
-        for t_index, template in enumerate(spec.templates):
+        for t_index, template in enumerate(spec.templates_for(concept)):
             full = t_index < full_n
             concept_jobs.append((*_fill(template, concept), full))
             neutral_jobs.append((*_fill(template, anchor), full))
@@ -124,7 +124,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     concept_enc, neutral_enc = run(concept_jobs), run(neutral_jobs)
     other_jobs = [(p, None, i < 4) for i, p in enumerate(spec.negatives)]
     for phrase in spec.preserve:
-        for template in spec.templates[: settings.preserve_templates]:
+        for template in spec.templates_for(phrase)[: settings.preserve_templates]:
             other_jobs.append((_fill(template, phrase)[0], None, False))
     other_enc = run(other_jobs)
 
@@ -303,6 +303,7 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
     fit = {
         "settings": {**settings.to_dict(), "rank": rank},
         "templates": spec.templates,
+        **({"phrase_templates": spec.phrase_templates} if spec.phrase_templates else {}),
         "preserve": spec.preserve,
         "stats": {**gate_stats, **edit_stats},
         "seconds": round(time.perf_counter() - started, 3),
@@ -335,7 +336,7 @@ def erase_concept(
     preserve: str | list[str] | None = None,
     rank: int | None = None,
     adapter_name: str | None = None,
-    templates: list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
     scale: float = 1.0,
     preserve_weight: float = 0.05,
     load: bool = True,

@@ -37,6 +37,11 @@ class ErasureSpec:
     templates: list[str]
     preserve: list[str]
     negatives: list[str] = field(default_factory=list)  # generic prompts whose tokens the gate must ignore
+    phrase_templates: dict[str, list[str]] = field(default_factory=dict)  # per-phrase overrides
+
+    def templates_for(self, phrase: str) -> list[str]:
+        """Templates for one concept or preserved phrase (per-phrase override, else the shared list)."""
+        return self.phrase_templates.get(phrase, self.templates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,7 @@ class ErasureSpec:
             "neutral": self.neutral,
             "kind": self.kind,
             "templates": self.templates,
+            **({"phrase_templates": self.phrase_templates} if self.phrase_templates else {}),
             "preserve": self.preserve,
         }
 
@@ -75,7 +81,7 @@ def resolve_spec(
     neutral: str | list[str] | None = None,
     kind: str | None = None,
     preserve: str | list[str] | None = None,
-    templates: list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
 ) -> ErasureSpec:
     """Validate the arguments of ``erase_concept`` and fill in the kind's presets."""
     presets = load_presets()
@@ -108,10 +114,17 @@ def resolve_spec(
                 "turn into (e.g. 'art' for a style, 'a person' for a celebrity)."
             )
 
-    template_list = list(templates) if templates is not None else list(preset["templates"])
-    for template in template_list:
+    phrase_templates: dict[str, list[str]] = {}
+    if isinstance(templates, dict):  # per-phrase templates, e.g. when concepts of several kinds mix
+        phrase_templates = {str(k): list(v) for k, v in templates.items()}
+        template_list = phrase_templates.get(concept_list[0]) or list(preset["templates"])
+    else:
+        template_list = list(templates) if templates is not None else list(preset["templates"])
+    for template in template_list + [t for ts in phrase_templates.values() for t in ts]:
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ACEValueError(f"Template {template!r} must be a string containing '{{}}' exactly once.")
+    if not template_list:
+        raise ACEValueError("At least one prompt template is needed.")
 
     lowered = {c.lower() for c in concept_list}
     preserve_list = _as_list(preserve, "preserved concept")
@@ -126,4 +139,5 @@ def resolve_spec(
         templates=template_list,
         preserve=preserve_list,
         negatives=list(presets["generic_negatives"]),
+        phrase_templates=phrase_templates,
     )

@@ -78,7 +78,7 @@ class ACETrainer:
         neutral: str | list[str] | None = None,
         kind: str | None = None,
         preserve: str | list[str] | None = None,
-        templates: list[str] | None = None,
+        templates: list[str] | dict[str, list[str]] | None = None,
         synonyms: list[str] | None = None,
         rank: int | None = None,
         steps: int = 300,
@@ -126,9 +126,9 @@ class ACETrainer:
         base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
         layers = self._query_bank()
         params = self._parameters(base)
-        mined = self._mine_synonyms(embedder) if self.mined_synonyms else []
+        mined = self._mine_synonyms(embedder) if self.mined_synonyms else {}
 
-        erase_src, erase_tgt = self._pairs(embedder, self.spec.concepts + mined + self.synonyms)
+        erase_src, erase_tgt = self._pairs(embedder, self.spec.concepts + list(mined) + self.synonyms, mined)
         keep = self._keep_prompts(embedder)
         fixed_src, fixed_tgt = erase_src, erase_tgt
         with torch.no_grad():
@@ -174,27 +174,32 @@ class ACETrainer:
         return self.adapter
 
     # ------------------------------------------------------------------ data
-    def _pairs(self, embedder: TextEmbedder, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pairs(
+        self, embedder: TextEmbedder, phrases: list[str], source_of: dict[str, str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts with each phrase and with its concept's anchor; ``source_of`` maps a mined word to
+        the concept it was mined for (its templates and anchor are used)."""
         anchor_of = dict(zip(self.spec.concepts, self.spec.neutral, strict=True))
-        default_anchor = self.spec.neutral[0]
+        source_of = source_of or {}
         src, tgt = [], []
         for phrase in phrases:
-            for template in self.spec.templates:
+            concept = source_of.get(phrase, phrase if phrase in anchor_of else self.spec.concepts[0])
+            for template in self.spec.templates_for(concept):
                 src.append(template.replace("{}", phrase))
-                tgt.append(" ".join(template.replace("{}", anchor_of.get(phrase, default_anchor)).split()))
+                tgt.append(" ".join(template.replace("{}", anchor_of[concept]).split()))
         return self._encode(embedder, src), self._encode(embedder, tgt)
 
     def _keep_prompts(self, embedder: TextEmbedder) -> torch.Tensor:
         prompts = list(self.spec.negatives)
         for phrase in self.spec.preserve:
-            prompts += [t.replace("{}", phrase) for t in self.spec.templates]
+            prompts += [t.replace("{}", phrase) for t in self.spec.templates_for(phrase)]
         return self._encode(embedder, prompts)
 
     @staticmethod
     def _encode(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:
         return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
 
-    def _mine_synonyms(self, embedder: TextEmbedder) -> list[str]:
+    def _mine_synonyms(self, embedder: TextEmbedder) -> dict[str, str]:
         """Vocabulary words nearest to each concept (input embeddings), re-ranked in context."""
         tokenizer, encoder = embedder.encoders[0]
         table = encoder.get_input_embeddings().weight.detach().float()
@@ -208,10 +213,10 @@ class ACETrainer:
             if word.isalpha() and len(word) > 2:
                 words[word.lower()] = index
         banned = {w.lower() for phrase in self.spec.concepts + self.spec.preserve + self.spec.neutral for w in phrase.split()}
-        found: list[str] = []
+        found: dict[str, str] = {}  # mined word -> the concept it stands in for
         table_n = F.normalize(table, dim=-1)
-        template = self.spec.templates[0]
         for concept in self.spec.concepts:
+            template = self.spec.templates_for(concept)[0]
             ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
             if not ids:
                 continue
@@ -224,8 +229,9 @@ class ACETrainer:
             encoded = self._encode(embedder, prompts).mean(1)
             context = F.normalize(encoded, dim=-1)
             ranked = (context[1:] @ context[0]).topk(min(self.mined_synonyms, len(top))).indices.tolist()
-            found += [top[i] for i in ranked]
-        return list(dict.fromkeys(found))
+            for i in ranked:
+                found.setdefault(top[i], concept)
+        return found
 
     # ------------------------------------------------------------------ model pieces
     @torch.no_grad()
@@ -318,7 +324,7 @@ class ACETrainer:
         *original* model does to the concept; returns (source, neutral target) embeddings or None."""
         concept_index = rng.randrange(len(self.spec.concepts))
         concept = self.spec.concepts[concept_index]
-        template = rng.choice(self.spec.templates)
+        template = rng.choice(self.spec.templates_for(concept))
         prompt = template.replace("{}", concept)
         start = template.index("{}")
         tokenizer, encoder = embedder.encoders[0]
@@ -365,7 +371,7 @@ class ACETrainer:
         _, encoder = embedder.encoders[0]
         return embedder._run(encoder, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, input_ids.shape[1])
 
-    def _to_adapter(self, base: ACEAdapter, params: dict, mined: list[str], adversaries: int, seconds: float) -> ACEAdapter:
+    def _to_adapter(self, base: ACEAdapter, params: dict, mined: dict[str, str], adversaries: int, seconds: float) -> ACEAdapter:
         gate_w = params["gate"]["weight"].detach().clone()
         gate_b = params["gate"]["bias"].detach().clone()
         layers = {
@@ -384,7 +390,7 @@ class ACETrainer:
             "learning_rate": self.learning_rate,
             "adversarial": self.adversarial,
             "adversaries_found": adversaries,
-            "mined_synonyms": mined,
+            "mined_synonyms": list(mined),
             "user_synonyms": self.synonyms,
             "preserve_weight": self.preserve_weight,
             "seed": self.seed,

@@ -74,10 +74,12 @@ class PromptSet:
     labels: list[dict[str, str]]
 
 
-def metric_sets(concept: str, colours: list[str] | None = None) -> dict[str, PromptSet]:
-    """``erased`` (canonical word), ``synonyms`` (held-out trained synonyms), ``others`` (the rest)."""
+def metric_sets(concept: str, erased: list[str] | None = None, colours: list[str] | None = None) -> dict[str, PromptSet]:
+    """``erased`` (canonical word), ``synonyms`` (held-out trained synonyms), ``others`` (concepts of
+    the same kind that were not erased). ``erased`` lists every concept of a multi-concept adapter."""
     colours = colours or COLOURS
     kind = concept_kind(concept)
+    gone = set(erased or [concept]) | {concept}
     sets: dict[str, PromptSet] = {}
     if kind == "shape":
 
@@ -91,7 +93,7 @@ def metric_sets(concept: str, colours: list[str] | None = None) -> dict[str, Pro
         sets["synonyms"] = PromptSet(
             "synonyms", [prompt(w, c) for w, c in syn], [{"shape": concept, "colour": c} for _, c in syn]
         )
-        others = [(s, c) for i, s in enumerate(s for s in SHAPES if s != concept) for c in colours[i % 2 :: 2]]
+        others = [(s, c) for i, s in enumerate(s for s in SHAPES if s not in gone) for c in colours[i % 2 :: 2]]
         sets["others"] = PromptSet(
             "others", [prompt(s, c) for s, c in others], [{"shape": s, "colour": c} for s, c in others]
         )
@@ -100,7 +102,8 @@ def metric_sets(concept: str, colours: list[str] | None = None) -> dict[str, Pro
     def style_prompt(style_word: str, colour: str, shape: str) -> str:
         return _article_fix(f"a {style_word} {colour} {shape}")
 
-    grid = [(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(colours)]
+    kept_shapes = [s for s in SHAPES if s not in gone]
+    grid = [(c, kept_shapes[i % len(kept_shapes)]) for i, c in enumerate(colours)]
     sets["erased"] = PromptSet(
         "erased",
         [style_prompt(concept, c, s) for c, s in grid],
@@ -112,7 +115,7 @@ def metric_sets(concept: str, colours: list[str] | None = None) -> dict[str, Pro
         [style_prompt(w, c, s) for w, c, s in syn],
         [{"style": concept, "colour": c, "shape": s} for _, c, s in syn],
     )
-    others = [(st, c, s) for st in STYLES if st != concept for c, s in grid]
+    others = [(st, c, s) for st in STYLES if st not in gone for c, s in grid]
     sets["others"] = PromptSet(
         "others",
         [style_prompt(st, c, s) for st, c, s in others],
@@ -128,6 +131,7 @@ def measure(
     *,
     images_per_prompt: int = 2,
     seed: int = 0,
+    erased: list[str] | None = None,
     sets: dict[str, PromptSet] | None = None,
     **sampler: Any,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -135,7 +139,7 @@ def measure(
     from .pipeline import generate
 
     kind = concept_kind(concept)
-    sets = sets or metric_sets(concept)
+    sets = sets or metric_sets(concept, erased)
     images, hits = {}, {}
     for name, pset in sets.items():
         prompts = [p for p in pset.prompts for _ in range(images_per_prompt)]

@@ -1,0 +1,121 @@
+"""ACE efficacy on the miniature world: base model vs closed form vs full ACE (closed form + fine-tuning).
+
+Each shape is erased on its own, *given only its canonical word*; its trained synonyms are held out
+(Acc_g). Then one multi-concept adapter erases three shapes and a fill style. Every figure is
+measured by generating images with fixed seeds and classifying them with the bundled classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
+
+
+def run(
+    shapes: list[str],
+    multi: list[str],
+    *,
+    images_per_prompt: int = 2,
+    steps: int = 300,
+    seed: int = 0,
+) -> dict[str, Any]:
+    from ..closed_form import FitSettings, fit_adapter
+    from ..presets import resolve_spec
+    from ..shapes.classifier import load_shapes_classifier
+    from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure
+    from ..shapes.pipeline import load_shapes_pipeline
+    from ..trainer import ACETrainer
+
+    pipe = load_shapes_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_shapes_classifier()
+    rows = []
+
+    def evaluate(concepts: list[str], label: str) -> None:
+        if len(concepts) == 1:
+            arguments = erase_arguments(concepts[0])
+        else:
+            from ..shapes.vocab import SHAPES, STYLES
+
+            kept = [c for c in SHAPES + STYLES if c not in concepts]
+            arguments = {
+                "concepts": concepts,
+                "neutral": [erase_arguments(c)["neutral"] for c in concepts],
+                "preserve": kept,
+                "templates": {c: fit_templates(concept_kind(c)) for c in concepts + kept},
+            }
+        base = {c: measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0] for c in concepts}
+        t0 = time.perf_counter()
+        spec_args = {k: arguments[k] for k in ("neutral", "preserve", "templates")}
+        closed = fit_adapter(pipe, resolve_spec(arguments["concepts"], **spec_args), FitSettings())
+        closed_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        full = ACETrainer(pipe, arguments["concepts"], steps=steps, seed=seed, progress=False, **spec_args).fit()
+        full_seconds = time.perf_counter() - t0
+        for method, adapter, seconds in (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds)):
+            name = pipe.load_ace_adapter(adapter, adapter_name="bench")
+            try:
+                for c in concepts:
+                    metrics = measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0]
+                    rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
+                                 **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
+            finally:
+                pipe.unload_ace_adapter(name)
+
+    for shape in shapes:
+        evaluate([shape], shape)
+    if multi:
+        evaluate(multi, "multi: " + "+".join(multi))
+    return {"torch_threads": torch.get_num_threads(), "images_per_prompt": images_per_prompt, "steps": steps, "rows": rows}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}{'H':>7}"
+            f"{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour)")
+    lines = [head]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['run']:<34}{r['concept']:<10}{r['method']:<13}{100 * r['acc_e']:>6.1f}%{100 * r['acc_g']:>6.1f}%"
+            f"{100 * r['acc_s']:>6.1f}%{100 * r['colour']:>6.1f}%{r['h']:>7.3f}{r['seconds']:>8.1f}   "
+            f"({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f})"
+        )
+    lines.append("")
+    lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= base - 2 pts, "
+                 "Acc_g below closed form, fit <= 60 s")
+    for r in result["rows"]:
+        if r["method"] != "ACE (full)":
+            continue
+        closed = next(x for x in result["rows"] if x["run"] == r["run"] and x["concept"] == r["concept"] and x["method"] == "closed form")
+        checks = {
+            "Acc_e": r["acc_e"] <= TARGETS["acc_e"],
+            "Acc_g": r["acc_g"] <= TARGETS["acc_g"],
+            "Acc_s": r["acc_s"] >= r["base_acc_s"] - 0.02,
+            "colour": r["colour"] >= r["base_colour"] - 0.02,
+            "Acc_g<closed": r["acc_g"] < closed["acc_g"],
+            "time": r["seconds"] <= TARGETS["seconds"] * max(1, len(r["run"].split("+"))),
+        }
+        lines.append(f"{r['run']:<34}{r['concept']:<10}" + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ace-diffusers bench trainer", description=__doc__)
+    parser.add_argument("--shapes", nargs="+", default=["circle", "square", "triangle", "star"])
+    parser.add_argument("--multi", nargs="*", default=["circle", "square", "triangle", "striped"])
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the raw figures to this JSON file")
+    args = parser.parse_args(argv)
+    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps, seed=args.seed)
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
