@@ -1,0 +1,118 @@
+"""Inference overhead and adapter size at real model shapes (random weights: costs are real, outputs not).
+
+* Overhead: one UNet denoising step (batch 2, as with classifier-free guidance) of an SD1.5-shaped UNet
+  at a small latent size, stock processors vs ACE adapters of the size ``erase_concept`` fits for 1,
+  10 and 100 concepts. Configurations are timed *interleaved*, round after round, and compared by
+  their medians, so machine noise hits all of them alike.
+* Size: parameters and bytes of an adapter per concept count at SD1.5 and SDXL shapes (built on the
+  ``meta`` device: nothing is allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..attach import layer_shapes
+from ..closed_form import default_rank
+
+COUNTS = (1, 10, 100)
+
+
+def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int) -> int:
+    """Per layer: A_k, A_v (r x d_text), B_k (d_k x r), B_v (d_v x r), gate (d_text + 1)."""
+    return sum(rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values())
+
+
+def sizes() -> list[dict[str, Any]]:
+    from ..testing import sdxl_shaped_unet
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        sdxl = sdxl_shaped_unet()
+    rows = []
+    for model, unet in (("SD1.5", sd15), ("SDXL", sdxl)):
+        shapes = layer_shapes(unet)
+        d_text = next(iter(shapes.values()))[0]
+        for n in COUNTS:
+            rank = default_rank(n, d_text)
+            params = adapter_parameters(shapes, rank)
+            rows.append({"model": model, "layers": len(shapes), "concepts": n, "rank": rank, "parameters": params,
+                         "mb_fp16": round(params * 2 / 2**20, 2), "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1)})
+    return rows
+
+
+def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    from ..attach import attach_adapter, detach_adapter
+    from ..testing import random_adapter
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=latent).eval()
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, latent, latent, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    timestep = torch.tensor([500, 500])
+    adapters = {n: random_adapter(unet, rank=default_rank(n, 768), seed=n, concepts=tuple(f"c{i}" for i in range(n))) for n in COUNTS}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            unet(sample, timestep, encoder_hidden_states=context)
+        return time.perf_counter() - t0
+
+    step()  # warm-up
+    times: dict[str, list[float]] = {"stock": [], **{f"ACE {n}": [] for n in COUNTS}}
+    for _ in range(rounds):
+        times["stock"].append(step())
+        for n, adapter in adapters.items():
+            attach_adapter(unet, adapter, "bench")
+            times[f"ACE {n}"].append(step())
+            detach_adapter(unet, "bench")
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "latent": latent,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "median_seconds": {k: round(v, 4) for k, v in medians.items()},
+        "ratio_vs_stock": {k: round(v / medians["stock"], 3) for k, v in medians.items()},
+    }
+
+
+def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) -> str:
+    lines = []
+    if over:
+        lines.append(f"# denoising step, SD1.5-shaped UNet, latent {over['latent']}x{over['latent']}, batch 2, "
+                     f"{over['rounds']} interleaved rounds, {over['threads']} threads")
+        lines.append(f"{'config':<10}{'median s':>10}{'ratio':>8}")
+        for k, v in over["median_seconds"].items():
+            lines.append(f"{k:<10}{v:>10.4f}{over['ratio_vs_stock'][k]:>8.3f}")
+        r1, r100 = over["ratio_vs_stock"]["ACE 1"], over["ratio_vs_stock"]["ACE 100"]
+        lines.append(f"target <= 1.03x for 1 concept: {'met' if r1 <= 1.03 else 'NOT MET'} ({r1:.3f}); "
+                     f"<= 1.10x for 100 concepts: {'met' if r100 <= 1.10 else 'NOT MET'} ({r100:.3f})")
+    lines.append("# adapter size (default rank of erase_concept)")
+    lines.append(f"{'model':<7}{'layers':>7}{'concepts':>9}{'rank':>6}{'parameters':>12}{'MB fp16':>9}{'KB/concept':>11}")
+    for r in size_rows:
+        lines.append(f"{r['model']:<7}{r['layers']:>7}{r['concepts']:>9}{r['rank']:>6}{r['parameters']:>12}"
+                     f"{r['mb_fp16']:>9.2f}{r['kb_fp16_per_concept']:>11.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ace-diffusers bench inference", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--size-only", action="store_true")
+    args = parser.parse_args(argv)
+    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads)
+    print(format_report(over, sizes()))
+    return 0
