@@ -17,6 +17,7 @@ from .errors import (
     ACECompatibilityError,
     ACEError,
     ACEHubError,
+    ACETruncationWarning,
     ACEValueError,
 )
 from .pipeline import (
@@ -33,6 +34,8 @@ from .pipeline import (
     unload_adapter,
 )
 from .processor import ACEAttnProcessor
+from .fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
+from .export import export_lora, save_lora, to_diffusers_lora
 
 install_pipeline_methods()
 
@@ -45,18 +48,26 @@ __all__ = [
     "ACECompatibilityError",
     "ACEError",
     "ACEHubError",
+    "ACETruncationWarning",
     "ACEValueError",
     "LayerFactors",
     "disable_adapters",
     "enable_adapters",
     "erase_concept",
+    "export_lora",
+    "fuse_adapter",
+    "fused_reports",
     "get_active_adapters",
     "get_adapter",
+    "get_fused_adapters",
     "get_list_adapters",
     "install_pipeline_methods",
     "load_adapter",
     "push_adapter",
     "remove_pipeline_methods",
+    "save_lora",
     "set_adapters",
+    "to_diffusers_lora",
+    "unfuse_adapter",
     "unload_adapter",
 ]

@@ -13,12 +13,13 @@ safetensors and JSON only: loading an adapter from a stranger never executes cod
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,12 +399,29 @@ def _fsync_dir_files(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False
+
+
 def _swap_in(staging: Path, target: Path) -> None:
-    """Replace ``target`` by ``staging`` with renames; the old folder survives until the new one is in place."""
+    """Replace ``target`` by ``staging``. With an atomic exchange there is no instant at which
+    ``target`` is missing or half-written; elsewhere two renames leave a window of microseconds."""
     if not target.exists():
         os.rename(staging, target)
         return
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}-{math.floor(1e6 * os.times().elapsed)}")
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the previous adapter
+        return
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
     os.rename(target, backup)
     try:
         os.rename(staging, target)

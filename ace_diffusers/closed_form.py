@@ -24,7 +24,9 @@ small SVD per K/V projection.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import attach
 from .adapter import ACEAdapter, LayerFactors
-from .errors import ACEValueError
+from .errors import ACETruncationWarning, ACEValueError
 from .pipeline import _default_name, get_unet
 from .presets import ErasureSpec, resolve_spec
 from .text import EncodedPrompt, TextEmbedder
@@ -277,6 +279,7 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
     rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
     _check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
+    check_fit_size(embedder, spec, settings, d_text)
     data = collect_fit_data(embedder, spec, settings)
     if data.concept.shape[1] != d_text:
         raise ACEValueError(
@@ -318,6 +321,42 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
         fit=fit,
         base_model=base_model if isinstance(base_model, str) else None,
     )
+
+
+def estimate_fit_bytes(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> int:
+    """Upper bound of the token embeddings held during a fit (concept + neutral prompts dominate)."""
+    prompts = 2 * sum(len(spec.templates_for(c)) for c in spec.concepts)
+    prompts += len(spec.negatives) + settings.preserve_templates * len(spec.preserve)
+    return prompts * embedder.max_length * d_text * 4 * 3  # float32 embeddings, aligned copies, float64 solve
+
+
+def check_fit_size(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> None:
+    """Warn about truncated concepts; refuse fits that would not fit in memory, before any work."""
+    tokenizer = embedder.encoders[0][0]
+    for concept in spec.concepts:
+        n_tokens = len(tokenizer(concept, add_special_tokens=False)["input_ids"])
+        if n_tokens + 2 > embedder.max_length:
+            warnings.warn(
+                f"Concept {concept[:60]!r} is {n_tokens} tokens long; the text encoder keeps "
+                f"{embedder.max_length - 2}, so it is truncated and only its beginning is erased.",
+                ACETruncationWarning,
+                stacklevel=3,
+            )
+    needed = estimate_fit_bytes(embedder, spec, settings, d_text)
+    available = _available_memory()
+    if available is not None and needed > 0.7 * available:
+        raise ACEValueError(
+            f"Erasing {len(spec.concepts)} concepts at once needs about {needed / 2**30:.1f} GiB for token "
+            f"embeddings but about {available / 2**30:.1f} GiB is available; split the concepts into several "
+            "adapters (they compose) or pass fewer templates."
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _check_rank(rank: Any, d_text: int) -> None:

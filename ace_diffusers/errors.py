@@ -33,3 +33,7 @@ class ACECompatibilityError(ACEError, RuntimeError):
 
 class ACEHubError(ACEError, OSError):
     """Downloading from or publishing to the Hugging Face Hub failed; the message says why and what to do."""
+
+
+class ACETruncationWarning(UserWarning):
+    """A concept is longer than the text encoder's token limit and was cut."""

@@ -193,3 +193,19 @@ def test_pipeline_method_and_custom_neutral(sd_pipe):
     adapter = sd_pipe.erase_concept("a red apple", neutral="a fruit", preserve=["a banana"])
     assert adapter.neutral == ["a fruit"] and adapter.fit["preserve"] == ["a banana"]
     assert sd_pipe.get_list_ace_adapters() == ["a_red_apple"]
+
+
+def test_overlong_concept_warns_about_truncation(sd_pipe):
+    from ace_diffusers import ACETruncationWarning
+
+    with pytest.warns(ACETruncationWarning, match="truncated"):
+        erase_concept(sd_pipe, "a " + "very " * 80 + "long concept", load=False)
+
+
+def test_thousands_of_concepts_beyond_memory_are_refused_before_work(sd_pipe, monkeypatch):
+    import ace_diffusers.closed_form as closed_form
+
+    monkeypatch.setattr(closed_form, "_available_memory", lambda: 64 * 2**20)  # pretend 64 MiB are free
+    monkeypatch.setattr(closed_form, "collect_fit_data", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ACEValueError, match="split the concepts"):
+        erase_concept(sd_pipe, [f"concept {i}" for i in range(3000)], load=False)

@@ -1,0 +1,150 @@
+"""Hostile inputs: corrupted adapter files, killed saves, property-based checks of the processor math."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ace_diffusers import ACEAdapter, ACEAdapterFormatError
+from ace_diffusers.adapter import CONFIG_NAME, WEIGHTS_NAME
+from ace_diffusers.processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta
+from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
+
+from .conftest import generate
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    random_adapter(tiny_sd_pipeline().unet, rank=2, seed=3).save_pretrained(folder)
+    return folder
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_corruption_of_the_files_loads_or_raises_a_format_error(saved_adapter, tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("corrupt")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (folder / name).write_bytes((saved_adapter / name).read_bytes())
+    victim = folder / data.draw(st.sampled_from([CONFIG_NAME, WEIGHTS_NAME]))
+    raw = bytearray(victim.read_bytes())
+    mode = data.draw(st.sampled_from(["truncate", "flip", "garbage"]))
+    if mode == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    elif mode == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+    else:
+        raw = bytearray(data.draw(st.binary(max_size=256)))
+    victim.write_bytes(bytes(raw))
+    try:
+        adapter = ACEAdapter.from_pretrained(folder)
+    except ACEAdapterFormatError:
+        return
+    for tensor in adapter.state_dict().values():  # if it loaded, it is a valid adapter
+        assert torch.isfinite(tensor).all()
+
+
+def test_failed_load_leaves_the_pipeline_unchanged(tmp_path):
+    pipe = tiny_sd_pipeline()
+    first = random_adapter(pipe.unet, seed=1)
+    pipe.load_ace_adapter(first, adapter_name="kept")
+    before = generate(pipe)
+    broken = tmp_path / "broken"
+    random_adapter(pipe.unet, seed=2).save_pretrained(broken)
+    config = json.loads((broken / CONFIG_NAME).read_text())
+    config["fingerprint"]["layers"] = {}
+    (broken / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ACEAdapterFormatError):
+        pipe.load_ace_adapter(broken)
+    assert pipe.get_list_ace_adapters() == ["kept"]
+    assert torch.equal(generate(pipe), before)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from ace_diffusers.adapter import ACEAdapter, LayerFactors
+    target, = sys.argv[1:]
+    def version(v):
+        layers = {f"layer{i}": LayerFactors(*(torch.full(s, float(v)) for s in
+                  [(64, 512), (512, 64), (64, 512), (512, 64), (512,), (1,)])) for i in range(40)}
+        return ACEAdapter(layers, concepts=[f"v{v}"])
+    versions = [version(1), version(2)]
+    i = 0
+    while True:
+        versions[i % 2].save_pretrained(target)
+        i += 1
+        print("saved", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_killing_a_save_leaves_a_loadable_adapter(tmp_path):
+    target = tmp_path / "adapter"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for kill_after in (0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(target)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"saved"  # one complete adapter exists
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        adapter = ACEAdapter.from_pretrained(target)
+        value = adapter.concepts[0]
+        assert value in ("v1", "v2")
+        expected = float(value[1])
+        assert all(bool((t == expected).all()) for t in adapter.state_dict().values())
+
+
+def make_attention(d_text, heads, dim_head, seed):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    return Attention(query_dim=16, cross_attention_dim=d_text, heads=heads, dim_head=dim_head)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_text=st.integers(2, 24),
+    heads=st.integers(1, 3),
+    rank=st.integers(1, 6),
+    tokens=st.integers(1, 9),
+    scale=st.floats(-3, 3, allow_nan=False),
+    seed=st.integers(0, 10_000),
+)
+def test_processor_math_properties(d_text, heads, rank, tokens, scale, seed):
+    attn = make_attention(d_text, heads, 4, seed)
+    g = torch.Generator().manual_seed(seed)
+    d_k = heads * 4
+    delta = ACELayerDelta(
+        torch.randn(rank, d_text, generator=g), torch.randn(d_k, rank, generator=g),
+        torch.randn(rank, d_text, generator=g), torch.randn(d_k, rank, generator=g),
+        torch.randn(d_text, generator=g) * 5, torch.randn(1, generator=g),
+    )
+    context = torch.randn(2, tokens, d_text, generator=g)
+    hidden = torch.randn(2, 5, 16, generator=g)
+    gate = delta.gate(context)
+    assert gate.min() >= 0 and gate.max() <= 1  # the gate is a probability per token
+    stock = attn(hidden, encoder_hidden_states=context)
+    stack = ACEAdapterStack(attn.to_k.weight)
+    stack.adapters["a"] = delta
+    attn.add_module(ACE_STACK_ATTR, stack)
+    attn.set_processor(ACEAttnProcessor())
+    delta.scale.fill_(0.0)
+    assert torch.equal(attn(hidden, encoder_hidden_states=context), stock)  # scale 0 = identity
+    key = attn.to_k(context)
+    delta.scale.fill_(scale)
+    ks, _ = stack.add_delta(context, key, attn.to_v(context))
+    delta.scale.fill_(1.0)
+    k1, _ = stack.add_delta(context, key, attn.to_v(context))
+    torch.testing.assert_close(ks - key, scale * (k1 - key), rtol=1e-4, atol=1e-4)  # linear in the scale
