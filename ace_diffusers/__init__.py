@@ -34,6 +34,7 @@ from .pipeline import (
     unload_adapter,
 )
 from .processor import ACEAttnProcessor
+from .trainer import ACETrainer
 from .fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
 from .export import export_lora, save_lora, to_diffusers_lora
 
@@ -45,6 +46,7 @@ __all__ = [
     "ACEAdapterNameError",
     "ACEArchitectureMismatchError",
     "ACEAttnProcessor",
+    "ACETrainer",
     "ACECompatibilityError",
     "ACEError",
     "ACEHubError",
