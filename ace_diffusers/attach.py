@@ -3,7 +3,9 @@
 This is the layer under the pipeline verbs (like diffusers' model-level ``load_lora_adapter`` under
 ``load_lora_weights``). Attaching installs one stateless :class:`ACEAttnProcessor` on every attention
 module and an :class:`ACEAdapterStack` on every cross-attention module; detaching the last adapter
-restores the exact processor objects that were there before (tomesd-style undoable patch).
+restores the exact processor objects that were there before (tomesd-style undoable patch). While adapters
+are loaded, :mod:`ace_diffusers.compat` guards the UNet against diffusers calls that would replace the ACE
+processors. Every function accepts a ``torch.compile``-wrapped UNet too.
 """
 
 from __future__ import annotations
@@ -12,21 +14,20 @@ import re
 from collections.abc import Iterable, Mapping
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from . import compat
 from .adapter import ACEAdapter
 from .errors import ACEAdapterNameError, ACECompatibilityError, ACEValueError
-from .processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta, get_stack
+from .processor import ACE_STACK_ATTR, ACEAdapterStack, ACELayerDelta, get_stack
 
-# Processors whose math ACEAttnProcessor reproduces exactly (or, for AttnProcessor, equivalently).
-REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor, ACEAttnProcessor)
 _ADAPTERS_ATTR = "_ace_adapters"
-_ORIGINAL_PROCESSORS_ATTR = "_ace_original_processors"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    unet = compat.unwrap_model(unet)
     return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
 
 
@@ -61,11 +62,12 @@ def validate_adapter_name(name: str) -> str:
 
 def loaded_adapters(unet: nn.Module) -> dict[str, ACEAdapter]:
     """Loaded adapters in load order (a live view: do not mutate)."""
-    return unet.__dict__.setdefault(_ADAPTERS_ATTR, {})
+    return compat.unwrap_model(unet).__dict__.setdefault(_ADAPTERS_ATTR, {})
 
 
 def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
     """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
+    unet = compat.unwrap_model(unet)
     validate_adapter_name(name)
     adapters = loaded_adapters(unet)
     if name in adapters:
@@ -77,7 +79,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
     if not modules:
         raise ACECompatibilityError("This UNet has no cross-attention layers, so it cannot carry an ACE adapter.")
     adapter.check_compatible(layer_shapes(unet))
-    _check_processors_replaceable(unet)
+    compat.check_can_carry(attention_modules(unet))
 
     deltas = {}
     for layer, attn in modules.items():
@@ -85,7 +87,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
         factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
         deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
 
-    _install_processors(unet)
+    compat.install(unet, attention_modules(unet))
     for layer, attn in modules.items():
         stack = get_stack(attn)
         if stack is None:
@@ -96,6 +98,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
 
 
 def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
+    unet = compat.unwrap_model(unet)
     adapters = loaded_adapters(unet)
     if name not in adapters:
         raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(adapters)}).")
@@ -177,33 +180,10 @@ def adapter_scale(unet: nn.Module, name: str) -> float:
 
 
 # ---------------------------------------------------------------------- processors
-def _check_processors_replaceable(unet: nn.Module) -> None:
-    for name, attn in attention_modules(unet).items():
-        if type(attn.processor) not in REPLACEABLE_PROCESSORS:  # subclasses may change the math
-            raise ACECompatibilityError(
-                f"Attention layer '{name}' uses {type(attn.processor).__name__}, which ACE cannot wrap: ACE "
-                "needs diffusers' standard scaled-dot-product processor. Load ACE adapters before calls that "
-                "install other processors (fuse_qkv_projections, attention slicing, xformers, custom "
-                "set_attn_processor), or call unet.set_attn_processor(AttnProcessor2_0()) first."
-            )
-
-
-def _install_processors(unet: nn.Module) -> None:
-    if _ORIGINAL_PROCESSORS_ATTR not in unet.__dict__:
-        unet.__dict__[_ORIGINAL_PROCESSORS_ATTR] = {
-            name: attn.processor for name, attn in attention_modules(unet).items()
-        }
-    processor = ACEAttnProcessor()
-    for attn in attention_modules(unet).values():
-        if not isinstance(attn.processor, ACEAttnProcessor):
-            attn.set_processor(processor)
-
-
 def _uninstall(unet: nn.Module) -> None:
-    """Remove every ACE store and put back the processors that were there before ACE was attached."""
-    originals = unet.__dict__.pop(_ORIGINAL_PROCESSORS_ATTR, {})
-    for name, attn in attention_modules(unet).items():
+    """Remove every ACE store and the guards; put back the processors ACE stood in for."""
+    modules = attention_modules(unet)
+    for attn in modules.values():
         if ACE_STACK_ATTR in attn._modules:
             del attn._modules[ACE_STACK_ATTR]
-        if isinstance(attn.processor, ACEAttnProcessor):
-            attn.set_processor(originals.get(name) or AttnProcessor2_0())
+    compat.uninstall(unet, modules)
