@@ -20,6 +20,8 @@ from .errors import (
     ACETruncationWarning,
     ACEValueError,
 )
+from .export import export_lora, save_lora, to_diffusers_lora
+from .fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
 from .pipeline import (
     disable_adapters,
     enable_adapters,
@@ -35,8 +37,6 @@ from .pipeline import (
 )
 from .processor import ACEAttnProcessor
 from .trainer import ACETrainer
-from .fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
-from .export import export_lora, save_lora, to_diffusers_lora
 
 install_pipeline_methods()
 

@@ -89,6 +89,9 @@ def set_adapters(
     pipe: Any, adapter_names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
 ) -> None:
     """Activate exactly ``adapter_names`` (others stay loaded, inactive), optionally setting their scales."""
+    from .fuse import check_not_fused
+
+    check_not_fused(pipe, adapter_names)  # a fused adapter's gated path must stay off
     attach.set_active_adapters(get_unet(pipe), adapter_names, scales)
 
 
@@ -156,6 +159,12 @@ def _pipeline_methods() -> dict[str, Any]:
     from .closed_form import erase_concept
 
     methods["erase_concept"] = erase_concept
+    from .export import export_lora
+    from .fuse import fuse_adapter, unfuse_adapter
+
+    methods["fuse_ace_adapter"] = fuse_adapter
+    methods["unfuse_ace_adapter"] = unfuse_adapter
+    methods["export_ace_lora"] = export_lora
     return methods
 
 

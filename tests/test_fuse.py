@@ -1,0 +1,324 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ace_diffusers import (
+    ACEAdapter,
+    ACEAdapterNameError,
+    ACEValueError,
+    fuse_adapter,
+    get_fused_adapters,
+    unfuse_adapter,
+)
+from ace_diffusers.attach import _deltas, cross_attention_modules
+from ace_diffusers.closed_form import collect_fit_data
+from ace_diffusers.fuse import (
+    BakeSettings,
+    _fit_settings,
+    bake,
+    erasure_spec,
+    fuse_fidelity,
+    fused,
+    fused_reports,
+)
+from ace_diffusers.testing import random_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
+from ace_diffusers.text import TextEmbedder
+
+from .conftest import generate
+
+# Tolerances reached on tiny random-weight pipelines (256-d text, "Van Gogh" erased in closed form,
+# 2 denoising steps; docs/deploy.md explains what they measure). A random text encoder has no
+# semantics, so these are mechanics checks; the miniature world gives the meaningful numbers.
+TEXT_DIM = 256
+CONCEPT_PROMPTS = ["a painting in the style of Van Gogh", "an artwork by Van Gogh", "art by Van Gogh"]
+UNRELATED_PROMPTS = ["a photo of a cat", "a bowl of fruit on a wooden table", "a city street at night"]
+IMAGE_CONCEPT_TOL = 0.3  # ||fused - gated|| / ||gated - stock|| per concept prompt (reached: <= 0.19)
+IMAGE_UNRELATED_TOL = 0.4  # mean unrelated ||fused - stock|| / mean concept ||gated - stock|| (reached: 0.25)
+KV_EDIT_TOL = 0.4  # report["concept"]["edit_rel_error"] (reached: 0.21-0.30)
+KV_SPECIFICITY_TOL = 0.35  # unrelated fused_change / concept fused_change (reached: 0.25)
+
+
+@pytest.fixture(scope="module")
+def erased():
+    """Tiny SD pipeline with 'Van Gogh' erased (gated), plus its stock and gated images."""
+    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
+    prompts = CONCEPT_PROMPTS + UNRELATED_PROMPTS
+    stock = {p: generate(pipe, p) for p in prompts}
+    adapter = pipe.erase_concept("Van Gogh", kind="style", adapter_name="van_gogh")
+    gated = {p: generate(pipe, p) for p in prompts}
+    yield pipe, adapter, stock, gated
+    assert get_fused_adapters(pipe) == []  # every test leaves the shared pipeline unfused
+
+
+def snapshot(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def ungated_images(pipe, adapter, prompts):
+    """Images with the adapter's gate forced open on every token (what dropping the gate would give)."""
+    layers = {
+        name: dataclasses.replace(f, gate_weight=torch.zeros_like(f.gate_weight), gate_bias=torch.tensor([30.0]))
+        for name, f in adapter.layers.items()
+    }
+    pipe.load_ace_adapter(ACEAdapter(layers, concepts=adapter.concepts), adapter_name="ungated")
+    pipe.set_ace_adapters("ungated")
+    try:
+        return {p: generate(pipe, p) for p in prompts}
+    finally:
+        pipe.unload_ace_adapter("ungated")
+        pipe.set_ace_adapters("van_gogh")
+
+
+def test_fused_outputs_match_gated_on_concept_and_stay_close_on_unrelated(erased):
+    pipe, adapter, stock, gated = erased
+    ungated = ungated_images(pipe, adapter, stock)
+    report = pipe.fuse_ace_adapter()
+    try:
+        assert list(report) == ["van_gogh"] and fused_reports(pipe) == report
+        figures = report["van_gogh"]
+        assert set(figures) == {"concept", "neutral", "preserve", "unrelated"}
+        assert figures["concept"]["edit_rel_error"] < KV_EDIT_TOL
+        assert figures["unrelated"]["fused_change"] < KV_SPECIFICITY_TOL * figures["concept"]["fused_change"]
+        assert figures["concept"]["gated_change"] > 10 * figures["unrelated"]["gated_change"]  # the gate's specificity
+        json.dumps(report)  # plain numbers, storable
+
+        fused_images = {p: generate(pipe, p) for p in stock}
+    finally:
+        pipe.unfuse_ace_adapter()
+
+    def change(images, reference, prompts):
+        return [float((images[p] - reference[p]).norm()) for p in prompts]
+
+    for p, err, edit in zip(CONCEPT_PROMPTS, change(fused_images, gated, CONCEPT_PROMPTS), change(gated, stock, CONCEPT_PROMPTS), strict=True):
+        assert err < IMAGE_CONCEPT_TOL * edit, p
+    fused_drift = change(fused_images, stock, UNRELATED_PROMPTS)
+    ungated_drift = change(ungated, stock, UNRELATED_PROMPTS)
+    concept_change = change(gated, stock, CONCEPT_PROMPTS)
+    assert all(f < u for f, u in zip(fused_drift, ungated_drift, strict=True))  # baking beats dropping the gate
+    assert sum(fused_drift) < IMAGE_UNRELATED_TOL * sum(concept_change)
+
+
+def test_unfuse_restores_weights_and_outputs_bit_exactly(erased):
+    pipe, _, _, gated = erased
+    before = snapshot(pipe.unet)
+    deltas = list(_deltas(pipe.unet, "van_gogh"))
+    pipe.fuse_ace_adapter("van_gogh")
+    after = pipe.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+    assert len(changed) == 2 * len(cross_attention_modules(pipe.unet))
+    assert all(float(d.active) == 0.0 for d in deltas)  # gated path off: nothing applied twice
+    assert pipe.get_active_ace_adapters() == []
+    assert pipe.unfuse_ace_adapter() == ["van_gogh"]
+    restored = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], restored[k]) for k in before)
+    assert all(float(d.active) == 1.0 for d in deltas)
+    assert pipe.get_active_ace_adapters() == ["van_gogh"]
+    for p in CONCEPT_PROMPTS[:2]:
+        assert torch.equal(generate(pipe, p), gated[p])
+
+
+def test_fuse_unload_save_then_unfuse(erased, tmp_path):
+    """diffusers' fuse_lora workflow: fuse, unload the adapter, save; unfuse still restores the originals."""
+    pipe, adapter, _, gated = erased
+    before = snapshot(pipe.unet)
+    pipe.fuse_ace_adapter()
+    fused_weights = snapshot(pipe.unet)
+    image = generate(pipe, CONCEPT_PROMPTS[0])
+    pipe.unload_ace_adapter("van_gogh")
+    assert torch.equal(generate(pipe, CONCEPT_PROMPTS[0]), image)  # stock processors, same fused weights
+    pipe.save_pretrained(tmp_path / "pipe")
+    saved = load_file(str(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(fused_weights) and all(torch.equal(saved[k], fused_weights[k]) for k in saved)
+    pipe.unfuse_ace_adapter()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    pipe.load_ace_adapter(adapter, adapter_name="van_gogh")
+    assert torch.equal(generate(pipe, CONCEPT_PROMPTS[0]), gated[CONCEPT_PROMPTS[0]])
+
+
+PLAIN_DIFFUSERS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file, save_file
+    torch.set_num_threads(1)
+    folder, prompts_file, out = sys.argv[1:4]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = open(prompts_file).read().splitlines()
+    images = {}
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(0)
+        images[str(i)] = pipe(prompt, num_inference_steps=2, generator=generator, output_type="pt",
+                              height=32, width=32).images
+    assert not any(name.startswith("ace_diffusers") for name in sys.modules), "ace_diffusers was imported"
+    save_file(images, out)
+    print(type(pipe).__name__)
+    """
+)
+
+
+def run_plain_diffusers(script, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_fused_pipeline_saved_and_reloaded_by_plain_diffusers(erased, tmp_path):
+    pipe, _, stock, gated = erased
+    pipe.fuse_ace_adapter()
+    try:
+        prompts = CONCEPT_PROMPTS[:2] + UNRELATED_PROMPTS[:1]
+        expected = [generate(pipe, p) for p in prompts]
+        pipe.save_pretrained(tmp_path / "fused")
+    finally:
+        pipe.unfuse_ace_adapter()
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    out = run_plain_diffusers(PLAIN_DIFFUSERS_SCRIPT, tmp_path / "fused", tmp_path / "prompts.txt", tmp_path / "out.safetensors")
+    assert out.strip() == "StableDiffusionPipeline"
+    images = load_file(str(tmp_path / "out.safetensors"))
+    for i, prompt in enumerate(prompts):
+        assert torch.allclose(images[str(i)], expected[i], atol=1e-5), prompt
+    # the reloaded plain model carries the erasure: concept prompts look like the gated (erased) pipeline
+    for i, prompt in enumerate(CONCEPT_PROMPTS[:2]):
+        assert (images[str(i)] - gated[prompt]).norm() < IMAGE_CONCEPT_TOL * (gated[prompt] - stock[prompt]).norm()
+
+
+def test_errors(erased):
+    pipe, _, _, _ = erased
+    with pytest.raises(ValueError, match="nothing to unfuse"):
+        pipe.unfuse_ace_adapter()
+    with pytest.raises(ACEAdapterNameError, match="No ACE adapter named 'nope'"):
+        pipe.fuse_ace_adapter("nope")
+    before = snapshot(pipe.unet)
+    with pytest.raises(ACEValueError, match="rank must be"):
+        pipe.fuse_ace_adapter(settings=BakeSettings(rank=0))
+    assert get_fused_adapters(pipe) == [] and all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    pipe.fuse_ace_adapter("van_gogh")
+    try:
+        with pytest.raises(ACEValueError, match="already fused"):
+            pipe.fuse_ace_adapter("van_gogh")
+        with pytest.raises(ACEValueError, match="No active ACE adapter to fuse.*already fused"):
+            pipe.fuse_ace_adapter()
+        with pytest.raises(ACEValueError, match="fused into the weights"):
+            pipe.set_ace_adapters("van_gogh")
+        with pytest.raises(ACEValueError, match="already fused"):
+            with fused(pipe):
+                pass
+    finally:
+        pipe.unfuse_ace_adapter()
+    with pytest.raises(ValueError, match="nothing to unfuse"):
+        unfuse_adapter(pipe)
+
+
+def test_fidelity_is_pure_and_takes_any_prompt_sets(erased):
+    pipe, adapter, _, _ = erased
+    before = snapshot(pipe.unet)
+    sets = {"concept": CONCEPT_PROMPTS, "unrelated": UNRELATED_PROMPTS}
+    figures = fuse_fidelity(pipe, adapter, sets)
+    assert fuse_fidelity(pipe, "van_gogh", sets) == figures  # by name: the loaded adapter at its scale
+    assert set(figures) == set(sets)
+    assert figures["concept"]["prompts"] == 3 and figures["concept"]["tokens"] == 3 * 77
+    assert figures["concept"]["gated_change"] > figures["unrelated"]["gated_change"]
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert get_fused_adapters(pipe) == []
+    with fused(pipe, prompt_sets=sets) as report:
+        assert report["van_gogh"] == figures
+        assert fuse_fidelity(pipe, adapter, sets) == figures  # measured against the pre-fuse weights
+    assert get_fused_adapters(pipe) == []
+
+
+def test_baked_edit_is_the_least_squares_minimiser(erased):
+    pipe, adapter, _, _ = erased
+    settings = BakeSettings()
+    baked = bake(pipe, adapter, settings=settings)
+    data = collect_fit_data(TextEmbedder(pipe), erasure_spec(adapter), _fit_settings(adapter))
+    xc, xo = data.concept.double(), data.others.double()
+    layer = sorted(baked.layers)[0]
+    f = adapter.layers[layer]
+    d = xc.shape[1]
+    energy = torch.trace(xc.T @ xc / len(xc) + xo.T @ xo / len(xo)) / (2 * d)
+
+    def objective(delta):
+        total = 0.0
+        for x, weight in ((xc, 1 / len(xc)), (xo, 1 / len(xo))):
+            gate = torch.sigmoid(x @ f.gate_weight.double() + f.gate_bias.double()).unsqueeze(1)
+            target = gate * (x @ f.k_down.double().T @ f.k_up.double().T)
+            total += weight * ((x @ delta.T - target) ** 2).sum()
+        return float(total + settings.ridge * energy * (delta**2).sum())
+
+    best = baked.layers[layer].delta("k")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        nudge = torch.randn(best.shape, generator=generator, dtype=torch.float64) * 1e-3 * best.abs().mean()
+        assert objective(best + nudge) > objective(best)
+    assert baked.rank == adapter.rank
+    truncated = bake(pipe, adapter, settings=BakeSettings(rank=4))
+    assert truncated.rank == 4 and torch.linalg.matrix_rank(truncated.layers[layer].delta("k")) == 4
+    assert objective(truncated.layers[layer].delta("k")) >= objective(best)
+    half = bake(pipe, adapter, scale=0.5).layers[layer].delta("k")
+    assert torch.allclose(half, 0.5 * best, atol=1e-6 * float(best.abs().max()))
+
+
+def test_several_adapters_with_per_layer_gates_fuse_and_unfuse(sd_pipe):
+    a = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, seed=1, magnitude=0.2), adapter_name="a")
+    b = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, seed=2, magnitude=0.2), adapter_name="b")
+    sd_pipe.set_ace_adapters(["a", "b"], [0.5, 1.0])
+    before = snapshot(sd_pipe.unet)
+    gated = generate(sd_pipe, "random concept")
+    report = fuse_adapter(sd_pipe)  # None: every active adapter
+    assert list(report) == ["a", "b"] and get_fused_adapters(sd_pipe) == ["a", "b"]
+    attn_name, attn = next(iter(cross_attention_modules(sd_pipe.unet).items()))
+    expected = before[f"{attn_name}.to_k.weight"].double()
+    for name, scale in ((a, 0.5), (b, 1.0)):
+        expected = expected + bake(sd_pipe, sd_pipe.get_ace_adapter(name), scale=scale).layers[attn_name].delta("k")
+    assert torch.allclose(attn.to_k.weight.double(), expected, atol=1e-6)
+    fused_image = generate(sd_pipe, "random concept")
+    assert (fused_image - gated).abs().max() > 0  # an approximation, not the gated model
+    unfuse_adapter(sd_pipe)
+    assert all(torch.equal(before[k], v) for k, v in sd_pipe.unet.state_dict().items())
+    assert sd_pipe.get_active_ace_adapters() == ["a", "b"]
+    assert torch.equal(generate(sd_pipe, "random concept"), gated)
+
+
+def test_sdxl_fuse_matches_gated_and_unfuses_exactly():
+    pipe = tiny_sdxl_pipeline(text_dim=TEXT_DIM)
+    prompt = CONCEPT_PROMPTS[0]
+    stock = generate(pipe, prompt)
+    pipe.erase_concept("Van Gogh", kind="style")
+    gated = generate(pipe, prompt)
+    before = snapshot(pipe.unet)
+    report = pipe.fuse_ace_adapter()
+    assert next(iter(report.values()))["concept"]["edit_rel_error"] < KV_EDIT_TOL
+    assert (generate(pipe, prompt) - gated).norm() < IMAGE_CONCEPT_TOL * (gated - stock).norm()
+    pipe.unfuse_ace_adapter()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert torch.equal(generate(pipe, prompt), gated)
+
+
+def test_weights_changed_after_fuse_are_kept_on_unfuse(erased):
+    pipe, _, _, _ = erased
+    before = snapshot(pipe.unet)
+    pipe.fuse_ace_adapter()
+    attn_name, attn = next(iter(cross_attention_modules(pipe.unet).items()))
+    with torch.no_grad():
+        attn.to_k.weight.add_(1.0)  # e.g. another library fused its own LoRA meanwhile
+    with pytest.warns(UserWarning, match="changed after fuse_ace_adapter"):
+        pipe.unfuse_ace_adapter()
+    key = f"{attn_name}.to_k.weight"
+    assert torch.allclose(pipe.unet.state_dict()[key], before[key] + 1.0, atol=1e-5)
+    with torch.no_grad():
+        attn.to_k.weight.copy_(before[key])
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
