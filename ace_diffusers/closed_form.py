@@ -132,7 +132,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
 
     concept_rows, target_rows, positive = [], [], []
     for c_enc, n_enc in zip(concept_enc, neutral_enc, strict=True):
-        pairs = _align(c_enc, n_enc)
+        pairs = align_tokens(c_enc, n_enc)
         if not pairs:
             continue
         ci = torch.tensor([i for i, _ in pairs])
@@ -155,7 +155,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     )
 
 
-def _align(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, int]]:
+def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, int]]:
     """Pairs (concept-prompt token, neutral-prompt token): same prefix, span stretched, suffix shifted."""
     if c_enc.span is None:
         return []

@@ -3,7 +3,7 @@ import torch
 
 from ace_diffusers import ACEAdapterNameError, ACEValueError, erase_concept
 from ace_diffusers.attach import cross_attention_modules
-from ace_diffusers.closed_form import _align
+from ace_diffusers.closed_form import align_tokens
 from ace_diffusers.presets import load_presets
 from ace_diffusers.processor import get_stack
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -38,7 +38,7 @@ def encode(pipe, template, phrase):
 def concept_gap_left(pipe, template, concept, neutral):
     """Fraction of the concept->neutral K/V gap that remains after the edit, over all layers."""
     c_enc, n_enc = encode(pipe, template, concept), encode(pipe, template, neutral)
-    pairs = [(i, j) for i, j in _align(c_enc, n_enc) if i >= c_enc.span[0]]
+    pairs = [(i, j) for i, j in align_tokens(c_enc, n_enc) if i >= c_enc.span[0]]
     ci, nj = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
     left, gap = 0.0, 0.0
     with torch.no_grad():
