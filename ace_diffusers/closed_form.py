@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import attach
@@ -180,10 +181,12 @@ def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, 
 
 # ---------------------------------------------------------------------- gate
 def fit_gate(
-    positive: torch.Tensor, negative: torch.Tensor, *, ridge: float = 1e-3, iterations: int = 25
+    positive: torch.Tensor, negative: torch.Tensor, *, ridge: float = 1e-3, iterations: int = 200
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Logistic-regression gate ``sigmoid(w·e + b)`` (class-balanced, ridge, Newton), then sharpened.
+    """Logistic-regression gate ``sigmoid(w·e + b)`` (class-balanced, ridge, L-BFGS), then sharpened.
 
+    L-BFGS needs only matrix-vector products (cost O(N·d) per step), so the fit stays cheap for
+    768- or 2048-d tokens where Newton's d x d Hessian would dominate the whole erasure.
     Sharpening rescales the logit so that the 5th percentile of concept tokens and the 99.5th of the
     others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there.
     """
@@ -192,18 +195,25 @@ def fit_gate(
     sample_w = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))]).double()
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
-    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    theta = torch.zeros(z.shape[1], dtype=x.dtype)
-    penalty = torch.full((z.shape[1],), ridge, dtype=x.dtype)
-    penalty[-1] = 0.0
-    for _ in range(iterations):
-        p = torch.sigmoid(z @ theta)
-        grad = z.T @ (sample_w * (p - y)) + penalty * theta
-        hess = (z * (sample_w * p * (1 - p)).unsqueeze(1)).T @ z + torch.diag(penalty) + 1e-10 * torch.eye(len(theta), dtype=x.dtype)
-        step = torch.linalg.solve(hess, grad)
-        theta = theta - step
-        if step.abs().max() < 1e-6:
-            break
+    z = (x - mean) / std
+    weight = torch.zeros(z.shape[1], dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=iterations, history_size=20, tolerance_grad=1e-9,
+        tolerance_change=1e-12, line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = z @ weight + bias
+        loss = (sample_w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
+        loss = loss + 0.5 * ridge * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    theta = torch.cat([weight.detach(), bias.detach().reshape(1)])
     w = theta[:-1] / std
     b = theta[-1] - (mean * w).sum()
     logit_pos, logit_neg = positive.double() @ w + b, negative.double() @ w + b
@@ -230,24 +240,25 @@ def solve_text_map(
     data: FitData, gate_w: torch.Tensor, gate_b: torch.Tensor, settings: FitSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """Return ``(G, M_sqrt, M_inv_sqrt, stats)`` of the closed-form solution (module docstring)."""
-    c, n, p = data.concept.double(), data.target.double(), data.others.double()
-    g = torch.sigmoid(c @ gate_w.double() + gate_b.double())
+    c, n, p = data.concept.float(), data.target.float(), data.others.float()
+    g = torch.sigmoid(c @ gate_w.float() + gate_b.float())
     d = c.shape[1]
-    m_concept = (c * (g * g).unsqueeze(1)).T @ c / len(c)
-    m_other = p.T @ p / len(p)
+    # the N x d^2 accumulations run in float32; the d x d algebra below in float64
+    m_concept = ((c * (g * g).unsqueeze(1)).T @ c / len(c)).double()
+    m_other = (p.T @ p / len(p)).double()
     energy = (torch.trace(m_concept) + torch.trace(m_other)) / (2 * d)
     m = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=c.dtype)
-    r = ((n - c) * g.unsqueeze(1)).T @ c / len(c)
+    r = (((n - c) * g.unsqueeze(1)).T @ c / len(c)).double()
     eigval, eigvec = torch.linalg.eigh(m)
     eigval = eigval.clamp_min(eigval.max() * 1e-12)
     m_sqrt = (eigvec * eigval.sqrt()) @ eigvec.T
     m_inv_sqrt = (eigvec * eigval.rsqrt()) @ eigvec.T
     text_map = r @ (eigvec * (1 / eigval)) @ eigvec.T
-    moved = (c @ text_map.T) * g.unsqueeze(1)
+    moved = (c @ text_map.T.float()) * g.unsqueeze(1)
     wanted = n - c
     stats = {
         "text_residual": float((moved - wanted).norm() / wanted.norm().clamp_min(1e-12)),
-        "preserve_drift": float((p @ text_map.T).norm() / p.norm().clamp_min(1e-12)),
+        "preserve_drift": float((p @ text_map.T.float()).norm() / p.norm().clamp_min(1e-12)),
         "concept_tokens": int(len(c)),
         "other_tokens": int(len(p)),
     }
@@ -255,14 +266,33 @@ def solve_text_map(
 
 
 def low_rank_edit(
-    weight: torch.Tensor, text_map: torch.Tensor, m_sqrt: torch.Tensor, m_inv_sqrt: torch.Tensor, rank: int
+    weight: torch.Tensor, h: torch.Tensor, m_inv_sqrt: torch.Tensor, rank: int,
+    *, seed: int = 0, power_iterations: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` approximation of ``Δ* = W G`` in the metric of the objective: ``(A, B)``."""
-    x = weight.double() @ (text_map @ m_sqrt)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    """Best rank-``rank`` approximation of ``Δ* = W G`` in the metric of the objective: ``(A, B)``.
+
+    ``h = G M^{1/2}`` and ``m_inv_sqrt`` are shared by all layers (float32). The SVD of ``X = W h`` is
+    found with a randomized range finder that only multiplies by ``W`` and ``h`` (never forming X): a
+    few products of size d x (rank + 10) per layer. With ``rank + 10 >= d`` it uses the exact SVD.
+    """
+    weight = weight.float()
+    d_out, d = weight.shape[0], h.shape[1]
+    sketch = rank + 10
+    if sketch >= min(d_out, d):
+        u, s, vh = torch.linalg.svd(weight @ h, full_matrices=False)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        omega = torch.randn(d, sketch, generator=generator)
+        basis = torch.linalg.qr(weight @ (h @ omega)).Q  # (d_out, sketch): range of X
+        for _ in range(power_iterations):
+            basis = torch.linalg.qr(h.T @ (weight.T @ basis)).Q  # range of Xᵀ
+            basis = torch.linalg.qr(weight @ (h @ basis)).Q  # range of X
+        small = (basis.T @ weight) @ h  # (sketch, d) = Qᵀ X
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+        u = basis @ u_small
     up = u[:, :rank] * s[:rank]
     down = vh[:rank] @ m_inv_sqrt
-    return down.float(), up.float()
+    return down, up
 
 
 def default_rank(n_concepts: int, d_text: int) -> int:
@@ -296,11 +326,12 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
     text_map, m_sqrt, m_inv_sqrt, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
 
     layers = {}
+    h, m_inv_sqrt = (text_map @ m_sqrt).float(), m_inv_sqrt.float()
     modules = attach.cross_attention_modules(unet)
     for name in tqdm(sorted(modules), desc="ACE closed form", disable=not progress, leave=False):
         attn = modules[name]
-        k_down, k_up = low_rank_edit(attach._weight(attn.to_k).detach().cpu(), text_map, m_sqrt, m_inv_sqrt, rank)
-        v_down, v_up = low_rank_edit(attach._weight(attn.to_v).detach().cpu(), text_map, m_sqrt, m_inv_sqrt, rank)
+        k_down, k_up = low_rank_edit(attach._weight(attn.to_k).detach().cpu(), h, m_inv_sqrt, rank)
+        v_down, v_up = low_rank_edit(attach._weight(attn.to_v).detach().cpu(), h, m_inv_sqrt, rank)
         layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
 
     fit = {

@@ -51,7 +51,7 @@ def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.T
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ace-diffusers demo", description=__doc__)
     parser.add_argument("--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)")
-    parser.add_argument("--neutral", default=None, help="what the concept should turn into (default: 'shape'/'pattern')")
+    parser.add_argument("--neutral", default=None, help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)")
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -86,7 +86,8 @@ class ACETrainer:
         adversarial: bool = True,
         adversarial_every: int = 20,
         adversarial_steps: int = 8,
-        mined_synonyms: int = 8,
+        mined_synonyms: int = 16,
+        mining_pool: int = 256,
         preserve_weight: float = 1.0,
         queries_per_layer: int = 64,
         batch_size: int = 32,
@@ -107,6 +108,7 @@ class ACETrainer:
         self.adversarial_every = _positive_int(adversarial_every, "adversarial_every")
         self.adversarial_steps = _positive_int(adversarial_steps, "adversarial_steps")
         self.mined_synonyms = _positive_int(mined_synonyms, "mined_synonyms", minimum=0)
+        self.mining_pool = _positive_int(mining_pool, "mining_pool")
         self.preserve_weight = _positive_float(preserve_weight, "preserve_weight")
         self.queries_per_layer = _positive_int(queries_per_layer, "queries_per_layer")
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -224,7 +226,7 @@ class ACETrainer:
             candidates = [w for w in words if w not in banned and w not in concept.lower()]
             index = torch.tensor([words[w] for w in candidates])
             sims = table_n[index] @ query
-            top = [candidates[i] for i in sims.topk(min(8 * self.mined_synonyms, len(candidates))).indices.tolist()]
+            top = [candidates[i] for i in sims.topk(min(self.mining_pool, len(candidates))).indices.tolist()]
             prompts = [template.replace("{}", concept)] + [template.replace("{}", w) for w in top]
             encoded = self._encode(embedder, prompts).mean(1)
             context = F.normalize(encoded, dim=-1)

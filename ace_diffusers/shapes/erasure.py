@@ -19,7 +19,9 @@ import torch
 
 from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, _article_fix
 
-DEFAULT_NEUTRAL = {"shape": "shape", "style": "pattern"}
+# Anchors: an erased shape becomes "no particular shape" (the empty phrase: the model then draws
+# whatever it draws without a shape word); an erased fill style becomes plain (solid) fill.
+DEFAULT_NEUTRAL = {"shape": "", "style": "plain"}
 
 
 def concept_kind(concept: str) -> str:
