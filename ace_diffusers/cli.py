@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ace_diffusers.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
     "erase": ("ace_diffusers.cli_erase", "fit an erasure adapter (closed form + fine-tuning), save/push it"),
     "export": ("ace_diffusers.export", "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)"),
+    "eval": ("ace_diffusers.eval.cli", "measure an erasure: MACE metrics, attack success rates, images, plots"),
     "bench": ("ace_diffusers.bench.suite", "run every benchmark and write docs/benchmarks.md (--quick: ~15 min)"),
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
     "bench inference": ("ace_diffusers.bench.inference", "denoising-step overhead and adapter size at SD1.5/SDXL shape"),

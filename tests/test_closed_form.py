@@ -209,3 +209,16 @@ def test_thousands_of_concepts_beyond_memory_are_refused_before_work(sd_pipe, mo
     monkeypatch.setattr(closed_form, "collect_fit_data", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ACEValueError, match="split the concepts"):
         erase_concept(sd_pipe, [f"concept {i}" for i in range(3000)], load=False)
+
+
+def test_align_tokens_pairs_prefix_span_and_suffix():
+    from ace_diffusers.text import EncodedPrompt
+
+    def enc(rows, span):
+        return EncodedPrompt("", torch.zeros(rows, 1), span, rows)
+
+    # "<s> a [van gogh] painting </s>" vs "<s> a [art] painting </s>": 6 vs 5 tokens
+    assert align_tokens(enc(6, (2, 4)), enc(5, (2, 3))) == [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (5, 4)]
+    # empty anchor: the concept collapses onto the token that follows it
+    assert align_tokens(enc(4, (1, 2)), enc(3, None)) == [(0, 0), (1, 1), (2, 1), (3, 2)]
+    assert align_tokens(enc(4, None), enc(4, (1, 2))) == []
