@@ -38,8 +38,8 @@ def run(quick: bool, sections: list[str]) -> str:
         t0 = time.perf_counter()
         shapes = ["circle", "square"] if quick else ["circle", "square", "triangle", "star"]
         multi = ["circle", "square", "triangle", "striped"]
-        result = trainer.run(shapes, multi, images_per_prompt=1 if quick else 2, steps=300)
-        args = f"--shapes {' '.join(shapes)} --multi {' '.join(multi)} --images-per-prompt {1 if quick else 2}"
+        result = trainer.run(shapes, multi, images_per_prompt=1 if quick else 2, steps=300, baselines=True)
+        args = f"--shapes {' '.join(shapes)} --multi {' '.join(multi)} --images-per-prompt {1 if quick else 2} --baselines"
         parts.append(_block("Efficacy on the miniature world: closed form vs ACE", f"ace-diffusers bench trainer {args}",
                             trainer.format_report(result), time.perf_counter() - t0))
     if "speed" in sections:

@@ -24,6 +24,7 @@ def run(
     images_per_prompt: int = 2,
     steps: int = 300,
     seed: int = 0,
+    baselines: bool = False,
 ) -> dict[str, Any]:
     from ..closed_form import FitSettings, fit_adapter
     from ..presets import resolve_spec
@@ -58,15 +59,32 @@ def run(
         t0 = time.perf_counter()
         full = ACETrainer(pipe, arguments["concepts"], steps=steps, seed=seed, progress=False, **spec_args).fit()
         full_seconds = time.perf_counter() - t0
+        def record(method: str, seconds: float) -> None:
+            for c in concepts:
+                metrics = measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0]
+                rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
+                             **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
+
         for method, adapter, seconds in (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds)):
             name = pipe.load_ace_adapter(adapter, adapter_name="bench")
             try:
-                for c in concepts:
-                    metrics = measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0]
-                    rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
-                                 **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
+                record(method, seconds)
             finally:
                 pipe.unload_ace_adapter(name)
+        if baselines:
+            from .baselines import esd_x_erase, uce_erase
+
+            edit = uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
+            try:
+                record("UCE", edit.seconds)
+            finally:
+                edit.restore()
+            if len(concepts) == 1:
+                edit = esd_x_erase(pipe, concepts[0], seed=seed)
+                try:
+                    record("ESD-x", edit.seconds)
+                finally:
+                    edit.restore()
 
     for shape in shapes:
         evaluate([shape], shape)
@@ -111,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baselines", action="store_true", help="also run UCE and ESD-x (slower)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
-    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps, seed=args.seed)
+    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps, seed=args.seed,
+                 baselines=args.baselines)
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as fh:
