@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)")
     parser.add_argument("--neutral", default=None, help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)")
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
-    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

@@ -1,0 +1,19 @@
+"""The miniature world: a tiny text-to-image Stable Diffusion pipeline trained on rendered shapes.
+
+It exists so that concept erasure can be *measured* on a CPU: a real diffusers
+``StableDiffusionPipeline`` (UNet with ``attn2`` cross-attention, AutoencoderKL, a frozen BERT text
+encoder) that draws coloured, styled shapes, plus a classifier that recognises what was drawn.
+
+Heavy imports (torch, diffusers) are deferred to the submodules.
+"""
+
+from .vocab import COLOURS, SHAPES, STYLES, SHAPE_WORDS, STYLE_WORDS, COLOUR_WORDS  # noqa: F401
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "STYLES",
+    "SHAPE_WORDS",
+    "STYLE_WORDS",
+    "COLOUR_WORDS",
+]
