@@ -17,7 +17,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOKENIZER_MAX_LENGTH = 16
 
 # Sampler settings used by everything downstream (quality command, tests, erasure benchmarks).
-DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32)
+DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=6.0, height=32, width=32)
 
 # Architectures (also written to weights/*.json by the training command).
 UNET_CONFIG: dict = dict(

@@ -153,6 +153,8 @@ def training_summary(weights_dir: Path | None = None) -> str | None:
     cls_path = path.parent / "classifier_config.json"
     cls = json.loads(cls_path.read_text())["metrics"] if cls_path.exists() else m["classifier"]
     rec = {k.rsplit("_", 1)[-1]: v for k, v in cls.items() if k.startswith("heldout_reconstruction_acc_")}
+    total_s = m.get("train_seconds_total") or sum(v for v in ts.values() if v)
+    total_s += 0 if "classifier_recon_finetune" in ts else cls.get("recon_finetune_seconds", 0)
     lines = [
         f"Recorded in `weights/train_meta.json`: command `{m['command'].strip()}` (seed {m['seed']}, "
         f"{a['n_train']} rendered images, {a['captions_per_image']} captions each, "
@@ -167,7 +169,7 @@ def training_summary(weights_dir: Path | None = None) -> str | None:
         f"| UNet | {m['unet']['steps']} x {a['batch_unet']} | {ts['unet'] / 60:.1f} min | lr {a['lr_unet']} (warm-up + cosine), "
         f"min-SNR-{a['min_snr']:g} weighting, EMA {a['ema_decay']}; final loss {m['unet']['history'][-1][1] if m['unet']['history'] else 'n/a'} |",
         "",
-        f"Total training time (sum of stages): {m['train_seconds_total'] / 60:.1f} min "
+        f"Total training time (sum of stages): {total_s / 60:.1f} min "
         f"(2-core CPU, shared with other jobs).  Latent scaling factor {m['latents']['scaling_factor']:.4f}.  "
         f"Bundled weights: {size / 1e6:.1f} MB.",
     ]
