@@ -310,7 +310,11 @@ def test_offline_uses_the_cache_and_explains_misses(hub_server, tmp_path):
     online = resolve_adapter_dir(repo)
 
     hub_server.set_offline(True)
-    n_requests = len(hub_server.server.requests)
+    # the server records a request after answering it: let the last online one land before counting
+    n_requests = -1
+    while n_requests != len(hub_server.server.requests):
+        n_requests = len(hub_server.server.requests)
+        time.sleep(0.2)
     assert resolve_adapter_dir(repo) == online
     assert files_of(resolve_adapter_dir(repo)) == files_of(folder)
     assert len(hub_server.server.requests) == n_requests  # not a single HTTP request while offline
