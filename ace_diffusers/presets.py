@@ -97,7 +97,10 @@ def resolve_spec(
         concept_list += [t for t in preset.get("expand", []) if t.lower() not in {c.lower() for c in concept_list}]
     concept_list = list(dict.fromkeys(concept_list))  # drop duplicates, keep order
 
-    neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
+    if isinstance(neutral, (list, tuple)):  # an empty anchor ("" = no particular thing) is allowed
+        neutral_list = ["" if isinstance(v, str) and not v.strip() else _clean_phrase(v, "neutral anchor") for v in neutral]
+    else:
+        neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
     if neutral_list is None:
         neutral_list = [neutral if neutral == "" else preset["neutral"]] * len(concept_list)
     elif len(neutral_list) == 1:

@@ -222,3 +222,8 @@ def test_align_tokens_pairs_prefix_span_and_suffix():
     # empty anchor: the concept collapses onto the token that follows it
     assert align_tokens(enc(4, (1, 2)), enc(3, None)) == [(0, 0), (1, 1), (2, 1), (3, 2)]
     assert align_tokens(enc(4, None), enc(4, (1, 2))) == []
+
+
+def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
+    adapter = erase_concept(sd_pipe, ["cat", "striped"], neutral=["", "plain"], load=False)
+    assert adapter.neutral == ["", "plain"]
