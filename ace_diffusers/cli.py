@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench trainer": ("ace_diffusers.bench.trainer", "ACE efficacy on the miniature world: closed form vs full"),
     "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
+    "figures": ("ace_diffusers.docs_figures", "regenerate docs/images/method.png (gate and K change, computed)"),
 }
 
 
