@@ -53,7 +53,9 @@ class FitSettings:
     ridge: float = 1e-3  # λ, relative to the mean token energy
     gate_ridge: float = 1e-3
     preserve_templates: int = 2
-    full_length_templates: int = 2  # causal encoders: templates encoded with all padding tokens
+    full_length_templates: int = 2  # causal encoders: templates per concept encoded with all padding tokens
+    full_length_budget: int = 16  # ... while the total stays within this many (spread over the concepts)
+    extra_pad_tokens: int = 6  # causal encoders, other prompts: padding tokens kept after the longest of a batch
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -71,7 +73,9 @@ class FitData:
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _encode_cached(embedder: TextEmbedder, prompts: list[str], spans: list, full: bool) -> list[EncodedPrompt]:
+def _encode_cached(
+    embedder: TextEmbedder, prompts: list[str], spans: list, full: bool, extra_pad: int = 6
+) -> list[EncodedPrompt]:
     """Encode with a per-text-encoder cache, invalidated when any encoder weight changes in place."""
     encoder = embedder.encoders[0][1]
     signature = tuple(
@@ -83,11 +87,15 @@ def _encode_cached(embedder: TextEmbedder, prompts: list[str], spans: list, full
         entry = (signature, {})
         _cache[encoder] = entry
     store: dict = entry[1]
-    keys = [(p, s, full) for p, s in zip(prompts, spans, strict=True)]
-    missing = [i for i, k in enumerate(keys) if k not in store]
+    keys = [(p, s, full, extra_pad) for p, s in zip(prompts, spans, strict=True)]
+    missing, seen = [], set()
+    for i, key in enumerate(keys):  # each distinct prompt once: many concepts share one neutral anchor
+        if key not in store and key not in seen:
+            seen.add(key)
+            missing.append(i)
     if missing:
         encoded = embedder.encode(
-            [prompts[i] for i in missing], [spans[i] for i in missing], extra_pad_tokens=None if full else 4
+            [prompts[i] for i in missing], [spans[i] for i in missing], extra_pad_tokens=None if full else extra_pad
         )
         for i, enc in zip(missing, encoded, strict=True):
             store[keys[i]] = enc
@@ -106,11 +114,12 @@ def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
 
 def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
     """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
-    full_n = settings.full_length_templates
     concept_jobs, neutral_jobs = [], []
-    for concept, anchor in zip(spec.concepts, spec.neutral, strict=True):
-        for t_index, template in enumerate(spec.templates_for(concept)):
-            full = t_index < full_n
+    for c_index, (concept, anchor) in enumerate(zip(spec.concepts, spec.neutral, strict=True)):
+        templates = spec.templates_for(concept)
+        full_templates = full_length_template_indices(c_index, len(spec.concepts), len(templates), settings)
+        for t_index, template in enumerate(templates):
+            full = t_index in full_templates
             concept_jobs.append((*_fill(template, concept), full))
             neutral_jobs.append((*_fill(template, anchor), full))
 
@@ -119,7 +128,9 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         for full in (True, False):
             idx = [i for i, job in enumerate(jobs) if job[2] == full]
             if idx:
-                encoded = _encode_cached(embedder, [jobs[i][0] for i in idx], [jobs[i][1] for i in idx], full)
+                encoded = _encode_cached(
+                    embedder, [jobs[i][0] for i in idx], [jobs[i][1] for i in idx], full, settings.extra_pad_tokens
+                )
                 for i, enc in zip(idx, encoded, strict=True):
                     out[i] = enc
         return out  # type: ignore[return-value]
@@ -147,13 +158,30 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         raise ACEValueError(
             "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
         )
-    others = [e.embeddings for e in other_enc] + [e.embeddings for e in neutral_enc]
+    unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
+    others = [e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]
     return FitData(
         concept=torch.cat(concept_rows),
         target=torch.cat(target_rows),
         gate_positive=torch.cat(positive),
         others=torch.cat(others),
     )
+
+
+def full_length_template_indices(concept_index: int, n_concepts: int, n_templates: int, settings: FitSettings) -> set[int]:
+    """Which of a concept's templates are encoded with all padding tokens (causal encoders).
+
+    A full-length prompt costs ~5x a short one, and far padding tokens mostly carry what the near
+    ones do; so each concept gets ``full_length_templates`` of them while the total stays within
+    ``full_length_budget``. Beyond that, ``full_length_budget`` concepts spread evenly over the list
+    get one each (rotating through the templates) so the gate still sees far padding tokens.
+    """
+    per_concept = min(settings.full_length_templates, n_templates)
+    if n_concepts * per_concept <= settings.full_length_budget:
+        return set(range(per_concept))
+    if per_concept and (concept_index * settings.full_length_budget) % n_concepts < settings.full_length_budget:
+        return {concept_index % n_templates}
+    return set()
 
 
 def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, int]]:
@@ -190,9 +218,10 @@ def fit_gate(
     Sharpening rescales the logit so that the 5th percentile of concept tokens and the 99.5th of the
     others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there.
     """
-    x = torch.cat([positive, negative]).double()
-    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).double()
-    sample_w = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))]).double()
+    # float32 is plenty for a logistic regression on standardised features and halves the cost
+    x = torch.cat([positive, negative]).float()
+    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
+    sample_w = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))])
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
@@ -213,9 +242,9 @@ def fit_gate(
 
     with torch.enable_grad():
         optimizer.step(objective)
-    theta = torch.cat([weight.detach(), bias.detach().reshape(1)])
-    w = theta[:-1] / std
-    b = theta[-1] - (mean * w).sum()
+    theta = torch.cat([weight.detach(), bias.detach().reshape(1)]).double()
+    w = theta[:-1] / std.double()
+    b = theta[-1] - (mean.double() * w).sum()
     logit_pos, logit_neg = positive.double() @ w + b, negative.double() @ w + b
     hi, lo = torch.quantile(logit_pos, 0.05), torch.quantile(logit_neg, 0.995)
     if hi <= lo:  # not separable at those quantiles: fall back to the class medians
@@ -446,3 +475,4 @@ def erase_concept(
         name = adapter_name or _default_name(unet, adapter)
         attach.attach_adapter(unet, adapter, name, scale=scale)
     return adapter
+

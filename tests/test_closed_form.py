@@ -147,6 +147,28 @@ def test_text_embedder_matches_pipeline_encode_prompt(builder):
         torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_shared_prefix_encoding_is_exact(builder):
+    """Prompts sharing the tokens before their phrase encode that prefix once; same numbers as encode_prompt."""
+    pipe = builder()
+    embedder = TextEmbedder(pipe)
+    assert embedder._prefix_sharing
+    prompts, spans = [], []
+    for template in ("a painting in the style of {}", "a photo of a {} in the middle of a room", "{} style"):
+        for phrase in ("Van Gogh", "Claude Monet", "cat"):
+            start = template.index("{}")
+            prompts.append(template.replace("{}", phrase))
+            spans.append((start, start + len(phrase)))
+    if hasattr(pipe, "text_encoder_2"):
+        theirs = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)[0]
+    else:
+        theirs = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    for extra in (None, 3):
+        ours = embedder.encode(prompts, spans, extra_pad_tokens=extra)
+        for enc, full in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
+
+
 def test_many_concepts_fit_in_one_adapter():
     pipe = tiny_sd_pipeline()
     concepts = [f"concept number {i}" for i in range(100)]
@@ -227,3 +249,22 @@ def test_align_tokens_pairs_prefix_span_and_suffix():
 def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
     adapter = erase_concept(sd_pipe, ["cat", "striped"], neutral=["", "plain"], load=False)
     assert adapter.neutral == ["", "plain"]
+
+
+def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_move():
+    from ace_diffusers.bench.closed_form import concept_names
+    from ace_diffusers.closed_form import FitSettings, full_length_template_indices
+
+    settings = FitSettings()  # 2 full-length templates per concept, at most 16 in total
+    assert full_length_template_indices(0, 1, 6, settings) == {0, 1}
+    chosen = [full_length_template_indices(i, 40, 6, settings) for i in range(40)]
+    assert sum(len(c) for c in chosen) == settings.full_length_budget
+    assert all(len(c) <= 1 for c in chosen)
+    # concepts whose prompts were all short-encoded are erased on full-length prompts all the same
+    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
+    names = concept_names(40)
+    erase_concept(pipe, names, kind="style")
+    unsampled = [n for n, c in zip(names, chosen) if not c][:4]
+    for name in unsampled:
+        assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
+    assert max_gate(pipe, "a photo of a cat") < UNRELATED_GATE
