@@ -136,10 +136,8 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         return out  # type: ignore[return-value]
 
     concept_enc, neutral_enc = run(concept_jobs), run(neutral_jobs)
-    other_jobs = [(p, None, i < 4) for i, p in enumerate(spec.negatives)]
-    for phrase in spec.preserve:
-        for template in spec.templates_for(phrase)[: settings.preserve_templates]:
-            other_jobs.append((_fill(template, phrase)[0], None, False))
+    other_jobs = [(p, None, i < 4) for i, p in enumerate(spec.unrelated_prompts())]
+    other_jobs += [(p, None, False) for p in spec.preserve_prompts(settings.preserve_templates)]
     other_enc = run(other_jobs)
 
     concept_rows, target_rows, positive = [], [], []
@@ -386,7 +384,7 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
 def estimate_fit_bytes(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> int:
     """Upper bound of the token embeddings held during a fit (concept + neutral prompts dominate)."""
     prompts = 2 * sum(len(spec.templates_for(c)) for c in spec.concepts)
-    prompts += len(spec.negatives) + settings.preserve_templates * len(spec.preserve)
+    prompts += len(spec.unrelated_prompts()) + settings.preserve_templates * len(spec.preserve)
     return prompts * embedder.max_length * d_text * 4 * 3  # float32 embeddings, aligned copies, float64 solve
 
 

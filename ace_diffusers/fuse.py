@@ -171,10 +171,8 @@ def default_prompt_sets(adapter: ACEAdapter, spec: ErasureSpec | None = None) ->
     sets = {
         "concept": [_fill(t, c)[0] for c, _ in pairs for t in _templates_for(spec, c)],
         "neutral": [_fill(t, n)[0] for c, n in pairs for t in _templates_for(spec, c)],
-        "preserve": [
-            _fill(t, p)[0] for p in spec.preserve for t in _templates_for(spec, p)[: settings.preserve_templates]
-        ],
-        "unrelated": [p for p in spec.negatives if p],
+        "preserve": spec.preserve_prompts(settings.preserve_templates),
+        "unrelated": [p for p in spec.unrelated_prompts() if p],
     }
     return {name: list(dict.fromkeys(prompts)) for name, prompts in sets.items() if prompts}
 

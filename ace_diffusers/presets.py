@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -43,6 +44,21 @@ class ErasureSpec:
         """Templates for one concept or preserved phrase (per-phrase override, else the shared list)."""
         return self.phrase_templates.get(phrase, self.templates)
 
+    def preserve_prompts(self, templates_per_phrase: int | None = None) -> list[str]:
+        """Each preserved phrase in its first ``templates_per_phrase`` templates, leaving out prompts that
+        name a concept being erased (e.g. a fill-style template "a {} red circle" while "circle" is
+        erased): keeping those unchanged would fight the erasure."""
+        prompts = [
+            template.replace("{}", phrase)
+            for phrase in self.preserve
+            for template in self.templates_for(phrase)[:templates_per_phrase]
+        ]
+        return [p for p in prompts if not mentions_any(p, self.concepts)]
+
+    def unrelated_prompts(self) -> list[str]:
+        """The generic prompts whose tokens the gate must ignore, minus any that name an erased concept."""
+        return [p for p in self.negatives if not mentions_any(p, self.concepts)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "concepts": self.concepts,
@@ -52,6 +68,13 @@ class ErasureSpec:
             **({"phrase_templates": self.phrase_templates} if self.phrase_templates else {}),
             "preserve": self.preserve,
         }
+
+
+def mentions_any(prompt: str, phrases: list[str]) -> bool:
+    """Whether ``prompt`` contains one of ``phrases`` as whole words (case-insensitive)."""
+    return any(
+        re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", prompt, flags=re.IGNORECASE) for phrase in phrases if phrase
+    )
 
 
 def _clean_phrase(value: Any, what: str) -> str:

@@ -192,10 +192,7 @@ class ACETrainer:
         return self._encode(embedder, src), self._encode(embedder, tgt)
 
     def _keep_prompts(self, embedder: TextEmbedder) -> torch.Tensor:
-        prompts = list(self.spec.negatives)
-        for phrase in self.spec.preserve:
-            prompts += [t.replace("{}", phrase) for t in self.spec.templates_for(phrase)]
-        return self._encode(embedder, prompts)
+        return self._encode(embedder, self.spec.unrelated_prompts() + self.spec.preserve_prompts())
 
     @staticmethod
     def _encode(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:

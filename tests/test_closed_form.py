@@ -268,3 +268,19 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
     for name in unsampled:
         assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
     assert max_gate(pipe, "a photo of a cat") < UNRELATED_GATE
+
+
+def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
+    from ace_diffusers.presets import mentions_any, resolve_spec
+
+    spec = resolve_spec(
+        ["circle", "striped"],
+        neutral=["", "plain"],
+        preserve=["solid", "heart"],
+        templates={"solid": ["a {} red circle", "a {} blue heart"], "heart": ["a {}", "a striped {}"], "circle": ["a {}"]},
+    )
+    assert spec.preserve_prompts() == ["a solid blue heart", "a heart"]
+    assert spec.preserve_prompts(1) == ["a heart"]  # "a solid red circle" would fight the erasure
+    coffee = resolve_spec("coffee")
+    assert "a cup of coffee" in coffee.negatives and "a cup of coffee" not in coffee.unrelated_prompts()
+    assert mentions_any("a Circle.", ["circle"]) and not mentions_any("a semicircle", ["circle"])
