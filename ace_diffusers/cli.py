@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
     "bench inference": ("ace_diffusers.bench.inference", "denoising-step overhead and adapter size at SD1.5/SDXL shape"),
     "bench trainer": ("ace_diffusers.bench.trainer", "ACE efficacy on the miniature world: closed form vs full"),
+    "bench deploy": ("ace_diffusers.bench.deploy", "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md"),
     "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
     "figures": ("ace_diffusers.docs_figures", "regenerate docs/images/method.png (gate and K change, computed)"),
