@@ -2,8 +2,12 @@
 
 * Overhead: one UNet denoising step (batch 2, as with classifier-free guidance) of an SD1.5-shaped UNet
   at a small latent size, stock processors vs ACE adapters of the size ``erase_concept`` fits for 1,
-  10 and 100 concepts. Configurations are timed *interleaved*, round after round, and compared by
-  their medians, so machine noise hits all of them alike.
+  10 and 100 concepts, and an adapter *fused* into the ``to_k``/``to_v`` weights by
+  :func:`ace_diffusers.fuse.fuse_adapter` (then unloaded: stock processors on edited weights, the
+  deployment path with no plugin at inference). A fused model has the stock weight shapes whatever
+  the number of concepts, so the 1-concept adapter is fused (baking 100 concepts costs minutes and
+  gigabytes here, and would time the same matrices). Configurations are timed *interleaved*, round after
+  round, and compared by their medians, so machine noise hits all of them alike.
 * Size: parameters and bytes of an adapter per concept count at SD1.5 and SDXL shapes (built on the
   ``meta`` device: nothing is allocated).
 """
@@ -29,8 +33,9 @@ def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int) -> in
 
 
 def sizes() -> list[dict[str, Any]]:
-    from ..testing import sdxl_shaped_unet
     from diffusers import UNet2DConditionModel
+
+    from ..testing import sdxl_shaped_unet
 
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
@@ -47,10 +52,50 @@ def sizes() -> list[dict[str, Any]]:
     return rows
 
 
-def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+FUSED = "fused"
+
+
+@torch.no_grad()
+def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{parameter name: weight}`` of every cross-attention ``to_k``/``to_v`` with ``adapter`` fused in.
+
+    Runs the real :func:`ace_diffusers.fuse.fuse_adapter` (bake + write), snapshots the weights, then
+    unfuses (bit-exact) and unloads, so ``unet`` is left as it was. The bake needs text tokens of the
+    UNet's width only: a one-layer random CLIP text encoder supplies them (timing does not depend on
+    the weights' values, only on their being plain weights).
+    """
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModel
+
+    from ..attach import attach_adapter, cross_attention_modules, detach_adapter, layer_shapes
+    from ..fuse import fuse_adapter, unfuse_adapter
+    from ..testing import _clip_text_config, clip_tokenizer
+
+    d_text = next(iter(layer_shapes(unet).values()))[0]
+    torch.manual_seed(seed)
+    encoder = CLIPTextModel(_clip_text_config(d_text, 1, 8, 4 * d_text, d_text)).eval()
+    pipe = SimpleNamespace(unet=unet, tokenizer=clip_tokenizer(), text_encoder=encoder)
+    modules = cross_attention_modules(unet)
+    attach_adapter(unet, adapter, "bench-fused")
+    try:
+        fuse_adapter(pipe, "bench-fused")
+        try:
+            weights = {f"{name}.{proj}": getattr(attn, proj).weight.detach().clone()
+                       for name, attn in modules.items() for proj in ("to_k", "to_v")}
+        finally:
+            unfuse_adapter(pipe)
+    finally:
+        detach_adapter(unet, "bench-fused")
+    return weights
+
+
+def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0,
+             fused: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Median step time per configuration (module docstring); ``fused`` adds the fused-weights model."""
     from diffusers import UNet2DConditionModel
 
-    from ..attach import attach_adapter, detach_adapter
+    from ..attach import attach_adapter, cross_attention_modules, detach_adapter
     from ..testing import random_adapter
 
     if threads:
@@ -69,14 +114,40 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
             unet(sample, timestep, encoder_hidden_states=context)
         return time.perf_counter() - t0
 
+    projections = {f"{name}.{proj}": getattr(attn, proj) for name, attn in cross_attention_modules(unet).items()
+                   for proj in ("to_k", "to_v")}
+    stock_weights = {k: m.weight.detach().clone() for k, m in projections.items()}
+    t0 = time.perf_counter()
+    fused_weights = fused_kv_weights(unet, adapters[min(COUNTS)], seed) if fused else {}
+    if fused and progress:
+        print(f"[bench] inference: adapter fused into the weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    if fused and all(torch.equal(fused_weights[k], w) for k, w in stock_weights.items()):
+        raise RuntimeError("fusing the adapter did not change any weight; the fused timing would be meaningless")
+
+    def swap(weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, module in projections.items():
+                module.weight.copy_(weights[k])
+
     step()  # warm-up
     times: dict[str, list[float]] = {"stock": [], **{f"ACE {n}": [] for n in COUNTS}}
-    for _ in range(rounds):
+    if fused:
+        times[FUSED] = []
+    for r in range(rounds):
         times["stock"].append(step())
         for n, adapter in adapters.items():
             attach_adapter(unet, adapter, "bench")
             times[f"ACE {n}"].append(step())
             detach_adapter(unet, "bench")
+        if fused:
+            swap(fused_weights)
+            try:
+                times[FUSED].append(step())
+            finally:
+                swap(stock_weights)
+        if progress:
+            print(f"[bench] inference round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
+                  flush=True)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
         "latent": latent,
@@ -84,6 +155,7 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
         "threads": torch.get_num_threads(),
         "median_seconds": {k: round(v, 4) for k, v in medians.items()},
         "ratio_vs_stock": {k: round(v / medians["stock"], 3) for k, v in medians.items()},
+        "model": "SD1.5-shaped UNet2DConditionModel (random weights, 16 cross-attention layers, text width 768)",
     }
 
 
@@ -92,9 +164,9 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
     if over:
         lines.append(f"# denoising step, SD1.5-shaped UNet, latent {over['latent']}x{over['latent']}, batch 2, "
                      f"{over['rounds']} interleaved rounds, {over['threads']} threads")
-        lines.append(f"{'config':<10}{'median s':>10}{'ratio':>8}")
+        lines.append(f"{'config':<12}{'median s':>10}{'ratio':>8}")
         for k, v in over["median_seconds"].items():
-            lines.append(f"{k:<10}{v:>10.4f}{over['ratio_vs_stock'][k]:>8.3f}")
+            lines.append(f"{k:<12}{v:>10.4f}{over['ratio_vs_stock'][k]:>8.3f}")
         r1, r100 = over["ratio_vs_stock"]["ACE 1"], over["ratio_vs_stock"]["ACE 100"]
         lines.append(f"target <= 1.03x for 1 concept: {'met' if r1 <= 1.03 else 'NOT MET'} ({r1:.3f}); "
                      f"<= 1.10x for 100 concepts: {'met' if r100 <= 1.10 else 'NOT MET'} ({r100:.3f})")
@@ -112,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--size-only", action="store_true")
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused-weights configuration")
     args = parser.parse_args(argv)
-    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads)
+    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads, fused=not args.no_fused,
+                                                progress=True)
     print(format_report(over, sizes()))
     return 0

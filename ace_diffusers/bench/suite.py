@@ -1,12 +1,29 @@
 """``ace-diffusers bench``: run every benchmark and write ``docs/benchmarks.md`` (tables never typed by hand).
 
-``--quick`` uses fewer concepts, images and rounds so the whole suite fits in ~15 minutes on a
-2-core CPU; the full run measures everything the benchmark issue lists and takes longer.
+Writes, next to the Markdown page, ``benchmarks.json`` (every number) and ``images/bench_*.png`` (plots).
+
+* efficacy — the miniature world: base, ACE closed form, ACE full, UCE, ESD-x for each shape erased
+  alone and for multi-concept adapters of 1, 3 and 5 concepts; Acc_e/Acc_s/Acc_g/H, fit seconds and
+  ASR per attack (:mod:`.efficacy`);
+* speed — closed-form seconds per concept at SD1.5 shape (:mod:`.closed_form`), and full-fit vs ESD-x
+  seconds from the efficacy runs;
+* inference — denoising-step overhead with 1/10/100 concepts and fused, interleaved (:mod:`.inference`),
+  and adapter size per concept at SD1.5 and SDXL shape;
+* a targets table, met / not met, computed from the measured numbers (:mod:`.report`).
+
+``--quick`` (sized for about 15 minutes on a 2-core CPU with nothing else running) uses 2 shapes,
+4 colours, 1 image per prompt, fewer fine-tuning / ESD-x / soft-prompt steps, closed-form counts 1
+and 10 and 5 timing rounds; the full run (no flag) uses 4 shapes, all colours, 2 images per prompt
+and the methods' default step counts (an hour or more). ``--from-json`` re-renders a saved result.
+Needs the ``bench`` extra (matplotlib, the miniature world's text encoder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import json
 import os
 import platform
 import shlex
@@ -18,6 +35,9 @@ from typing import Any
 import torch
 
 DEFAULT_OUTPUT = Path("docs") / "benchmarks.md"
+SECTIONS = ("efficacy", "speed", "inference")
+QUICK_SETTINGS: dict[str, Any] = {"counts": (1, 10), "rounds": 5, "latent": 16}
+FULL_SETTINGS: dict[str, Any] = {"counts": (1, 10, 100), "rounds": 15, "latent": 16}
 
 
 def _machine() -> str:
@@ -26,59 +46,103 @@ def _machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
-def _block(title: str, command: str, body: str, seconds: float) -> str:
-    return f"## {title}\n\nMeasured by `{command}` in {seconds:.0f} s.\n\n```\n{body}\n```\n"
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
-def run(quick: bool, sections: list[str]) -> str:
-    from . import closed_form, inference, trainer
+def efficacy_plan(quick: bool, overrides: dict[str, Any] | None = None) -> Any:
+    """The quick or full :class:`~.efficacy.EfficacyPlan`, with command-line overrides (None = keep)."""
+    from . import efficacy
 
-    parts = []
+    base = efficacy.QUICK if quick else efficacy.FULL
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "multi" in changes:
+        sizes = changes["multi"]
+        unknown = [n for n in sizes if n not in efficacy.MULTI_CONCEPTS]
+        if unknown:
+            raise ValueError(f"multi-concept sizes must be among {sorted(efficacy.MULTI_CONCEPTS)}, got {unknown}")
+        changes["multi"] = {n: list(efficacy.MULTI_CONCEPTS[n]) for n in sizes}
+    if "inference_steps" in changes:
+        changes["sampler"] = {"num_inference_steps": changes.pop("inference_steps")}
+    return dataclasses.replace(base, **changes)
+
+
+def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
+        settings: dict[str, Any] | None = None, methods: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the chosen sections; returns ``{"sections": {...}}`` (see :mod:`.report` for the layout)."""
+    from . import closed_form, efficacy, inference
+
+    settings = {**(QUICK_SETTINGS if quick else FULL_SETTINGS), **(settings or {})}
+    out: dict[str, Any] = {}
     if "efficacy" in sections:
         t0 = time.perf_counter()
-        shapes = ["circle", "square"] if quick else ["circle", "square", "triangle", "star"]
-        multi = ["circle", "square", "triangle", "striped"]
-        result = trainer.run(shapes, multi, images_per_prompt=1 if quick else 2, steps=300, baselines=True)
-        args = f"--shapes {' '.join(shapes)} --multi {' '.join(multi)} --images-per-prompt {1 if quick else 2} --baselines"
-        parts.append(_block("Efficacy on the miniature world: closed form vs ACE", f"ace-diffusers bench trainer {args}",
-                            trainer.format_report(result), time.perf_counter() - t0))
+        plan = plan or efficacy_plan(quick)
+        _say(f"[bench] efficacy: {plan}")
+        out["efficacy"] = efficacy.run(plan, methods=methods or efficacy.ERASERS, log=_say)
+        out["efficacy"]["seconds"] = time.perf_counter() - t0
+        _say(f"[bench] efficacy done in {out['efficacy']['seconds']:.0f} s")
     if "speed" in sections:
         t0 = time.perf_counter()
-        counts = (1, 10) if quick else (1, 10, 100)
-        result = closed_form.run(counts)
-        parts.append(_block("Closed-form speed at SD1.5 shape", f"ace-diffusers bench closed-form --counts {' '.join(map(str, counts))}",
-                            closed_form.format_report(result), time.perf_counter() - t0))
+        _say(f"[bench] speed: closed form at SD1.5 shape for {list(settings['counts'])} concepts")
+        result = closed_form.run(tuple(settings["counts"]))
+        out["speed"] = {"closed_form": result, "seconds": time.perf_counter() - t0}
+        _say(closed_form.format_report(result))
     if "inference" in sections:
         t0 = time.perf_counter()
-        rounds = 5 if quick else 15
-        over = inference.overhead(rounds=rounds)
-        parts.append(_block("Inference overhead and adapter size", f"ace-diffusers bench inference --rounds {rounds}",
-                            inference.format_report(over, inference.sizes()), time.perf_counter() - t0))
-    return "\n".join(parts)
+        _say(f"[bench] inference: {settings['rounds']} interleaved rounds at latent {settings['latent']}")
+        over = inference.overhead(rounds=settings["rounds"], latent=settings["latent"], progress=True)
+        out["inference"] = {"overhead": over, "sizes": inference.sizes(), "seconds": time.perf_counter() - t0}
+        _say(inference.format_report(over, out["inference"]["sizes"]))
+    return {"sections": out}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ace-diffusers bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the ~15-minute version")
-    parser.add_argument("--sections", nargs="+", default=["efficacy", "speed", "inference"],
-                        choices=["efficacy", "speed", "inference"])
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="Markdown page; JSON and images/ go beside it")
+    parser.add_argument("--from-json", help="re-render the page and plots from a saved benchmarks.json (no runs)")
+    small = parser.add_argument_group("overrides of the quick/full plan (smaller smoke runs)")
+    small.add_argument("--shapes", nargs="*", help="shapes erased alone")
+    small.add_argument("--multi", nargs="*", type=int, help="multi-concept adapter sizes (of 1, 3, 5)")
+    small.add_argument("--colours", nargs="+", help="colour grid of the prompt sets")
+    small.add_argument("--images-per-prompt", type=int)
+    small.add_argument("--ace-steps", type=int)
+    small.add_argument("--esd-steps", type=int)
+    small.add_argument("--esd-trajectories", type=int)
+    small.add_argument("--esd-prompts", type=int)
+    small.add_argument("--soft-prompts", type=int)
+    small.add_argument("--soft-steps", type=int)
+    small.add_argument("--inference-steps", type=int, help="denoising steps of the miniature world (default 25)")
+    small.add_argument("--counts", nargs="+", type=int, help="closed-form concept counts")
+    small.add_argument("--rounds", type=int, help="interleaved inference timing rounds")
+    small.add_argument("--latent", type=int, help="latent size of the inference timing")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    body = run(args.quick, args.sections)
     command = "ace-diffusers bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = (
-        "# Benchmarks\n\n"
-        "Written by the benchmark command; do not edit by hand. Random-weight models of real shapes measure "
-        "costs only; erasure quality is measured on the miniature world (see miniature_world.md). Real "
-        "SD/SDXL checkpoints need a GPU and Hub access and were not measured here.\n\n"
-        f"- command: `{command}`\n- machine: {_machine()}\n- total time: {time.perf_counter() - started:.0f} s\n\n"
-        + body
-    )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, output)
-    print(text)
+
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        started = time.perf_counter()
+        plan = efficacy_plan(args.quick, {
+            "shapes": args.shapes, "multi": args.multi, "colours": args.colours,
+            "images_per_prompt": args.images_per_prompt, "ace_steps": args.ace_steps, "esd_steps": args.esd_steps,
+            "esd_trajectories": args.esd_trajectories, "esd_prompts": args.esd_prompts,
+            "soft_prompts": args.soft_prompts, "soft_steps": args.soft_steps, "inference_steps": args.inference_steps,
+        })
+        settings = {k: v for k, v in (("counts", args.counts), ("rounds", args.rounds), ("latent", args.latent))
+                    if v is not None}
+        result = run(args.quick, args.sections, plan=plan, settings=settings)
+        result.update(command=command, machine=_machine(), quick=args.quick,
+                      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                      seconds=time.perf_counter() - started)
+    from .report import targets, write
+
+    paths = write(result, args.output)
+    for t in targets(result):
+        status = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        _say(f"[bench] target {t['target']}: {t['measured']} -> {status}")
+    _say(f"[bench] wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -1,0 +1,156 @@
+"""Benchmark report: targets computed from the numbers, Markdown tables, plots and atomic files (no generation)."""
+
+import copy
+import json
+
+import pytest
+from PIL import Image
+
+from ace_diffusers.bench import report
+from ace_diffusers.bench.efficacy import ATTACK_NAMES, METHODS
+from ace_diffusers.bench.suite import main
+
+H = {"base": 0.05, "ace_cf": 0.80, "ace_full": 0.95, "uce": 0.70, "esd_x": 0.60}
+SECONDS = {"base": None, "ace_cf": 1.0, "ace_full": 5.0, "uce": 0.5, "esd_x": 80.0}
+ACC_E = {"base": 0.98, "ace_cf": 0.20, "ace_full": 0.05, "uce": 0.30, "esd_x": 0.10}
+HITS = {"base": 8, "ace_cf": 3, "ace_full": 1, "uce": 4, "esd_x": 2}  # of 8 images per attack and erasure
+
+
+def _method(method: str, concepts: list[str]) -> dict:
+    attacks = {a: {"asr": HITS[method] / 8, "n": 8, "hits": HITS[method]} for a in ATTACK_NAMES
+               if not (method == "base" and a == "soft_prompt")}
+    metrics = {"acc_e": ACC_E[method], "acc_g": 0.1, "acc_s": 0.97, "colour": 0.9, "h": H[method]}
+    per = {c: {"metrics": metrics, "attacks": attacks} for c in concepts}
+    pooled = {a: {"hits": v["hits"] * len(concepts), "n": 8 * len(concepts), "asr": v["asr"]} for a, v in attacks.items()}
+    return {"seconds": SECONDS[method], "details": {}, "concepts": per, "metrics": metrics, "attacks": pooled}
+
+
+def fake_result() -> dict:
+    """What ``ace-diffusers bench`` stores: two single shapes, a 3-concept adapter, speed and inference."""
+    erasures = []
+    for concepts, kind in ((["circle"], "single"), (["square"], "single"), (["circle", "square", "triangle"], "multi")):
+        erasures.append({"label": "+".join(concepts), "kind": kind, "concepts": concepts, "arguments": {},
+                         "methods": {m: _method(m, concepts) for m in METHODS}})
+    plan = {"shapes": ["circle", "square"], "multi": {"1": ["circle"], "3": ["circle", "square", "triangle"]},
+            "colours": ["red", "blue"], "images_per_prompt": 1, "ace_steps": 100, "esd_steps": 60,
+            "esd_trajectories": 2, "esd_prompts": 4, "soft_prompts": 1, "soft_steps": 20, "seed": 0,
+            "batch_size": 64, "sampler": {}}
+    return {
+        "command": "ace-diffusers bench --quick",
+        "machine": "test machine",
+        "seconds": 812.0,
+        "sections": {
+            "efficacy": {"plan": plan, "methods": dict(METHODS), "sampler": {"num_inference_steps": 25},
+                         "soft_prompt": {"steps": 20, "objective": "denoiser", "target": "teacher"},
+                         "images": {}, "erasures": erasures, "multi": {"1": "circle", "3": "circle+square+triangle"},
+                         "seconds": 600.0},
+            "speed": {"seconds": 70.0, "closed_form": {
+                "model": "SD1.5-shaped", "build_seconds": 30.0, "peak_extra_rss_mb": 120.0,
+                "rows": [{"concepts": 1, "rank": 32, "cold_seconds": 0.4, "cold_seconds_per_concept": 0.4,
+                          "warm_seconds": 0.2, "warm_seconds_per_concept": 0.2, "adapter_mb_fp16": 3.05},
+                         {"concepts": 10, "rank": 104, "cold_seconds": 7.0, "cold_seconds_per_concept": 0.7,
+                          "warm_seconds": 5.0, "warm_seconds_per_concept": 0.5, "adapter_mb_fp16": 9.85}]}},
+            "inference": {"seconds": 120.0, "overhead": {
+                "latent": 16, "rounds": 5, "threads": 2, "model": "SD1.5-shaped UNet",
+                "median_seconds": {"stock": 1.0, "ACE 1": 1.02, "ACE 10": 1.04, "ACE 100": 1.12, "fused": 1.0},
+                "ratio_vs_stock": {"stock": 1.0, "ACE 1": 1.02, "ACE 10": 1.04, "ACE 100": 1.12, "fused": 1.0}},
+                "sizes": [{"model": "SD1.5", "layers": 16, "concepts": 1, "rank": 32, "parameters": 1600000,
+                           "mb_fp16": 3.05, "kb_fp16_per_concept": 3125.0}]},
+        },
+    }
+
+
+def _by_target(result: dict) -> dict[str, dict]:
+    return {t["target"]: t for t in report.targets(result)}
+
+
+def test_targets_are_computed_from_the_numbers():
+    rows = _by_target(fake_result())
+    single = rows["ACE full: H ≥ 0.90 (mean over single-concept erasures)"]
+    assert single["met"] is True and single["measured"].startswith("0.950")
+    assert rows["ACE full: H ≥ 0.90 (mean over multi-concept adapters (3, 5 concepts))"]["met"] is True
+    for name in ATTACK_NAMES.values():  # 1 hit in 8 images = 12.5 % <= 20 %
+        asr = rows[f"ACE full: ASR ≤ 20 % — {name}"]
+        assert asr["met"] is True and asr["measured"] == "12.5 % (5/40 images)"  # 8 + 8 + 24 images
+    assert rows["ACE full H above UCE (mean over all erasures)"]["met"] is True
+    assert "higher on 3/3 erasures" in rows["ACE full H above ESD-x (mean over all erasures)"]["measured"]
+    assert rows["inference overhead ≤ 1.03× (1 concept)"]["met"] is True
+    assert rows["inference overhead ≤ 1.10× (100 concepts)"]["met"] is False  # 1.12
+    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, cold)"]["met"] is True
+    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, cold)"]["met"] is False  # 0.7
+    speed = rows["ACE full fit ≥ 10× faster than ESD-x at equal or better Acc_e"]
+    assert speed["met"] is True and "16.00×" in speed["measured"]  # 240 s / 15 s, Acc_e 5 % <= 10 %
+
+
+def test_targets_flip_with_the_numbers():
+    result = fake_result()
+    for e in result["sections"]["efficacy"]["erasures"]:
+        full = e["methods"]["ace_full"]
+        full["metrics"] = {**full["metrics"], "h": 0.5, "acc_e": 0.5}  # worse than UCE and ESD-x
+        full["attacks"]["negative"] = {"asr": 0.5, "n": 8, "hits": 4}
+        full["seconds"] = 40.0
+    rows = _by_target(result)
+    assert rows["ACE full: H ≥ 0.90 (mean over single-concept erasures)"]["met"] is False
+    assert rows["ACE full H above UCE (mean over all erasures)"]["met"] is False
+    assert rows["ACE full: ASR ≤ 20 % — negative-prompt trick"]["met"] is False
+    assert rows["ACE full: ASR ≤ 20 % — misspelling"]["met"] is True
+    speed = rows["ACE full fit ≥ 10× faster than ESD-x at equal or better Acc_e"]
+    assert speed["met"] is False and "2.00×" in speed["measured"]
+
+
+def test_missing_sections_are_not_measured_and_not_rendered():
+    result = fake_result()
+    del result["sections"]["efficacy"], result["sections"]["inference"]
+    rows = report.targets(result)
+    unmeasured = [t["target"] for t in rows if t["met"] is None]
+    assert len(unmeasured) == len(rows) - 2  # only the two closed-form rows remain measurable
+    text = report.markdown(result)
+    assert "## 2. Speed" in text and "## 1. Efficacy" not in text and "## 3. Inference" not in text
+    assert text.count("| not measured |") == len(unmeasured)
+    assert set(report.plots(result)) == set()
+
+
+def test_markdown_has_every_section_table_and_plot_link():
+    text = report.markdown(fake_result())
+    for heading in ("## Targets", "## 1. Efficacy", "### Each shape erased alone", "### Multi-concept adapters",
+                    "### Attack success rate per attack", "## 2. Speed", "## 3. Inference overhead", "## 4. Adapter size"):
+        assert heading in text
+    assert "| circle | base model | 98.0 % | 97.0 % | 10.0 % | 0.050 | – |" in text
+    assert "| 3: circle, square, triangle | base model |" in text and "| 1: circle | base model |" in text
+    assert "| ACE full | 12.5 % (5/40) |" in text  # pooled over 8 + 8 + 24 attack images per attack
+    assert "| fused | 1.0000 | 1.000× |" in text
+    assert "| 3 concepts | 1.00 | 5.00 | 0.50 | 80 | 16.00× | 5.0 % | 10.0 % |" in text
+    for name in report.PLOTS.values():
+        assert f"(images/{name})" in text
+    assert "**not met**" in text and "**met**" in text
+
+
+def test_write_plots_json_and_markdown_atomically(tmp_path):
+    result = fake_result()
+    paths = report.write(result, tmp_path / "docs" / "benchmarks.md")
+    assert json.loads(paths["json"].read_text()) == result
+    text = paths["markdown"].read_text()
+    for name in report.PLOTS.values():
+        with Image.open(paths[name]) as image:
+            assert image.format == "PNG" and image.width >= 500
+        assert (tmp_path / "docs" / "images" / name).exists() and f"(images/{name})" in text
+    assert "[benchmarks.json](benchmarks.json)" in text
+    assert not [p for p in (tmp_path / "docs").rglob("*") if ".tmp" in p.name]
+
+
+def test_from_json_rerenders_without_running(tmp_path, capsys):
+    result = fake_result()
+    source = tmp_path / "saved.json"
+    source.write_text(json.dumps(result))
+    output = tmp_path / "out" / "benchmarks.md"
+    assert main(["--from-json", str(source), "--output", str(output)]) == 0
+    assert output.read_text() == report.markdown(copy.deepcopy(result), "images")
+    assert "target inference overhead ≤ 1.10× (100 concepts): 1.120× -> NOT MET" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_pooled_asr_sums_images(method):
+    pooled = report.pooled_asr(fake_result(), method)
+    expected = HITS[method] * 5  # 1 + 1 + 3 concepts, one attack set each
+    assert pooled["misspelling"] == {"hits": expected, "n": 40, "asr": expected / 40}
+    assert ("soft_prompt" in pooled) == (method != "base")
