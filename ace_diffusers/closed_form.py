@@ -137,7 +137,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
 
     concept_enc, neutral_enc = run(concept_jobs), run(neutral_jobs)
     other_jobs = [(p, None, i < 4) for i, p in enumerate(spec.unrelated_prompts())]
-    other_jobs += [(p, None, False) for p in spec.preserve_prompts(settings.preserve_templates)]
+    other_jobs += [(p, span, False) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
     other_enc = run(other_jobs)
 
     concept_rows, target_rows, positive = [], [], []

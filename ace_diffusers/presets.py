@@ -41,23 +41,50 @@ class ErasureSpec:
     phrase_templates: dict[str, list[str]] = field(default_factory=dict)  # per-phrase overrides
 
     def templates_for(self, phrase: str) -> list[str]:
-        """Templates for one concept or preserved phrase (per-phrase override, else the shared list)."""
-        return self.phrase_templates.get(phrase, self.templates)
+        """Templates for one concept or preserved phrase (per-phrase override, else the shared list).
+
+        A concept's templates that name *another* erased concept are left out (unless that leaves none):
+        "a {} blue square" while erasing both striped and square would pair "a striped blue square" with
+        the target "a plain blue square" and teach the adapter to keep the square.
+        """
+        templates = self.phrase_templates.get(phrase, self.templates)
+        if len(self.concepts) > 1 and phrase in self.concepts:
+            usable = [t for t in templates if not self.names_concept(t.replace("{}", " "), besides=phrase)]
+            return usable or templates
+        return templates
+
+    def names_concept(self, text: str, besides: str | None = None) -> bool:
+        """Whether ``text`` names one of the erased concepts (whole words, any case), ``besides`` aside."""
+        found = {m.group(0).lower() for m in self._concept_pattern.finditer(text)}
+        return bool(found - {besides.lower()} if besides else found)
+
+    @functools.cached_property
+    def _concept_pattern(self) -> re.Pattern:
+        # one alternation for all concepts (longest first): thousands of concepts stay one regex scan
+        phrases = sorted({c for c in self.concepts if c}, key=len, reverse=True)
+        alternatives = "|".join(re.escape(p) for p in phrases) or r"(?!x)x"
+        return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", flags=re.IGNORECASE)
 
     def preserve_prompts(self, templates_per_phrase: int | None = None) -> list[str]:
         """Each preserved phrase in its first ``templates_per_phrase`` templates, leaving out prompts that
         name a concept being erased (e.g. a fill-style template "a {} red circle" while "circle" is
         erased): keeping those unchanged would fight the erasure."""
-        prompts = [
-            template.replace("{}", phrase)
-            for phrase in self.preserve
-            for template in self.templates_for(phrase)[:templates_per_phrase]
-        ]
-        return [p for p in prompts if not mentions_any(p, self.concepts)]
+        return [prompt for prompt, _ in self.preserve_prompt_spans(templates_per_phrase)]
+
+    def preserve_prompt_spans(self, templates_per_phrase: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        """:meth:`preserve_prompts` with each phrase's character span (lets the encoder share template prefixes)."""
+        out = []
+        for phrase in self.preserve:
+            for template in self.templates_for(phrase)[:templates_per_phrase]:
+                start = template.index("{}")
+                prompt = template[:start] + phrase + template[start + 2 :]
+                if not self.names_concept(prompt):
+                    out.append((prompt, (start, start + len(phrase))))
+        return out
 
     def unrelated_prompts(self) -> list[str]:
         """The generic prompts whose tokens the gate must ignore, minus any that name an erased concept."""
-        return [p for p in self.negatives if not mentions_any(p, self.concepts)]
+        return [p for p in self.negatives if not self.names_concept(p)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,13 +95,6 @@ class ErasureSpec:
             **({"phrase_templates": self.phrase_templates} if self.phrase_templates else {}),
             "preserve": self.preserve,
         }
-
-
-def mentions_any(prompt: str, phrases: list[str]) -> bool:
-    """Whether ``prompt`` contains one of ``phrases`` as whole words (case-insensitive)."""
-    return any(
-        re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", prompt, flags=re.IGNORECASE) for phrase in phrases if phrase
-    )
 
 
 def _clean_phrase(value: Any, what: str) -> str:

@@ -78,11 +78,14 @@ class TextEmbedder:
         *,
         extra_pad_tokens: int | None = 4,
         batch_size: int = 64,
+        approximate: bool = False,
     ) -> list[EncodedPrompt]:
         """Encode ``prompts``; ``phrase_spans`` gives each phrase's character span (or None).
 
         ``extra_pad_tokens``: for causal encoders, keep only this many padding tokens after each batch's
         longest prompt (``None`` = all, i.e. the full ``model_max_length`` sequence).
+        ``approximate``: truncate the padding of bidirectional encoders too (their outputs then differ
+        from the pipeline's, a cheap proxy for screening many short phrases).
         """
         phrase_spans = phrase_spans or [None] * len(prompts)
         results: list[EncodedPrompt | None] = [None] * len(prompts)
@@ -102,7 +105,7 @@ class TextEmbedder:
             for start in range(0, len(members), batch_size):
                 idx = members[start : start + batch_size]
                 keep = self.max_length
-                if self.causal and extra_pad_tokens is not None:
+                if (self.causal or approximate) and extra_pad_tokens is not None:
                     keep = min(self.max_length, max(lengths[i] for i in idx) + extra_pad_tokens)
                 parts = []
                 for (_, encoder), ids in zip(self.encoders, all_ids, strict=True):

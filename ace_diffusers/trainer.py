@@ -10,9 +10,10 @@ The closed form erases the words it was shown. Fine-tuning makes the erasure gen
    prompts the target is the unedited model on the same prompt. Whole padded prompts are compared, so
    no token alignment is needed, and no UNet forward or backward pass is — which is why a step costs
    milliseconds where ESD's denoiser-space loss costs a UNet pass.
-3. **Adversarial augmentation.** (a) *Mined near-synonyms*: vocabulary words whose input embedding is
-   closest to the concept's, re-ranked by how similar their prompt embeddings are, join the training
-   prompts. (b) *Embedding-space adversaries*: every few steps a few gradient steps on soft input
+3. **Adversarial augmentation.** (a) *Mined near-synonyms*: vocabulary words that the UNet's
+   cross-attention reads like the concept (their projected keys/values point where the concept's do,
+   and in context they shift the attention output towards the concept's and not towards a preserved
+   concept's) join the prompts to erase — found from the model alone, never from a synonym list. (b) *Embedding-space adversaries*: every few steps a few gradient steps on soft input
    embeddings that replace the concept's tokens look for the input whose *edited* attention output is
    closest to the *original* concept's (i.e. that slips through the current adapter); the result is
    fed back as a training prompt with the neutral target (AdvUnlearn/RECE-style).
@@ -38,6 +39,9 @@ from .errors import ACEValueError
 from .pipeline import get_unet
 from .presets import resolve_spec
 from .text import TextEmbedder
+
+
+MINED_MIN_SHIFT = 0.4  # a mined word must move attention at least this far towards the concept
 
 
 @dataclass
@@ -87,7 +91,7 @@ class ACETrainer:
         adversarial_every: int = 20,
         adversarial_steps: int = 8,
         mined_synonyms: int = 16,
-        mining_pool: int = 256,
+        mining_pool: int = 4096,
         preserve_weight: float = 1.0,
         queries_per_layer: int = 64,
         batch_size: int = 32,
@@ -128,11 +132,15 @@ class ACETrainer:
         base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
         layers = self._query_bank()
         params = self._parameters(base)
-        mined = self._mine_synonyms(embedder) if self.mined_synonyms else {}
+        mined = self._mine_synonyms(embedder, layers) if self.mined_synonyms else {}
 
-        erase_src, erase_tgt = self._pairs(embedder, self.spec.concepts + list(mined) + self.synonyms, mined)
+        # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
+        # every erase batch each: many augmentations must never crowd out the concept itself.
+        given_src, given_tgt = self._pairs(embedder, self.spec.concepts)
+        augmented = list(mined) + self.synonyms
+        extra_src, extra_tgt = self._pairs(embedder, augmented, mined) if augmented else (given_src[:0], given_tgt[:0])
         keep = self._keep_prompts(embedder)
-        fixed_src, fixed_tgt = erase_src, erase_tgt
+        fixed_src, fixed_tgt = torch.cat([given_src, extra_src]), torch.cat([given_tgt, extra_tgt])
         with torch.no_grad():
             self.initial_loss = float(self._alignment(layers, params, fixed_src, fixed_tgt))
         optimizer = torch.optim.Adam([p for group in params.values() for p in group.values()], lr=self.learning_rate)
@@ -144,12 +152,17 @@ class ACETrainer:
             if self.adversarial and step % self.adversarial_every == 0:
                 found = self._adversary(embedder, layers, params, rng)
                 if found is not None:
-                    erase_src = torch.cat([erase_src, found[0]])
-                    erase_tgt = torch.cat([erase_tgt, found[1]])
+                    extra_src = torch.cat([extra_src, found[0]])
+                    extra_tgt = torch.cat([extra_tgt, found[1]])
                     adversaries += 1
-            idx_e = torch.randint(len(erase_src), (min(self.batch_size, len(erase_src)),))
+            half = self.batch_size // 2 if len(extra_src) else self.batch_size
+            idx_g = torch.randint(len(given_src), (min(half, len(given_src)),))
+            batch_src, batch_tgt = given_src[idx_g], given_tgt[idx_g]
+            if len(extra_src):
+                idx_x = torch.randint(len(extra_src), (min(self.batch_size - half, len(extra_src)),))
+                batch_src, batch_tgt = torch.cat([batch_src, extra_src[idx_x]]), torch.cat([batch_tgt, extra_tgt[idx_x]])
             idx_k = torch.randint(len(keep), (min(self.batch_size, len(keep)),))
-            loss_erase = self._alignment(layers, params, erase_src[idx_e], erase_tgt[idx_e])
+            loss_erase = self._alignment(layers, params, batch_src, batch_tgt)
             loss_keep = self._alignment(layers, params, keep[idx_k], keep[idx_k])
             loss = loss_erase + self.preserve_weight * loss_keep
             optimizer.zero_grad(set_to_none=True)
@@ -198,8 +211,17 @@ class ACETrainer:
     def _encode(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:
         return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
 
-    def _mine_synonyms(self, embedder: TextEmbedder) -> dict[str, str]:
-        """Vocabulary words nearest to each concept (input embeddings), re-ranked in context."""
+    def _mine_synonyms(self, embedder: TextEmbedder, layers: list[_Layer]) -> dict[str, str]:
+        """Vocabulary words the *UNet* reads like the concept; returns {word: the concept it stands in for}.
+
+        Three stages, each cheaper per word than the next: (1) the ``mining_pool`` words whose input
+        embedding is closest to the concept's; (2) of those, the ones whose encoded token, projected by
+        every cross-attention layer's ``to_k``/``to_v``, points most nearly where the concept's does —
+        what the UNet was trained to react to; (3) in the concept's own templates, the attention output
+        of the query bank must move from the neutral prompt's towards the concept's by at least
+        ``MINED_MIN_SHIFT`` of the concept's own shift, and sit closer to the concept's than to any
+        preserved concept's — so synonyms of what must be kept are never erased.
+        """
         tokenizer, encoder = embedder.encoders[0]
         table = encoder.get_input_embeddings().weight.detach().float()
         vocab = tokenizer.get_vocab()
@@ -212,24 +234,47 @@ class ACETrainer:
             if word.isalpha() and len(word) > 2:
                 words[word.lower()] = index
         banned = {w.lower() for phrase in self.spec.concepts + self.spec.preserve + self.spec.neutral for w in phrase.split()}
-        found: dict[str, str] = {}  # mined word -> the concept it stands in for
+        projection = torch.cat(
+            [attach._weight(layer.attn.to_k).float() for layer in layers]
+            + [attach._weight(layer.attn.to_v).float() for layer in layers]
+        )
         table_n = F.normalize(table, dim=-1)
-        for concept in self.spec.concepts:
-            template = self.spec.templates_for(concept)[0]
+        found: dict[str, str] = {}
+        for concept_index, concept in enumerate(self.spec.concepts):
             ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
             if not ids:
                 continue
-            query = F.normalize(table[ids].mean(0), dim=-1)
-            candidates = [w for w in words if w not in banned and w not in concept.lower()]
+            lowered = concept.lower()
+            candidates = [w for w in words if w not in banned and w not in lowered and w not in found]
             index = torch.tensor([words[w] for w in candidates])
-            sims = table_n[index] @ query
-            top = [candidates[i] for i in sims.topk(min(self.mining_pool, len(candidates))).indices.tolist()]
-            prompts = [template.replace("{}", concept)] + [template.replace("{}", w) for w in top]
-            encoded = self._encode(embedder, prompts).mean(1)
-            context = F.normalize(encoded, dim=-1)
-            ranked = (context[1:] @ context[0]).topk(min(self.mined_synonyms, len(top))).indices.tolist()
-            for i in ranked:
-                found.setdefault(top[i], concept)
+            sims = table_n[index] @ F.normalize(table[ids].mean(0), dim=-1)
+            pool = [candidates[i] for i in sims.topk(min(self.mining_pool, len(candidates))).indices.tolist()]
+            # (2) the UNet's view of each word on its own
+            encoded = embedder.encode([concept] + pool, [(0, len(concept))] + [(0, len(w)) for w in pool],
+                                      extra_pad_tokens=0, batch_size=512, approximate=True)
+            tokens = torch.stack([e.embeddings[e.span[0] : e.span[1]].mean(0) for e in encoded])
+            keyed = F.normalize(tokens @ projection.T, dim=-1)
+            shortlist = [pool[i] for i in (keyed[1:] @ keyed[0]).topk(min(4 * self.mined_synonyms, len(pool))).indices.tolist()]
+            if not shortlist:
+                continue
+            # (3) in context: the attention output must move towards the concept, and not towards a kept one
+            templates = self.spec.templates_for(concept)[:2]
+            anchors = [concept, self.spec.neutral[concept_index]] + list(self.spec.preserve)
+            phrases = anchors + shortlist
+            prompts = [" ".join(t.replace("{}", p).split()) for p in phrases for t in templates]
+            context = self._encode(embedder, prompts)
+            with torch.no_grad():
+                signature = torch.cat([self._attention(layer, context, None).flatten(1) for layer in layers], dim=1)
+            signature = signature.view(len(phrases), len(templates), -1).flatten(1)
+            target, neutral = signature[0], signature[1]
+            shift = target - neutral
+            alpha = ((signature[len(anchors):] - neutral) @ shift) / shift.dot(shift).clamp_min(1e-12)
+            distance = torch.cdist(signature[len(anchors):], signature[: len(anchors)])  # (words, anchors)
+            nearest_is_concept = distance.argmin(dim=1) == 0
+            ranked = sorted(range(len(shortlist)), key=lambda i: -float(alpha[i]))
+            kept = [shortlist[i] for i in ranked if bool(nearest_is_concept[i]) and float(alpha[i]) >= MINED_MIN_SHIFT]
+            for word in kept[: self.mined_synonyms]:
+                found[word] = concept
         return found
 
     # ------------------------------------------------------------------ model pieces

@@ -271,7 +271,7 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
 
 
 def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
-    from ace_diffusers.presets import mentions_any, resolve_spec
+    from ace_diffusers.presets import resolve_spec
 
     spec = resolve_spec(
         ["circle", "striped"],
@@ -283,4 +283,14 @@ def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
     assert spec.preserve_prompts(1) == ["a heart"]  # "a solid red circle" would fight the erasure
     coffee = resolve_spec("coffee")
     assert "a cup of coffee" in coffee.negatives and "a cup of coffee" not in coffee.unrelated_prompts()
-    assert mentions_any("a Circle.", ["circle"]) and not mentions_any("a semicircle", ["circle"])
+    assert spec.names_concept("a Circle.") and not spec.names_concept("a semicircle")
+    assert not spec.names_concept("a red circle", besides="circle") and spec.names_concept("striped circle", besides="circle")
+
+
+def test_a_concepts_templates_naming_another_erased_concept_are_left_out():
+    from ace_diffusers.presets import resolve_spec
+
+    styles = ["a {} red circle", "a {} blue square", "a {} green heart"]
+    spec = resolve_spec(["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]})
+    assert spec.templates_for("striped") == ["a {} red circle", "a {} green heart"]
+    assert resolve_spec("striped", templates={"striped": styles}).templates_for("striped") == styles

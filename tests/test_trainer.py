@@ -25,7 +25,9 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
     assert isinstance(adapter, ACEAdapter) and adapter.method == "ace"
     assert adapter.concepts == ["Van Gogh"] and adapter.neutral == ["art"]
     tuning = adapter.fit["fine_tuning"]
-    assert tuning["steps_run"] == 25 and tuning["adversaries_found"] >= 1 and len(tuning["mined_synonyms"]) == 2
+    # mining keeps at most mined_synonyms words, and only those that pass its in-context checks (a random
+    # tiny model has few; tests/shapes/test_trainer_mining.py checks what it finds on a real encoder)
+    assert tuning["steps_run"] == 25 and tuning["adversaries_found"] >= 1 and 1 <= len(tuning["mined_synonyms"]) <= 2
     assert tuning["erase_loss_after"] < 0.8 * tuning["erase_loss_before"]  # on the fixed concept prompts
     assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..shapes.vocab import SHAPES
+
 TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
 
 
@@ -29,7 +31,7 @@ def run(
     from ..closed_form import FitSettings, fit_adapter
     from ..presets import resolve_spec
     from ..shapes.classifier import load_shapes_classifier
-    from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure
+    from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure, neutral_floor
     from ..shapes.pipeline import load_shapes_pipeline
     from ..trainer import ACETrainer
 
@@ -52,6 +54,7 @@ def run(
                 "templates": {c: fit_templates(concept_kind(c)) for c in concepts + kept},
             }
         base = {c: measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0] for c in concepts}
+        floor = {c: neutral_floor(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts) for c in concepts}
         t0 = time.perf_counter()
         spec_args = {k: arguments[k] for k in ("neutral", "preserve", "templates")}
         closed = fit_adapter(pipe, resolve_spec(arguments["concepts"], **spec_args), FitSettings())
@@ -62,7 +65,7 @@ def run(
         def record(method: str, seconds: float) -> None:
             for c in concepts:
                 metrics = measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0]
-                rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
+                rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2), "floor": floor[c],
                              **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
 
         for method, adapter, seconds in (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds)):
@@ -71,6 +74,8 @@ def run(
                 record(method, seconds)
             finally:
                 pipe.unload_ace_adapter(name)
+        for row in rows[-len(concepts):]:  # the words the trainer mined from the model (never given)
+            row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
         if baselines:
             from .baselines import esd_x_erase, uce_erase
 
@@ -95,15 +100,21 @@ def run(
 
 def format_report(result: dict[str, Any]) -> str:
     head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}{'H':>7}"
-            f"{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour)")
+            f"{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour; floor)")
     lines = [head]
     for r in result["rows"]:
         lines.append(
             f"{r['run']:<34}{r['concept']:<10}{r['method']:<13}{100 * r['acc_e']:>6.1f}%{100 * r['acc_g']:>6.1f}%"
             f"{100 * r['acc_s']:>6.1f}%{100 * r['colour']:>6.1f}%{r['h']:>7.3f}{r['seconds']:>8.1f}   "
-            f"({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f})"
+            f"({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f};"
+            f" {100 * r.get('floor', float('nan')):.1f})"
         )
     lines.append("")
+    for run_label in dict.fromkeys(r["run"] for r in result["rows"] if r.get("mined") is not None):
+        mined = next(r["mined"] for r in result["rows"] if r["run"] == run_label and r.get("mined") is not None)
+        lines.append(f"mined by the trainer for {run_label}: {', '.join(mined) or '(none)'}")
+    lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the concept replaced "
+                 "by its neutral anchor (shapes: the empty phrase, 'a red'); an erased concept cannot go below it.")
     lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= base - 2 pts, "
                  "Acc_g below closed form, fit <= 60 s")
     for r in result["rows"]:
@@ -124,8 +135,9 @@ def format_report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ace-diffusers bench trainer", description=__doc__)
-    parser.add_argument("--shapes", nargs="+", default=["circle", "square", "triangle", "star"])
-    parser.add_argument("--multi", nargs="*", default=["circle", "square", "triangle", "striped"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    # circle, star and hexagon have a neutral floor above the Acc_e target (the empty anchor is drawn as them)
+    parser.add_argument("--multi", nargs="*", default=["square", "triangle", "heart", "striped"])
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)

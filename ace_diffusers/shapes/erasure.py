@@ -174,3 +174,27 @@ def harmonic(acc_e: float, acc_s: float, acc_g: float) -> float:
     if min(terms) <= 0:
         return 0.0
     return 3 / sum(1 / t for t in terms)
+
+
+def neutral_floor(
+    pipe: Any, classifier: Any, concept: str, *, neutral: str | None = None, images_per_prompt: int = 2, seed: int = 0,
+    erased: list[str] | None = None, **sampler: Any,
+) -> float:
+    """Acc_e of a *perfect* erasure: the canonical prompts with the concept replaced by its neutral anchor.
+
+    Erasure maps the concept onto the anchor, so an erased model can do no better than the base model
+    does on the anchor's prompts; e.g. "a red" (empty shape anchor) is sometimes drawn as a circle.
+    Read ``acc_e`` against this floor.
+    """
+    import re
+
+    from .pipeline import generate
+
+    kind = concept_kind(concept)
+    anchor = DEFAULT_NEUTRAL[kind] if neutral is None else neutral
+    pset = metric_sets(concept, erased)["erased"]
+    prompts = [" ".join(re.sub(rf"\b{re.escape(concept)}\b", anchor, p).split()) for p in pset.prompts]
+    prompts = [_article_fix(p) for p in prompts for _ in range(images_per_prompt)]
+    seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
+    predicted = classifier.predict(generate(pipe, prompts, seeds=seeds, **sampler))[kind]
+    return sum(p == concept for p in predicted) / len(predicted)

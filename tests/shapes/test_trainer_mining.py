@@ -1,0 +1,24 @@
+"""The trainer's synonym mining on a real pretrained text encoder (the miniature world's MiniLM):
+words the UNet was trained to read as a shape are found from the model alone, and words for the
+shapes that must be kept are not."""
+
+import pytest
+
+from ace_diffusers.shapes.erasure import erase_arguments
+from ace_diffusers.shapes.vocab import SHAPE_WORDS
+from ace_diffusers.text import TextEmbedder
+from ace_diffusers.trainer import ACETrainer
+
+from .conftest import NEEDS_WEIGHTS
+
+
+@NEEDS_WEIGHTS
+@pytest.mark.parametrize("shape", ["square", "heart"])
+def test_mining_finds_the_worlds_held_out_synonyms(shapes_pipe, shape):
+    trainer = ACETrainer(shapes_pipe, progress=False, **erase_arguments(shape))
+    mined = trainer._mine_synonyms(TextEmbedder(shapes_pipe), trainer._query_bank())
+    held_out = {w for w in SHAPE_WORDS[shape][1:] if " " not in w}  # single words the trainer was not given
+    assert held_out & set(mined), (shape, list(mined))
+    kept = {w for other, words in SHAPE_WORDS.items() if other != shape for phrase in words for w in phrase.split()}
+    assert not kept & set(mined), (shape, list(mined))
+    assert set(mined.values()) == {shape} and len(mined) <= trainer.mined_synonyms
