@@ -12,10 +12,12 @@ Writes, next to the Markdown page, ``benchmarks.json`` (every number) and ``imag
 * a targets table, met / not met, computed from the measured numbers (:mod:`.report`).
 
 ``--quick`` (sized for about 15 minutes on a 2-core CPU with nothing else running) uses 2 shapes,
-4 colours, 1 image per prompt, fewer fine-tuning / ESD-x / soft-prompt steps, closed-form counts 1
-and 10 and 5 timing rounds; the full run (no flag) uses 4 shapes, all colours, 2 images per prompt
-and the methods' default step counts (an hour or more). ``--from-json`` re-renders a saved result.
-Needs the ``bench`` extra (matplotlib, the miniature world's text encoder).
+4 colours, 1 image per prompt, the trainer's default steps but fewer ESD-x / soft-prompt steps,
+closed-form counts 1, 10 and 100 and 5 timing rounds; the full run (no flag) uses all 8 shapes, all
+colours, 2 images per prompt and the methods' default step counts (an hour or more). ``--from-json``
+re-renders a saved result. Runs unchanged under ``accelerate launch`` (the efficacy images are split
+across processes; timings are taken by the main process alone). Needs the ``bench`` extra
+(matplotlib, the miniature world's text encoder).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 DEFAULT_OUTPUT = Path("docs") / "benchmarks.md"
 SECTIONS = ("efficacy", "speed", "inference")
-QUICK_SETTINGS: dict[str, Any] = {"counts": (1, 10), "rounds": 5, "latent": 16}
+QUICK_SETTINGS: dict[str, Any] = {"counts": (1, 10, 100), "rounds": 5, "latent": 16}
 FULL_SETTINGS: dict[str, Any] = {"counts": (1, 10, 100), "rounds": 15, "latent": 16}
 
 
@@ -46,8 +48,16 @@ def _machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
+def _state() -> Any:
+    """accelerate's process state: one process normally, several under ``accelerate launch``."""
+    from ..eval._util import partial_state
+
+    return partial_state()
+
+
 def _say(message: str) -> None:
-    print(message, flush=True)
+    if _state().is_main_process:
+        print(message, flush=True)
 
 
 def efficacy_plan(quick: bool, overrides: dict[str, Any] | None = None) -> Any:
@@ -73,14 +83,19 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
     from . import closed_form, efficacy, inference
 
     settings = {**(QUICK_SETTINGS if quick else FULL_SETTINGS), **(settings or {})}
+    state = _state()
     out: dict[str, Any] = {}
-    if "efficacy" in sections:
+    if "efficacy" in sections:  # under accelerate launch: images split across processes
         t0 = time.perf_counter()
         plan = plan or efficacy_plan(quick)
         _say(f"[bench] efficacy: {plan}")
-        out["efficacy"] = efficacy.run(plan, methods=methods or efficacy.ERASERS, log=_say)
+        out["efficacy"] = efficacy.run(plan, methods=methods or efficacy.ERASERS, log=_say, state=state)
+        out["efficacy"]["processes"] = state.num_processes
         out["efficacy"]["seconds"] = time.perf_counter() - t0
         _say(f"[bench] efficacy done in {out['efficacy']['seconds']:.0f} s")
+    if not state.is_main_process:  # timings are taken by the main process alone (others would skew them)
+        state.wait_for_everyone()
+        return {"sections": out}
     if "speed" in sections:
         t0 = time.perf_counter()
         _say(f"[bench] speed: closed form at SD1.5 shape for {list(settings['counts'])} concepts")
@@ -93,6 +108,7 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
         over = inference.overhead(rounds=settings["rounds"], latent=settings["latent"], progress=True)
         out["inference"] = {"overhead": over, "sizes": inference.sizes(), "seconds": time.perf_counter() - t0}
         _say(inference.format_report(over, out["inference"]["sizes"]))
+    state.wait_for_everyone()
     return {"sections": out}
 
 
@@ -138,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(command=command, machine=_machine(), quick=args.quick,
                       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       seconds=time.perf_counter() - started)
+    if not _state().is_main_process:
+        return 0
     from .report import targets, write
 
     paths = write(result, args.output)

@@ -116,7 +116,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the concept replaced "
                  "by its neutral anchor (shapes: the empty phrase, 'a red'); an erased concept cannot go below it.")
     lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= base - 2 pts, "
-                 "Acc_g below closed form, fit <= 60 s")
+                 "Acc_g below closed form (or both 0), fit <= 60 s per concept")
     for r in result["rows"]:
         if r["method"] != "ACE (full)":
             continue
@@ -126,7 +126,8 @@ def format_report(result: dict[str, Any]) -> str:
             "Acc_g": r["acc_g"] <= TARGETS["acc_g"],
             "Acc_s": r["acc_s"] >= r["base_acc_s"] - 0.02,
             "colour": r["colour"] >= r["base_colour"] - 0.02,
-            "Acc_g<closed": r["acc_g"] < closed["acc_g"],
+            # lower than the closed form's; when that is already 0 there is nothing left to lower
+            "Acc_g<closed": r["acc_g"] < closed["acc_g"] or r["acc_g"] == closed["acc_g"] == 0,
             "time": r["seconds"] <= TARGETS["seconds"] * max(1, len(r["run"].split("+"))),
         }
         lines.append(f"{r['run']:<34}{r['concept']:<10}" + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items()))

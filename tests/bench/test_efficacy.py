@@ -13,7 +13,7 @@ from ace_diffusers.shapes.vocab import SHAPES, STYLES
 
 def test_quick_plan_contents():
     quick, full = efficacy.QUICK, efficacy.FULL
-    assert quick.shapes == ["circle", "square"] and len(full.shapes) >= 4
+    assert quick.shapes == ["square", "circle"] and len(full.shapes) >= 4
     for plan in (quick, full):
         assert sorted(plan.multi) == [1, 3, 5] and all(len(c) == n for n, c in plan.multi.items())
     assert "striped" in quick.multi[5]  # a fill style among the five
@@ -23,19 +23,19 @@ def test_quick_plan_contents():
         assert getattr(quick, knob) <= getattr(full, knob), knob
     assert len(quick.colours) == 4 and full.colours is None
     # images per model state, pinned: changing the quick plan changes its ~15-minute budget
-    assert efficacy.plan_images(quick) == {"circle": 40, "square": 39, "circle+square+triangle": 86,
-                                           "circle+square+triangle+star+striped": 142, "base": 185}
+    assert efficacy.plan_images(quick) == {"square": 39, "circle": 40, "square+triangle+heart": 85,
+                                           "square+triangle+heart+cross+striped": 141, "base": 190}
 
 
 def test_experiments_reuse_the_single_run_for_one_concept():
     erasures, sizes = efficacy.experiments(efficacy.QUICK)
-    assert [e.label for e in erasures] == ["circle", "square", "circle+square+triangle",
-                                           "circle+square+triangle+star+striped"]
-    assert sizes == {"1": "circle", "3": "circle+square+triangle", "5": "circle+square+triangle+star+striped"}
+    assert [e.label for e in erasures] == ["square", "circle", "square+triangle+heart",
+                                           "square+triangle+heart+cross+striped"]
+    assert sizes == {"1": "square", "3": "square+triangle+heart", "5": "square+triangle+heart+cross+striped"}
     five = erasures[-1]
     assert set(five.plans) == set(five.concepts)
     assert all(sorted(p.erased) == sorted(five.concepts) for p in five.plans.values())
-    assert five.plans["striped"].head == "style" and five.plans["circle"].head == "shape"
+    assert five.plans["striped"].head == "style" and five.plans["square"].head == "shape"
     assert all(p.soft_prompt for p in five.plans.values())
 
 
