@@ -199,15 +199,9 @@ def write_method_figure(output: str | os.PathLike, concept: str = DEFAULT_CONCEP
     pipe = load_shapes_pipeline()
     erase_concept(pipe, **erase_arguments(concept), adapter_name="figure")
     data = method_figure_data(pipe, "figure", concept, list(DEFAULT_PROMPTS if prompts is None else prompts))
-    png = render_method_figure(data)
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .eval._util import atomic_write_bytes
+
+    atomic_write_bytes(output, render_method_figure(data))
     return data
 
 

@@ -174,8 +174,8 @@ def encode_with_shared_prefix(encoder: nn.Module, input_ids: torch.Tensor, share
         attn = layer.self_attn
         normed_head, normed_tail = layer.layer_norm1(hidden), layer.layer_norm1(tail)
 
-        def heads(x: torch.Tensor, projection: nn.Module) -> torch.Tensor:
-            return projection(x).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        def heads(x: torch.Tensor, projection: nn.Module, head_dim: int = attn.head_dim) -> torch.Tensor:
+            return projection(x).view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
         k_head, v_head = heads(normed_head, attn.k_proj), heads(normed_head, attn.v_proj)
         q_head = heads(normed_head, attn.q_proj)

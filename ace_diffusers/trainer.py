@@ -40,7 +40,6 @@ from .pipeline import get_unet
 from .presets import resolve_spec
 from .text import TextEmbedder
 
-
 MINED_MIN_SHIFT = 0.4  # a mined word must move attention at least this far towards the concept
 
 

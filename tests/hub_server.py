@@ -90,11 +90,11 @@ _NAME_RE = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 DEFAULT_GITATTRIBUTES = (
-    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    "*.pt filter=lfs diff=lfs merge=lfs -text\n"
-    "*.ckpt filter=lfs diff=lfs merge=lfs -text\n"
-).encode()
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.pt filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.ckpt filter=lfs diff=lfs merge=lfs -text\n"
+)
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -509,7 +509,7 @@ def test_pipe_to_moves_adapters():
         pipe.load_ace_adapter(random_adapter(pipe.unet))
         pipe.to("cuda")
         assert {b.device.type for b in pipe.unet.buffers()} == {"cuda"}
-        assert_ace_active(pipe, unet_only)
+        assert_ace_active(pipe, unet_call)
 
 
 def test_model_cpu_offload_keeps_the_adapter(sd_pipe):

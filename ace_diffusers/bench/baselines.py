@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..closed_form import align_tokens
-
 from ..errors import ACEValueError
 
 

@@ -30,9 +30,26 @@ from .attacks import (
     weighted_variants,
 )
 from .judges import CallableJudge, CLIPZeroShotJudge, Judge, ShapesJudge
-from .metrics import accuracy, attack_success_rate, erasure_metrics, harmonic, recognition_rate, wilson_interval
+from .metrics import (
+    accuracy,
+    attack_success_rate,
+    erasure_metrics,
+    harmonic,
+    recognition_rate,
+    wilson_interval,
+)
 from .report import build_results, write_report
-from .runner import EvalCase, EvalPlan, EvalResult, evaluate, generate_cases, prompt_plan, run_cases, score, shapes_plan
+from .runner import (
+    EvalCase,
+    EvalPlan,
+    EvalResult,
+    evaluate,
+    generate_cases,
+    prompt_plan,
+    run_cases,
+    score,
+    shapes_plan,
+)
 
 __all__ = [
     "ALL_ATTACKS",

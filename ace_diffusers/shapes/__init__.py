@@ -7,7 +7,7 @@ encoder) that draws coloured, styled shapes, plus a classifier that recognises w
 Heavy imports (torch, diffusers) are deferred to the submodules.
 """
 
-from .vocab import COLOURS, SHAPES, STYLES, SHAPE_WORDS, STYLE_WORDS, COLOUR_WORDS  # noqa: F401
+from .vocab import COLOUR_WORDS, COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES  # noqa: F401
 
 __all__ = [
     "COLOURS",

@@ -74,7 +74,6 @@ def text_encoder_dir() -> str:
 def load_text_encoder(device="cpu", torch_dtype=torch.float32):
     """Frozen BERT text encoder + tokenizer (``model_max_length`` = 16)."""
     from transformers import AutoTokenizer, BertModel
-
     from transformers.utils import logging as hf_logging
 
     path = text_encoder_dir()
@@ -149,8 +148,8 @@ def load_shapes_pipeline(
 
     Works offline in a few seconds.  ``weights_dir`` defaults to ``ace_diffusers/shapes/weights``.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     if not weights_present(d):
