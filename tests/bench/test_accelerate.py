@@ -36,13 +36,13 @@ def test_bench_under_accelerate_matches_one_process(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     script = tmp_path / "launch_bench.py"
     script.write_text(LAUNCH)
-    single = subprocess.run([sys.executable, str(script), *TINY, "--output", str(tmp_path / "one" / "bench.md")],
+    single = subprocess.run([sys.executable, str(script), *TINY, "--output", str(tmp_path / "one" / "benchmarks.md")],
                             env=env, capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
-               str(script), *TINY, "--output", str(tmp_path / "two" / "bench.md")]
+               str(script), *TINY, "--output", str(tmp_path / "two" / "benchmarks.md")]
     launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "benchmarks.json").read_text())
