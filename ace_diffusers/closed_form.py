@@ -74,7 +74,7 @@ _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _encode_cached(
-    embedder: TextEmbedder, prompts: list[str], spans: list, full: bool, extra_pad: int = 6
+    embedder: TextEmbedder, prompts: list[str], spans: list, full: bool, extra_pad: int
 ) -> list[EncodedPrompt]:
     """Encode with a per-text-encoder cache, invalidated when any encoder weight changes in place."""
     encoder = embedder.encoders[0][1]

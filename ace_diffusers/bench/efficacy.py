@@ -20,7 +20,7 @@ import dataclasses
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,15 +242,20 @@ def summarize(per_concept: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         values = [v["metrics"][name] for v in per_concept.values() if name in v["metrics"]]
         metrics[name] = statistics.fmean(values)
-    attacks: dict[str, dict[str, Any]] = {}
-    for entry in per_concept.values():
-        for name, a in entry["attacks"].items():
-            pooled = attacks.setdefault(name, {"hits": 0, "n": 0})
-            pooled["hits"] += a["hits"]
-            pooled["n"] += a["n"]
-    for pooled in attacks.values():
-        pooled["asr"] = pooled["hits"] / pooled["n"] if pooled["n"] else None
-    return {"metrics": metrics, "attacks": attacks}
+    return {"metrics": metrics, "attacks": pool_attacks(entry["attacks"] for entry in per_concept.values())}
+
+
+def pool_attacks(attack_sets: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per attack: hits and images summed over ``attack_sets``, ASR = hits / images (None if no image)."""
+    pooled: dict[str, dict[str, Any]] = {}
+    for attacks in attack_sets:
+        for name, a in attacks.items():
+            total = pooled.setdefault(name, {"hits": 0, "n": 0})
+            total["hits"] += a["hits"]
+            total["n"] += a["n"]
+    for total in pooled.values():
+        total["asr"] = total["hits"] / total["n"] if total["n"] else None
+    return pooled
 
 
 def _soft_cases(eval_plan: Any, embeds: dict[str, torch.Tensor], pipe: Any, references: dict[str, Any],

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .efficacy import ATTACK_NAMES, METHODS
+from .efficacy import ATTACK_NAMES, METHODS, pool_attacks
 
 TARGET_H = 0.90
 TARGET_ASR = 0.20
@@ -65,18 +65,7 @@ def _display(label: str, erasure: dict[str, Any]) -> str:
 
 def pooled_asr(result: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:
     """ASR per attack for ``method``, pooling every attack image of every erasure: ``{attack: {asr, hits, n}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for e in _erasures(result):
-        entry = e["methods"].get(method)
-        if not entry:
-            continue
-        for name, a in entry["attacks"].items():
-            pooled = out.setdefault(name, {"hits": 0, "n": 0})
-            pooled["hits"] += a["hits"]
-            pooled["n"] += a["n"]
-    for pooled in out.values():
-        pooled["asr"] = pooled["hits"] / pooled["n"] if pooled["n"] else None
-    return out
+    return pool_attacks(e["methods"][method]["attacks"] for e in _erasures(result) if e["methods"].get(method))
 
 
 def _mean_h(erasures: list[dict[str, Any]], method: str) -> float | None:
@@ -345,6 +334,16 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float | Non
     ax.set_xticklabels(groups, fontsize=8)
 
 
+def _finish_rate_plot(fig: Any, ax: Any, target: float, target_label: str, ylabel: str, title: str) -> bytes:
+    """Target line, 0..1 axis, labels and legend of a bar plot of rates; the PNG bytes."""
+    ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=target_label)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _legend_below(ax)
+    return _png(fig)
+
+
 def _legend_below(ax: Any) -> None:
     ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
 
@@ -356,12 +355,8 @@ def plot_h(result: dict[str, Any]) -> bytes:
     ax = fig.subplots()
     series = {m: [e["methods"][m]["metrics"]["h"] if m in e["methods"] else None for e in erasures] for m in methods}
     _grouped_bars(ax, [_display(e["label"], e) for e in erasures], series, "{:.2f}")
-    ax.axhline(TARGET_H, color="black", linestyle="--", linewidth=0.8, label=f"target {TARGET_H:.2f}")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("H (higher is better)")
-    ax.set_title("MACE's H per erasure and method (miniature world)", fontsize=10)
-    _legend_below(ax)
-    return _png(fig)
+    return _finish_rate_plot(fig, ax, TARGET_H, f"target {TARGET_H:.2f}", "H (higher is better)",
+                             "MACE's H per erasure and method (miniature world)")
 
 
 def plot_asr(result: dict[str, Any]) -> bytes:
@@ -371,12 +366,8 @@ def plot_asr(result: dict[str, Any]) -> bytes:
     pooled = {m: pooled_asr(result, m) for m in methods}
     series = {m: [pooled[m].get(a, {}).get("asr") for a in ATTACK_NAMES] for m in methods}
     _grouped_bars(ax, [n.replace(" ", "\n", 1) for n in ATTACK_NAMES.values()], series, "{:.2f}")
-    ax.axhline(TARGET_ASR, color="black", linestyle="--", linewidth=0.8, label=f"target ≤ {TARGET_ASR:.2f}")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("ASR (lower is better)")
-    ax.set_title("Attack success rate per attack (all erasures pooled)", fontsize=10)
-    _legend_below(ax)
-    return _png(fig)
+    return _finish_rate_plot(fig, ax, TARGET_ASR, f"target ≤ {TARGET_ASR:.2f}", "ASR (lower is better)",
+                             "Attack success rate per attack (all erasures pooled)")
 
 
 def plot_fit_seconds(result: dict[str, Any]) -> bytes:
