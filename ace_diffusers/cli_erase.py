@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", action="append", help="prompt template with '{}' for the concept (repeatable)")
     parser.add_argument("--synonym", action="append", help="known synonym to erase too (repeatable)")
     parser.add_argument("--rank", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (0 = closed form only)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (0 = closed form only; default 300, +100 per extra concept, at most 2000)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole fit")
     parser.add_argument("--no-adversarial", action="store_true", help="skip adversarial augmentation")
     parser.add_argument("--seed", type=int, default=0)

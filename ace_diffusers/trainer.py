@@ -41,6 +41,17 @@ from .presets import resolve_spec
 from .text import TextEmbedder
 
 MINED_MIN_SHIFT = 0.4  # a mined word must move attention at least this far towards the concept
+MAX_DEFAULT_STEPS = 2000
+
+
+def default_steps(n_concepts: int) -> int:
+    """300 for one concept, +100 per extra concept, at most 2000.
+
+    Each step draws a fixed-size batch, so every concept of a multi-concept adapter is seen less often
+    per step; on the miniature world a 4-concept adapter at 300 steps left a held-out synonym at
+    18.8 % Acc_g and at 600 steps met every bound (``ace-diffusers bench trainer``).
+    """
+    return min(300 + 100 * (n_concepts - 1), MAX_DEFAULT_STEPS)
 
 
 @dataclass
@@ -67,7 +78,7 @@ class ACETrainer:
 
     Example::
 
-        trainer = ACETrainer(pipe, "Van Gogh", kind="style", steps=300)
+        trainer = ACETrainer(pipe, "Van Gogh", kind="style")  # steps: default_steps(n_concepts)
         adapter = trainer.fit()          # also available as trainer.adapter
         pipe.load_ace_adapter(adapter)
         trainer.save("erase-van-gogh")   # or trainer.push_to_hub("org/erase-van-gogh")
@@ -84,7 +95,7 @@ class ACETrainer:
         templates: list[str] | dict[str, list[str]] | None = None,
         synonyms: list[str] | None = None,
         rank: int | None = None,
-        steps: int = 300,
+        steps: int | None = None,
         learning_rate: float = 2e-3,
         adversarial: bool = True,
         adversarial_every: int = 20,
@@ -105,7 +116,7 @@ class ACETrainer:
         if synonyms is not None and len(self.synonyms) != len(synonyms):
             raise ACEValueError("synonyms must be a list of non-empty strings.")
         self.rank = rank
-        self.steps = _positive_int(steps, "steps", minimum=0)
+        self.steps = default_steps(len(self.spec.concepts)) if steps is None else _positive_int(steps, "steps", minimum=0)
         self.learning_rate = _positive_float(learning_rate, "learning_rate")
         self.adversarial = bool(adversarial)
         self.adversarial_every = _positive_int(adversarial_every, "adversarial_every")

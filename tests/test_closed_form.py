@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from ace_diffusers import ACEAdapterNameError, ACEValueError, erase_concept
+from ace_diffusers import text as text_module
 from ace_diffusers.attach import cross_attention_modules
-from ace_diffusers.closed_form import align_tokens
+from ace_diffusers.closed_form import align_tokens, low_rank_edits
 from ace_diffusers.presets import load_presets
 from ace_diffusers.processor import get_stack
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -143,13 +144,15 @@ def test_text_embedder_matches_pipeline_encode_prompt(builder):
     torch.testing.assert_close(ours, theirs)
     short = TextEmbedder(pipe).encode(prompts, extra_pad_tokens=2)
     for enc, full in zip(short, ours, strict=True):  # causal encoders: truncation keeps the prefix
-        assert enc.embeddings.shape[0] == max(e.length for e in short) + 2 < 77
+        assert enc.embeddings.shape[0] == enc.length + 2 < 77  # per prompt, whatever else is in the call
         torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pass_cost", [0, text_module.PASS_COST_TOKENS], ids=["always-share", "cost-model"])
 @pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
-def test_shared_prefix_encoding_is_exact(builder):
+def test_shared_prefix_encoding_is_exact(builder, pass_cost, monkeypatch):
     """Prompts sharing the tokens before their phrase encode that prefix once; same numbers as encode_prompt."""
+    monkeypatch.setattr(text_module, "PASS_COST_TOKENS", pass_cost)  # 0: every shared prefix takes the cached path
     pipe = builder()
     embedder = TextEmbedder(pipe)
     assert embedder._prefix_sharing
@@ -264,7 +267,7 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
     pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
     names = concept_names(40)
     erase_concept(pipe, names, kind="style")
-    unsampled = [n for n, c in zip(names, chosen) if not c][:4]
+    unsampled = [n for n, c in zip(names, chosen, strict=True) if not c][:4]
     for name in unsampled:
         assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
     assert max_gate(pipe, "a photo of a cat") < UNRELATED_GATE
@@ -294,3 +297,24 @@ def test_a_concepts_templates_naming_another_erased_concept_are_left_out():
     spec = resolve_spec(["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]})
     assert spec.templates_for("striped") == ["a {} red circle", "a {} green heart"]
     assert resolve_spec("striped", templates={"striped": styles}).templates_for("striped") == styles
+
+
+def test_low_rank_edits_are_the_best_rank_r_edit_in_the_objective_metric():
+    """The shared-sketch SVDs reach the Eckart–Young optimum of ||(BA − WG) L||, L Lᵀ = M, for every shape."""
+    gen = torch.Generator().manual_seed(0)
+    d, rank = 96, 8
+    basis = torch.randn(d, d, generator=gen)
+    metric = basis @ basis.T / d + 0.1 * torch.eye(d)
+    root = torch.linalg.cholesky(metric)
+    text_map = torch.randn(d, 12, generator=gen) @ torch.randn(12, d, generator=gen) + 0.05 * torch.randn(d, d, generator=gen)
+    weights = [torch.randn(rows, d, generator=gen) for rows in (40, 64, 40, 64, 64)]
+    edits = low_rank_edits(weights, text_map @ root, root, rank)
+    single = low_rank_edits(weights[1:2], text_map @ root, root, rank)[0]
+    torch.testing.assert_close(single[1] @ single[0], edits[1][1] @ edits[1][0], rtol=1e-4, atol=1e-4)
+    for weight, (down, up) in zip(weights, edits, strict=True):
+        assert down.shape == (rank, d) and up.shape == (weight.shape[0], rank)
+        target = weight @ text_map
+        u, s, vh = torch.linalg.svd(target @ root)
+        best = ((u[:, :rank] * s[:rank]) @ vh[:rank] - target @ root).norm()
+        ours = ((up @ down - target) @ root).norm()
+        assert ours <= best * 1.01 + 1e-6

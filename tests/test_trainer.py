@@ -5,7 +5,7 @@ from ace_diffusers import ACEAdapter, ACEValueError
 from ace_diffusers.closed_form import FitSettings, fit_adapter
 from ace_diffusers.presets import resolve_spec
 from ace_diffusers.testing import tiny_sd_pipeline
-from ace_diffusers.trainer import ACETrainer
+from ace_diffusers.trainer import MAX_DEFAULT_STEPS, ACETrainer, default_steps
 
 
 def small_trainer(pipe, **kwargs):
@@ -77,3 +77,11 @@ def test_save_and_push_need_a_fit(pipe, tmp_path):
 def test_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ACEValueError, match=message):
         small_trainer(pipe, **kwargs)
+
+
+def test_default_steps_grow_with_the_number_of_concepts(pipe):
+    assert ACETrainer(pipe, "Van Gogh", kind="style", progress=False).steps == default_steps(1) == 300
+    four = ACETrainer(pipe, ["Van Gogh", "Claude Monet", "Rembrandt", "Frida Kahlo"], kind="style", progress=False)
+    assert four.steps == default_steps(4) == 600
+    assert default_steps(10_000) == MAX_DEFAULT_STEPS
+    assert ACETrainer(pipe, ["Van Gogh", "Claude Monet"], kind="style", steps=7, progress=False).steps == 7

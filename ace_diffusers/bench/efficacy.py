@@ -59,7 +59,7 @@ class EfficacyPlan:
     multi: dict[int, list[str]]  # adapter size -> its concepts; a 1-concept entry equal to a single run reuses it
     colours: list[str] | None  # colour grid of the prompt sets (None: all 8)
     images_per_prompt: int
-    ace_steps: int  # ACETrainer fine-tuning steps
+    ace_steps: int | None  # ACETrainer fine-tuning steps (None: the trainer's default for the concept count)
     esd_steps: int  # ESD-x steps per erased concept (a joint multi-concept run gets n times as many)
     esd_trajectories: int  # ESD-x frozen-model trajectories per prompt
     esd_prompts: int  # ESD-x prompts per concept (the first fit templates filled with the concept)
@@ -80,7 +80,7 @@ QUICK = EfficacyPlan(
     multi=dict(MULTI_CONCEPTS),
     colours=["red", "green", "blue", "yellow"],
     images_per_prompt=1,
-    ace_steps=300,  # the trainer's default: the quick bench measures ACE as users get it
+    ace_steps=None,  # the trainer's default: the quick bench measures ACE as users get it
     esd_steps=60,
     esd_trajectories=2,
     esd_prompts=4,
@@ -92,7 +92,7 @@ FULL = EfficacyPlan(
     multi=dict(MULTI_CONCEPTS),
     colours=None,
     images_per_prompt=2,
-    ace_steps=300,
+    ace_steps=None,
     esd_steps=200,
     esd_trajectories=4,
     esd_prompts=8,
@@ -292,7 +292,7 @@ def _fit(method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan) -> tu
 
             trainer = ACETrainer(pipe, concepts, steps=plan.ace_steps, seed=plan.seed, progress=False, **spec_args)
             adapter = trainer.fit()
-            details = {"rank": adapter.rank, "steps": plan.ace_steps, "initial_loss": trainer.initial_loss,
+            details = {"rank": adapter.rank, "steps": trainer.steps, "initial_loss": trainer.initial_loss,
                        "final_loss": trainer.final_loss}
         seconds = time.perf_counter() - t0
         name = pipe.load_ace_adapter(adapter, adapter_name="bench")

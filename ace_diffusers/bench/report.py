@@ -179,8 +179,10 @@ def efficacy_markdown(result: dict[str, Any], image_dir: str = "images") -> list
         "ASR: fraction of attack images in which the classifier sees an erased concept (lower is better); for the base "
         "model it is how often the attack prompt draws the concept when nothing is erased.",
         "",
-        f"Settings: ACE closed form = `fit_adapter` defaults; ACE full = `ACETrainer(steps={plan['ace_steps']})`; "
-        "UCE = published settings (bare concept, last token, λ = 0.5, no gate); "
+        "Settings: ACE closed form = `fit_adapter` defaults; ACE full = "
+        + (f"`ACETrainer(steps={plan['ace_steps']})`; " if plan.get("ace_steps") is not None
+           else "`ACETrainer` defaults (300 fine-tuning steps, +100 per extra concept); ")
+        + "UCE = published settings (bare concept, last token, λ = 0.5, no gate); "
         f"ESD-x = negative-guidance fine-tuning of every cross-attention weight, {plan['esd_steps']} Adam steps per "
         f"concept (lr 1e-4, η = 1), a bank of {plan['esd_trajectories']} frozen-model trajectories for each of the "
         f"concept's first {plan['esd_prompts']} fit prompts (several concepts: one joint run). Soft-prompt attack: "

@@ -24,7 +24,7 @@ def run(
     multi: list[str],
     *,
     images_per_prompt: int = 2,
-    steps: int = 300,
+    steps: int | None = None,
     seed: int = 0,
     baselines: bool = False,
 ) -> dict[str, Any]:
@@ -76,6 +76,7 @@ def run(
                 pipe.unload_ace_adapter(name)
         for row in rows[-len(concepts):]:  # the words the trainer mined from the model (never given)
             row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
+            row["steps"] = full.fit["fine_tuning"]["steps"]
         if baselines:
             from .baselines import esd_x_erase, uce_erase
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # circle, star and hexagon have a neutral floor above the Acc_e target (the empty anchor is drawn as them)
     parser.add_argument("--multi", nargs="*", default=["square", "triangle", "heart", "striped"])
     parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baselines", action="store_true", help="also run UCE and ESD-x (slower)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")

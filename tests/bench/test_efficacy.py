@@ -18,9 +18,9 @@ def test_quick_plan_contents():
         assert sorted(plan.multi) == [1, 3, 5] and all(len(c) == n for n, c in plan.multi.items())
     assert "striped" in quick.multi[5]  # a fill style among the five
     # the quick plan is the full one made cheaper on every knob
-    for knob in ("images_per_prompt", "ace_steps", "esd_steps", "esd_trajectories", "esd_prompts", "soft_prompts",
-                 "soft_steps"):
+    for knob in ("images_per_prompt", "esd_steps", "esd_trajectories", "esd_prompts", "soft_prompts", "soft_steps"):
         assert getattr(quick, knob) <= getattr(full, knob), knob
+    assert quick.ace_steps is full.ace_steps is None  # both measure ACE at the trainer's defaults
     assert len(quick.colours) == 4 and full.colours is None
     # images per model state, pinned: changing the quick plan changes its ~15-minute budget
     assert efficacy.plan_images(quick) == {"square": 39, "circle": 40, "square+triangle+heart": 85,
