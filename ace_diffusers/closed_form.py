@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attach
+from . import attach, embedding_cache
 from .adapter import ACEAdapter, LayerFactors
 from .errors import ACETruncationWarning, ACEValueError
 from .pipeline import _default_name, get_unet
@@ -75,10 +75,14 @@ class FitData:
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _encode_cached(embedder: TextEmbedder, jobs: list[tuple[str, Any, int | None]]) -> list[EncodedPrompt]:
+def _encode_cached(
+    embedder: TextEmbedder, jobs: list[tuple[str, Any, int | None]], persistent: list[tuple[str, Any, int | None]] = ()
+) -> list[EncodedPrompt]:
     """Encode ``(prompt, phrase span, extra padding tokens or None for all)`` jobs in one call, each
     distinct job once, with a per-text-encoder cache invalidated when any encoder weight changes in place
-    (preset neutral, preservation and unrelated prompts are shared by every fit on the pipeline)."""
+    (preset neutral, preservation and unrelated prompts are shared by every fit on the pipeline).
+    ``persistent`` jobs (those that do not depend on the concept) are also kept on disk across
+    processes (:mod:`.embedding_cache`)."""
     encoder = embedder.encoders[0][1]
     signature = tuple(
         (len(tok), sum(p._version for p in enc.parameters()), sum(1 for _ in enc.parameters()))
@@ -86,9 +90,14 @@ def _encode_cached(embedder: TextEmbedder, jobs: list[tuple[str, Any, int | None
     )
     entry = _cache.get(encoder)
     if entry is None or entry[0] != signature:
-        entry = (signature, {})
+        entry = (signature, {}, {})
         _cache[encoder] = entry
     store: dict = entry[1]
+    on_disk = [job for job in dict.fromkeys(persistent) if job not in store]
+    disk_key = None
+    if on_disk and embedding_cache.cache_root() is not None:
+        disk_key = entry[2].get("fingerprint") or entry[2].setdefault("fingerprint", embedding_cache.fingerprint(embedder))
+        store.update(embedding_cache.load(disk_key, on_disk, embedder.device))
     missing = list(dict.fromkeys(job for job in jobs if job not in store))  # many concepts share one anchor
     if missing:
         encoded = embedder.encode(
@@ -96,10 +105,14 @@ def _encode_cached(embedder: TextEmbedder, jobs: list[tuple[str, Any, int | None
         )
         for job, enc in zip(missing, encoded, strict=True):
             store[job] = enc
-        if len(store) > 4096:
-            for key in list(store)[: len(store) - 4096]:
-                del store[key]
-    return [store[job] for job in jobs]
+        if disk_key is not None:
+            new_persistent = set(on_disk)
+            embedding_cache.save(disk_key, {job: store[job] for job in missing if job in new_persistent})
+    result = [store[job] for job in jobs]
+    if len(store) > 4096:
+        for key in list(store)[: len(store) - 4096]:
+            del store[key]
+    return result
 
 
 def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
@@ -121,7 +134,8 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
             neutral_jobs.append((*_fill(template, anchor), pad))
     other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.unrelated_prompts())]
     other_jobs += [(p, span, settings.preserve_pad_tokens) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
-    encoded = _encode_cached(embedder, concept_jobs + neutral_jobs + other_jobs)  # one call: few, large batches
+    # one call (few, large batches); what does not depend on the concepts is also cached on disk
+    encoded = _encode_cached(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=neutral_jobs + other_jobs)
     concept_enc = encoded[: len(concept_jobs)]
     neutral_enc = encoded[len(concept_jobs) : len(concept_jobs) + len(neutral_jobs)]
     other_enc = encoded[len(concept_jobs) + len(neutral_jobs) :]

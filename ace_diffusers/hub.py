@@ -396,7 +396,7 @@ def _card_text(
     ]
     if neutral and len(neutral) == len(concepts):
         lines += ["| Erased concept | Neutral anchor |", "|---|---|"]
-        lines += [f"| {_cell(c)} | {_cell(n) if n else '(empty prompt)'} |" for c, n in zip(concepts, neutral)]
+        lines += [f"| {_cell(c)} | {_cell(n) if n else '(empty prompt)'} |" for c, n in zip(concepts, neutral, strict=True)]
     else:
         lines += [f"- {_cell(c)}" for c in concepts] or ["(none)"]
         if neutral:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub read it at import
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# preset-prompt embeddings cached on disk go to a fresh directory, never the user's ~/.cache
+os.environ.setdefault("ACE_DIFFUSERS_CACHE", tempfile.mkdtemp(prefix="ace-test-embeddings-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -245,13 +245,13 @@ def test_ip_adapter_load_unload_keeps_ace(sd_pipe, tmp_path, ace_first):
     stock = generate(sd_pipe)
     adapter = random_adapter(sd_pipe.unet)
     if ace_first:
-        name = sd_pipe.load_ace_adapter(adapter)
+        sd_pipe.load_ace_adapter(adapter)
         ace_only = generate(sd_pipe)
         load_tiny_ip_adapter(sd_pipe, tmp_path)
     else:
         load_tiny_ip_adapter(sd_pipe, tmp_path)
         sd_pipe.set_ip_adapter_scale(0.0)
-        name = sd_pipe.load_ace_adapter(adapter)
+        sd_pipe.load_ace_adapter(adapter)
         ace_only = with_image_prompt(sd_pipe)
         sd_pipe.set_ip_adapter_scale(1.0)
     cross = {type(p) for n, p in processors(sd_pipe).items() if "attn2" in n}

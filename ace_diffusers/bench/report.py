@@ -19,6 +19,7 @@ TARGET_ASR = 0.20
 TARGET_OVERHEAD_1 = 1.03
 TARGET_OVERHEAD_100 = 1.10
 TARGET_CLOSED_FORM_SECONDS = 0.5
+TARGET_CLOSED_FORM_100 = 20.0
 TARGET_SPEEDUP = 10.0
 PLOTS = {
     "h": "bench_h.png",
@@ -120,9 +121,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     speed = (sections.get("speed") or {}).get("closed_form")
     if speed:
         for r in speed["rows"]:
-            per = r["cold_seconds_per_concept"]
-            add(f"closed form ≤ {TARGET_CLOSED_FORM_SECONDS} s/concept at SD1.5 shape ({r['concepts']} concepts, cold)",
-                f"{per:.3f} s/concept (warm {r['warm_seconds_per_concept']:.3f})", per <= TARGET_CLOSED_FORM_SECONDS)
+            for label, key in (("cold", "cold"), ("new process", "new_process"), ("warm", "warm")):
+                per = r.get(f"{key}_seconds_per_concept")
+                if per is not None:
+                    add(f"closed form ≤ {TARGET_CLOSED_FORM_SECONDS} s/concept at SD1.5 shape ({r['concepts']} concepts, {label})",
+                        f"{per:.3f} s/concept", per <= TARGET_CLOSED_FORM_SECONDS)
+            if r["concepts"] == 100:
+                add(f"closed form: 100 concepts ≤ {TARGET_CLOSED_FORM_100:.0f} s at SD1.5 shape (cold)",
+                    f"{r['cold_seconds']:.1f} s", r["cold_seconds"] <= TARGET_CLOSED_FORM_100)
     else:
         add(f"closed form ≤ {TARGET_CLOSED_FORM_SECONDS} s/concept at SD1.5 shape", "not measured", None)
 
@@ -226,11 +232,16 @@ def speed_markdown(result: dict[str, Any], image_dir: str = "images") -> list[st
     cf = speed["closed_form"]
     lines = ["## 2. Speed", "", f"Measured in {speed['seconds']:.0f} s.", "",
              "### Closed form at SD1.5 shape", "",
-             f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s; cold = first "
-             "fit in the process (every preset prompt encoded), warm = preset prompts cached.", ""]
-    lines += _table(["concepts", "rank", "cold s", "cold s/concept", "warm s", "warm s/concept", "adapter MB (fp16)"],
-                    [[str(r["concepts"]), str(r["rank"]), _num(r["cold_seconds"], 2), _num(r["cold_seconds_per_concept"]),
-                      _num(r["warm_seconds"], 2), _num(r["warm_seconds_per_concept"]), _num(r["adapter_mb_fp16"], 2)]
+             f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each timing "
+             "fits concepts not seen before. Cold = nothing cached (every preset prompt encoded; for 1 concept also "
+             "the process's first fit); new process = preset-prompt embeddings read from the on-disk cache; warm = "
+             "cached in memory too (a second fit in the same process).", ""]
+    has_new = all("new_process_seconds" in r for r in cf["rows"])
+    head = ["concepts", "rank", "cold s", "cold s/concept"] + (["new process s", "new process s/concept"] if has_new else [])
+    lines += _table(head + ["warm s", "warm s/concept", "adapter MB (fp16)"],
+                    [[str(r["concepts"]), str(r["rank"]), _num(r["cold_seconds"], 2), _num(r["cold_seconds_per_concept"])]
+                     + ([_num(r["new_process_seconds"], 2), _num(r["new_process_seconds_per_concept"])] if has_new else [])
+                     + [_num(r["warm_seconds"], 2), _num(r["warm_seconds_per_concept"]), _num(r["adapter_mb_fp16"], 2)]
                      for r in cf["rows"]])
     lines += ["", f"Peak extra memory during the fits: {cf['peak_extra_rss_mb']} MB.", ""]
     erasures = _erasures(result)

@@ -92,7 +92,7 @@ def sample_spec(
     angle = float(rng.uniform(-15.0, 15.0))
     phase = float(rng.random())
     jitter = rng.integers(-12, 13, size=3)
-    rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter))
+    rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter, strict=True))
     return RenderSpec(shape, colour, style, cx, cy, radius, angle, phase, rgb)
 
 

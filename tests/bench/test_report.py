@@ -49,7 +49,10 @@ def fake_result() -> dict:
                 "rows": [{"concepts": 1, "rank": 32, "cold_seconds": 0.4, "cold_seconds_per_concept": 0.4,
                           "warm_seconds": 0.2, "warm_seconds_per_concept": 0.2, "adapter_mb_fp16": 3.05},
                          {"concepts": 10, "rank": 104, "cold_seconds": 7.0, "cold_seconds_per_concept": 0.7,
-                          "warm_seconds": 5.0, "warm_seconds_per_concept": 0.5, "adapter_mb_fp16": 9.85}]}},
+                          "warm_seconds": 5.0, "warm_seconds_per_concept": 0.5, "adapter_mb_fp16": 9.85},
+                         {"concepts": 100, "rank": 256, "cold_seconds": 21.0, "cold_seconds_per_concept": 0.21,
+                          "new_process_seconds": 19.0, "new_process_seconds_per_concept": 0.19,
+                          "warm_seconds": 18.0, "warm_seconds_per_concept": 0.18, "adapter_mb_fp16": 24.2}]}},
             "inference": {"seconds": 120.0, "overhead": {
                 "latent": 16, "rounds": 5, "threads": 2, "model": "SD1.5-shaped UNet",
                 "median_seconds": {"stock": 1.0, "ACE 1": 1.02, "ACE 10": 1.04, "ACE 100": 1.12, "fused": 1.0},
@@ -78,6 +81,10 @@ def test_targets_are_computed_from_the_numbers():
     assert rows["inference overhead ≤ 1.10× (100 concepts)"]["met"] is False  # 1.12
     assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, cold)"]["met"] is True
     assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, cold)"]["met"] is False  # 0.7
+    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, warm)"]["met"] is True  # 0.5
+    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (100 concepts, new process)"]["met"] is True
+    assert "closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, new process)" not in rows  # an older JSON: no column
+    assert rows["closed form: 100 concepts ≤ 20 s at SD1.5 shape (cold)"]["met"] is False  # 21 s
     speed = rows["ACE full fit ≥ 10× faster than ESD-x at equal or better Acc_e"]
     assert speed["met"] is True and "16.00×" in speed["measured"]  # 240 s / 15 s, Acc_e 5 % <= 10 %
 
@@ -103,7 +110,8 @@ def test_missing_sections_are_not_measured_and_not_rendered():
     del result["sections"]["efficacy"], result["sections"]["inference"]
     rows = report.targets(result)
     unmeasured = [t["target"] for t in rows if t["met"] is None]
-    assert len(unmeasured) == len(rows) - 2  # only the two closed-form rows remain measurable
+    # only the closed-form rows remain measurable: cold + warm for 1 and 10 concepts; 3 + the 20 s row for 100
+    assert len(unmeasured) == len(rows) - 8
     text = report.markdown(result)
     assert "## 2. Speed" in text and "## 1. Efficacy" not in text and "## 3. Inference" not in text
     assert text.count("| not measured |") == len(unmeasured)

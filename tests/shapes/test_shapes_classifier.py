@@ -18,7 +18,7 @@ def test_classifier_on_fresh_renders(shapes_classifier):
     assert set(pred) == {"shape", "colour", "style"}
     for key, names in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
         assert len(pred[key]) == 600
-        acc = sum(p == names[i] for p, i in zip(pred[key], data[key])) / 600
+        acc = sum(p == names[i] for p, i in zip(pred[key], data[key], strict=True)) / 600
         assert acc >= 0.98, (key, acc)
 
 
@@ -30,5 +30,5 @@ def test_classifier_is_robust_to_mild_noise(shapes_classifier):
     x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     pred = shapes_classifier.predict(x)
     for key, names in (("shape", SHAPES), ("colour", COLOURS)):
-        acc = sum(p == names[i] for p, i in zip(pred[key], data[key])) / 300
+        acc = sum(p == names[i] for p, i in zip(pred[key], data[key], strict=True)) / 300
         assert acc >= 0.95, (key, acc)

@@ -64,5 +64,5 @@ def test_generated_images_are_recognised(shapes_pipe, shapes_classifier):
     pred = shapes_classifier.predict(imgs)
     want_shape = [p.split()[-1] for p in prompts for _ in range(4)]
     want_colour = [p.split()[1] for p in prompts for _ in range(4)]
-    assert sum(a == b for a, b in zip(pred["shape"], want_shape)) >= 12
-    assert sum(a == b for a, b in zip(pred["colour"], want_colour)) >= 11
+    assert sum(a == b for a, b in zip(pred["shape"], want_shape, strict=True)) >= 12
+    assert sum(a == b for a, b in zip(pred["colour"], want_colour, strict=True)) >= 11

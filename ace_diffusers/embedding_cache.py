@@ -1,0 +1,109 @@
+"""On-disk cache of the preset prompts' token embeddings, so a new process does not re-encode them.
+
+Every closed-form fit also encodes prompts that do not depend on the concept: the neutral anchor in
+the templates, the preservation set and the unrelated prompts of its kind (about 50 prompts for a
+preset kind, a few of them full-length). At CLIP-L size on a 2-core CPU that is ~2 s, more than
+the rest of a one-concept fit. Each is stored once per text encoder as a small safetensors file (no
+pickle) with its prompt in the metadata, written atomically.
+
+The key is a *fingerprint* of the text encoder(s) and tokenizer(s): class, config, vocabulary size,
+every parameter's shape and a strided sample of its values (about 4096 per tensor). Fine-tuning, a
+fused LoRA and textual inversion all change sampled values or shapes; an edit that touches only
+unsampled entries would not be noticed, so such edits should turn the cache off:
+``ACE_DIFFUSERS_CACHE=off``. ``ACE_DIFFUSERS_CACHE=<dir>`` moves it (default
+``$XDG_CACHE_HOME/ace_diffusers`` or ``~/.cache/ace_diffusers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as to_safetensors_bytes
+
+from .text import EncodedPrompt, TextEmbedder
+
+SAMPLES_PER_TENSOR = 4096
+FORMAT = 1
+Job = tuple  # (prompt, character span or None, extra padding tokens or None)
+
+
+def cache_root() -> Path | None:
+    """Where embeddings are cached, or None when caching is turned off."""
+    setting = os.environ.get("ACE_DIFFUSERS_CACHE", "").strip()
+    if setting.lower() in {"0", "off", "false", "no", "none"}:
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ace_diffusers"
+
+
+@torch.no_grad()
+def fingerprint(embedder: TextEmbedder) -> str:
+    """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
+    digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} penultimate={embedder.penultimate}".encode())
+    for tokenizer, encoder in embedder.encoders:
+        digest.update(f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length}".encode())
+        digest.update(f"{type(encoder).__name__} {encoder.config.to_json_string(use_diff=False)}".encode())
+        for name, param in encoder.state_dict().items():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+            digest.update(f"{name} {tuple(param.shape)} {param.dtype}".encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _file(root: Path, key: str, job: Job) -> Path:
+    name = hashlib.sha256(json.dumps(list(job)).encode()).hexdigest()[:32]
+    return root / "embeddings" / key / f"{name}.safetensors"
+
+
+def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu") -> dict[Job, EncodedPrompt]:
+    """The cached embeddings of those ``jobs`` that are on disk (unreadable files are skipped, with a warning)."""
+    root = cache_root()
+    out: dict[Job, EncodedPrompt] = {}
+    if root is None:
+        return out
+    for job in jobs:
+        path = _file(root, embedder_key, job)
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata()
+                if json.loads(meta["job"]) != json.loads(json.dumps(list(job))):
+                    continue  # a hash collision: never serve another prompt's embeddings
+                span = json.loads(meta["span"])
+                out[job] = EncodedPrompt(job[0], fh.get_tensor("embeddings").to(device),
+                                         tuple(span) if span is not None else None, int(meta["length"]))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=3)
+    return out
+
+
+def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
+    """Store each job's embeddings as its own file (atomic: a temporary file renamed into place); returns
+    how many were written. A cache that cannot be written only warns: erasure never depends on it."""
+    root = cache_root()
+    if root is None or not encoded:
+        return 0
+    written = 0
+    try:
+        for job, enc in encoded.items():
+            path = _file(root, embedder_key, job)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"job": json.dumps(list(job)), "span": json.dumps(list(enc.span) if enc.span is not None else None),
+                    "length": str(enc.length), "format": str(FORMAT)}
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            partial.write_bytes(to_safetensors_bytes({"embeddings": enc.embeddings.detach().float().cpu().contiguous()}, metadata=meta))
+            os.replace(partial, path)
+            written += 1
+    except OSError as error:
+        warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=3)
+    return written

@@ -1,0 +1,87 @@
+"""The on-disk cache of preset prompt embeddings: reused across processes, keyed by the encoder's weights."""
+
+import pytest
+import torch
+
+from ace_diffusers import closed_form, embedding_cache, erase_concept
+from ace_diffusers.testing import tiny_sd_pipeline
+from ace_diffusers.text import TextEmbedder
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(tmp_path / "cache"))
+    closed_form._cache.clear()
+    yield tmp_path / "cache"
+    closed_form._cache.clear()
+
+
+def cached_files(root):
+    return sorted(root.rglob("*.safetensors"))
+
+
+def factors(adapter):
+    """The edits ΔW = B A of every layer (the factors themselves are defined up to a rotation)."""
+    return torch.cat([(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]
+                     + [(f.v_up @ f.v_down).flatten() for f in adapter.layers.values()])
+
+
+def relative_gap(a, b):
+    return float((factors(a) - factors(b)).norm() / factors(b).norm())
+
+
+def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch):
+    pipe = tiny_sd_pipeline()
+    first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    files = cached_files(cache_dir)
+    assert files, "the preset prompts were not written"
+    closed_form._cache.clear()  # what a new process starts with
+    calls = []
+    original = TextEmbedder.encode
+    monkeypatch.setattr(TextEmbedder, "encode", lambda self, prompts, *a, **k: calls.append(list(prompts)) or original(self, prompts, *a, **k))
+    second = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    encoded = [p for call in calls for p in call]
+    assert encoded and all("Van Gogh" in p for p in encoded)  # only the concept's own prompts were encoded
+    assert relative_gap(second, first) < 1e-3  # float rounding only (the batches differ)
+    assert cached_files(cache_dir) == files  # nothing rewritten
+
+
+def test_changed_weights_get_their_own_entries(cache_dir):
+    pipe = tiny_sd_pipeline()
+    erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    key = embedding_cache.fingerprint(TextEmbedder(pipe))
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight.mul_(1.01)  # e.g. a fine-tuned text encoder
+    assert embedding_cache.fingerprint(TextEmbedder(pipe)) != key
+    erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    assert len({f.parent.name for f in cached_files(cache_dir)}) == 2
+
+
+def test_unreadable_cache_files_are_reencoded_with_a_warning(cache_dir):
+    pipe = tiny_sd_pipeline()
+    first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    for path in cached_files(cache_dir):
+        path.write_bytes(b"not a safetensors file")
+    closed_form._cache.clear()
+    with pytest.warns(UserWarning, match="unreadable embedding cache"):
+        again = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    assert relative_gap(again, first) < 1e-3
+
+
+@pytest.mark.parametrize("setting", ["off", "0"])
+def test_the_cache_can_be_turned_off(tmp_path, monkeypatch, setting):
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", setting)
+    monkeypatch.chdir(tmp_path)
+    closed_form._cache.clear()
+    erase_concept(tiny_sd_pipeline(), "Van Gogh", kind="style", load=False)
+    assert embedding_cache.cache_root() is None and not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(blocker))
+    closed_form._cache.clear()
+    with pytest.warns(UserWarning, match="Could not write the embedding cache"):
+        adapter = erase_concept(tiny_sd_pipeline(), "Van Gogh", kind="style", load=False)
+    assert adapter.concepts == ["Van Gogh"]
