@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synonym", action="append", help="known synonym to erase too (repeatable)")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None,
-                        help="fine-tuning steps (0 = closed form only; default 300, +100 per extra concept, at most 2000)")
+                        help="fine-tuning steps (0 = closed form only; default 450, +50 per extra concept, at most 2000)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole fit")
     parser.add_argument("--no-adversarial", action="store_true", help="skip adversarial augmentation")
     parser.add_argument("--seed", type=int, default=0)

@@ -80,7 +80,7 @@ def test_bad_arguments(pipe, kwargs, message):
 
 
 def test_default_steps_grow_with_the_number_of_concepts(pipe):
-    assert ACETrainer(pipe, "Van Gogh", kind="style", progress=False).steps == default_steps(1) == 300
+    assert ACETrainer(pipe, "Van Gogh", kind="style", progress=False).steps == default_steps(1) == 450
     four = ACETrainer(pipe, ["Van Gogh", "Claude Monet", "Rembrandt", "Frida Kahlo"], kind="style", progress=False)
     assert four.steps == default_steps(4) == 600
     assert default_steps(10_000) == MAX_DEFAULT_STEPS

@@ -187,7 +187,7 @@ def efficacy_markdown(result: dict[str, Any], image_dir: str = "images") -> list
         "",
         "Settings: ACE closed form = `fit_adapter` defaults; ACE full = "
         + (f"`ACETrainer(steps={plan['ace_steps']})`; " if plan.get("ace_steps") is not None
-           else "`ACETrainer` defaults (300 fine-tuning steps, +100 per extra concept); ")
+           else "`ACETrainer` defaults (450 fine-tuning steps, +50 per extra concept); ")
         + "UCE = published settings (bare concept, last token, λ = 0.5, no gate); "
         f"ESD-x = negative-guidance fine-tuning of every cross-attention weight, {plan['esd_steps']} Adam steps per "
         f"concept (lr 1e-4, η = 1), a bank of {plan['esd_trajectories']} frozen-model trajectories for each of the "
