@@ -96,7 +96,9 @@ def _encode_cached(
     on_disk = [job for job in dict.fromkeys(persistent) if job not in store]
     disk_key = None
     if on_disk and embedding_cache.cache_root() is not None:
-        disk_key = entry[2].get("fingerprint") or entry[2].setdefault("fingerprint", embedding_cache.fingerprint(embedder))
+        if "fingerprint" not in entry[2]:  # once per encoder and weight version
+            entry[2]["fingerprint"] = embedding_cache.fingerprint(embedder)
+        disk_key = entry[2]["fingerprint"]
         store.update(embedding_cache.load(disk_key, on_disk, embedder.device))
     missing = list(dict.fromkeys(job for job in jobs if job not in store))  # many concepts share one anchor
     if missing:
@@ -106,8 +108,8 @@ def _encode_cached(
         for job, enc in zip(missing, encoded, strict=True):
             store[job] = enc
         if disk_key is not None:
-            new_persistent = set(on_disk)
-            embedding_cache.save(disk_key, {job: store[job] for job in missing if job in new_persistent})
+            not_on_disk = set(on_disk)
+            embedding_cache.save(disk_key, {job: store[job] for job in missing if job in not_on_disk})
     result = [store[job] for job in jobs]
     if len(store) > 4096:
         for key in list(store)[: len(store) - 4096]:
@@ -363,34 +365,31 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
     _check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
     check_fit_size(embedder, spec, settings, d_text)
-    bar = tqdm(total=3, desc="ACE closed form", disable=not progress, leave=False)
-    bar.set_postfix_str("encoding prompts")
-    data = collect_fit_data(embedder, spec, settings)
-    bar.update()
-    bar.set_postfix_str("gate and text map")
-    if data.concept.shape[1] != d_text:
-        raise ACEValueError(
-            f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
-            f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
-        )
-    negatives = torch.cat([data.concept[~data.gate_positive], data.others])
-    if not bool(data.gate_positive.any()):
-        raise ACEValueError(
-            f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
-            f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
-        )
-    gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
-    text_map, root, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
-
-    h, root = (text_map @ root).float(), root.float()
-    modules = attach.cross_attention_modules(unet)
-    names = sorted(modules)
-    weights = [attach._weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
-    bar.set_postfix_str("low-rank edits")
-    bar.update()
-    factors = low_rank_edits(weights, h, root, rank)
-    bar.update()
-    bar.close()
+    with tqdm(total=3, desc="ACE closed form", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("encoding prompts")
+        data = collect_fit_data(embedder, spec, settings)
+        if data.concept.shape[1] != d_text:
+            raise ACEValueError(
+                f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
+                f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
+            )
+        if not bool(data.gate_positive.any()):
+            raise ACEValueError(
+                f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
+                f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
+            )
+        bar.update()
+        bar.set_postfix_str("gate and text map")
+        negatives = torch.cat([data.concept[~data.gate_positive], data.others])
+        gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
+        text_map, root, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
+        bar.update()
+        bar.set_postfix_str("low-rank edits")
+        modules = attach.cross_attention_modules(unet)
+        names = sorted(modules)
+        weights = [attach._weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
+        factors = low_rank_edits(weights, (text_map @ root).float(), root.float(), rank)
+        bar.update()
     layers = {}
     for i, name in enumerate(names):
         (k_down, k_up), (v_down, v_up) = factors[2 * i], factors[2 * i + 1]

@@ -7,7 +7,7 @@ the rest of a one-concept fit. Each is stored once per text encoder as a small s
 pickle) with its prompt in the metadata, written atomically.
 
 The key is a *fingerprint* of the text encoder(s) and tokenizer(s): class, config, vocabulary size,
-every parameter's shape and a strided sample of its values (about 4096 per tensor). Fine-tuning, a
+special tokens, every parameter's shape and a strided sample of its values (about 4096 per tensor). Fine-tuning, a
 fused LoRA and textual inversion all change sampled values or shapes; an edit that touches only
 unsampled entries would not be noticed, so such edits should turn the cache off:
 ``ACE_DIFFUSERS_CACHE=off``. ``ACE_DIFFUSERS_CACHE=<dir>`` moves it (default
@@ -49,7 +49,8 @@ def fingerprint(embedder: TextEmbedder) -> str:
     """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
     digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} penultimate={embedder.penultimate}".encode())
     for tokenizer, encoder in embedder.encoders:
-        digest.update(f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length}".encode())
+        special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)  # padding decides far tokens
+        digest.update(f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length} {special}".encode())
         digest.update(f"{type(encoder).__name__} {encoder.config.to_json_string(use_diff=False)}".encode())
         for name, param in encoder.state_dict().items():
             flat = param.detach().reshape(-1)

@@ -1,5 +1,7 @@
 """The on-disk cache of preset prompt embeddings: reused across processes, keyed by the encoder's weights."""
 
+import copy
+
 import pytest
 import torch
 
@@ -85,3 +87,11 @@ def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="Could not write the embedding cache"):
         adapter = erase_concept(tiny_sd_pipeline(), "Van Gogh", kind="style", load=False)
     assert adapter.concepts == ["Van Gogh"]
+
+
+def test_a_different_padding_token_gets_its_own_entries(cache_dir):
+    pipe = tiny_sd_pipeline()
+    key = embedding_cache.fingerprint(TextEmbedder(pipe))
+    pipe.tokenizer = copy.deepcopy(pipe.tokenizer)  # the test tokenizer is shared by every tiny pipeline
+    pipe.tokenizer.pad_token = "!"  # SD2-style padding: every padded position reads another token
+    assert embedding_cache.fingerprint(TextEmbedder(pipe)) != key
