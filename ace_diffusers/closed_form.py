@@ -29,11 +29,12 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import attach, embedding_cache
@@ -93,23 +94,39 @@ def _encode_cached(
         entry = (signature, {}, {})
         _cache[encoder] = entry
     store: dict = entry[1]
-    on_disk = [job for job in dict.fromkeys(persistent) if job not in store]
-    disk_key = None
-    if on_disk and embedding_cache.cache_root() is not None:
+    use_disk = embedding_cache.cache_root() is not None
+
+    def disk_key() -> str:
         if "fingerprint" not in entry[2]:  # once per encoder and weight version
             entry[2]["fingerprint"] = embedding_cache.fingerprint(embedder)
-        disk_key = entry[2]["fingerprint"]
-        store.update(embedding_cache.load(disk_key, on_disk, embedder.device))
+        return entry[2]["fingerprint"]
+
+    on_disk = [job for job in dict.fromkeys(persistent) if job not in store]
+    if on_disk and use_disk:
+        store.update(embedding_cache.load(disk_key(), on_disk, embedder.device))
     missing = list(dict.fromkeys(job for job in jobs if job not in store))  # many concepts share one anchor
     if missing:
+        if "prefixes" not in entry[2]:  # the templates' prefixes, kept for every later fit (and process)
+            entry[2]["prefixes"] = (
+                embedding_cache.load_prefixes(disk_key(), len(embedder.encoders), embedder.device)
+                if use_disk else [{} for _ in embedder.encoders]
+            )
+        prefixes = entry[2]["prefixes"]
+        known = [set(p) for p in prefixes]
         encoded = embedder.encode(
-            [job[0] for job in missing], [job[1] for job in missing], extra_pad_tokens=[job[2] for job in missing]
+            [job[0] for job in missing],
+            [job[1] for job in missing],
+            extra_pad_tokens=[job[2] for job in missing],
+            prefix_stores=prefixes,
         )
         for job, enc in zip(missing, encoded, strict=True):
             store[job] = enc
-        if disk_key is not None:
+        if use_disk:
             not_on_disk = set(on_disk)
-            embedding_cache.save(disk_key, {job: store[job] for job in missing if job in not_on_disk})
+            embedding_cache.save(disk_key(), {job: store[job] for job in missing if job in not_on_disk})
+            embedding_cache.save_prefixes(
+                disk_key(), [{k: v for k, v in p.items() if k not in old} for p, old in zip(prefixes, known, strict=True)]
+            )
     result = [store[job] for job in jobs]
     if len(store) > 4096:
         for key in list(store)[: len(store) - 4096]:
@@ -160,11 +177,11 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         )
     unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
     others = [e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]
-    return FitData(
-        concept=torch.cat(concept_rows),
-        target=torch.cat(target_rows),
-        gate_positive=torch.cat(positive),
-        others=torch.cat(others),
+    return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
+        concept=torch.cat(concept_rows).cpu(),
+        target=torch.cat(target_rows).cpu(),
+        gate_positive=torch.cat(positive).cpu(),
+        others=torch.cat(others).cpu(),
     )
 
 
@@ -208,6 +225,53 @@ def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, 
 
 
 # ---------------------------------------------------------------------- gate
+def minimize_lbfgs(
+    objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndarray, iterations: int, history: int = 20
+) -> np.ndarray:
+    """Minimise a smooth convex ``objective(x) -> (value, gradient)`` by L-BFGS with Armijo backtracking.
+
+    For the gate's ~770-d problem ``torch.optim.LBFGS`` spends most of its time dispatching the ~100
+    tiny tensor operations of each iteration; the same two-loop recursion on NumPy vectors costs a
+    fraction of that, and the objective's two matrix-vector products dominate again.
+    """
+    value, grad = objective(x)
+    steps: list[np.ndarray] = []
+    changes: list[np.ndarray] = []
+    first_step = min(1.0, 1.0 / max(float(np.abs(grad).sum()), 1e-12))
+    for _ in range(iterations):
+        direction = grad.copy()  # two-loop recursion: direction = H grad, H the inverse-Hessian estimate
+        alphas = []
+        for s, y in zip(reversed(steps), reversed(changes), strict=True):
+            alpha = s.dot(direction) / s.dot(y)
+            alphas.append(alpha)
+            direction -= alpha * y
+        if steps:
+            direction *= steps[-1].dot(changes[-1]) / changes[-1].dot(changes[-1])
+        for s, y, alpha in zip(steps, changes, reversed(alphas), strict=True):
+            direction += (alpha - y.dot(direction) / s.dot(y)) * s
+        slope = -grad.dot(direction)
+        if slope >= 0:  # not a descent direction (rounding): restart from the gradient
+            direction, slope, steps, changes = grad.copy(), -grad.dot(grad), [], []
+        step = 1.0 if steps else first_step
+        while True:
+            x_new = x - step * direction
+            value_new, grad_new = objective(x_new)
+            if value_new <= value + 1e-4 * step * slope or step < 1e-10:
+                break
+            step *= 0.5
+        s, y = x_new - x, grad_new - grad
+        if s.dot(y) > 1e-10:  # keep only pairs with positive curvature
+            steps.append(s)
+            changes.append(y)
+            if len(steps) > history:
+                del steps[0], changes[0]
+        converged = np.abs(grad_new).max() <= 1e-9 or abs(value - value_new) <= 1e-12
+        x, value, grad = x_new, value_new, grad_new
+        if converged:
+            break
+    return x
+
+
 def fit_gate(
     positive: torch.Tensor, negative: torch.Tensor, *, ridge: float = 1e-3, iterations: int = 60
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -219,31 +283,28 @@ def fit_gate(
     Sharpening rescales the logit so that the 5th percentile of concept tokens and the 99.5th of the
     others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there.
     """
-    # float32 is plenty for a logistic regression on standardised features and halves the cost
-    x = torch.cat([positive, negative]).float()
-    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
-    sample_w = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))])
+    # float32 is plenty for the features (standardised); the optimiser's own state is float64. The two
+    # matrix-vector products stay in torch: NumPy's BLAS threads would spin and slow torch down after.
+    x = torch.cat([positive, negative]).float().cpu()
+    n_pos, n_all = len(positive), len(x)
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
-    weight = torch.zeros(z.shape[1], dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=iterations, history_size=20, tolerance_grad=1e-9,
-        tolerance_change=1e-12, line_search_fn="strong_wolfe",
-    )
+    y = np.zeros(n_all)
+    y[:n_pos] = 1.0
+    sample_w = np.where(y > 0, 0.5 / n_pos, 0.5 / (n_all - n_pos))  # each class weighs one half
 
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = z @ weight + bias
-        loss = (sample_w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
-        loss = loss + 0.5 * ridge * weight.pow(2).sum()
-        loss.backward()
-        return loss
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[:-1]
+        logits = torch.mv(z, torch.from_numpy(w.astype(np.float32))).numpy().astype(np.float64) + theta[-1]
+        loss = sample_w.dot(np.logaddexp(0.0, logits) - y * logits) + 0.5 * ridge * w.dot(w)
+        residual = sample_w * (0.5 * (1.0 + np.tanh(0.5 * logits)) - y)  # sigmoid(logits) - y, weighted
+        grad = np.empty_like(theta)
+        grad[:-1] = torch.mv(z.T, torch.from_numpy(residual.astype(np.float32))).numpy() + ridge * w
+        grad[-1] = residual.sum()
+        return float(loss), grad
 
-    with torch.enable_grad():
-        optimizer.step(objective)
-    theta = torch.cat([weight.detach(), bias.detach().reshape(1)]).double()
+    theta = torch.from_numpy(minimize_lbfgs(objective, np.zeros(z.shape[1] + 1), iterations))
     w = theta[:-1] / std.double()
     b = theta[-1] - (mean.double() * w).sum()
     logit_pos, logit_neg = positive.double() @ w + b, negative.double() @ w + b
@@ -269,11 +330,12 @@ def fit_gate(
 def solve_text_map(
     data: FitData, gate_w: torch.Tensor, gate_b: torch.Tensor, settings: FitSettings
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Return ``(G, L, stats)``: the closed-form text map and the Cholesky factor ``M = L Lᵀ``.
+    """Return ``(h, L, stats)``: the closed-form text map in the objective's metric, ``h = G L``, and
+    the Cholesky factor ``M = L Lᵀ``.
 
     Any square root ``S`` of ``M`` (``S Sᵀ = M``) gives the same objective ``||(Δ − Δ*) S||²``, so
     the triangular ``L`` stands in for the symmetric ``M^{1/2}``: it costs one Cholesky instead of an
-    eigendecomposition, and ``L⁻¹`` is applied by triangular solves.
+    eigendecomposition. Since ``G = R M⁻¹ = R L⁻ᵀ L⁻¹``, ``h = G L = R L⁻ᵀ`` is one triangular solve.
     """
     c, n, p = data.concept.float(), data.target.float(), data.others.float()
     g = torch.sigmoid(c @ gate_w.float() + gate_b.float())
@@ -283,23 +345,30 @@ def solve_text_map(
     m_other = (p.T @ p / len(p)).double()
     energy = (torch.trace(m_concept) + torch.trace(m_other)) / (2 * d)
     m = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
-    r = (((n - c) * g.unsqueeze(1)).T @ c / len(c)).double()
-    root = torch.linalg.cholesky(m)  # the ridge keeps M positive definite
-    text_map = torch.cholesky_solve(r.T.contiguous(), root).T  # R M⁻¹ (M symmetric)
-    moved = (c @ text_map.T.float()) * g.unsqueeze(1)
     wanted = n - c
+    r = ((wanted * g.unsqueeze(1)).T @ c / len(c)).double()
+    root = torch.linalg.cholesky(m)  # the ridge keeps M positive definite
+    h = torch.linalg.solve_triangular(root, r.T, upper=False).T  # R L⁻ᵀ
+    # statistics without N x d^2 work: G = h L⁻¹; tr(G M Gᵀ) = tr(G Rᵀ) = ||h||², so the concept residual
+    # Σ||g_i G c_i − (n_i − c_i)||² = Σ||n_i − c_i||² − N (||h||² + λ_p tr(G M_p Gᵀ) + λ E ||G||²)
+    text_map = torch.linalg.solve_triangular(root.T, h.T, upper=True).T
+    preserve_sq = float((p @ text_map.T.float()).norm()) ** 2
+    wanted_sq = float(wanted.norm()) ** 2
+    residual_sq = wanted_sq - len(c) * float(
+        h.pow(2).sum() + settings.preserve_weight * preserve_sq / len(p) + settings.ridge * energy * text_map.pow(2).sum()
+    )
     stats = {
-        "text_residual": float((moved - wanted).norm() / wanted.norm().clamp_min(1e-12)),
-        "preserve_drift": float((p @ text_map.T.float()).norm() / p.norm().clamp_min(1e-12)),
+        "text_residual": max(residual_sq, 0.0) ** 0.5 / max(wanted_sq ** 0.5, 1e-12),
+        "preserve_drift": preserve_sq ** 0.5 / max(float(p.norm()), 1e-12),
         "concept_tokens": int(len(c)),
         "other_tokens": int(len(p)),
     }
-    return text_map, root, stats
+    return h, root, stats
 
 
 def low_rank_edits(
     weights: list[torch.Tensor], h: torch.Tensor, root: torch.Tensor, rank: int,
-    *, seed: int = 0, power_iterations: int = 2, chunk_bytes: int = 64 * 2**20,
+    *, seed: int = 0, power_iterations: int = 2,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-``rank`` approximation of each ``Δ* = W G`` in the metric of the objective: ``(A, B)``.
 
@@ -307,46 +376,43 @@ def low_rank_edits(
     per projection; then ``B = U S`` and ``A = Vᵀ L⁻¹``. Every ``X`` has its rows in the row space of
     ``h``, so one *shared* sketch serves all layers: a randomized range finder (``power_iterations``)
     gives an orthonormal ``Q`` (d x k, ``k = 2·rank + 32``) spanning the top of that row space, and
-    each layer only needs the exact SVD of the small ``Y = W h Q`` (d_out x k), found from its k x k
-    (or d_out x d_out) Gram matrix in float64; right vectors are ``Q V_Y``. When ``k`` reaches the
-    text width, ``Q = I`` and the SVD is exact. Projections of equal shape run as one batch (at most
-    ``chunk_bytes`` of weights at a time).
+    each layer only needs the exact SVD of the small ``Y = W h Q = U S V_Yᵀ`` (d_out x k), found from
+    its k x k (or d_out x d_out) Gram matrix in float64 (layers of equal shape as one batch). Right
+    vectors are ``Q V_Y``, so ``A = V_Yᵀ (L⁻ᵀ Q)ᵀ`` with ``L⁻ᵀ Q`` solved once for all layers. When
+    ``k`` reaches the text width, ``Q = I`` and the SVD is exact.
     """
     d = h.shape[1]
     k = min(d, 2 * rank + 32)
-    shared_q = None
     if k < d:
         generator = torch.Generator().manual_seed(seed)
-        shared_q = torch.linalg.qr(h.T @ torch.randn(h.shape[0], k, generator=generator)).Q  # row space of h
+        basis = torch.linalg.qr(h.T @ torch.randn(h.shape[0], k, generator=generator)).Q  # row space of h
         for _ in range(power_iterations):
-            shared_q = torch.linalg.qr(h.T @ torch.linalg.qr(h @ shared_q).Q).Q
-    h_q = h if shared_q is None else h @ shared_q  # (d, k)
+            basis = torch.linalg.qr(h.T @ torch.linalg.qr(h @ basis).Q).Q
+    else:
+        basis = torch.eye(d, dtype=h.dtype)
+    h_q = h @ basis  # (d, k)
+    down_basis = torch.linalg.solve_triangular(root.T, basis, upper=True)  # L⁻ᵀ Q: (d, k)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, w in enumerate(weights):
         by_shape.setdefault(tuple(w.shape), []).append(i)
     for (d_out, _), members in by_shape.items():
-        per_chunk = max(1, chunk_bytes // (d_out * d * 4))
-        for start in range(0, len(members), per_chunk):
-            idx = members[start : start + per_chunk]
-            y = torch.stack([weights[i].float() for i in idx]) @ h_q  # (B, d_out, k)
-            keep = min(rank, d_out, k)
-            if k <= d_out:  # SVD from the right Gram matrix YᵀY = V S² Vᵀ
-                values, vectors = torch.linalg.eigh(y.mT.double() @ y.double())
-                right = vectors.flip(-1)[..., :keep].float()  # (B, k, keep), by decreasing singular value
-                up = y @ right  # U S
-            else:  # from the left one, Y Yᵀ = U S² Uᵀ
-                values, vectors = torch.linalg.eigh(y.double() @ y.mT.double())
-                sigma = values.flip(-1)[..., :keep].clamp_min(0).sqrt()
-                left = vectors.flip(-1)[..., :keep]
-                up = (left * sigma[..., None, :]).float()
-                alive = sigma > sigma[..., :1] * 1e-6  # directions with no energy get no right vector
-                right = ((y.mT.double() @ left) / torch.where(alive, sigma, torch.inf)[..., None, :]).float()
-            if shared_q is not None:
-                right = shared_q @ right  # back to text space: (B, d, keep)
-            down = torch.linalg.solve_triangular(root, right.mT, upper=False, left=False)  # Vᵀ L⁻¹
-            for row, i in enumerate(idx):
-                out[i] = (down[row].contiguous(), up[row].contiguous())
+        y = torch.stack([weights[i].float() @ h_q for i in members])  # (B, d_out, k); W itself is never copied
+        keep = min(rank, d_out, k)
+        if k <= d_out:  # SVD from the right Gram matrix YᵀY = V S² Vᵀ
+            values, vectors = torch.linalg.eigh(y.mT.double() @ y.double())
+            right = vectors.flip(-1)[..., :keep].float()  # (B, k, keep), by decreasing singular value
+            up = y @ right  # U S
+        else:  # from the left one, Y Yᵀ = U S² Uᵀ
+            values, vectors = torch.linalg.eigh(y.double() @ y.mT.double())
+            sigma = values.flip(-1)[..., :keep].clamp_min(0).sqrt()
+            left = vectors.flip(-1)[..., :keep]
+            up = (left * sigma[..., None, :]).float()
+            alive = sigma > sigma[..., :1] * 1e-6  # directions with no energy get no right vector
+            right = ((y.mT.double() @ left) / torch.where(alive, sigma, torch.inf)[..., None, :]).float()
+        down = (down_basis @ right).mT  # V_Yᵀ (L⁻ᵀ Q)ᵀ = Vᵀ L⁻¹: (B, keep, d)
+        for row, i in enumerate(members):
+            out[i] = (down[row].contiguous(), up[row].contiguous())
     return out  # type: ignore[return-value]
 
 
@@ -382,13 +448,13 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
         bar.set_postfix_str("gate and text map")
         negatives = torch.cat([data.concept[~data.gate_positive], data.others])
         gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
-        text_map, root, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
+        h, root, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
         bar.update()
         bar.set_postfix_str("low-rank edits")
         modules = attach.cross_attention_modules(unet)
         names = sorted(modules)
         weights = [attach._weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
-        factors = low_rank_edits(weights, (text_map @ root).float(), root.float(), rank)
+        factors = low_rank_edits(weights, h.float(), root.float(), rank)
         bar.update()
     layers = {}
     for i, name in enumerate(names):

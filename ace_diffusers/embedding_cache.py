@@ -12,6 +12,10 @@ fused LoRA and textual inversion all change sampled values or shapes; an edit th
 unsampled entries would not be noticed, so such edits should turn the cache off:
 ``ACE_DIFFUSERS_CACHE=off``. ``ACE_DIFFUSERS_CACHE=<dir>`` moves it (default
 ``$XDG_CACHE_HOME/ace_diffusers`` or ``~/.cache/ace_diffusers``).
+
+The templates' shared prefixes (``"a painting in the style of"``) are kept the same way, as each
+encoder layer's keys and values (:func:`.text.encode_with_shared_prefixes`), so a new process does
+not re-run them for every concept prompt either (~75 KB per prefix token at CLIP-L size).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as to_safetensors_bytes
 
-from .text import EncodedPrompt, TextEmbedder
+from .text import EncodedPrompt, PrefixStore, TextEmbedder
 
 SAMPLES_PER_TENSOR = 4096
 FORMAT = 1
@@ -105,6 +109,58 @@ def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
             partial.write_bytes(to_safetensors_bytes({"embeddings": enc.embeddings.detach().float().cpu().contiguous()}, metadata=meta))
             os.replace(partial, path)
             written += 1
+    except OSError as error:
+        warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=3)
+    return written
+
+
+def _prefix_file(root: Path, key: str, encoder_index: int, prefix: tuple) -> Path:
+    name = hashlib.sha256(json.dumps([encoder_index, *prefix]).encode()).hexdigest()[:32]
+    return root / "prefixes" / key / f"{encoder_index}-{name}.safetensors"
+
+
+def load_prefixes(embedder_key: str, n_encoders: int, device: torch.device | str = "cpu") -> list[PrefixStore]:
+    """Every stored template prefix of this text encoder fingerprint, one store per encoder."""
+    stores: list[PrefixStore] = [{} for _ in range(n_encoders)]
+    root = cache_root()
+    folder = None if root is None else root / "prefixes" / embedder_key
+    if folder is None or not folder.is_dir():
+        return stores
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata()
+                index, prefix = int(meta["encoder"]), tuple(json.loads(meta["prefix"]))
+                keys, values = fh.get_tensor("keys").to(device), fh.get_tensor("values").to(device)
+                output = fh.get_tensor("output").to(device)
+            if 0 <= index < n_encoders and path == _prefix_file(root, embedder_key, index, prefix):
+                stores[index][prefix] = (output, list(zip(keys.unbind(0), values.unbind(0), strict=True)))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=3)
+    return stores
+
+
+def save_prefixes(embedder_key: str, new: list[PrefixStore]) -> int:
+    """Store each new prefix's per-layer keys/values and output (atomic, like :func:`save`)."""
+    root = cache_root()
+    if root is None or not any(new):
+        return 0
+    written = 0
+    try:
+        for index, store in enumerate(new):
+            for prefix, (output, layer_kv) in store.items():
+                path = _prefix_file(root, embedder_key, index, prefix)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tensors = {
+                    "output": output.detach().float().cpu().contiguous(),
+                    "keys": torch.stack([k for k, _ in layer_kv]).detach().cpu().contiguous(),
+                    "values": torch.stack([v for _, v in layer_kv]).detach().cpu().contiguous(),
+                }
+                meta = {"encoder": str(index), "prefix": json.dumps(list(prefix)), "format": str(FORMAT)}
+                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+                partial.write_bytes(to_safetensors_bytes(tensors, metadata=meta))
+                os.replace(partial, path)
+                written += 1
     except OSError as error:
         warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=3)
     return written

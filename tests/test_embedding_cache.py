@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ace_diffusers import closed_form, embedding_cache, erase_concept
-from ace_diffusers.testing import tiny_sd_pipeline
+from ace_diffusers import text as text_module
+from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ace_diffusers.text import TextEmbedder
 
 
@@ -46,6 +47,27 @@ def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch)
     assert encoded and all("Van Gogh" in p for p in encoded)  # only the concept's own prompts were encoded
     assert relative_gap(second, first) < 1e-3  # float rounding only (the batches differ)
     assert cached_files(cache_dir) == files  # nothing rewritten
+
+
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatch, builder):
+    """The templates' prefixes are computed once (keys/values of every layer) and read back from disk."""
+    pipe = builder()
+    first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    prefix_files = sorted((cache_dir / "prefixes").rglob("*.safetensors"))
+    n_encoders = len(TextEmbedder(pipe).encoders)
+    assert len(prefix_files) == 5 * n_encoders  # the style templates whose prefix has >= 2 tokens, per encoder
+    closed_form._cache.clear()  # what a new process starts with
+    passes = []
+    original = text_module._run_layers
+    monkeypatch.setattr(text_module, "_run_layers", lambda *a: passes.append(a[-1]) or original(*a))
+    second = erase_concept(pipe, "Claude Monet", kind="style", load=False)
+    assert passes and all(prefix_kv is not None for prefix_kv in passes)  # no prefix pass: every tail reads stored ones
+    assert sorted((cache_dir / "prefixes").rglob("*.safetensors")) == prefix_files
+    closed_form._cache.clear()
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")  # the same fit computed from scratch
+    fresh = erase_concept(pipe, "Claude Monet", kind="style", load=False)
+    assert relative_gap(second, fresh) < 1e-3 and relative_gap(first, fresh) > 0.01
 
 
 def test_changed_weights_get_their_own_entries(cache_dir):
