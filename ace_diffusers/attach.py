@@ -36,6 +36,11 @@ def cross_attention_modules(unet: nn.Module) -> dict[str, Attention]:
     return {name: m for name, m in attention_modules(unet).items() if m.is_cross_attention}
 
 
+def has_cross_attention(unet: nn.Module) -> bool:
+    """Whether any attention module reads text embeddings (stops at the first one found)."""
+    return any(isinstance(m, Attention) and m.is_cross_attention for m in compat.unwrap_model(unet).modules())
+
+
 def layer_shapes(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
     """``{layer name: (d_text, d_k, d_v)}`` for every cross-attention layer: the architecture fingerprint."""
     shapes = {}

@@ -70,6 +70,7 @@ class FitData:
     target: torch.Tensor  # (N, d) n_i
     gate_positive: torch.Tensor  # (N,) bool: c_i carries the concept
     others: torch.Tensor  # (N_p, d) tokens of neutral, preservation and unrelated prompts
+    others_moment: torch.Tensor | None = None  # (d, d) float64 ``others.T @ others / N_p``, if already known
 
 
 # ---------------------------------------------------------------------- embeddings
@@ -176,12 +177,20 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
             "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
         )
     unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
-    others = [e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]
+    others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
+    # the second moment of the other tokens is the same for every fit of a kind: keep it with the embeddings
+    moments = _cache[embedder.encoders[0][1]][2].setdefault("moments", {})
+    moment_key = (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs)))
+    if moment_key not in moments:
+        moments[moment_key] = (others.T @ others / len(others)).double()
+        while len(moments) > 16:
+            del moments[next(iter(moments))]
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
         concept=torch.cat(concept_rows).cpu(),
         target=torch.cat(target_rows).cpu(),
         gate_positive=torch.cat(positive).cpu(),
-        others=torch.cat(others).cpu(),
+        others=others,
+        others_moment=moments[moment_key],
     )
 
 
@@ -342,7 +351,7 @@ def solve_text_map(
     d = c.shape[1]
     # the N x d^2 accumulations run in float32; the d x d algebra below in float64
     m_concept = ((c * (g * g).unsqueeze(1)).T @ c / len(c)).double()
-    m_other = (p.T @ p / len(p)).double()
+    m_other = data.others_moment if data.others_moment is not None else (p.T @ p / len(p)).double()
     energy = (torch.trace(m_concept) + torch.trace(m_other)) / (2 * d)
     m = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
     wanted = n - c
@@ -352,7 +361,8 @@ def solve_text_map(
     # statistics without N x d^2 work: G = h L⁻¹; tr(G M Gᵀ) = tr(G Rᵀ) = ||h||², so the concept residual
     # Σ||g_i G c_i − (n_i − c_i)||² = Σ||n_i − c_i||² − N (||h||² + λ_p tr(G M_p Gᵀ) + λ E ||G||²)
     text_map = torch.linalg.solve_triangular(root.T, h.T, upper=True).T
-    preserve_sq = float((p @ text_map.T.float()).norm()) ** 2
+    g32 = text_map.float()
+    preserve_sq = len(p) * float(((g32 @ m_other.float()) * g32).sum().clamp_min(0))  # ||p Gᵀ||² = N_p tr(G M_p Gᵀ)
     wanted_sq = float(wanted.norm()) ** 2
     residual_sq = wanted_sq - len(c) * float(
         h.pow(2).sum() + settings.preserve_weight * preserve_sq / len(p) + settings.ridge * energy * text_map.pow(2).sum()
@@ -377,7 +387,8 @@ def low_rank_edits(
     ``h``, so one *shared* sketch serves all layers: a randomized range finder (``power_iterations``)
     gives an orthonormal ``Q`` (d x k, ``k = 2·rank + 32``) spanning the top of that row space, and
     each layer only needs the exact SVD of the small ``Y = W h Q = U S V_Yᵀ`` (d_out x k), found from
-    its k x k (or d_out x d_out) Gram matrix in float64 (layers of equal shape as one batch). Right
+    its k x k (or d_out x d_out) Gram matrix (accumulated in float32, decomposed in float64; layers of
+    equal shape as one batch). Right
     vectors are ``Q V_Y``, so ``A = V_Yᵀ (L⁻ᵀ Q)ᵀ`` with ``L⁻ᵀ Q`` solved once for all layers. When
     ``k`` reaches the text width, ``Q = I`` and the SVD is exact.
     """
@@ -400,11 +411,11 @@ def low_rank_edits(
         y = torch.stack([weights[i].float() @ h_q for i in members])  # (B, d_out, k); W itself is never copied
         keep = min(rank, d_out, k)
         if k <= d_out:  # SVD from the right Gram matrix YᵀY = V S² Vᵀ
-            values, vectors = torch.linalg.eigh(y.mT.double() @ y.double())
+            values, vectors = torch.linalg.eigh((y.mT @ y).double())
             right = vectors.flip(-1)[..., :keep].float()  # (B, k, keep), by decreasing singular value
             up = y @ right  # U S
         else:  # from the left one, Y Yᵀ = U S² Uᵀ
-            values, vectors = torch.linalg.eigh(y.double() @ y.mT.double())
+            values, vectors = torch.linalg.eigh((y @ y.mT).double())
             sigma = values.flip(-1)[..., :keep].clamp_min(0).sqrt()
             left = vectors.flip(-1)[..., :keep]
             up = (left * sigma[..., None, :]).float()
@@ -425,8 +436,9 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
     """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline)."""
     started = time.perf_counter()
     unet = get_unet(pipe)
-    shapes = attach.layer_shapes(unet)
-    d_text = next(iter(shapes.values()))[0]
+    modules = attach.cross_attention_modules(unet)
+    names = sorted(modules)
+    d_text = attach._weight(modules[names[0]].to_k).shape[1]
     rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
     _check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
@@ -451,8 +463,6 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
         h, root, edit_stats = solve_text_map(data, gate_w, gate_b, settings)
         bar.update()
         bar.set_postfix_str("low-rank edits")
-        modules = attach.cross_attention_modules(unet)
-        names = sorted(modules)
         weights = [attach._weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
         factors = low_rank_edits(weights, h.float(), root.float(), rank)
         bar.update()

@@ -30,7 +30,7 @@ def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
     if isinstance(pipe_or_unet, UNet2DConditionModel):
         return pipe_or_unet
     unet = getattr(pipe_or_unet, "unet", None)
-    if isinstance(unet, nn.Module) and attach.cross_attention_modules(unet):
+    if isinstance(unet, nn.Module) and attach.has_cross_attention(unet):
         return unet
     raise ACECompatibilityError(
         f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
