@@ -143,3 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
