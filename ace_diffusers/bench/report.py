@@ -233,8 +233,9 @@ def speed_markdown(result: dict[str, Any], image_dir: str = "images") -> list[st
     lines = ["## 2. Speed", "", f"Measured in {speed['seconds']:.0f} s.", "",
              "### Closed form at SD1.5 shape", "",
              f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each timing "
-             "fits concepts not seen before. Cold = nothing cached (every preset prompt encoded; for 1 concept also "
-             "the process's first fit); new process = preset-prompt embeddings read from the on-disk cache; warm = "
+             "fits concepts not seen before, after one untimed warm-up fit (a process's first fit also pays its "
+             "start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached (every preset "
+             "prompt encoded); new process = preset-prompt embeddings read from the on-disk cache; warm = "
              "cached in memory too (a second fit in the same process).", ""]
     has_new = all("new_process_seconds" in r for r in cf["rows"])
     head = ["concepts", "rank", "cold s", "cold s/concept"] + (["new process s", "new process s/concept"] if has_new else [])
