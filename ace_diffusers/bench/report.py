@@ -235,8 +235,13 @@ def speed_markdown(result: dict[str, Any], image_dir: str = "images") -> list[st
              f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each timing "
              "fits concepts not seen before, after one untimed warm-up fit (a process's first fit also pays its "
              "start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached (every preset "
-             "prompt encoded); new process = preset-prompt embeddings read from the on-disk cache; warm = "
-             "cached in memory too (a second fit in the same process).", ""]
+             "prompt encoded); new process = preset-prompt embeddings and template prefixes read from the on-disk "
+             "cache; warm = "
+             "cached in memory too (a second fit in the same process)."
+             + "".join(f" The {r['concepts']}-concept timings are medians of {r['fits_per_timing']} fits, each of a new "
+                       f"concept (cold range {r['cold_seconds_range'][0]}–{r['cold_seconds_range'][1]} s, warm range "
+                       f"{r['warm_seconds_range'][0]}–{r['warm_seconds_range'][1]} s)."
+                       for r in cf["rows"] if r.get("fits_per_timing", 1) > 1 and "warm_seconds_range" in r), ""]
     has_new = all("new_process_seconds" in r for r in cf["rows"])
     head = ["concepts", "rank", "cold s", "cold s/concept"] + (["new process s", "new process s/concept"] if has_new else [])
     lines += _table(head + ["warm s", "warm s/concept", "adapter MB (fp16)"],
