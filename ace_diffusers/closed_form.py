@@ -86,8 +86,9 @@ def _encode_cached(
     ``persistent`` jobs (those that do not depend on the concept) are also kept on disk across
     processes (:mod:`.embedding_cache`)."""
     encoder = embedder.encoders[0][1]
-    signature = tuple(
-        (len(tok), sum(p._version for p in enc.parameters()), sum(1 for _ in enc.parameters()))
+    signature = tuple(  # in-place edits bump versions; .to(dtype/device) does not, so those are part of it too
+        (len(tok), sum(p._version for p in enc.parameters()), sum(1 for _ in enc.parameters()),
+         str(next(enc.parameters()).dtype), str(next(enc.parameters()).device))
         for tok, enc in embedder.encoders
     )
     entry = _cache.get(encoder)
@@ -109,7 +110,7 @@ def _encode_cached(
     if missing:
         if "prefixes" not in entry[2]:  # the templates' prefixes, kept for every later fit (and process)
             entry[2]["prefixes"] = (
-                embedding_cache.load_prefixes(disk_key(), len(embedder.encoders), embedder.device)
+                embedding_cache.load_prefixes(disk_key(), [next(enc.parameters()) for _, enc in embedder.encoders])
                 if use_disk else [{} for _ in embedder.encoders]
             )
         prefixes = entry[2]["prefixes"]
@@ -183,7 +184,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     moment_key = (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs)))
     if moment_key not in moments:
         moments[moment_key] = (others.T @ others / len(others)).double()
-        while len(moments) > 16:
+        while len(moments) > 4:  # d x d float64 each (32 MB at SDXL's 2048)
             del moments[next(iter(moments))]
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
         concept=torch.cat(concept_rows).cpu(),

@@ -119,8 +119,10 @@ def _prefix_file(root: Path, key: str, encoder_index: int, prefix: tuple) -> Pat
     return root / "prefixes" / key / f"{encoder_index}-{name}.safetensors"
 
 
-def load_prefixes(embedder_key: str, n_encoders: int, device: torch.device | str = "cpu") -> list[PrefixStore]:
-    """Every stored template prefix of this text encoder fingerprint, one store per encoder."""
+def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixStore]:
+    """Every stored template prefix of this text encoder fingerprint, one store per encoder, each on the
+    dtype and device of its encoder (``like``: one parameter of each)."""
+    n_encoders = len(like)
     stores: list[PrefixStore] = [{} for _ in range(n_encoders)]
     root = cache_root()
     folder = None if root is None else root / "prefixes" / embedder_key
@@ -131,10 +133,13 @@ def load_prefixes(embedder_key: str, n_encoders: int, device: torch.device | str
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata()
                 index, prefix = int(meta["encoder"]), tuple(json.loads(meta["prefix"]))
-                keys, values = fh.get_tensor("keys").to(device), fh.get_tensor("values").to(device)
-                output = fh.get_tensor("output").to(device)
-            if 0 <= index < n_encoders and path == _prefix_file(root, embedder_key, index, prefix):
-                stores[index][prefix] = (output, list(zip(keys.unbind(0), values.unbind(0), strict=True)))
+                if not 0 <= index < n_encoders or path != _prefix_file(root, embedder_key, index, prefix):
+                    continue
+                ref = like[index]
+                keys = fh.get_tensor("keys").to(ref.device, ref.dtype)
+                values = fh.get_tensor("values").to(ref.device, ref.dtype)
+                output = fh.get_tensor("output").to(ref.device, ref.dtype)
+            stores[index][prefix] = (output, list(zip(keys.unbind(0), values.unbind(0), strict=True)))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=3)
     return stores

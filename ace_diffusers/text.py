@@ -231,7 +231,7 @@ def encode_with_shared_prefixes(
     if new:
         pieces = sorted(new)
         ids, positions, segment = _packed([[(list(key[1:]), 0, j) for j, key in enumerate(pieces)]], device)
-        out, kv = _run_layers(model, layers, finish, ids, positions, _block_causal(segment), None)
+        out, kv = _run_layers(model, layers, finish, ids, positions, _block_causal(segment), None, keep_kv=True)
         at = 0
         for key in pieces:
             n = len(key) - 1
@@ -334,7 +334,7 @@ def _block_causal(segment: torch.Tensor) -> torch.Tensor:
 
 def _run_layers(
     model: nn.Module, layers: nn.ModuleList, finish, ids: torch.Tensor, positions: torch.Tensor,
-    allowed: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    allowed: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, *, keep_kv: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The CLIP text transformer on packed ``ids``: its output and each layer's keys/values. Each
     layer's ``prefix_kv`` (one packed sequence, seen by every row through ``allowed``) comes first."""
@@ -344,7 +344,8 @@ def _run_layers(
     for layer_index, layer in enumerate(layers):
         normed = layer.layer_norm1(hidden)
         q, k, v = (_heads(proj(normed), layer.self_attn.head_dim) for proj in _qkv(layer))
-        kv.append((k, v))
+        if keep_kv:  # only the prefix pass needs them afterwards
+            kv.append((k, v))
         if prefix_kv is not None:
             k_prefix, v_prefix = prefix_kv[layer_index]
             k = torch.cat([k_prefix.expand(k.shape[0], -1, -1, -1), k], dim=2)

@@ -60,7 +60,7 @@ def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatc
     closed_form._cache.clear()  # what a new process starts with
     passes = []
     original = text_module._run_layers
-    monkeypatch.setattr(text_module, "_run_layers", lambda *a: passes.append(a[-1]) or original(*a))
+    monkeypatch.setattr(text_module, "_run_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k))
     second = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert passes and all(prefix_kv is not None for prefix_kv in passes)  # no prefix pass: every tail reads stored ones
     assert sorted((cache_dir / "prefixes").rglob("*.safetensors")) == prefix_files
@@ -68,6 +68,17 @@ def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatc
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")  # the same fit computed from scratch
     fresh = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert relative_gap(second, fresh) < 1e-3 and relative_gap(first, fresh) > 0.01
+
+
+def test_a_text_encoder_moved_to_another_dtype_does_not_reuse_kept_prefixes(cache_dir):
+    """``.to(dtype)`` leaves weight versions alone; the in-memory cache must still start afresh."""
+    pipe = tiny_sd_pipeline()
+    erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    pipe.text_encoder.to(torch.bfloat16)
+    adapter = erase_concept(pipe, "Claude Monet", kind="style", load=False)
+    assert torch.isfinite(factors(adapter)).all()
+    stores = closed_form._cache[pipe.text_encoder][2]["prefixes"]
+    assert stores[0] and all(out.dtype == torch.bfloat16 for out, _ in stores[0].values())
 
 
 def test_changed_weights_get_their_own_entries(cache_dir):
