@@ -64,6 +64,22 @@ def fingerprint(embedder: TextEmbedder) -> str:
     return digest.hexdigest()[:32]
 
 
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A temporary file renamed into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(to_safetensors_bytes(tensors, metadata=meta))
+    os.replace(partial, path)
+
+
+def _warn_unreadable(path: Path, error: Exception) -> None:
+    warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=4)
+
+
+def _warn_unwritable(root: Path, error: Exception) -> None:
+    warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=4)
+
+
 def _file(root: Path, key: str, job: Job) -> Path:
     name = hashlib.sha256(json.dumps(list(job)).encode()).hexdigest()[:32]
     return root / "embeddings" / key / f"{name}.safetensors"
@@ -88,7 +104,7 @@ def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu")
                 out[job] = EncodedPrompt(job[0], fh.get_tensor("embeddings").to(device),
                                          tuple(span) if span is not None else None, int(meta["length"]))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=3)
+            _warn_unreadable(path, error)
     return out
 
 
@@ -102,15 +118,12 @@ def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
     try:
         for job, enc in encoded.items():
             path = _file(root, embedder_key, job)
-            path.parent.mkdir(parents=True, exist_ok=True)
             meta = {"job": json.dumps(list(job)), "span": json.dumps(list(enc.span) if enc.span is not None else None),
                     "length": str(enc.length), "format": str(FORMAT)}
-            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            partial.write_bytes(to_safetensors_bytes({"embeddings": enc.embeddings.detach().float().cpu().contiguous()}, metadata=meta))
-            os.replace(partial, path)
+            _write_atomic(path, {"embeddings": enc.embeddings.detach().float().cpu().contiguous()}, meta)
             written += 1
     except OSError as error:
-        warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=3)
+        _warn_unwritable(root, error)
     return written
 
 
@@ -141,7 +154,7 @@ def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixSto
                 output = fh.get_tensor("output").to(ref.device, ref.dtype)
             stores[index][prefix] = (output, list(zip(keys.unbind(0), values.unbind(0), strict=True)))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=3)
+            _warn_unreadable(path, error)
     return stores
 
 
@@ -155,17 +168,14 @@ def save_prefixes(embedder_key: str, new: list[PrefixStore]) -> int:
         for index, store in enumerate(new):
             for prefix, (output, layer_kv) in store.items():
                 path = _prefix_file(root, embedder_key, index, prefix)
-                path.parent.mkdir(parents=True, exist_ok=True)
                 tensors = {
                     "output": output.detach().float().cpu().contiguous(),
                     "keys": torch.stack([k for k, _ in layer_kv]).detach().cpu().contiguous(),
                     "values": torch.stack([v for _, v in layer_kv]).detach().cpu().contiguous(),
                 }
                 meta = {"encoder": str(index), "prefix": json.dumps(list(prefix)), "format": str(FORMAT)}
-                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-                partial.write_bytes(to_safetensors_bytes(tensors, metadata=meta))
-                os.replace(partial, path)
+                _write_atomic(path, tensors, meta)
                 written += 1
     except OSError as error:
-        warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=3)
+        _warn_unwritable(root, error)
     return written

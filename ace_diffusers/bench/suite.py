@@ -80,9 +80,8 @@ def efficacy_plan(quick: bool, overrides: dict[str, Any] | None = None) -> Any:
 
 
 def _closed_form_in_fresh_process(counts: tuple[int, ...]) -> dict[str, Any]:
-    """The closed-form timings from a new Python process: what a user's process pays, without the memory,
-    threads and caches the efficacy section leaves behind in this one (in one run they slowed the
-    100-concept fit from 14 s to 19 s)."""
+    """The closed-form timings from a new Python process: what a user's process pays, whatever memory,
+    threads and caches the efficacy section left behind in this one."""
     with tempfile.TemporaryDirectory(prefix="ace-bench-speed-") as tmp:
         path = Path(tmp) / "closed_form.json"
         subprocess.run(
