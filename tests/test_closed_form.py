@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from ace_diffusers import ACEAdapterNameError, ACEValueError, erase_concept
 from ace_diffusers import text as text_module
 from ace_diffusers.attach import cross_attention_modules
-from ace_diffusers.closed_form import align_tokens, low_rank_edits
+from ace_diffusers.closed_form import FitData, FitSettings, align_tokens, low_rank_edits, solve_text_map
 from ace_diffusers.presets import load_presets
 from ace_diffusers.processor import get_stack
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -330,3 +332,32 @@ def test_low_rank_edits_are_the_best_rank_r_edit_in_the_objective_metric():
         best = ((u[:, :rank] * s[:rank]) @ vh[:rank] - target @ root).norm()
         ours = ((up @ down - target) @ root).norm()
         assert ours <= best * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("concept_tokens", [10, 40], ids=["fewer-tokens-than-dims", "more-tokens-than-dims"])
+def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
+    """h = G L with G = R M⁻¹ (both solve routes), and the statistics equal their explicit sums."""
+    gen = torch.Generator().manual_seed(1)
+    d = 24
+    concept = torch.randn(concept_tokens, d, generator=gen) + 2.0
+    target = concept + 0.3 * torch.randn(concept_tokens, d, generator=gen)
+    others = torch.randn(60, d, generator=gen) + 1.0
+    data = FitData(concept, target, torch.ones(concept_tokens, dtype=torch.bool), others)
+    settings = FitSettings()
+    gate_w, gate_b = 0.05 * torch.randn(d, generator=gen), torch.tensor([0.5])
+    h, root, stats = solve_text_map(data, gate_w, gate_b, settings)
+
+    c, n, p = concept.double(), target.double(), others.double()
+    g = torch.sigmoid(c @ gate_w.double() + gate_b.double())
+    m_concept, m_other = (c * g[:, None] ** 2).T @ c / len(c), p.T @ p / len(p)
+    energy = (m_concept.trace() + m_other.trace()) / (2 * d)
+    metric = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
+    text_map = ((n - c) * g[:, None]).T @ c / len(c) @ torch.linalg.inv(metric)
+    torch.testing.assert_close(root @ root.T, metric, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(h.double(), text_map @ root, rtol=1e-4, atol=1e-6)
+    residual = (g[:, None] * (c @ text_map.T) - (n - c)).norm() / (n - c).norm()
+    assert stats["text_residual"] == pytest.approx(float(residual), rel=1e-3)
+    assert stats["preserve_drift"] == pytest.approx(float((p @ text_map.T).norm() / p.norm()), rel=1e-3)
+    assert stats["concept_tokens"] == concept_tokens and stats["other_tokens"] == 60
+    moment_given = dataclasses.replace(data, others_moment=m_other)
+    torch.testing.assert_close(solve_text_map(moment_given, gate_w, gate_b, settings)[0], h, rtol=1e-4, atol=1e-6)
