@@ -180,10 +180,17 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
     others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
     # the second moment of the other tokens is the same for every fit of a kind: keep it with the embeddings
-    moments = _cache[embedder.encoders[0][1]][2].setdefault("moments", {})
+    entry = _cache[embedder.encoders[0][1]][2]
+    moments = entry.setdefault("moments", {})
     moment_key = (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs)))
     if moment_key not in moments:
-        moments[moment_key] = (others.T @ others / len(others)).double()
+        jobs = [list(job) for part in moment_key for job in part]
+        stored = embedding_cache.load_moment(entry["fingerprint"], jobs) if "fingerprint" in entry else None
+        if stored is None or stored.shape != (others.shape[1],) * 2:
+            stored = others.T @ others / len(others)  # float32 accumulation, as stored
+            if "fingerprint" in entry:
+                embedding_cache.save_moment(entry["fingerprint"], jobs, stored)
+        moments[moment_key] = stored.double()
         while len(moments) > 4:  # d x d float64 each (32 MB at SDXL's 2048)
             del moments[next(iter(moments))]
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)

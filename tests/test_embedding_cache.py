@@ -49,6 +49,22 @@ def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch)
     assert cached_files(cache_dir) == files  # nothing rewritten
 
 
+def test_a_new_process_reads_the_other_tokens_second_moment_from_disk(cache_dir, monkeypatch):
+    """The d x d second moment of the kind's other tokens is stored once and read back, not recomputed."""
+    pipe = tiny_sd_pipeline()
+    erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    (kept,) = closed_form._cache[pipe.text_encoder][2]["moments"].values()
+    assert len(sorted((cache_dir / "moments").rglob("*.safetensors"))) == 1
+    closed_form._cache.clear()  # what a new process starts with
+    loaded = []
+    original = embedding_cache.load_moment
+    monkeypatch.setattr(embedding_cache, "load_moment", lambda *a: loaded.append(original(*a)) or loaded[-1])
+    erase_concept(pipe, "Zed Zulu", kind="style", load=False)  # another concept, the same preset prompts
+    assert len(loaded) == 1 and loaded[0] is not None
+    torch.testing.assert_close(loaded[0].double(), kept, rtol=0, atol=0)
+    assert len(sorted((cache_dir / "moments").rglob("*.safetensors"))) == 1
+
+
 @pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
 def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatch, builder):
     """The templates' prefixes are computed once (keys/values of every layer) and read back from disk."""
