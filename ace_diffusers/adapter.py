@@ -366,7 +366,7 @@ def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
         for key, t in f.tensors().items():
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ACEAdapterFormatError(f"Layer '{name}': tensor '{key}' must be a floating-point tensor.")
-            if not bool(torch.isfinite(t).all()):
+            if not bool(torch.isfinite(t.sum(dtype=torch.float64))):  # NaN/Inf reach the sum; float64 cannot overflow
                 raise ACEAdapterFormatError(
                     f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."
                 )

@@ -67,14 +67,16 @@ class TextEmbedder:
         return next(self.encoders[0][1].parameters()).device
 
     def _tokenize(self, tokenizer, prompts: list[str]) -> dict:
-        return tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-            return_offsets_mapping=True,
+        """Ids and mask as tensors, character offsets as lists (turning the nested offset lists into a
+        tensor cost more than the tokenizer itself)."""
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_offsets_mapping=True
         )
+        return {
+            "input_ids": torch.tensor(tokens["input_ids"]),
+            "attention_mask": torch.tensor(tokens["attention_mask"]),
+            "offset_mapping": tokens["offset_mapping"],
+        }
 
     @torch.no_grad()
     def encode(
@@ -159,7 +161,7 @@ class TextEmbedder:
         return encoder(input_ids, attention_mask=mask)[0].float()
 
 
-def _token_span(offsets: torch.Tensor, chars: tuple[int, int] | None, length: int) -> tuple[int, int] | None:
+def _token_span(offsets: list[tuple[int, int]], chars: tuple[int, int] | None, length: int) -> tuple[int, int] | None:
     if chars is None:
         return None
     start_char, end_char = chars
