@@ -434,7 +434,7 @@ def low_rank_edits(
     for i, w in enumerate(weights):
         by_shape.setdefault(tuple(w.shape), []).append(i)
     for (d_out, _), members in by_shape.items():
-        y = torch.empty(len(members), d_out, k)  # (B, d_out, k); W itself is never copied
+        y = torch.empty(len(members), d_out, k, dtype=h_q.dtype, device=h_q.device)  # W itself is never copied
         for row, i in enumerate(members):
             torch.matmul(weights[i].float(), h_q, out=y[row])
         keep = min(rank, d_out, k)

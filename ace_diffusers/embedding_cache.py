@@ -183,8 +183,11 @@ def save_prefixes(embedder_key: str, new: list[PrefixStore]) -> int:
     return written
 
 
+MOMENT_FORMAT = 1  # bump when the tokens that make up the moment change
+
+
 def _moment_file(root: Path, key: str, jobs: list) -> Path:
-    name = hashlib.sha256(json.dumps(jobs).encode()).hexdigest()[:32]
+    name = hashlib.sha256(json.dumps([f"moment-v{MOMENT_FORMAT}", *jobs]).encode()).hexdigest()[:32]
     return root / "moments" / key / f"{name}.safetensors"
 
 
@@ -198,8 +201,9 @@ def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:
-            if json.loads(fh.metadata()["jobs"]) != json.loads(json.dumps(jobs)):
-                return None  # a hash collision: never serve another job set's moment
+            meta = fh.metadata()
+            if meta.get("format") != str(MOMENT_FORMAT) or json.loads(meta["jobs"]) != json.loads(json.dumps(jobs)):
+                return None  # another format, or a hash collision: never serve another job set's moment
             return fh.get_tensor("moment")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         _warn_unreadable(path, error)
@@ -213,7 +217,7 @@ def save_moment(embedder_key: str, jobs: list, moment: torch.Tensor) -> bool:
         return False
     try:
         _write_atomic(_moment_file(root, embedder_key, jobs), {"moment": moment.detach().float().cpu().contiguous()},
-                      {"jobs": json.dumps(jobs), "format": str(FORMAT)})
+                      {"jobs": json.dumps(jobs), "format": str(MOMENT_FORMAT)})
     except OSError as error:
         _warn_unwritable(root, error)
         return False

@@ -79,8 +79,8 @@ def test_targets_are_computed_from_the_numbers():
     assert "higher on 3/3 erasures" in rows["ACE full H above ESD-x (mean over all erasures)"]["measured"]
     assert rows["inference overhead ≤ 1.03× (1 concept)"]["met"] is True
     assert rows["inference overhead ≤ 1.10× (100 concepts)"]["met"] is False  # 1.12
-    # one cold concept is mostly the one-time preset encoding: reported in the speed section, not a target row
-    assert "closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, cold)" not in rows
+    # one cold concept is mostly the one-time preset encoding: still checked, and labelled as such
+    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, cold, with the one-time preset encoding)"]["met"] is True
     assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, warm)"]["met"] is True
     assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, cold)"]["met"] is False  # 0.7
     assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, warm)"]["met"] is True  # 0.5
@@ -112,8 +112,8 @@ def test_missing_sections_are_not_measured_and_not_rendered():
     del result["sections"]["efficacy"], result["sections"]["inference"]
     rows = report.targets(result)
     unmeasured = [t["target"] for t in rows if t["met"] is None]
-    # only the closed-form rows remain measurable: warm for 1 concept, cold + warm for 10; 3 + the 20 s row for 100
-    assert len(unmeasured) == len(rows) - 7
+    # only the closed-form rows remain measurable: cold + warm for 1 and 10 concepts; 3 + the 20 s row for 100
+    assert len(unmeasured) == len(rows) - 8
     text = report.markdown(result)
     assert "## 2. Speed" in text and "## 1. Efficacy" not in text and "## 3. Inference" not in text
     assert text.count("| not measured |") == len(unmeasured)
@@ -129,7 +129,7 @@ def test_markdown_has_every_section_table_and_plot_link():
     assert "| 3: circle, square, triangle | base model |" in text and "| 1: circle | base model |" in text
     assert "| ACE full | 12.5 % (5/40) |" in text  # pooled over 8 + 8 + 24 attack images per attack
     assert "| fused | 1.0000 | 1.000× |" in text
-    assert "one-time encoding of the kind's preset prompts (0.20 s, cold − warm)" in text
+    assert "one-time encoding of the kind's preset prompts (about 0.20 s, cold − warm)" in text
     assert "| 3 concepts | 1.00 | 5.00 | 0.50 | 80 | 16.00× | 5.0 % | 10.0 % |" in text
     for name in report.PLOTS.values():
         assert f"(images/{name})" in text
