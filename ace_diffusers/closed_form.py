@@ -179,27 +179,34 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         )
     unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
     others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
-    # the second moment of the other tokens is the same for every fit of a kind: keep it with the embeddings
-    entry = _cache[embedder.encoders[0][1]][2]
-    moments = entry.setdefault("moments", {})
-    moment_key = (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs)))
-    if moment_key not in moments:
-        jobs = [list(job) for part in moment_key for job in part]
-        stored = embedding_cache.load_moment(entry["fingerprint"], jobs) if "fingerprint" in entry else None
-        if stored is None or stored.shape != (others.shape[1],) * 2:
-            stored = others.T @ others / len(others)  # float32 accumulation, as stored
-            if "fingerprint" in entry:
-                embedding_cache.save_moment(entry["fingerprint"], jobs, stored)
-        moments[moment_key] = stored.double()
-        while len(moments) > 4:  # d x d float64 each (32 MB at SDXL's 2048)
-            del moments[next(iter(moments))]
+    moment = _other_tokens_moment(embedder, (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs))), others)
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
         concept=torch.cat(concept_rows).cpu(),
         target=torch.cat(target_rows).cpu(),
         gate_positive=torch.cat(positive).cpu(),
         others=others,
-        others_moment=moments[moment_key],
+        others_moment=moment,
     )
+
+
+def _other_tokens_moment(embedder: TextEmbedder, jobs: tuple[tuple, tuple], others: torch.Tensor) -> torch.Tensor:
+    """``others.T @ others / N_p`` (float64) for the other tokens of ``jobs``: the same for every fit of a
+    kind, so kept in memory (at most 4, d x d each) and on disk beside the embeddings (float32, as
+    accumulated; the disk key exists once :func:`_encode_cached` used the disk cache)."""
+    entry = _cache[embedder.encoders[0][1]][2]
+    moments = entry.setdefault("moments", {})
+    if jobs not in moments:
+        disk_key = entry.get("fingerprint")
+        flat = [list(job) for part in jobs for job in part]
+        stored = embedding_cache.load_moment(disk_key, flat) if disk_key else None
+        if stored is None or stored.shape != (others.shape[1],) * 2:
+            stored = others.T @ others / len(others)
+            if disk_key:
+                embedding_cache.save_moment(disk_key, flat, stored)
+        moments[jobs] = stored.double()
+        while len(moments) > 4:  # 32 MB each at SDXL's 2048
+            del moments[next(iter(moments))]
+    return moments[jobs]
 
 
 def full_length_template_indices(concept_index: int, n_concepts: int, n_templates: int, settings: FitSettings) -> set[int]:

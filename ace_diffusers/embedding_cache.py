@@ -17,7 +17,7 @@ The templates' shared prefixes (``"a painting in the style of"``) are kept the s
 encoder layer's keys and values (:func:`.text.encode_with_shared_prefixes`), so a new process does
 not re-run them for every concept prompt either (~75 KB per prefix token at CLIP-L size). So is the
 second moment of all of a kind's other tokens (:func:`save_moment`, d x d float32: 2.4 MB at SD1.5's
-768, 16 MB at SDXL's 2048), which the solve needs whole and which costs a new process ~10 ms at SD1.5 size.
+768, 16 MB at SDXL's 2048), which the solve needs whole and a new process would otherwise recompute.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,6 +67,11 @@ def fingerprint(embedder: TextEmbedder) -> str:
     return digest.hexdigest()[:32]
 
 
+def _digest(value: Any) -> str:
+    """A file name for a JSON-able key (the key itself goes into the file's metadata, against collisions)."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32]
+
+
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """A temporary file renamed into place: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +89,7 @@ def _warn_unwritable(root: Path, error: Exception) -> None:
 
 
 def _file(root: Path, key: str, job: Job) -> Path:
-    name = hashlib.sha256(json.dumps(list(job)).encode()).hexdigest()[:32]
-    return root / "embeddings" / key / f"{name}.safetensors"
+    return root / "embeddings" / key / f"{_digest(list(job))}.safetensors"
 
 
 def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu") -> dict[Job, EncodedPrompt]:
@@ -130,8 +135,7 @@ def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
 
 
 def _prefix_file(root: Path, key: str, encoder_index: int, prefix: tuple) -> Path:
-    name = hashlib.sha256(json.dumps([encoder_index, *prefix]).encode()).hexdigest()[:32]
-    return root / "prefixes" / key / f"{encoder_index}-{name}.safetensors"
+    return root / "prefixes" / key / f"{encoder_index}-{_digest([encoder_index, *prefix])}.safetensors"
 
 
 def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixStore]:
@@ -187,8 +191,7 @@ MOMENT_FORMAT = 1  # bump when the tokens that make up the moment change
 
 
 def _moment_file(root: Path, key: str, jobs: list) -> Path:
-    name = hashlib.sha256(json.dumps([f"moment-v{MOMENT_FORMAT}", *jobs]).encode()).hexdigest()[:32]
-    return root / "moments" / key / f"{name}.safetensors"
+    return root / "moments" / key / f"{_digest([f'moment-v{MOMENT_FORMAT}', *jobs])}.safetensors"
 
 
 def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
