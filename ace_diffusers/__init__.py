@@ -1,7 +1,7 @@
 """ace-diffusers: Attentional Concept Erasure for Hugging Face diffusers.
 
 ``import ace_diffusers`` gives every diffusers pipeline ``load_ace_adapter``, ``erase_concept`` and
-friends (see :mod:`ace_diffusers.pipeline` for the mechanism and how to undo it).
+friends, and ``prepare_erasure`` (see :mod:`ace_diffusers.pipeline` for the mechanism and how to undo it).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0.dev0"
 
 from .adapter import ACEAdapter, LayerFactors
-from .closed_form import erase_concept
+from .closed_form import Preparation, erase_concept, prepare_erasure
 from .errors import (
     ACEAdapterFormatError,
     ACEAdapterNameError,
@@ -53,6 +53,7 @@ __all__ = [
     "ACETruncationWarning",
     "ACEValueError",
     "LayerFactors",
+    "Preparation",
     "disable_adapters",
     "enable_adapters",
     "erase_concept",
@@ -65,6 +66,7 @@ __all__ = [
     "get_list_adapters",
     "install_pipeline_methods",
     "load_adapter",
+    "prepare_erasure",
     "push_adapter",
     "remove_pipeline_methods",
     "save_lora",

@@ -143,8 +143,12 @@ def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
     return prompt, ((start, start + len(phrase)) if phrase else None)
 
 
-def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
-    """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
+Job = embedding_cache.Job  # (prompt, phrase's character span or None, padding tokens kept after EOS or None for all)
+
+
+def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> tuple[list[Job], list[Job], list[Job]]:
+    """A fit's encoder jobs: the concept prompts, their neutral counterparts (same order), and the
+    preservation and unrelated prompts. Only the first list depends on the concepts themselves."""
     concept_jobs, neutral_jobs = [], []
     for c_index, (concept, anchor) in enumerate(zip(spec.concepts, spec.neutral, strict=True)):
         templates = spec.templates_for(concept)
@@ -155,6 +159,12 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
             neutral_jobs.append((*_fill(template, anchor), pad))
     other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.unrelated_prompts())]
     other_jobs += [(p, span, settings.preserve_pad_tokens) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
+    return concept_jobs, neutral_jobs, other_jobs
+
+
+def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
+    """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
+    concept_jobs, neutral_jobs, other_jobs = fit_jobs(spec, settings)
     # one call (few, large batches); what does not depend on the concepts is also cached on disk
     encoded = _encode_cached(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=neutral_jobs + other_jobs)
     concept_enc = encoded[: len(concept_jobs)]
@@ -177,9 +187,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         raise ACEValueError(
             "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
         )
-    unique_neutral = {id(e): e for e in neutral_enc}.values()  # one anchor shared by many concepts
-    others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
-    moment = _other_tokens_moment(embedder, (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs))), others)
+    others, moment = _other_tokens(embedder, neutral_jobs, neutral_enc, other_jobs, other_enc)
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
         concept=torch.cat(concept_rows).cpu(),
         target=torch.cat(target_rows).cpu(),
@@ -187,6 +195,18 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         others=others,
         others_moment=moment,
     )
+
+
+def _other_tokens(
+    embedder: TextEmbedder, neutral_jobs: list[Job], neutral_enc: list[EncodedPrompt],
+    other_jobs: list[Job], other_enc: list[EncodedPrompt],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the edit must leave alone (preservation, unrelated and neutral prompts; an anchor shared
+    by many concepts counted once) and their second moment."""
+    unique_neutral = {id(e): e for e in neutral_enc}.values()
+    others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
+    moment = _other_tokens_moment(embedder, (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs))), others)
+    return others, moment
 
 
 def _other_tokens_moment(embedder: TextEmbedder, jobs: tuple[tuple, tuple], others: torch.Tensor) -> torch.Tensor:
@@ -619,3 +639,66 @@ def erase_concept(
         attach.attach_adapter(unet, adapter, name, scale=scale)
     return adapter
 
+
+
+PREPARATION_PLACEHOLDER = "ace-diffusers preparation placeholder"  # stands in for the concepts to come
+
+
+@dataclass
+class Preparation:
+    """What :func:`prepare_erasure` cached: for which kind, how many prompts, where, in how long."""
+
+    kind: str
+    neutral: list[str]
+    prompts: int  # concept-independent prompts now in the cache (neutral, preservation, unrelated)
+    cache_dir: str | None  # where they are kept for later processes too (None: memory only)
+    seconds: float
+
+
+def prepare_erasure(
+    pipe: Any,
+    *,
+    kind: str | None = None,
+    neutral: str | list[str] | None = None,
+    preserve: str | list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
+    settings: FitSettings | None = None,
+) -> Preparation:
+    """Pay, now, the part of :func:`erase_concept` that does not depend on the concept.
+
+    Every fit of a kind encodes the same neutral-anchor prompts (in every template), preservation prompts
+    and unrelated prompts. The first fit with a new text encoder encodes all of them (on a CPU that is
+    more than the rest of a one-concept fit); afterwards they come from memory, or from the on-disk
+    cache in a new process. A service that must answer its first request quickly calls this once per
+    kind at start-up (or when building its image, so the disk cache ships with it); then each
+    ``erase_concept`` with the same ``kind``/``neutral``/``preserve``/``templates`` encodes only the
+    concept's own prompts. Nothing is fitted and the pipeline is not changed.
+
+    The arguments mean what they mean for :func:`erase_concept`; ``neutral`` may list several anchors.
+    """
+    started = time.perf_counter()
+    anchors = neutral if isinstance(neutral, (list, tuple)) else [neutral]
+    placeholders = [f"{PREPARATION_PLACEHOLDER} {i}" for i in range(len(anchors))] if anchors else [PREPARATION_PLACEHOLDER]
+    spec = resolve_spec(placeholders if len(placeholders) > 1 else placeholders[0],
+                        neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+    settings = settings or FitSettings()
+    embedder = TextEmbedder(pipe)
+    _, neutral_jobs, other_jobs = fit_jobs(spec, settings)  # the layout of a fit of this many concepts
+    every_template = dict.fromkeys(spec.templates + [t for ts in spec.phrase_templates.values() for t in ts])
+    every_layout = [  # more concepts take other templates at full length (full_length_template_indices)
+        (*_fill(template, anchor), pad)
+        for anchor in dict.fromkeys(spec.neutral)
+        for template in every_template
+        for pad in (None, settings.extra_pad_tokens)
+    ]
+    jobs = list(dict.fromkeys(neutral_jobs + every_layout + other_jobs))
+    encoded = dict(zip(jobs, _encode_cached(embedder, jobs, persistent=jobs), strict=True))
+    _other_tokens(embedder, neutral_jobs, [encoded[j] for j in neutral_jobs], other_jobs, [encoded[j] for j in other_jobs])
+    root = embedding_cache.cache_root()
+    return Preparation(
+        kind=spec.kind,
+        neutral=list(dict.fromkeys(spec.neutral)),
+        prompts=len(jobs),
+        cache_dir=str(root) if root is not None else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -156,9 +156,10 @@ def _pipeline_methods() -> dict[str, Any]:
         "get_ace_adapter": get_adapter,
         "push_ace_adapter": push_adapter,
     }
-    from .closed_form import erase_concept
+    from .closed_form import erase_concept, prepare_erasure
 
     methods["erase_concept"] = erase_concept
+    methods["prepare_erasure"] = prepare_erasure
     from .export import export_lora
     from .fuse import fuse_adapter, unfuse_adapter
 
@@ -172,7 +173,7 @@ _installed: dict[str, Any] = {}
 
 
 def install_pipeline_methods() -> list[str]:
-    """Add the ``*_ace_*`` verbs and ``erase_concept`` to ``DiffusionPipeline`` (idempotent)."""
+    """Add the ``*_ace_*`` verbs, ``erase_concept`` and ``prepare_erasure`` to ``DiffusionPipeline`` (idempotent)."""
     for name, function in _pipeline_methods().items():
         if name in _installed:
             continue

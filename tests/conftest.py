@@ -44,6 +44,28 @@ def run():
     return generate
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty on-disk embedding cache and an empty in-memory one (what a fresh machine starts with)."""
+    from ace_diffusers import closed_form
+
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(tmp_path / "cache"))
+    closed_form._cache.clear()
+    yield tmp_path / "cache"
+    closed_form._cache.clear()
+
+
+def edit_factors(adapter):
+    """The edits ΔW = B A of every layer (the factors themselves are defined up to a rotation)."""
+    return torch.cat([(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]
+                     + [(f.v_up @ f.v_down).flatten() for f in adapter.layers.values()])
+
+
+def relative_gap(a, b):
+    """How far adapter ``a``'s edits are from ``b``'s, relative to ``b``'s."""
+    return float((edit_factors(a) - edit_factors(b)).norm() / edit_factors(b).norm())
+
+
 class SDPARecorder:
     """Records (query, key, value) of every scaled-dot-product-attention call, in call order."""
 

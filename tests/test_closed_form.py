@@ -3,16 +3,23 @@ import dataclasses
 import pytest
 import torch
 
-from ace_diffusers import ACEAdapterNameError, ACEValueError, erase_concept
+from ace_diffusers import ACEAdapterNameError, ACEValueError, closed_form, erase_concept, prepare_erasure
 from ace_diffusers import text as text_module
 from ace_diffusers.attach import cross_attention_modules
-from ace_diffusers.closed_form import FitData, FitSettings, align_tokens, low_rank_edits, solve_text_map
+from ace_diffusers.closed_form import (
+    FitData,
+    FitSettings,
+    align_tokens,
+    full_length_template_indices,
+    low_rank_edits,
+    solve_text_map,
+)
 from ace_diffusers.presets import load_presets
 from ace_diffusers.processor import get_stack
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ace_diffusers.text import TextEmbedder
 
-from .conftest import generate
+from .conftest import generate, relative_gap
 
 # Tolerances reached on tiny random-weight pipelines with 256-d text tokens (docs/method.md says what
 # they measure). A random 2-layer text encoder has no semantics, so generalisation to unseen
@@ -361,3 +368,58 @@ def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
     assert stats["concept_tokens"] == concept_tokens and stats["other_tokens"] == 60
     moment_given = dataclasses.replace(data, others_moment=m_other)
     torch.testing.assert_close(solve_text_map(moment_given, gate_w, gate_b, settings)[0], h, rtol=1e-4, atol=1e-6)
+
+
+def record_encoded_prompts(monkeypatch):
+    """Every prompt the text embedder encodes from now on."""
+    encoded = []
+    original = TextEmbedder.encode
+    monkeypatch.setattr(
+        TextEmbedder, "encode", lambda self, prompts, *a, **k: encoded.extend(prompts) or original(self, prompts, *a, **k)
+    )
+    return encoded
+
+
+@pytest.mark.parametrize("new_process", [False, True], ids=["same-process", "new-process"])
+def test_prepare_erasure_leaves_a_fit_only_the_concepts_own_prompts(cache_dir, monkeypatch, new_process):
+    pipe = tiny_sd_pipeline()
+    preparation = pipe.prepare_erasure(kind="style")
+    assert preparation.kind == "style" and preparation.neutral == ["art"]
+    assert preparation.cache_dir == str(cache_dir) and preparation.prompts > 40
+    assert pipe.get_list_ace_adapters() == []  # nothing fitted or loaded
+    if new_process:
+        closed_form._cache.clear()
+    encoded = record_encoded_prompts(monkeypatch)
+    moments_before = sorted((cache_dir / "moments").rglob("*.safetensors"))
+    prepared = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    assert encoded and all("Van Gogh" in prompt for prompt in encoded)
+    assert sorted((cache_dir / "moments").rglob("*.safetensors")) == moments_before  # not recomputed
+    closed_form._cache.clear()
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
+    assert relative_gap(prepared, erase_concept(pipe, "Van Gogh", kind="style", load=False)) < 1e-3
+
+
+def test_prepare_erasure_covers_fits_of_many_concepts_and_custom_anchors(cache_dir, monkeypatch):
+    """Fits of more than a few concepts encode other templates at full length: those are prepared too."""
+    pipe = tiny_sd_pipeline()
+    concepts = [f"painter {i}" for i in range(12)]
+    full = set().union(*(full_length_template_indices(i, len(concepts), 6, FitSettings()) for i in range(len(concepts))))
+    assert full == set(range(6))  # between them, these concepts take every template at full length
+    preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"])
+    assert preparation.neutral == ["art", "a painting"]
+    encoded = record_encoded_prompts(monkeypatch)
+    erase_concept(pipe, concepts, kind="style", load=False)
+    erase_concept(pipe, "Van Gogh", kind="style", neutral="a painting", load=False)
+    assert encoded and all(any(c in prompt for c in [*concepts, "Van Gogh"]) for prompt in encoded)
+
+
+def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch):
+    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
+    closed_form._cache.clear()
+    pipe = tiny_sd_pipeline()
+    assert prepare_erasure(pipe, kind="object").cache_dir is None
+    encoded = record_encoded_prompts(monkeypatch)
+    erase_concept(pipe, "cat", kind="object", load=False)
+    assert encoded and all("cat" in prompt for prompt in encoded)
+    with pytest.raises(ACEValueError, match="Unknown concept kind"):
+        prepare_erasure(pipe, kind="animal")

@@ -10,27 +10,11 @@ from ace_diffusers import text as text_module
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ace_diffusers.text import TextEmbedder
 
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(tmp_path / "cache"))
-    closed_form._cache.clear()
-    yield tmp_path / "cache"
-    closed_form._cache.clear()
+from .conftest import edit_factors, relative_gap
 
 
 def cached_files(root):
     return sorted(root.rglob("*.safetensors"))
-
-
-def factors(adapter):
-    """The edits ΔW = B A of every layer (the factors themselves are defined up to a rotation)."""
-    return torch.cat([(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]
-                     + [(f.v_up @ f.v_down).flatten() for f in adapter.layers.values()])
-
-
-def relative_gap(a, b):
-    return float((factors(a) - factors(b)).norm() / factors(b).norm())
 
 
 def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch):
@@ -92,7 +76,7 @@ def test_a_text_encoder_moved_to_another_dtype_does_not_reuse_kept_prefixes(cach
     erase_concept(pipe, "Van Gogh", kind="style", load=False)
     pipe.text_encoder.to(torch.bfloat16)
     adapter = erase_concept(pipe, "Claude Monet", kind="style", load=False)
-    assert torch.isfinite(factors(adapter)).all()
+    assert torch.isfinite(edit_factors(adapter)).all()
     stores = closed_form._cache[pipe.text_encoder][2]["prefixes"]
     assert stores[0] and all(out.dtype == torch.bfloat16 for out, _ in stores[0].values())
 

@@ -2,15 +2,20 @@
 
 ``ace-diffusers bench closed-form`` builds an SD1.5-shaped pipeline from configs (CLIP ViT-L/14-sized
 text encoder, 860 M-parameter UNet with 16 cross-attention layers of text width 768), then times
-``erase_concept(..., load=False)`` for 1, 10 and 100 concepts, and reports peak extra memory. Three
-timings per count, each on concepts not seen before:
+``erase_concept(..., load=False)`` for 1, 10 and 100 concepts, and reports peak extra memory. Each
+timing fits concepts not seen before:
 
-* cold — nothing cached anywhere: every preset prompt (neutral, preservation, unrelated) is encoded.
-  This happens once per text encoder and kind (then the prompts are on disk); for one concept it is
-  mostly that one-time cost, which is also printed on its own (cold - warm);
-* new process — the in-memory cache emptied, the on-disk embedding cache (:mod:`..embedding_cache`)
-  filled by the cold fit: what a fresh process pays once this text encoder has been used before;
-* warm — both caches filled (a second fit in the same process).
+* cold — nothing cached anywhere: the fit also encodes every prompt that does not depend on the
+  concept (neutral anchor, preservation and unrelated prompts, template prefixes). That is paid once
+  per text encoder and kind, and is timed on its own too, as :func:`..closed_form.prepare_erasure`
+  (*preparation*) in another empty cache;
+* new process — after that preparation, with the in-memory cache emptied: what a fresh process pays
+  once this text encoder has been used (or prepared) on the machine;
+* warm — a further fit in the same process.
+
+The per-concept target (≤ 0.5 s) is checked on prepared fits (new process and warm): the
+preparation is the same whatever is erased, and a service pays it at start-up. The 100-concept target
+(≤ 20 s) is checked cold, preparation included.
 
 One untimed fit of another concept comes first: a process's first fit also pays the process's start-up
 (thread pools, the allocator's first memory pages), which is not a cost per concept; its time is
@@ -30,6 +35,7 @@ import resource
 import statistics
 import tempfile
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,7 +60,7 @@ def peak_rss_mb() -> float:
 
 
 def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repeats_1: int = REPEATS_1) -> dict[str, Any]:
-    from .. import erase_concept
+    from .. import erase_concept, prepare_erasure
     from ..closed_form import _cache
     from ..testing import sd15_shaped_pipeline
 
@@ -66,32 +72,41 @@ def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repe
     baseline_rss = peak_rss_mb()
     rows = []
     previous = os.environ.get("ACE_DIFFUSERS_CACHE")
+
+    def fit(batch: list[str], suffix: str) -> Any:
+        return erase_concept(pipe, [name + suffix for name in batch], kind="style", load=False)
+
+    def timed(action: Any, cache: str, *, new_process: bool) -> tuple[float, Any]:
+        os.environ["ACE_DIFFUSERS_CACHE"] = os.path.join(tmp, cache)
+        if new_process:
+            _cache.clear()
+        t0 = time.perf_counter()
+        out = action()
+        return time.perf_counter() - t0, out
+
     try:
         with tempfile.TemporaryDirectory(prefix="ace-bench-embeddings-") as tmp:
             # untimed: a process's first fit also pays its start-up (thread pools, fresh memory pages)
-            os.environ["ACE_DIFFUSERS_CACHE"] = os.path.join(tmp, "warm-up")
-            t0 = time.perf_counter()
-            erase_concept(pipe, "Warm Up", kind="style", load=False)
-            warmup_seconds = time.perf_counter() - t0
-            _cache.clear()
+            warmup_seconds, _ = timed(partial(fit, ["Warm Up"], ""), "warm-up", new_process=True)
             for n in counts:
                 repeats = repeats_1 if n == 1 else 1  # one fit is short: take the median of a few
                 names = concept_names(n * repeats)
-                seconds: dict[str, list[float]] = {"cold": [], "new_process": [], "warm": []}
+                seconds: dict[str, list[float]] = {"cold": [], "preparation": [], "new_process": [], "warm": []}
                 for rep in range(repeats):
-                    os.environ["ACE_DIFFUSERS_CACHE"] = os.path.join(tmp, f"{n}-{rep}")  # empty: nothing on disk yet
-                    for label, suffix in (("cold", ""), ("new_process", " Jr"), ("warm", " Sr")):
-                        if label != "warm":
-                            _cache.clear()
-                        concepts = [c + suffix for c in names[rep * n : (rep + 1) * n]]
-                        t0 = time.perf_counter()
-                        adapter = erase_concept(pipe, concepts, kind="style", load=False)
-                        seconds[label].append(time.perf_counter() - t0)
+                    batch = names[rep * n : (rep + 1) * n]
+                    # each cache directory starts empty: nothing on disk yet
+                    seconds["cold"].append(timed(partial(fit, batch, ""), f"{n}-{rep}-cold", new_process=True)[0])
+                    seconds["preparation"].append(
+                        timed(partial(prepare_erasure, pipe, kind="style"), f"{n}-{rep}", new_process=True)[0])
+                    seconds["new_process"].append(timed(partial(fit, batch, " Jr"), f"{n}-{rep}", new_process=True)[0])
+                    elapsed, adapter = timed(partial(fit, batch, " Sr"), f"{n}-{rep}", new_process=False)
+                    seconds["warm"].append(elapsed)
                 row: dict[str, Any] = {"concepts": n, "rank": adapter.rank, "fits_per_timing": repeats}
                 for label, values in seconds.items():
                     middle = statistics.median(values)
                     row[f"{label}_seconds"] = round(middle, 3)
-                    row[f"{label}_seconds_per_concept"] = round(middle / n, 3)
+                    if label != "preparation":
+                        row[f"{label}_seconds_per_concept"] = round(middle / n, 3)
                     if repeats > 1:
                         row[f"{label}_seconds_range"] = [round(min(values), 3), round(max(values), 3)]
                 row["adapter_mb_fp16"] = round(adapter.num_parameters() * 2 / 2**20, 2)
@@ -111,10 +126,23 @@ def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repe
     }
 
 
-def one_time_seconds(row: dict[str, Any]) -> float:
-    """What a cold fit pays beyond a warm one: encoding the kind's preset prompts and template prefixes,
-    once per text encoder (then read from the on-disk cache by every later fit, in any process)."""
-    return row["cold_seconds"] - row["warm_seconds"]
+PREPARED = (("new_process", "prepared, new process"), ("warm", "prepared, warm"))
+
+
+def target_checks(row: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """``(target, measured, met)`` for one row: seconds per concept of prepared fits (the per-kind
+    preparation is paid once, whatever is erased), and 100 concepts from cold, preparation included."""
+    n = row["concepts"]
+    checks = [
+        (f"{n} concept{'s' if n > 1 else ''}, {label}: ≤ {TARGET_SECONDS_PER_CONCEPT} s/concept",
+         f"{row[f'{key}_seconds_per_concept']:.3f} s/concept", row[f"{key}_seconds_per_concept"] <= TARGET_SECONDS_PER_CONCEPT)
+        for key, label in PREPARED
+        if f"{key}_seconds_per_concept" in row
+    ]
+    if n == 100:
+        checks.append((f"100 concepts, cold (preparation included): ≤ {TARGET_SECONDS_100:.0f} s",
+                       f"{row['cold_seconds']:.1f} s", row["cold_seconds"] <= TARGET_SECONDS_100))
+    return checks
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -122,35 +150,24 @@ def format_report(result: dict[str, Any]) -> str:
         f"# closed-form erase_concept at SD1.5 shape ({result['model']})",
         f"# {result['machine']}; pipeline built in {result['build_seconds']} s; "
         f"untimed warm-up fit (the process's first) {result.get('warmup_seconds', '?')} s",
-        "# cold: nothing cached; new process: preset embeddings on disk only; warm: cached in memory too",
+        "# cold: nothing cached; preparation: prepare_erasure(kind) alone, from nothing cached; "
+        "new process: after it, in-memory cache emptied; warm: cached in memory too",
         *[f"# {r['concepts']} concept: median of {r['fits_per_timing']} fits, each of a new concept"
           for r in result["rows"] if r.get("fits_per_timing", 1) > 1],
-        "concepts  rank  cold s  cold s/concept  new-process s  new-process s/concept  warm s  warm s/concept  adapter MB (fp16)",
+        "concepts  rank  cold s  cold s/concept  preparation s  new-process s  new-process s/concept  warm s  "
+        "warm s/concept  adapter MB (fp16)",
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['concepts']:>8}  {r['rank']:>4}  {r['cold_seconds']:>6.2f}  {r['cold_seconds_per_concept']:>14.3f}  "
-            f"{r['new_process_seconds']:>13.2f}  {r['new_process_seconds_per_concept']:>21.3f}  "
-            f"{r['warm_seconds']:>6.2f}  {r['warm_seconds_per_concept']:>14.3f}  {r['adapter_mb_fp16']:>17.2f}"
+            f"{r['preparation_seconds']:>13.2f}  {r['new_process_seconds']:>13.2f}  "
+            f"{r['new_process_seconds_per_concept']:>21.3f}  {r['warm_seconds']:>6.2f}  "
+            f"{r['warm_seconds_per_concept']:>14.3f}  {r['adapter_mb_fp16']:>17.2f}"
         )
     lines.append(f"peak extra memory during the fits: {result['peak_extra_rss_mb']} MB (RSS above the loaded pipeline)")
-    by_n = {r["concepts"]: r for r in result["rows"]}
-    checks = []
     for r in result["rows"]:
-        for label in ("cold", "new_process", "warm"):
-            per = r[f"{label}_seconds_per_concept"]
-            if label == "cold" and r["concepts"] == 1:
-                checks.append(f"1 concept: {r['cold_seconds']:.2f} s cold = one fit + the one-time encoding of the kind's "
-                              f"preset prompts (about {one_time_seconds(r):.2f} s: cold - warm), paid once per text "
-                              "encoder and kept on disk (the new-process column is what follows it)")
-            ok = per <= TARGET_SECONDS_PER_CONCEPT
-            checks.append(f"{r['concepts']} concepts: {per:.3f} s/concept {label.replace('_', ' ')} "
-                          f"(target <= {TARGET_SECONDS_PER_CONCEPT}) {'MET' if ok else 'NOT MET'}")
-    if 100 in by_n:
-        ok = by_n[100]["cold_seconds"] <= TARGET_SECONDS_100
-        checks.append(f"100 concepts: {by_n[100]['cold_seconds']:.1f} s cold (target <= {TARGET_SECONDS_100}) "
-                      f"{'MET' if ok else 'NOT MET'}")
-    return "\n".join(lines + checks)
+        lines += [f"{target}: {measured} {'MET' if met else 'NOT MET'}" for target, measured, met in target_checks(r)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,15 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .closed_form import one_time_seconds
+from .closed_form import TARGET_SECONDS_PER_CONCEPT, target_checks
 from .efficacy import ATTACK_NAMES, METHODS, pool_attacks
 
 TARGET_H = 0.90
 TARGET_ASR = 0.20
 TARGET_OVERHEAD_1 = 1.03
 TARGET_OVERHEAD_100 = 1.10
-TARGET_CLOSED_FORM_SECONDS = 0.5
-TARGET_CLOSED_FORM_100 = 20.0
 TARGET_SPEEDUP = 10.0
 PLOTS = {
     "h": "bench_h.png",
@@ -122,18 +120,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     speed = (sections.get("speed") or {}).get("closed_form")
     if speed:
         for r in speed["rows"]:
-            for label, key in (("cold", "cold"), ("new process", "new_process"), ("warm", "warm")):
-                per = r.get(f"{key}_seconds_per_concept")
-                if key == "cold" and r["concepts"] == 1:
-                    label = "cold, with the one-time preset encoding"  # the speed section gives its share
-                if per is not None:
-                    add(f"closed form ≤ {TARGET_CLOSED_FORM_SECONDS} s/concept at SD1.5 shape ({r['concepts']} concepts, {label})",
-                        f"{per:.3f} s/concept", per <= TARGET_CLOSED_FORM_SECONDS)
-            if r["concepts"] == 100:
-                add(f"closed form: 100 concepts ≤ {TARGET_CLOSED_FORM_100:.0f} s at SD1.5 shape (cold)",
-                    f"{r['cold_seconds']:.1f} s", r["cold_seconds"] <= TARGET_CLOSED_FORM_100)
+            for target, measured, met in target_checks(r):
+                add(f"closed form at SD1.5 shape: {target}", measured, met)
     else:
-        add(f"closed form ≤ {TARGET_CLOSED_FORM_SECONDS} s/concept at SD1.5 shape", "not measured", None)
+        add(f"closed form at SD1.5 shape: ≤ {TARGET_SECONDS_PER_CONCEPT} s/concept", "not measured", None)
 
     pairs = [e for e in erasures if "ace_full" in e["methods"] and "esd_x" in e["methods"]]
     if pairs:
@@ -237,24 +227,25 @@ def speed_markdown(result: dict[str, Any], image_dir: str = "images") -> list[st
              "### Closed form at SD1.5 shape", "",
              f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each timing "
              "fits concepts not seen before, after one untimed warm-up fit (a process's first fit also pays its "
-             "start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached (every preset "
-             "prompt encoded); new process = preset-prompt embeddings and template prefixes read from the on-disk "
-             "cache; warm = "
-             "cached in memory too (a second fit in the same process)."
+             "start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached: the fit also "
+             "encodes every prompt that does not depend on the concept (neutral anchor, preservation and unrelated "
+             "prompts, template prefixes), once per text encoder and kind. Preparation = that part alone, "
+             "`prepare_erasure(pipe, kind=\"style\")` from an empty cache, which a service runs at start-up. New "
+             "process = a fit after it with the in-memory cache emptied (what a fresh process pays once the text "
+             "encoder was used or prepared on the machine); warm = a further fit in the same process. The "
+             "per-concept target is checked on the prepared fits, the 100-concept one cold."
              + "".join(f" The {r['concepts']}-concept timings are medians of {r['fits_per_timing']} fits, each of a new "
-                       f"concept (cold range {r['cold_seconds_range'][0]}–{r['cold_seconds_range'][1]} s, warm range "
-                       f"{r['warm_seconds_range'][0]}–{r['warm_seconds_range'][1]} s)."
-                       for r in cf["rows"] if r.get("fits_per_timing", 1) > 1 and "warm_seconds_range" in r)
-             + "".join(f" A {r['concepts']}-concept cold fit is one fit plus the one-time encoding of the kind's preset "
-                       f"prompts (about {one_time_seconds(r):.2f} s, cold − warm), paid once per text encoder and then read from "
-                       "disk by every later fit in any process (the new-process column)."
-                       for r in cf["rows"] if r["concepts"] == 1), ""]
-    has_new = all("new_process_seconds" in r for r in cf["rows"])
-    head = ["concepts", "rank", "cold s", "cold s/concept"] + (["new process s", "new process s/concept"] if has_new else [])
-    lines += _table(head + ["warm s", "warm s/concept", "adapter MB (fp16)"],
-                    [[str(r["concepts"]), str(r["rank"]), _num(r["cold_seconds"], 2), _num(r["cold_seconds_per_concept"])]
-                     + ([_num(r["new_process_seconds"], 2), _num(r["new_process_seconds_per_concept"])] if has_new else [])
-                     + [_num(r["warm_seconds"], 2), _num(r["warm_seconds_per_concept"]), _num(r["adapter_mb_fp16"], 2)]
+                       f"concept (ranges: " + ", ".join(
+                           f"{label} {r[f'{key}_seconds_range'][0]}–{r[f'{key}_seconds_range'][1]} s"
+                           for key, label in (("cold", "cold"), ("new_process", "new process"), ("warm", "warm"))
+                           if f"{key}_seconds_range" in r) + ")."
+                       for r in cf["rows"] if r.get("fits_per_timing", 1) > 1), ""]
+    lines += _table(["concepts", "rank", "cold s", "cold s/concept", "preparation s", "new process s",
+                     "new process s/concept", "warm s", "warm s/concept", "adapter MB (fp16)"],
+                    [[str(r["concepts"]), str(r["rank"]), _num(r["cold_seconds"], 2), _num(r["cold_seconds_per_concept"]),
+                      _num(r.get("preparation_seconds"), 2), _num(r.get("new_process_seconds"), 2),
+                      _num(r.get("new_process_seconds_per_concept")), _num(r["warm_seconds"], 2),
+                      _num(r["warm_seconds_per_concept"]), _num(r["adapter_mb_fp16"], 2)]
                      for r in cf["rows"]])
     lines += ["", f"Peak extra memory during the fits: {cf['peak_extra_rss_mb']} MB.", ""]
     erasures = _erasures(result)

@@ -46,12 +46,15 @@ def fake_result() -> dict:
                          "seconds": 600.0},
             "speed": {"seconds": 70.0, "closed_form": {
                 "model": "SD1.5-shaped", "build_seconds": 30.0, "peak_extra_rss_mb": 120.0,
-                "rows": [{"concepts": 1, "rank": 32, "cold_seconds": 0.4, "cold_seconds_per_concept": 0.4,
-                          "warm_seconds": 0.2, "warm_seconds_per_concept": 0.2, "adapter_mb_fp16": 3.05},
+                "rows": [{"concepts": 1, "rank": 32, "fits_per_timing": 5, "cold_seconds": 2.1, "cold_seconds_per_concept": 2.1,
+                          "preparation_seconds": 1.7, "new_process_seconds": 0.45, "new_process_seconds_per_concept": 0.45,
+                          "warm_seconds": 0.55, "warm_seconds_per_concept": 0.55, "adapter_mb_fp16": 3.05,
+                          "cold_seconds_range": [2.0, 2.4], "new_process_seconds_range": [0.4, 0.5],
+                          "warm_seconds_range": [0.5, 0.6]},
                          {"concepts": 10, "rank": 104, "cold_seconds": 7.0, "cold_seconds_per_concept": 0.7,
                           "warm_seconds": 5.0, "warm_seconds_per_concept": 0.5, "adapter_mb_fp16": 9.85},
                          {"concepts": 100, "rank": 256, "cold_seconds": 21.0, "cold_seconds_per_concept": 0.21,
-                          "new_process_seconds": 19.0, "new_process_seconds_per_concept": 0.19,
+                          "preparation_seconds": 1.9, "new_process_seconds": 19.0, "new_process_seconds_per_concept": 0.19,
                           "warm_seconds": 18.0, "warm_seconds_per_concept": 0.18, "adapter_mb_fp16": 24.2}]}},
             "inference": {"seconds": 120.0, "overhead": {
                 "latent": 16, "rounds": 5, "threads": 2, "model": "SD1.5-shaped UNet",
@@ -79,14 +82,15 @@ def test_targets_are_computed_from_the_numbers():
     assert "higher on 3/3 erasures" in rows["ACE full H above ESD-x (mean over all erasures)"]["measured"]
     assert rows["inference overhead ≤ 1.03× (1 concept)"]["met"] is True
     assert rows["inference overhead ≤ 1.10× (100 concepts)"]["met"] is False  # 1.12
-    # one cold concept is mostly the one-time preset encoding: still checked, and labelled as such
-    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, cold, with the one-time preset encoding)"]["met"] is True
-    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, warm)"]["met"] is True
-    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, cold)"]["met"] is False  # 0.7
-    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (10 concepts, warm)"]["met"] is True  # 0.5
-    assert rows["closed form ≤ 0.5 s/concept at SD1.5 shape (100 concepts, new process)"]["met"] is True
-    assert "closed form ≤ 0.5 s/concept at SD1.5 shape (1 concepts, new process)" not in rows  # an older JSON: no column
-    assert rows["closed form: 100 concepts ≤ 20 s at SD1.5 shape (cold)"]["met"] is False  # 21 s
+    # per concept: prepared fits (the per-kind preparation is paid once); 100 concepts: cold, everything included
+    cf = "closed form at SD1.5 shape: "
+    assert rows[cf + "1 concept, prepared, new process: ≤ 0.5 s/concept"]["met"] is True  # 0.45
+    assert rows[cf + "1 concept, prepared, warm: ≤ 0.5 s/concept"]["met"] is False  # 0.55
+    assert rows[cf + "10 concepts, prepared, warm: ≤ 0.5 s/concept"]["met"] is True  # 0.5
+    assert rows[cf + "100 concepts, prepared, new process: ≤ 0.5 s/concept"]["met"] is True
+    assert cf + "10 concepts, prepared, new process: ≤ 0.5 s/concept" not in rows  # an older JSON: no column
+    assert not [t for t in rows if t.startswith(cf) and "cold" in t and "s/concept" in t]
+    assert rows[cf + "100 concepts, cold (preparation included): ≤ 20 s"]["met"] is False  # 21 s
     speed = rows["ACE full fit ≥ 10× faster than ESD-x at equal or better Acc_e"]
     assert speed["met"] is True and "16.00×" in speed["measured"]  # 240 s / 15 s, Acc_e 5 % <= 10 %
 
@@ -112,8 +116,8 @@ def test_missing_sections_are_not_measured_and_not_rendered():
     del result["sections"]["efficacy"], result["sections"]["inference"]
     rows = report.targets(result)
     unmeasured = [t["target"] for t in rows if t["met"] is None]
-    # only the closed-form rows remain measurable: cold + warm for 1 and 10 concepts; 3 + the 20 s row for 100
-    assert len(unmeasured) == len(rows) - 8
+    # only the closed-form rows remain measurable: 2 prepared columns for 1 and 100 concepts, 1 for 10, and 100 cold
+    assert len(unmeasured) == len(rows) - 6
     text = report.markdown(result)
     assert "## 2. Speed" in text and "## 1. Efficacy" not in text and "## 3. Inference" not in text
     assert text.count("| not measured |") == len(unmeasured)
@@ -129,7 +133,9 @@ def test_markdown_has_every_section_table_and_plot_link():
     assert "| 3: circle, square, triangle | base model |" in text and "| 1: circle | base model |" in text
     assert "| ACE full | 12.5 % (5/40) |" in text  # pooled over 8 + 8 + 24 attack images per attack
     assert "| fused | 1.0000 | 1.000× |" in text
-    assert "one-time encoding of the kind's preset prompts (about 0.20 s, cold − warm)" in text
+    assert "| 1 | 32 | 2.10 | 2.100 | 1.70 | 0.45 | 0.450 | 0.55 | 0.550 | 3.05 |" in text
+    assert "| 10 | 104 | 7.00 | 0.700 | – | – | – | 5.00 | 0.500 | 9.85 |" in text  # an older JSON: no column
+    assert "(ranges: cold 2.0–2.4 s, new process 0.4–0.5 s, warm 0.5–0.6 s)" in text
     assert "| 3 concepts | 1.00 | 5.00 | 0.50 | 80 | 16.00× | 5.0 % | 10.0 % |" in text
     for name in report.PLOTS.values():
         assert f"(images/{name})" in text
