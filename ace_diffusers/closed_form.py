@@ -41,7 +41,7 @@ from . import attach, embedding_cache
 from .adapter import ACEAdapter, LayerFactors
 from .errors import ACETruncationWarning, ACEValueError
 from .pipeline import _default_name, get_unet
-from .presets import ErasureSpec, resolve_spec
+from .presets import ErasureSpec, fill_template, load_presets, resolve_spec
 from .text import EncodedPrompt, TextEmbedder
 
 CHANGED_TOKEN_THRESHOLD = 0.02  # relative change that marks a token as carrying the concept
@@ -136,37 +136,67 @@ def _encode_cached(
     return result
 
 
-def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
-    start = template.index("{}")
-    prompt = template[:start] + phrase + template[start + 2 :]
-    prompt = " ".join(prompt.split()) if not phrase else prompt
-    return prompt, ((start, start + len(phrase)) if phrase else None)
-
-
 Job = embedding_cache.Job  # (prompt, phrase's character span or None, padding tokens kept after EOS or None for all)
 
 
-def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> tuple[list[Job], list[Job], list[Job]]:
+def _fill(template: str, phrase: str) -> tuple[str, tuple[int, int] | None]:
+    prompt, span = fill_template(template, phrase)
+    return (prompt, span) if phrase else (" ".join(prompt.split()), None)
+
+
+def _template_jobs(phrase: str, templates: list[str], full: set[int], settings: FitSettings) -> list[Job]:
+    """``phrase`` in each template; those in ``full`` with all padding tokens, the rest with a few."""
+    return [(*_fill(t, phrase), None if i in full else settings.extra_pad_tokens) for i, t in enumerate(templates)]
+
+
+@dataclass
+class FitJobs:
     """A fit's encoder jobs: the concept prompts, their neutral counterparts (same order), and the
-    preservation and unrelated prompts. Only the first list depends on the concepts themselves."""
-    concept_jobs, neutral_jobs = [], []
+    preservation and unrelated prompts; ``preset`` are the concept prompts of the kind's own terms
+    (explicit's), which every fit of the kind has too."""
+
+    concept: list[Job]
+    neutral: list[Job]
+    other: list[Job]
+    preset: list[Job]
+
+    @property
+    def concept_independent(self) -> list[Job]:
+        """What :func:`prepare_erasure` encodes ahead and the on-disk cache keeps."""
+        return self.neutral + self.other + self.preset
+
+
+def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
+    """The encoder jobs of a fit of ``spec``.
+
+    The first four generic prompts keep all their padding tokens; which four does not depend on the
+    concepts (one that names a concept is left out, not replaced), so :func:`prepare_erasure` knows them.
+    """
+    concept_jobs, neutral_jobs, preset_jobs = [], [], []
+    # the kind's own terms take the slots they would have after one concept of the user's, whatever the
+    # user passed, so that their prompts are the same in every fit of the kind
+    kind_terms = {t: i + 1 for i, t in enumerate(load_presets()["kinds"].get(spec.kind, {}).get("expand", []))}
+    expanded = set(spec.expanded)
     for c_index, (concept, anchor) in enumerate(zip(spec.concepts, spec.neutral, strict=True)):
         templates = spec.templates_for(concept)
-        full_templates = full_length_template_indices(c_index, len(spec.concepts), len(templates), settings)
-        for t_index, template in enumerate(templates):
-            pad = None if t_index in full_templates else settings.extra_pad_tokens
-            concept_jobs.append((*_fill(template, concept), pad))
-            neutral_jobs.append((*_fill(template, anchor), pad))
-    other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.unrelated_prompts())]
+        slot = kind_terms[concept] if concept in expanded else c_index
+        full = full_length_template_indices(slot, len(spec.concepts), len(templates), settings)
+        jobs = _template_jobs(concept, templates, full, settings)
+        concept_jobs += jobs
+        preset_jobs += jobs if concept in expanded else []
+        neutral_jobs += _template_jobs(anchor, templates, full, settings)
+    unrelated = set(spec.unrelated_prompts())
+    other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.negatives) if p in unrelated]
     other_jobs += [(p, span, settings.preserve_pad_tokens) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
-    return concept_jobs, neutral_jobs, other_jobs
+    return FitJobs(concept_jobs, neutral_jobs, other_jobs, preset_jobs)
 
 
 def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
     """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
-    concept_jobs, neutral_jobs, other_jobs = fit_jobs(spec, settings)
+    jobs = fit_jobs(spec, settings)
+    concept_jobs, neutral_jobs, other_jobs = jobs.concept, jobs.neutral, jobs.other
     # one call (few, large batches); what does not depend on the concepts is also cached on disk
-    encoded = _encode_cached(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=neutral_jobs + other_jobs)
+    encoded = _encode_cached(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=jobs.concept_independent)
     concept_enc = encoded[: len(concept_jobs)]
     neutral_enc = encoded[len(concept_jobs) : len(concept_jobs) + len(neutral_jobs)]
     other_enc = encoded[len(concept_jobs) + len(neutral_jobs) :]
@@ -640,7 +670,6 @@ def erase_concept(
     return adapter
 
 
-
 PREPARATION_PLACEHOLDER = "ace-diffusers preparation placeholder"  # stands in for the concepts to come
 
 
@@ -674,30 +703,45 @@ def prepare_erasure(
     ``erase_concept`` with the same ``kind``/``neutral``/``preserve``/``templates`` encodes only the
     concept's own prompts. Nothing is fitted and the pipeline is not changed.
 
-    The arguments mean what they mean for :func:`erase_concept`; ``neutral`` may list several anchors.
+    The arguments mean what they mean for :func:`erase_concept`; ``neutral`` may list several anchors
+    (each is prepared for fits that use it alone). What stays for a fit is its concept prompts and, for a
+    fit of more concepts (more than eight, or more than one besides ``explicit``'s own terms) or of several
+    anchors, the d x d second moment of its other tokens (one matrix product: which templates such a fit
+    encodes in full depends on its number of concepts).
     """
     started = time.perf_counter()
-    anchors = neutral if isinstance(neutral, (list, tuple)) else [neutral]
-    placeholders = [f"{PREPARATION_PLACEHOLDER} {i}" for i in range(len(anchors))] if anchors else [PREPARATION_PLACEHOLDER]
-    spec = resolve_spec(placeholders if len(placeholders) > 1 else placeholders[0],
-                        neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+    anchors = list(neutral) if isinstance(neutral, (list, tuple)) else [neutral]
+    if not anchors:
+        raise ACEValueError("neutral=[] names no anchor: pass None for the kind's default, or one or more anchors.")
     settings = settings or FitSettings()
     embedder = TextEmbedder(pipe)
-    _, neutral_jobs, other_jobs = fit_jobs(spec, settings)  # the layout of a fit of this many concepts
-    every_template = dict.fromkeys(spec.templates + [t for ts in spec.phrase_templates.values() for t in ts])
-    every_layout = [  # more concepts take other templates at full length (full_length_template_indices)
-        (*_fill(template, anchor), pad)
-        for anchor in dict.fromkeys(spec.neutral)
-        for template in every_template
-        for pad in (None, settings.extra_pad_tokens)
-    ]
-    jobs = list(dict.fromkeys(neutral_jobs + every_layout + other_jobs))
-    encoded = dict(zip(jobs, _encode_cached(embedder, jobs, persistent=jobs), strict=True))
-    _other_tokens(embedder, neutral_jobs, [encoded[j] for j in neutral_jobs], other_jobs, [encoded[j] for j in other_jobs])
+    jobs: list[Job] = []
+    moments = []  # (neutral jobs, other jobs) of each one-anchor layout whose second moment is kept
+    concept_prefixes: list[Job] = []  # an empty anchor marks no phrase, so its prompts share no prefix
+    for anchor in anchors:
+        base = resolve_spec(PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates)
+        # per-phrase templates: the first concept's also serve the preserved phrases without their own
+        for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
+            spec = dataclasses.replace(base, templates=list(template_list))
+            fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
+            every_layout = [  # more concepts take other templates at full length (full_length_template_indices)
+                job for full in (set(range(len(template_list))), set())
+                for job in _template_jobs(spec.neutral[0], list(template_list), full, settings)
+            ]
+            jobs += fit.concept_independent + every_layout
+            moments.append((fit.neutral, fit.other))
+            if not spec.neutral[0]:
+                concept_prefixes += fit.concept
+    jobs = list(dict.fromkeys(jobs))
+    encoded = dict(zip(jobs + concept_prefixes, _encode_cached(embedder, jobs + concept_prefixes, persistent=jobs),
+                       strict=True))
+    for neutral_jobs, other_jobs in moments:
+        _other_tokens(embedder, neutral_jobs, [encoded[j] for j in neutral_jobs], other_jobs,
+                      [encoded[j] for j in other_jobs])
     root = embedding_cache.cache_root()
     return Preparation(
-        kind=spec.kind,
-        neutral=list(dict.fromkeys(spec.neutral)),
+        kind=base.kind,
+        neutral=list(dict.fromkeys(a for a in anchors if a is not None)) or base.neutral,
         prompts=len(jobs),
         cache_dir=str(root) if root is not None else None,
         seconds=round(time.perf_counter() - started, 3),

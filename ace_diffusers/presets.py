@@ -39,6 +39,7 @@ class ErasureSpec:
     preserve: list[str]
     negatives: list[str] = field(default_factory=list)  # generic prompts whose tokens the gate must ignore
     phrase_templates: dict[str, list[str]] = field(default_factory=dict)  # per-phrase overrides
+    expanded: list[str] = field(default_factory=list)  # concepts the kind adds to every fit (explicit's terms)
 
     def templates_for(self, phrase: str) -> list[str]:
         """Templates for one concept or preserved phrase (per-phrase override, else the shared list).
@@ -76,10 +77,9 @@ class ErasureSpec:
         out = []
         for phrase in self.preserve:
             for template in self.templates_for(phrase)[:templates_per_phrase]:
-                start = template.index("{}")
-                prompt = template[:start] + phrase + template[start + 2 :]
+                prompt, span = fill_template(template, phrase)
                 if not self.names_concept(prompt):
-                    out.append((prompt, (start, start + len(phrase))))
+                    out.append((prompt, span))
         return out
 
     def unrelated_prompts(self) -> list[str]:
@@ -95,6 +95,12 @@ class ErasureSpec:
             **({"phrase_templates": self.phrase_templates} if self.phrase_templates else {}),
             "preserve": self.preserve,
         }
+
+
+def fill_template(template: str, phrase: str) -> tuple[str, tuple[int, int]]:
+    """``template`` with ``phrase`` in its ``{}``, and the phrase's character span in the prompt."""
+    start = template.index("{}")
+    return template[:start] + phrase + template[start + 2 :], (start, start + len(phrase))
 
 
 def _clean_phrase(value: Any, what: str) -> str:
@@ -136,8 +142,8 @@ def resolve_spec(
     concept_list = _as_list(concepts, "concept") or []
     if not concept_list:
         raise ACEValueError("No concept given: pass a string such as 'Van Gogh' or a list of strings.")
-    if kind_name == "explicit":
-        concept_list += [t for t in preset.get("expand", []) if t.lower() not in {c.lower() for c in concept_list}]
+    expanded = [t for t in preset.get("expand", []) if t.lower() not in {c.lower() for c in concept_list}]
+    concept_list += expanded
     concept_list = list(dict.fromkeys(concept_list))  # drop duplicates, keep order
 
     if isinstance(neutral, (list, tuple)):  # an empty anchor ("" = no particular thing) is allowed
@@ -186,4 +192,5 @@ def resolve_spec(
         preserve=preserve_list,
         negatives=list(presets["generic_negatives"]),
         phrase_templates=phrase_templates,
+        expanded=expanded,
     )

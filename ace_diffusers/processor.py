@@ -310,7 +310,7 @@ class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
         def image_branch(attn, hidden_states, query, batch_size):
             head_dim = query.shape[-1]
             for states, scale, to_k_ip, to_v_ip, mask in zip(
-                ip_hidden_states, self.scale, self.to_k_ip, self.to_v_ip, masks
+                ip_hidden_states, self.scale, self.to_k_ip, self.to_v_ip, masks, strict=False
             ):
                 if all(s == 0 for s in (scale if isinstance(scale, list) else [scale])):
                     continue
@@ -339,7 +339,7 @@ class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
                 f"Got {len(masks)} ip_adapter_masks for {len(self.scale)} loaded IP-Adapters and "
                 f"{len(ip_hidden_states)} image embeddings; pass one mask (or None) per IP-Adapter."
             )
-        for mask, scale, states in zip(masks, self.scale, ip_hidden_states):
+        for mask, scale, states in zip(masks, self.scale, ip_hidden_states, strict=False):
             if mask is None:
                 continue
             if not isinstance(mask, torch.Tensor) or mask.ndim != 4:

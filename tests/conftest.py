@@ -55,6 +55,18 @@ def cache_dir(tmp_path, monkeypatch):
     closed_form._cache.clear()
 
 
+def record_encoded_prompts(monkeypatch):
+    """Every prompt the text embedder encodes from now on (a list that fills as they are encoded)."""
+    from ace_diffusers.text import TextEmbedder
+
+    encoded = []
+    original = TextEmbedder.encode
+    monkeypatch.setattr(
+        TextEmbedder, "encode", lambda self, prompts, *a, **k: encoded.extend(prompts) or original(self, prompts, *a, **k)
+    )
+    return encoded
+
+
 def edit_factors(adapter):
     """The edits ΔW = B A of every layer (the factors themselves are defined up to a rotation)."""
     return torch.cat([(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from ace_diffusers import ACEAdapterNameError, ACEValueError, closed_form, erase_concept, prepare_erasure
+from ace_diffusers import ACEAdapterNameError, ACEValueError, closed_form, embedding_cache, erase_concept, prepare_erasure
 from ace_diffusers import text as text_module
 from ace_diffusers.attach import cross_attention_modules
 from ace_diffusers.closed_form import (
@@ -19,7 +19,7 @@ from ace_diffusers.processor import get_stack
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ace_diffusers.text import TextEmbedder
 
-from .conftest import generate, relative_gap
+from .conftest import generate, record_encoded_prompts, relative_gap
 
 # Tolerances reached on tiny random-weight pipelines with 256-d text tokens (docs/method.md says what
 # they measure). A random 2-layer text encoder has no semantics, so generalisation to unseen
@@ -370,16 +370,6 @@ def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
     torch.testing.assert_close(solve_text_map(moment_given, gate_w, gate_b, settings)[0], h, rtol=1e-4, atol=1e-6)
 
 
-def record_encoded_prompts(monkeypatch):
-    """Every prompt the text embedder encodes from now on."""
-    encoded = []
-    original = TextEmbedder.encode
-    monkeypatch.setattr(
-        TextEmbedder, "encode", lambda self, prompts, *a, **k: encoded.extend(prompts) or original(self, prompts, *a, **k)
-    )
-    return encoded
-
-
 @pytest.mark.parametrize("new_process", [False, True], ids=["same-process", "new-process"])
 def test_prepare_erasure_leaves_a_fit_only_the_concepts_own_prompts(cache_dir, monkeypatch, new_process):
     pipe = tiny_sd_pipeline()
@@ -390,16 +380,17 @@ def test_prepare_erasure_leaves_a_fit_only_the_concepts_own_prompts(cache_dir, m
     if new_process:
         closed_form._cache.clear()
     encoded = record_encoded_prompts(monkeypatch)
-    moments_before = sorted((cache_dir / "moments").rglob("*.safetensors"))
+    moments = []
+    monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
     prepared = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     assert encoded and all("Van Gogh" in prompt for prompt in encoded)
-    assert sorted((cache_dir / "moments").rglob("*.safetensors")) == moments_before  # not recomputed
+    assert not moments  # the other tokens' second moment was prepared too: read, not recomputed
     closed_form._cache.clear()
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
     assert relative_gap(prepared, erase_concept(pipe, "Van Gogh", kind="style", load=False)) < 1e-3
 
 
-def test_prepare_erasure_covers_fits_of_many_concepts_and_custom_anchors(cache_dir, monkeypatch):
+def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cache_dir, monkeypatch):
     """Fits of more than a few concepts encode other templates at full length: those are prepared too."""
     pipe = tiny_sd_pipeline()
     concepts = [f"painter {i}" for i in range(12)]
@@ -407,12 +398,45 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_custom_anchors(cache_d
     assert full == set(range(6))  # between them, these concepts take every template at full length
     preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"])
     assert preparation.neutral == ["art", "a painting"]
+    closed_form._cache.clear()
     encoded = record_encoded_prompts(monkeypatch)
+    moments = []
+    monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
     erase_concept(pipe, concepts, kind="style", load=False)
     erase_concept(pipe, "Van Gogh", kind="style", neutral="a painting", load=False)
     assert encoded and all(any(c in prompt for c in [*concepts, "Van Gogh"]) for prompt in encoded)
+    assert len(moments) == 1  # only the 12-concept layout's second moment was formed
 
 
+@pytest.mark.parametrize(
+    "concept, kwargs",
+    [
+        ("nudity", dict(kind="explicit")),  # the kind's own nudity terms are in every fit: prepared
+        ("Van Gogh", dict(kind="style", templates={"Van Gogh": ["a {} canvas", "{} brushwork"]})),
+        ("a red apple", dict(kind=None)),  # the empty anchor: the templates' prefixes are prepared anyway
+        ("house", dict(kind="object")),  # names one of the full-length unrelated prompts, which it leaves out
+    ],
+    ids=["explicit", "per-phrase-templates", "empty-anchor", "names-an-unrelated-prompt"],
+)
+def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, concept, kwargs):
+    pipe = tiny_sd_pipeline()
+    prepare_erasure(pipe, **kwargs)
+    closed_form._cache.clear()  # a new process
+    new_prefixes = []
+    original = text_module.encode_with_shared_prefixes
+
+    def spy(*args, prefix_store=None, **kwargs):
+        before = set(prefix_store)
+        out = original(*args, prefix_store=prefix_store, **kwargs)
+        new_prefixes.extend(set(prefix_store) - before)
+        return out
+
+    monkeypatch.setattr(text_module, "encode_with_shared_prefixes", spy)
+    encoded = record_encoded_prompts(monkeypatch)
+    adapter = erase_concept(pipe, concept, load=False, **kwargs)
+    assert adapter.concepts[0] == concept
+    assert encoded and all(concept in prompt for prompt in encoded)  # only the concept's own prompts
+    assert not new_prefixes  # and no template prefix either
 def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch):
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
     closed_form._cache.clear()

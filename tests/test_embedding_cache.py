@@ -10,7 +10,7 @@ from ace_diffusers import text as text_module
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ace_diffusers.text import TextEmbedder
 
-from .conftest import edit_factors, relative_gap
+from .conftest import edit_factors, record_encoded_prompts, relative_gap
 
 
 def cached_files(root):
@@ -23,11 +23,8 @@ def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch)
     files = cached_files(cache_dir)
     assert files, "the preset prompts were not written"
     closed_form._cache.clear()  # what a new process starts with
-    calls = []
-    original = TextEmbedder.encode
-    monkeypatch.setattr(TextEmbedder, "encode", lambda self, prompts, *a, **k: calls.append(list(prompts)) or original(self, prompts, *a, **k))
+    encoded = record_encoded_prompts(monkeypatch)
     second = erase_concept(pipe, "Van Gogh", kind="style", load=False)
-    encoded = [p for call in calls for p in call]
     assert encoded and all("Van Gogh" in p for p in encoded)  # only the concept's own prompts were encoded
     assert relative_gap(second, first) < 1e-3  # float rounding only (the batches differ)
     assert cached_files(cache_dir) == files  # nothing rewritten

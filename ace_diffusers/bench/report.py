@@ -237,7 +237,8 @@ def speed_markdown(result: dict[str, Any], image_dir: str = "images") -> list[st
              + "".join(f" The {r['concepts']}-concept timings are medians of {r['fits_per_timing']} fits, each of a new "
                        f"concept (ranges: " + ", ".join(
                            f"{label} {r[f'{key}_seconds_range'][0]}–{r[f'{key}_seconds_range'][1]} s"
-                           for key, label in (("cold", "cold"), ("new_process", "new process"), ("warm", "warm"))
+                           for key, label in (("cold", "cold"), ("preparation", "preparation"),
+                                              ("new_process", "new process"), ("warm", "warm"))
                            if f"{key}_seconds_range" in r) + ")."
                        for r in cf["rows"] if r.get("fits_per_timing", 1) > 1), ""]
     lines += _table(["concepts", "rank", "cold s", "cold s/concept", "preparation s", "new process s",
