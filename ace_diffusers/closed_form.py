@@ -716,10 +716,12 @@ def prepare_erasure(
     settings = settings or FitSettings()
     embedder = TextEmbedder(pipe)
     jobs: list[Job] = []
+    prepared_anchors: list[str] = []
     moments = []  # (neutral jobs, other jobs) of each one-anchor layout whose second moment is kept
     concept_prefixes: list[Job] = []  # an empty anchor marks no phrase, so its prompts share no prefix
     for anchor in anchors:
         base = resolve_spec(PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates)
+        prepared_anchors.append(base.neutral[0])
         # per-phrase templates: the first concept's also serve the preserved phrases without their own
         for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
             spec = dataclasses.replace(base, templates=list(template_list))
@@ -741,7 +743,7 @@ def prepare_erasure(
     root = embedding_cache.cache_root()
     return Preparation(
         kind=base.kind,
-        neutral=list(dict.fromkeys(a for a in anchors if a is not None)) or base.neutral,
+        neutral=list(dict.fromkeys(prepared_anchors)),
         prompts=len(jobs),
         cache_dir=str(root) if root is not None else None,
         seconds=round(time.perf_counter() - started, 3),

@@ -3,7 +3,14 @@ import dataclasses
 import pytest
 import torch
 
-from ace_diffusers import ACEAdapterNameError, ACEValueError, closed_form, embedding_cache, erase_concept, prepare_erasure
+from ace_diffusers import (
+    ACEAdapterNameError,
+    ACEValueError,
+    closed_form,
+    embedding_cache,
+    erase_concept,
+    prepare_erasure,
+)
 from ace_diffusers import text as text_module
 from ace_diffusers.attach import cross_attention_modules
 from ace_diffusers.closed_form import (
@@ -420,7 +427,8 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cac
 )
 def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, concept, kwargs):
     pipe = tiny_sd_pipeline()
-    prepare_erasure(pipe, **kwargs)
+    preparation = prepare_erasure(pipe, **kwargs)
+    assert preparation.neutral == [load_presets()["kinds"][kwargs["kind"] or "custom"]["neutral"]]
     closed_form._cache.clear()  # a new process
     new_prefixes = []
     original = text_module.encode_with_shared_prefixes
