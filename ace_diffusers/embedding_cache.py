@@ -1,9 +1,10 @@
 """On-disk cache of the preset prompts' token embeddings, so a new process does not re-encode them.
 
 Every closed-form fit also encodes prompts that do not depend on the concept: the neutral anchor in
-the templates, the preservation set and the unrelated prompts of its kind (about 50 prompts for a
-preset kind, a few of them full-length). At CLIP-L size on a 2-core CPU that is ~2 s, more than
-the rest of a one-concept fit. Each is stored once per text encoder as a small safetensors file (no
+the templates, the preservation set and the unrelated prompts of its kind, about 50 prompts for a
+preset kind, a few of them full-length (for ``explicit`` also the prompts of the kind's own nudity
+terms). On a CPU that costs more than the rest of a one-concept fit (``bench closed-form`` times it as
+the preparation). Each is stored once per text encoder as a small safetensors file (no
 pickle) with its prompt in the metadata, written atomically.
 
 The key is a *fingerprint* of the text encoder(s) and tokenizer(s): class, config, vocabulary size,
