@@ -2,14 +2,22 @@
 
 ``import ace_diffusers`` gives every diffusers pipeline ``load_ace_adapter``, ``erase_concept`` and
 friends, and ``prepare_erasure`` (see :mod:`ace_diffusers.pipeline` for the mechanism and how to undo it).
+
+The package is layered; each layer imports only the ones above it in this list (``docs/architecture.md``):
+``errors``/``_io``/``format``/``version`` (ground) → ``hub`` → ``core`` (what is applied) →
+``integration`` (how it attaches to diffusers) → ``fitting`` (how it is found) → ``deploy`` (how it leaves
+the plugin) → ``pipeline`` and this module (the face). ``shapes``, ``eval``, ``bench``, ``testing`` sit
+beside the stack and use it; ``cli`` runs them all.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
-from .adapter import ACEAdapter, LayerFactors
-from .closed_form import Preparation, erase_concept, prepare_erasure
+from .core.adapter import ACEAdapter
+from .core.factors import LayerFactors
+from .core.processor import ACEAttnProcessor
+from .deploy.bake import BakeSettings
+from .deploy.export import export_lora, save_lora, to_diffusers_lora
+from .deploy.fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
 from .errors import (
     ACEAdapterFormatError,
     ACEAdapterNameError,
@@ -20,8 +28,9 @@ from .errors import (
     ACETruncationWarning,
     ACEValueError,
 )
-from .export import export_lora, save_lora, to_diffusers_lora
-from .fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
+from .fitting.closed_form import Preparation, erase_concept, prepare_erasure
+from .fitting.data import FitSettings
+from .fitting.trainer import ACETrainer
 from .pipeline import (
     disable_adapters,
     enable_adapters,
@@ -35,8 +44,7 @@ from .pipeline import (
     set_adapters,
     unload_adapter,
 )
-from .processor import ACEAttnProcessor
-from .trainer import ACETrainer
+from .version import __version__  # noqa: F401  (ace_diffusers.__version__)
 
 install_pipeline_methods()
 
@@ -52,6 +60,8 @@ __all__ = [
     "ACEHubError",
     "ACETruncationWarning",
     "ACEValueError",
+    "BakeSettings",
+    "FitSettings",
     "LayerFactors",
     "Preparation",
     "disable_adapters",

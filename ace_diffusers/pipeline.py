@@ -13,41 +13,18 @@ the functions below (``ace_diffusers.load_adapter(pipe, ...)``) and can run
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from diffusers import DiffusionPipeline, UNet2DConditionModel
-from torch import nn
+from diffusers import DiffusionPipeline
 
-from . import attach
-from .adapter import ACEAdapter
-from .errors import ACECompatibilityError
-
-
-def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
-    """The ``UNet2DConditionModel`` of a pipeline (or the UNet itself)."""
-    if isinstance(pipe_or_unet, UNet2DConditionModel):
-        return pipe_or_unet
-    unet = getattr(pipe_or_unet, "unet", None)
-    if isinstance(unet, nn.Module) and attach.has_cross_attention(unet):
-        return unet
-    raise ACECompatibilityError(
-        f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
-        "Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint variants)."
-    )
-
-
-def _default_name(unet: nn.Module, adapter: ACEAdapter) -> str:
-    base = re.sub(r"[^A-Za-z0-9_-]+", "_", (adapter.concepts[0] if adapter.concepts else "ace").strip().lower())
-    base = base.strip("_")[:48] or "ace"
-    if len(adapter.concepts) > 1:
-        base = f"{base}_and_{len(adapter.concepts) - 1}_more"
-    taken = attach.loaded_adapters(unet)
-    name, n = base, 2
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    return name
+from .core.adapter import ACEAdapter
+from .deploy.export import export_lora
+from .deploy.fuse import check_not_fused, fuse_adapter, unfuse_adapter
+from .errors import ACEAdapterNameError, ACECompatibilityError
+from .fitting.closed_form import erase_concept, prepare_erasure
+from .integration import attach
+from .integration.modules import get_unet
 
 
 def load_adapter(
@@ -67,7 +44,7 @@ def load_adapter(
         adapter = ACEAdapter.from_pretrained(adapter, **hub_kwargs)
     elif hub_kwargs:
         raise TypeError(f"Hub arguments {sorted(hub_kwargs)} only apply when loading from a path or repo id.")
-    name = adapter_name if adapter_name is not None else _default_name(unet, adapter)
+    name = adapter_name if adapter_name is not None else attach.default_adapter_name(unet, adapter)
     attach.attach_adapter(unet, adapter, name, scale=scale)
     return name
 
@@ -89,8 +66,6 @@ def set_adapters(
     pipe: Any, adapter_names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
 ) -> None:
     """Activate exactly ``adapter_names`` (others stay loaded, inactive), optionally setting their scales."""
-    from .fuse import check_not_fused
-
     check_not_fused(pipe, adapter_names)  # a fused adapter's gated path must stay off
     attach.set_active_adapters(get_unet(pipe), adapter_names, scales)
 
@@ -118,12 +93,12 @@ def get_adapter(pipe: Any, adapter_name: str | None = None) -> ACEAdapter:
     adapters = attach.loaded_adapters(get_unet(pipe))
     if adapter_name is None:
         if len(adapters) != 1:
-            raise attach.ACEAdapterNameError(
+            raise ACEAdapterNameError(
                 f"{len(adapters)} ACE adapters are loaded ({list(adapters)}); pass adapter_name."
             )
         return next(iter(adapters.values()))
     if adapter_name not in adapters:
-        raise attach.ACEAdapterNameError(f"No ACE adapter named '{adapter_name}' is loaded (loaded: {list(adapters)}).")
+        raise ACEAdapterNameError(f"No ACE adapter named '{adapter_name}' is loaded (loaded: {list(adapters)}).")
     return adapters[adapter_name]
 
 
@@ -155,17 +130,12 @@ def _pipeline_methods() -> dict[str, Any]:
         "get_list_ace_adapters": get_list_adapters,
         "get_ace_adapter": get_adapter,
         "push_ace_adapter": push_adapter,
+        "erase_concept": erase_concept,
+        "prepare_erasure": prepare_erasure,
+        "fuse_ace_adapter": fuse_adapter,
+        "unfuse_ace_adapter": unfuse_adapter,
+        "export_ace_lora": export_lora,
     }
-    from .closed_form import erase_concept, prepare_erasure
-
-    methods["erase_concept"] = erase_concept
-    methods["prepare_erasure"] = prepare_erasure
-    from .export import export_lora
-    from .fuse import fuse_adapter, unfuse_adapter
-
-    methods["fuse_ace_adapter"] = fuse_adapter
-    methods["unfuse_ace_adapter"] = unfuse_adapter
-    methods["export_ace_lora"] = export_lora
     return methods
 
 

@@ -41,7 +41,7 @@ def predicted_kv(pipe, baked, x):
     out = {}
     for name, attn in cross_attention_modules(pipe.unet).items():
         for proj, linear in (("k", attn.to_k), ("v", attn.to_v)):
-            weight = _weight(linear).detach().double() + baked.layers[name].delta(proj)
+            weight = _weight(linear).detach().double() + baked.layers[name].delta_weight(proj)
             out[f"{name}.{proj}"] = (x.double() @ weight.T).float()
     return out
 
@@ -64,7 +64,7 @@ def test_diffusers_format_keys_shapes_and_config(fitted, tmp_path):
         for proj in ("k", "v"):
             down, up = state[f"unet.{name}.to_{proj}.lora_A.weight"], state[f"unet.{name}.to_{proj}.lora_B.weight"]
             assert down.shape == (adapter.rank, TEXT_DIM) and up.shape[1] == adapter.rank
-            assert torch.allclose((up.double() @ down.double()), baked.layers[name].delta(proj), atol=1e-6)
+            assert torch.allclose((up.double() @ down.double()), baked.layers[name].delta_weight(proj), atol=1e-6)
     path = save_lora(adapter, tmp_path / "lora.safetensors", baked=baked)
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
@@ -82,7 +82,7 @@ def test_kohya_format_keys(fitted):
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     down, up, alpha = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"], state[f"{key}.alpha"]
     assert alpha.ndim == 0 and float(alpha) == down.shape[0]  # alpha / rank = 1
-    delta = baked.layers["down_blocks.1.attentions.0.transformer_blocks.0.attn2"].delta("k")
+    delta = baked.layers["down_blocks.1.attentions.0.transformer_blocks.0.attn2"].delta_weight("k")
     assert torch.allclose(up.double() @ down.double(), delta, atol=1e-6)
     assert "lora_adapter_metadata" not in meta and meta["ss_network_dim"] == str(down.shape[0])
 

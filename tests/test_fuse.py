@@ -258,16 +258,16 @@ def test_baked_edit_is_the_least_squares_minimiser(erased):
             total += weight * ((x @ delta.T - target) ** 2).sum()
         return float(total + settings.ridge * energy * (delta**2).sum())
 
-    best = baked.layers[layer].delta("k")
+    best = baked.layers[layer].delta_weight("k")
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         nudge = torch.randn(best.shape, generator=generator, dtype=torch.float64) * 1e-3 * best.abs().mean()
         assert objective(best + nudge) > objective(best)
     assert baked.rank == adapter.rank
     truncated = bake(pipe, adapter, settings=BakeSettings(rank=4))
-    assert truncated.rank == 4 and torch.linalg.matrix_rank(truncated.layers[layer].delta("k")) == 4
-    assert objective(truncated.layers[layer].delta("k")) >= objective(best)
-    half = bake(pipe, adapter, scale=0.5).layers[layer].delta("k")
+    assert truncated.rank == 4 and torch.linalg.matrix_rank(truncated.layers[layer].delta_weight("k")) == 4
+    assert objective(truncated.layers[layer].delta_weight("k")) >= objective(best)
+    half = bake(pipe, adapter, scale=0.5).layers[layer].delta_weight("k")
     assert torch.allclose(half, 0.5 * best, atol=1e-6 * float(best.abs().max()))
 
 
@@ -282,7 +282,7 @@ def test_several_adapters_with_per_layer_gates_fuse_and_unfuse(sd_pipe):
     attn_name, attn = next(iter(cross_attention_modules(sd_pipe.unet).items()))
     expected = before[f"{attn_name}.to_k.weight"].double()
     for name, scale in ((a, 0.5), (b, 1.0)):
-        expected = expected + bake(sd_pipe, sd_pipe.get_ace_adapter(name), scale=scale).layers[attn_name].delta("k")
+        expected = expected + bake(sd_pipe, sd_pipe.get_ace_adapter(name), scale=scale).layers[attn_name].delta_weight("k")
     assert torch.allclose(attn.to_k.weight.double(), expected, atol=1e-6)
     fused_image = generate(sd_pipe, "random concept")
     assert (fused_image - gated).abs().max() > 0  # an approximation, not the gated model

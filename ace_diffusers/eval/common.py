@@ -1,17 +1,18 @@
-"""Small shared pieces of the evaluation suite: model states, seeded latents, process splitting, files."""
+"""Small shared pieces of the evaluation suite: model states, seeded latents, process splitting."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.processor import get_stack
+from ..deploy.fuse import get_fused_adapters
 from ..errors import ACECompatibilityError
+from ..integration.attach import set_enabled
+from ..integration.modules import cross_attention_modules, get_unet
 
 
 # ---------------------------------------------------------------------- model states
@@ -21,26 +22,17 @@ def ace_disabled(pipe: Any) -> Iterator[Any]:
 
     Fused adapters are baked into the weights and cannot be switched off: unfuse them first.
     """
-    from .. import attach
-    from ..pipeline import get_unet
-    from ..processor import get_stack
-
     unet = get_unet(pipe)
-    try:
-        from ..fuse import get_fused_adapters
-
-        fused = get_fused_adapters(pipe)
-    except Exception:  # pragma: no cover - fuse module unavailable or changed
-        fused = []
+    fused = get_fused_adapters(pipe)
     if fused:
         raise ACECompatibilityError(
             f"ACE adapters {fused} are fused into the UNet weights; the original model is not available. "
             "Call pipe.unfuse_ace_adapter() before evaluating."
         )
-    stacks = [s for s in (get_stack(m) for m in attach.cross_attention_modules(unet).values()) if s is not None]
+    stacks = [s for s in (get_stack(m) for m in cross_attention_modules(unet).values()) if s is not None]
     saved = [s.enabled.clone() for s in stacks]
     try:
-        attach.set_enabled(unet, False)
+        set_enabled(unet, False)
         yield pipe
     finally:
         for stack, value in zip(stacks, saved, strict=True):
@@ -91,8 +83,8 @@ def partial_state() -> Any:
     On a machine without CUDA, a group launched with ``accelerate launch --multi_gpu`` (torchrun under the
     hood) becomes a gloo CPU group (``cpu=True``); ``ACCELERATE_USE_CPU=1`` forces CPU everywhere.
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from accelerate import PartialState  # optional: only runs that measure or split across processes need it
+    from accelerate.utils import parse_flag_from_env  # optional, as above
 
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
@@ -107,31 +99,10 @@ def distributed_map(function: Callable[[Any], Any], items: Sequence[Any], state:
     items = list(items)
     if state is None or state.num_processes == 1:
         return [function(item) for item in items]
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object  # optional: only launched groups of several processes get here
 
     with state.split_between_processes(list(range(len(items)))) as mine:
         local = [(i, function(items[i])) for i in mine]
     gathered = gather_object(local)
     by_index = dict(gathered)
     return [by_index[i] for i in range(len(items))]
-
-
-# ---------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n")

@@ -17,11 +17,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any
 
-from .attacks import ALL_ATTACKS, SoftPromptSettings
+import torch
+from transformers import AutoProcessor, CLIPModel
+
+from ..eval.attacks import ALL_ATTACKS, SoftPromptSettings
+from ..eval.baselines import esd_x_erase, uce_erase
+from ..eval.common import partial_state
+from ..eval.judges import CLIPZeroShotJudge, ShapesJudge
+from ..eval.report import write_report
+from ..eval.runner import evaluate, prompt_plan, shapes_plan
+from ..fitting.presets import filled
+from ..shapes.classifier import load_shapes_classifier
+from ..shapes.erasure import concept_kind, erase_arguments
+from ..shapes.pipeline import DEFAULT_SAMPLER
+from ..shapes.vocab import SHAPES, STYLES
+from .erase import MINIATURE_NAMES, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,15 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..cli_erase import MINIATURE_NAMES, load_model
-    from ._util import partial_state
-    from .report import write_report
-    from .runner import evaluate, prompt_plan, shapes_plan
-
     attacks = _attacks(args.attacks, parser)
     miniature = args.model in MINIATURE_NAMES
     judge_kind = args.judge or ("shapes" if miniature else "clip")
@@ -134,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
     sampler = _sampler(args)
     if miniature:
-        from ..shapes.erasure import concept_kind
-        from ..shapes.vocab import SHAPES, STYLES
-
         try:
             kind = concept_kind(args.concept)
         except ValueError as err:
@@ -167,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit_baseline(pipe: Any, args: argparse.Namespace, miniature: bool):
-    from ..bench.baselines import esd_x_erase, uce_erase
-
     if miniature:
-        from ..shapes.erasure import erase_arguments
-
         spec = erase_arguments(args.concept, args.neutral)
         neutral, preserve, templates = spec["neutral"], spec["preserve"], spec["templates"]
     else:
@@ -181,11 +180,9 @@ def _fit_baseline(pipe: Any, args: argparse.Namespace, miniature: bool):
                          tokens=args.uce_tokens)
     kw: dict[str, Any] = {"seed": args.seed, "steps": args.esd_steps, "learning_rate": args.esd_lr}
     if miniature:
-        from ..shapes.pipeline import DEFAULT_SAMPLER
-
         kw.update(height=DEFAULT_SAMPLER["height"], width=DEFAULT_SAMPLER["width"],
                   num_inference_steps=DEFAULT_SAMPLER["num_inference_steps"],
-                  prompts=[t.replace("{}", args.concept) for t in templates])
+                  prompts=[filled(t, args.concept) for t in templates])
     for key, value in (("height", args.height), ("width", args.width), ("num_inference_steps", args.steps)):
         if value is not None:
             kw[key] = value
@@ -193,21 +190,12 @@ def _fit_baseline(pipe: Any, args: argparse.Namespace, miniature: bool):
 
 
 def _judges(kind: str, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .judges import CLIPZeroShotJudge, ShapesJudge
-
     if kind == "shapes":
-        from ..shapes.classifier import load_shapes_classifier
-
         classifier = load_shapes_classifier()
         heads = {plan.head, "colour"} | ({"shape"} if plan.head == "style" else set())
         return {h: ShapesJudge(classifier, h) for h in sorted(heads)}
-    from transformers import AutoProcessor, CLIPModel
-
     model = CLIPModel.from_pretrained(args.clip_model).eval()
     processor = AutoProcessor.from_pretrained(args.clip_model)
     labels = args.label or list(dict.fromkeys([plan.concept, *plan.others] + ([plan.neutral] if plan.neutral else [])))
     return {plan.head: CLIPZeroShotJudge(model, processor, labels)}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

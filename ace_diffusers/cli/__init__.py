@@ -1,4 +1,9 @@
-"""The ``ace-diffusers`` command: a thin dispatcher to each feature's own ``main(argv)``."""
+"""The ``ace-diffusers`` command: a thin dispatcher to each command's ``main(argv)``.
+
+One module per command of the stack lives here (:mod:`.erase`, :mod:`.export`, :mod:`.eval`, :mod:`.demo`);
+the benchmark and miniature-world commands live with their packages (``bench``, ``shapes``). A command's
+module is imported only when it runs, so ``ace-diffusers --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ import sys
 
 # name -> (module, help). Modules are imported only when their command runs (fast --help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ace_diffusers.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
-    "erase": ("ace_diffusers.cli_erase", "fit an erasure adapter (closed form + fine-tuning), save/push it"),
-    "export": ("ace_diffusers.export", "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)"),
-    "eval": ("ace_diffusers.eval.cli", "measure an erasure: MACE metrics, attack success rates, images, plots"),
+    "demo": ("ace_diffusers.cli.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
+    "erase": ("ace_diffusers.cli.erase", "fit an erasure adapter (closed form + fine-tuning), save/push it"),
+    "export": ("ace_diffusers.cli.export", "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)"),
+    "eval": ("ace_diffusers.cli.eval", "measure an erasure: MACE metrics, attack success rates, images, plots"),
     "bench": ("ace_diffusers.bench.suite", "run every benchmark and write docs/benchmarks.md (--quick: ~15 min)"),
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
     "bench inference": ("ace_diffusers.bench.inference", "denoising-step overhead and adapter size at SD1.5/SDXL shape"),
@@ -19,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench deploy": ("ace_diffusers.bench.deploy", "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md"),
     "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
-    "figures": ("ace_diffusers.docs_figures", "regenerate docs/images/method.png (gate and K change, computed)"),
+    "figures": ("ace_diffusers.bench.method_figure", "regenerate docs/images/method.png (gate and K change, computed)"),
 }
 
 
@@ -40,7 +45,3 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.main(argv[words:]) or 0)
     print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``ace-diffusers export``: write an ACE adapter as a plain LoRA file (diffusers/PEFT or kohya format)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+from ..core.adapter import ACEAdapter
+from ..deploy.bake import BakeSettings
+from ..deploy.export import DTYPES, FORMATS, MODES, save_lora
+from ..errors import ACEError, ACEValueError
+from ..integration.modules import layer_shapes
+
+
+def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
+    """The base pipeline with only its tokenizer(s) and text encoder(s) loaded; checks the architecture."""
+    config = DiffusionPipeline.load_config(base)
+    keep = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
+    skip = {k: None for k, v in config.items() if isinstance(v, (list, tuple)) and len(v) == 2 and k not in keep}
+    if "requires_safety_checker" in config:
+        skip["requires_safety_checker"] = False
+    if isinstance(config.get("unet"), (list, tuple)) and config["unet"][0] is not None:
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+        adapter.check_compatible(layer_shapes(unet))
+    return DiffusionPipeline.from_pretrained(base, **skip)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ace-diffusers export",
+        description="Export an ACE adapter as a plain LoRA safetensors file that diffusers' load_lora_weights "
+        "(and kohya-format readers) load without ace-diffusers. The gate is lost: see docs/deploy.md.",
+    )
+    parser.add_argument("--adapter", required=True, help="ACE adapter folder or Hub repo id")
+    parser.add_argument("--output", required=True, help="output .safetensors file")
+    parser.add_argument("--format", choices=FORMATS, default="diffusers-lora")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="baked",
+        help="baked (default): least-squares ungated edit over the adapter's prompts (needs the base model); "
+        "ungated: the adapter's factors applied to every token",
+    )
+    parser.add_argument("--base", help="base pipeline (folder or repo id); default: the adapter's recorded base_model")
+    parser.add_argument("--rank", type=int, help="truncate the exported edit to this rank")
+    parser.add_argument("--scale", type=float, default=1.0, help="adapter scale to export at (default 1.0)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--other-weight", type=float, default=BakeSettings.other_weight,
+                        help="baked mode: weight of non-concept tokens in the least-squares fit")
+    parser.add_argument("--ridge", type=float, default=BakeSettings.ridge, help="baked mode: relative ridge")
+    args = parser.parse_args(argv)
+
+    try:
+        adapter = ACEAdapter.from_pretrained(args.adapter)
+        pipe = None
+        if args.mode == "baked":
+            base = args.base or adapter.base_model
+            if not base:
+                raise ACEValueError(
+                    "The adapter records no base model; pass --base MODEL (folder or repo id) for the baked "
+                    "export, or --mode ungated."
+                )
+            pipe = _load_text_pipeline(base, adapter)
+        settings = BakeSettings(other_weight=args.other_weight, ridge=args.ridge)
+        path = save_lora(
+            adapter,
+            args.output,
+            pipe,
+            format=args.format,
+            mode=args.mode,
+            rank=args.rank,
+            scale=args.scale,
+            settings=settings,
+            dtype=DTYPES[args.dtype],
+        )
+    except (ACEError, OSError) as err:
+        print(f"ace-diffusers export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({args.format}, {args.mode}, concepts {adapter.concepts})")
+    return 0
+

@@ -1,0 +1,293 @@
+"""``ACEAdapter``: an erasure as data — per-layer low-rank K/V factors and gates plus metadata.
+
+The on-disk layout (two files, safetensors + JSON) is :mod:`ace_diffusers.format`'s; the math of one
+layer is :class:`~ace_diffusers.core.factors.LayerFactors`'. Loading an adapter from a stranger never
+executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .._io import atomic_save_safetensors, atomic_write_text, staged_directory
+from ..errors import ACEAdapterFormatError, ACEArchitectureMismatchError
+from ..format import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_METADATA,
+    WEIGHTS_NAME,
+    fingerprint_of,
+    group_layer_tensors,
+    read_config,
+)
+from ..hub import build_model_card, push_adapter_folder, resolve_adapter_dir
+from ..version import __version__
+from .factors import LayerFactors
+
+
+class ACEAdapter:
+    """A frozen concept-erasure edit for the cross-attention K/V projections of one UNet architecture.
+
+    It stores *what is applied*; how it was found (closed form, trainer) is recorded in ``fit`` only.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, LayerFactors],
+        *,
+        concepts: list[str],
+        neutral: list[str] | None = None,
+        kind: str | None = None,
+        method: str = "closed-form",
+        fit: Mapping[str, Any] | None = None,
+        base_model: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not layers:
+            raise ACEAdapterFormatError("An ACEAdapter needs at least one layer; got none.")
+        self.layers: dict[str, LayerFactors] = dict(layers)
+        self.concepts = list(concepts)
+        self.neutral = list(neutral or [])
+        self.kind = kind
+        self.method = method
+        self.fit = dict(fit or {})
+        self.base_model = base_model
+        self.extra = dict(extra or {})
+        _validate_layers(self.layers)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        return max(f.rank for f in self.layers.values())
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint_of({name: f.shape for name, f in self.layers.items()})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything but the tensors, as written to ``ace_config.json``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "concepts": self.concepts,
+            "neutral": self.neutral,
+            "kind": self.kind,
+            "rank": self.rank,
+            "method": self.method,
+            "fit": self.fit,
+            "base_model": self.base_model,
+            "fingerprint": self.fingerprint,
+            "created_with": f"ace-diffusers {__version__}",
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for f in self.layers.values() for t in f.tensors().values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": t for name, f in self.layers.items() for key, t in f.tensors().items()}
+
+    def to(self, *args: Any, **kwargs: Any) -> ACEAdapter:
+        """A copy with every tensor converted, e.g. ``adapter.to(torch.float16)``."""
+        layers = {name: f.to(*args, **kwargs) for name, f in self.layers.items()}
+        return self._with_layers(layers)
+
+    def _with_layers(self, layers: Mapping[str, LayerFactors]) -> ACEAdapter:
+        return ACEAdapter(
+            layers,
+            concepts=self.concepts,
+            neutral=self.neutral,
+            kind=self.kind,
+            method=self.method,
+            fit=self.fit,
+            base_model=self.base_model,
+            extra=self.extra,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ACEAdapter(concepts={self.concepts!r}, kind={self.kind!r}, rank={self.rank}, "
+            f"layers={len(self.layers)}, method={self.method!r})"
+        )
+
+    # ------------------------------------------------------------------ compatibility
+    def check_compatible(self, layer_shapes: Mapping[str, tuple[int, int, int]]) -> None:
+        """Raise :class:`ACEArchitectureMismatchError` naming the first layer that does not fit."""
+        for name in sorted(set(self.layers) | set(layer_shapes)):
+            if name not in layer_shapes:
+                raise ACEArchitectureMismatchError(
+                    f"Adapter layer '{name}' does not exist in this UNet: the adapter was fitted for a "
+                    f"different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an adapter "
+                    "fitted for this base model, or fit a new one with erase_concept()."
+                )
+            if name not in self.layers:
+                raise ACEArchitectureMismatchError(
+                    f"UNet cross-attention layer '{name}' has no entry in the adapter: the adapter was fitted "
+                    f"for a different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an "
+                    "adapter fitted for this base model, or fit a new one with erase_concept()."
+                )
+            want, have = tuple(self.layers[name].shape), tuple(layer_shapes[name])
+            if want != have:
+                raise ACEArchitectureMismatchError(
+                    f"Layer '{name}': adapter expects (text dim, key dim, value dim) = {want} but the UNet has "
+                    f"{have}. The adapter was fitted for a different base model; load a matching adapter or "
+                    "fit a new one on this pipeline."
+                )
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``ace_adapter.safetensors`` + ``ace_config.json`` atomically.
+
+        Both files are written into a fresh sibling folder which then replaces ``save_directory`` by
+        renames, so an interrupted save leaves the previous adapter (if any) intact and loadable.
+        Other files already in ``save_directory`` (e.g. a model card) are kept.
+        """
+        target = Path(save_directory).absolute()
+        if target.exists() and not target.is_dir():
+            raise ACEAdapterFormatError(f"Cannot save an adapter to '{target}': it is a file, not a folder.")
+        with staged_directory(target, carry_over=lambda item: item.name not in (WEIGHTS_NAME, CONFIG_NAME)) as staging:
+            atomic_save_safetensors(staging / WEIGHTS_NAME, self.state_dict(), WEIGHTS_METADATA)
+            atomic_write_text(staging / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=False) + "\n")
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> ACEAdapter:
+        """Load from a local folder or a Hub repo id (downloaded through ``huggingface_hub``)."""
+        local = Path(pretrained) / (subfolder or "")
+        if local.is_dir():
+            return cls.from_folder(local)
+        folder = resolve_adapter_dir(
+            pretrained,
+            revision=revision,
+            subfolder=subfolder,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        return cls.from_folder(folder)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> ACEAdapter:
+        folder = Path(folder)
+        config = read_config(folder / CONFIG_NAME)
+        weights_path = folder / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise ACEAdapterFormatError(
+                f"'{folder}' has {CONFIG_NAME} but no {WEIGHTS_NAME}: the adapter is incomplete. "
+                "Re-download or re-save it."
+            )
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ACEAdapterFormatError(
+                f"'{weights_path}' is not a readable safetensors file ({err}). It is truncated or corrupted: "
+                "re-download or re-save the adapter."
+            ) from err
+        layers = {name: LayerFactors(**group) for name, group in group_layer_tensors(tensors, weights_path).items()}
+        adapter = cls(
+            layers,
+            concepts=config["concepts"],
+            neutral=config.get("neutral"),
+            kind=config.get("kind"),
+            method=config.get("method", "closed-form"),
+            fit=config.get("fit"),
+            base_model=config.get("base_model"),
+            extra=config.get("extra"),
+        )
+        recorded = config.get("fingerprint", {}).get("layers")
+        if recorded is not None and recorded != adapter.fingerprint["layers"]:
+            raise ACEAdapterFormatError(
+                f"'{folder}': the tensors do not match the architecture fingerprint recorded in {CONFIG_NAME}; "
+                "the two files come from different adapters. Re-download or re-save the adapter."
+            )
+        return adapter
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        eval_markdown: str | None = None,
+        image_path: str | os.PathLike | None = None,
+    ) -> str:
+        """Publish this adapter (weights, config and a model card) to ``repo_id`` on the Hub."""
+        with tempfile.TemporaryDirectory(prefix="ace-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "adapter")
+            image_relpath = None
+            if image_path is not None:
+                image_relpath = Path(image_path).name
+                shutil.copy2(image_path, folder / image_relpath)
+            card = build_model_card(self.config, eval_markdown=eval_markdown, image_relpath=image_relpath)
+            return push_adapter_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message or f"Upload ACE adapter erasing {', '.join(self.concepts[:5])}",
+                create_pr=create_pr,
+                model_card=card,
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+def _all_finite(t: torch.Tensor) -> bool:
+    """One float64 sum on the CPU (NaN/Inf reach it; a narrower float cannot overflow it), else elementwise."""
+    if t.device.type == "cpu" and t.dtype != torch.float64:
+        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(t).all())
+
+
+def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
+    for name, f in layers.items():
+        for key, t in f.tensors().items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ACEAdapterFormatError(f"Layer '{name}': tensor '{key}' must be a floating-point tensor.")
+            if not _all_finite(t):
+                raise ACEAdapterFormatError(
+                    f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."
+                )
+        r, d_text = f.k_down.shape if f.k_down.ndim == 2 else (None, None)
+        ok = (
+            f.k_down.ndim == 2
+            and f.v_down.ndim == 2
+            and f.k_up.ndim == 2
+            and f.v_up.ndim == 2
+            and f.v_down.shape == (r, d_text)
+            and f.k_up.shape[1] == r
+            and f.v_up.shape[1] == r
+            and f.gate_weight.shape == (d_text,)
+            and f.gate_bias.numel() == 1
+            and r is not None
+            and r > 0
+        )
+        if not ok:
+            raise ACEAdapterFormatError(
+                f"Layer '{name}': inconsistent factor shapes k_down {tuple(f.k_down.shape)}, "
+                f"k_up {tuple(f.k_up.shape)}, v_down {tuple(f.v_down.shape)}, v_up {tuple(f.v_up.shape)}, "
+                f"gate_weight {tuple(f.gate_weight.shape)}, gate_bias {tuple(f.gate_bias.shape)}; expected "
+                "(r, d_text), (d_k, r), (r, d_text), (d_v, r), (d_text,), (1,)."
+            )

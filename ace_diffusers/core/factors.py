@@ -1,0 +1,104 @@
+"""The math of one layer's ACE edit, in one place.
+
+For text tokens ``c`` (rows) a cross-attention layer's keys change by a *gated* low-rank term, and its
+values the same way::
+
+    g(c)   = sigmoid(c · w + b)                    one gate value per token, in [0, 1]
+    ΔK(c)  = m · g(c) · (c A_kᵀ) B_kᵀ              A_k = k_down (r, d_text), B_k = k_up (d_k, r)
+    ΔV(c)  = m · g(c) · (c A_vᵀ) B_vᵀ              m: the adapter's multiplier (scale × switches)
+
+:class:`GatedLowRank` holds this formula (peft's ``get_delta_weight`` idea: one definition serves the
+forward pass, the fitters, baking/fusing and the figures). It is mixed into :class:`LayerFactors` (plain
+tensors: what is saved, fitted and baked) and into the processor's buffer module, so the attention
+forward and every offline computation run the same operations in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..format import TENSOR_KEYS
+
+PROJECTIONS = ("k", "v")
+
+
+def gate_values(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(context · weight + bias)``: one gate value per token, shape ``context.shape[:-1]``."""
+    return torch.sigmoid(context @ weight + bias)
+
+
+class GatedLowRank:
+    """The gated low-rank K/V delta, for any holder of ``k_down``/``k_up``/``v_down``/``v_up``/``gate_*``."""
+
+    k_down: torch.Tensor
+    k_up: torch.Tensor
+    v_down: torch.Tensor
+    v_up: torch.Tensor
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """Per-token gate in [0, 1], shape ``context.shape[:-1]``."""
+        return gate_values(context, self.gate_weight, self.gate_bias)
+
+    def factors_of(self, projection: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down, up)`` = ``(A, B)`` of ``"k"`` or ``"v"``."""
+        return getattr(self, f"{projection}_down"), getattr(self, f"{projection}_up")
+
+    def low_rank(self, context: torch.Tensor, projection: str) -> torch.Tensor:
+        """The ungated term ``(c Aᵀ) Bᵀ`` of ``"k"`` or ``"v"``."""
+        down, up = self.factors_of(projection)
+        return (context @ down.T) @ up.T
+
+    def weighting(self, context: torch.Tensor, multiplier: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``m · g(c)`` with a trailing axis, ready to scale the low-rank term (``multiplier=None``: ``m = 1``)."""
+        weight = self.gate(context).unsqueeze(-1)
+        return weight if multiplier is None else weight * multiplier
+
+    def delta(
+        self, context: torch.Tensor, projection: str, multiplier: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """``m · g(c) · (c Aᵀ) Bᵀ`` for ``"k"`` or ``"v"``."""
+        return self.low_rank(context, projection) * self.weighting(context, multiplier)
+
+    def deltas(
+        self, context: torch.Tensor, multiplier: torch.Tensor | float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ΔK, ΔV)`` with the gate computed once."""
+        weight = self.weighting(context, multiplier)
+        return self.low_rank(context, "k") * weight, self.low_rank(context, "v") * weight
+
+    def delta_weight(self, projection: str) -> torch.Tensor:
+        """``B A`` (d_out, d_text): the edit as a plain weight when the gate is 1 everywhere."""
+        down, up = self.factors_of(projection)
+        return up @ down
+
+
+@dataclass
+class LayerFactors(GatedLowRank):
+    """The delta for one cross-attention layer: ``ΔK(c) = g(c)·(c A_kᵀ) B_kᵀ``, same for V."""
+
+    k_down: torch.Tensor
+    k_up: torch.Tensor
+    v_down: torch.Tensor
+    v_up: torch.Tensor
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(d_text, d_k, d_v)``: what the layer must look like to carry this delta."""
+        return (self.k_down.shape[1], self.k_up.shape[0], self.v_up.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.k_down.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in TENSOR_KEYS}
+
+    def to(self, *args: Any, **kwargs: Any) -> LayerFactors:
+        return LayerFactors(**{k: v.to(*args, **kwargs) for k, v in self.tensors().items()})

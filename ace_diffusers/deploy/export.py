@@ -1,0 +1,196 @@
+"""Export an ACE adapter as a plain LoRA file: diffusers/PEFT format or kohya format (safetensors only).
+
+A LoRA has no gate, so something is lost (see ``docs/deploy.md``). Two modes:
+
+* ``"baked"`` (default): the plain low-rank edit of :func:`ace_diffusers.deploy.bake.bake` — the least-squares
+  ungated edit that best reproduces the gated one over the adapter's concept / neutral / preservation
+  prompt tokens, i.e. the gate applied *on average*. It is exactly what ``fuse_ace_adapter`` writes
+  into the weights, so loading the file with ``pipe.load_lora_weights`` (scale 1) behaves like the
+  fused pipeline. Needs the base pipeline's text encoder(s) to compute the token set.
+* ``"ungated"``: the adapter's own factors ``s·B``, ``A``, applied to *every* token (gate dropped). No
+  text encoder needed, but unrelated prompts are edited as much as the concept (usually much worse).
+
+Key formats (read by diffusers' ``load_lora_weights``; learned from ``diffusers.loaders``):
+
+* ``diffusers-lora``: ``unet.<layer>.to_k.lora_A.weight`` (r, d_text) and ``...lora_B.weight``
+  (d_k, r), same for ``to_v``; the LoRA config (``r``, ``lora_alpha = r``, so scaling 1) goes into the
+  safetensors metadata key ``lora_adapter_metadata`` as diffusers' own ``save_lora_weights`` does.
+* ``kohya``: ``lora_unet_<layer with '_' for '.'>_to_k.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha`` (= r, so scaling 1). Block names are the diffusers ones (what kohya uses for SD 1.x/2.x
+  UNets); SDXL kohya files from kohya's own trainer use SGM block names instead, which diffusers also
+  reads, but other tools may expect them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_save_safetensors
+from ..core.adapter import ACEAdapter
+from ..core.factors import PROJECTIONS
+from ..errors import ACEValueError
+from ..integration.attach import adapter_scale, loaded_adapters, single_loaded_adapter
+from ..integration.modules import get_unet
+from ..version import __version__
+from .bake import BakedEdit, BakeSettings, bake
+from .fuse import fused_state
+
+FORMATS = ("diffusers-lora", "kohya")
+MODES = ("baked", "ungated")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _plain_factors(
+    adapter: ACEAdapter,
+    pipe: Any,
+    *,
+    mode: str,
+    rank: int | None,
+    scale: float,
+    settings: BakeSettings | None,
+    baked: BakedEdit | None,
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], BakedEdit | None]:
+    """``({layer: {"k"|"v": (down, up)}}, baked edit or None)`` of the plain LoRA to write."""
+    if mode not in MODES:
+        raise ACEValueError(f"Unknown export mode {mode!r}; choose one of {list(MODES)}.")
+    if mode == "ungated":
+        out = {}
+        for name, f in adapter.layers.items():
+            out[name] = {}
+            for proj in PROJECTIONS:
+                down = getattr(f, f"{proj}_down").detach().cpu().float()
+                up = getattr(f, f"{proj}_up").detach().cpu().float() * float(scale)
+                if rank is not None and rank < down.shape[0]:
+                    u, s, vh = torch.linalg.svd(up.double() @ down.double(), full_matrices=False)
+                    down, up = vh[:rank].float(), (u[:, :rank] * s[:rank]).float()
+                out[name][proj] = (down, up)
+        return out, None
+    if baked is None:
+        if pipe is None:
+            raise ACEValueError(
+                "Exporting the baked edit needs the base pipeline (its text encoder gives the prompt tokens the "
+                "gate is averaged over): pass pipe=..., or mode='ungated' to drop the gate instead."
+            )
+        settings = settings or BakeSettings()
+        if rank is not None:
+            settings = BakeSettings(**{**settings.to_dict(), "rank": rank})
+        baked = bake(pipe, adapter, scale=scale, settings=settings)
+    elif rank is not None and rank != baked.rank:
+        raise ACEValueError(f"rank={rank} conflicts with the given baked edit of rank {baked.rank}; pass one of them.")
+    return {name: {proj: layer.factors(proj) for proj in PROJECTIONS} for name, layer in baked.layers.items()}, baked
+
+
+def _pad(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad factors to ``rank`` so every module has the same rank (one LoRA config, scaling 1)."""
+    missing = rank - down.shape[0]
+    if missing > 0:
+        down = torch.cat([down, down.new_zeros(missing, down.shape[1])])
+        up = torch.cat([up, up.new_zeros(up.shape[0], missing)], dim=1)
+    return down, up
+
+
+def lora_state_dict(
+    adapter: ACEAdapter,
+    pipe: Any = None,
+    *,
+    format: str = "diffusers-lora",
+    mode: str = "baked",
+    rank: int | None = None,
+    scale: float = 1.0,
+    settings: BakeSettings | None = None,
+    baked: BakedEdit | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, safetensors metadata)`` of the exported LoRA (module docstring for formats/modes)."""
+    if format not in FORMATS:
+        raise ACEValueError(f"Unknown LoRA format {format!r}; choose one of {list(FORMATS)}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ACEValueError(f"rank must be a positive integer or None, got {rank!r}.")
+    factors, baked = _plain_factors(adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked)
+    r = max(down.shape[0] for layer in factors.values() for down, _ in layer.values())
+    tensors: dict[str, torch.Tensor] = {}
+    targets = []
+    for name in sorted(factors):
+        for proj in PROJECTIONS:
+            down, up = _pad(*factors[name][proj], r)
+            down, up = down.to(dtype).contiguous(), up.to(dtype).contiguous()
+            if format == "diffusers-lora":
+                module = f"{name}.to_{proj}"
+                targets.append(module)
+                tensors[f"unet.{module}.lora_A.weight"] = down
+                tensors[f"unet.{module}.lora_B.weight"] = up
+            else:
+                module = "lora_unet_" + f"{name}.to_{proj}".replace(".", "_")
+                tensors[f"{module}.lora_down.weight"] = down
+                tensors[f"{module}.lora_up.weight"] = up
+                tensors[f"{module}.alpha"] = torch.tensor(float(r), dtype=dtype)
+
+    metadata = {
+        "format": "pt",
+        "ace_concepts": json.dumps(adapter.concepts),
+        "ace_neutral": json.dumps(adapter.neutral),
+        "ace_mode": mode,
+        "ace_scale": repr(float(scale)),
+        "ace_rank": str(r),
+        "ace_base_model": adapter.base_model or "",
+        "created_with": f"ace-diffusers {__version__}",
+    }
+    if baked is not None:
+        metadata["ace_bake_settings"] = json.dumps(baked.settings.to_dict())
+    if format == "diffusers-lora":
+        config = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
+        metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
+    else:
+        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(r)})
+    return tensors, metadata
+
+
+def to_diffusers_lora(adapter: ACEAdapter, pipe: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """The adapter as a diffusers/PEFT LoRA state dict (``pipe.load_lora_weights(state_dict)`` reads it).
+
+    ``kwargs``: ``format`` (default ``"diffusers-lora"``), ``mode``, ``rank``, ``scale``, ``settings``,
+    ``baked``, ``dtype`` as in :func:`lora_state_dict`.
+    """
+    return lora_state_dict(adapter, pipe, **kwargs)[0]
+
+
+def save_lora(adapter: ACEAdapter, path: str | os.PathLike, pipe: Any = None, **kwargs: Any) -> Path:
+    """Write the exported LoRA to ``path`` (one ``.safetensors`` file); see :func:`lora_state_dict`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ACEValueError(f"'{path}' is a folder; give the LoRA file name, e.g. '{path / 'ace_lora.safetensors'}'.")
+    tensors, metadata = lora_state_dict(adapter, pipe, **kwargs)
+    return atomic_save_safetensors(path, tensors, metadata)
+
+
+def export_lora(
+    pipe: Any,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    format: str = "diffusers-lora",
+    mode: str = "baked",
+    rank: int | None = None,
+    settings: BakeSettings | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Export a loaded ACE adapter (at its current scale) as a plain LoRA file for ``pipe``'s base model.
+
+    If the adapter is fused, the exact edit that was fused is written (unless ``rank`` asks otherwise).
+    """
+    unet = get_unet(pipe)
+    name = single_loaded_adapter(unet, adapter_name)
+    adapter = loaded_adapters(unet)[name]
+    state = fused_state(unet)
+    baked = None
+    if mode == "baked" and state is not None and name in state.adapters and rank is None and settings is None:
+        baked = state.adapters[name].baked
+    scale = baked.scale if baked is not None else adapter_scale(unet, name)
+    return save_lora(
+        adapter, path, pipe, format=format, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked, dtype=dtype
+    )

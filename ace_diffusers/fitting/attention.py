@@ -1,0 +1,139 @@
+"""The trainer's objective: cross-attention outputs of real queries over edited and unedited text tokens.
+
+For each cross-attention layer a bank of real queries ``q`` is captured once from the UNet on noised
+latents (:func:`capture_queries`). The attention output over text tokens ``c`` is
+``Attn(q, K(c), V(c))`` with ``K(c) = W_k c`` — plus the adapter's gated delta
+(:meth:`~ace_diffusers.core.factors.GatedLowRank.deltas`, the processor's own formula) when factors are
+given. :func:`alignment_loss` compares the edited output on one prompt with the unedited output on
+another (the neutral counterpart, or the same prompt for what must be kept), so no UNet forward or
+backward pass is needed during fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.factors import LayerFactors
+from ..integration.modules import cross_attention_modules, projection_weight
+from .presets import filled
+from .text import TextEmbedder
+
+TrainableFactors = Mapping[str, Mapping[str, torch.Tensor]]  # {"gate": {weight, bias}, layer: {k_down, ...}}
+
+
+@dataclass
+class QueryLayer:
+    """One cross-attention layer and a bank of its real queries."""
+
+    name: str
+    attn: torch.nn.Module
+    queries: torch.Tensor  # (n_queries, heads, head_dim)
+
+
+def encode_full(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:
+    """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees them."""
+    return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
+
+
+def _unet_kwargs(unet: torch.nn.Module, batch: int, size: int) -> dict[str, Any]:
+    """The extra conditioning an SDXL-style UNet needs (zeros: only the queries' shapes matter)."""
+    config = unet.config
+    if getattr(config, "addition_embed_type", None) != "text_time":
+        return {}
+    dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros(batch, pooled_dim, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype),
+        }
+    }
+
+
+@torch.no_grad()
+def capture_queries(
+    unet: torch.nn.Module, embedder: TextEmbedder, neutral: str, templates: list[str], *, per_layer: int, seed: int
+) -> list[QueryLayer]:
+    """Real cross-attention queries: the UNet on noised latents with the empty and a few neutral prompts."""
+    modules = cross_attention_modules(unet)
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def hook(name: str):
+        return lambda m, args, kwargs: captured[name].append(args[0] if args else kwargs["hidden_states"])
+
+    hooks = [attn.register_forward_pre_hook(hook(name), with_kwargs=True) for name, attn in modules.items()]
+    try:
+        prompts = [""] + [filled(t, neutral) for t in templates[:3]]
+        context = encode_full(embedder, prompts)
+        config = unet.config
+        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        size = min(size, 16)
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(len(prompts), config.in_channels, size, size, generator=generator)
+        timesteps = torch.randint(50, 950, (len(prompts),), generator=generator)
+        dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
+        unet(latents.to(device, dtype), timesteps.to(device), encoder_hidden_states=context.to(device, dtype),
+             **_unet_kwargs(unet, len(prompts), size))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    layers = []
+    for name, attn in modules.items():
+        hidden = torch.cat([_tokens(h) for h in captured[name]])
+        pick = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:per_layer]
+        query = attn.to_q(hidden[pick]).float()
+        layers.append(QueryLayer(name, attn, query.reshape(len(pick), attn.heads, -1)))
+    return layers
+
+
+def _tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states as rows of tokens, from ``(B, T, C)`` or ``(B, C, H, W)``."""
+    if hidden.ndim == 3:
+        return hidden.reshape(-1, hidden.shape[-1])
+    return hidden.flatten(2).transpose(1, 2).reshape(-1, hidden.shape[1])
+
+
+def layer_factors(params: TrainableFactors, name: str) -> LayerFactors:
+    """Layer ``name``'s factors with the shared gate, as one :class:`LayerFactors` (no copies)."""
+    p, gate = params[name], params["gate"]
+    return LayerFactors(p["k_down"], p["k_up"], p["v_down"], p["v_up"], gate["weight"], gate["bias"])
+
+
+def attention_output(layer: QueryLayer, context: torch.Tensor, params: TrainableFactors | None) -> torch.Tensor:
+    """Attention output of the layer's query bank over ``context`` (B, T, d): (B, n_q, d_v)."""
+    attn = layer.attn
+    key = context @ projection_weight(attn.to_k).float().T
+    value = context @ projection_weight(attn.to_v).float().T
+    if params is not None:
+        delta_k, delta_v = layer_factors(params, layer.name).deltas(context)
+        key, value = key + delta_k, value + delta_v
+    batch, tokens, _ = key.shape
+    heads = layer.queries.shape[1]
+    key = key.view(batch, tokens, heads, -1).transpose(1, 2)
+    value = value.view(batch, tokens, heads, -1).transpose(1, 2)
+    query = layer.queries.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
+    out = F.scaled_dot_product_attention(query, key, value)
+    return out.transpose(1, 2).reshape(batch, out.shape[2], -1)
+
+
+def alignment_loss(
+    layers: list[QueryLayer], params: TrainableFactors, source: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Mean over layers of ``||Attn_edited(source) − Attn(target)||² / ||Attn(target)||²``."""
+    total = source.new_zeros(())
+    for layer in layers:
+        with torch.no_grad():
+            wanted = attention_output(layer, target, None)
+        got = attention_output(layer, source, params)
+        total = total + ((got - wanted) ** 2).mean() / wanted.pow(2).mean().clamp_min(1e-8)
+    return total / len(layers)
+
+
+def detached(params: TrainableFactors) -> dict[str, dict[str, torch.Tensor]]:
+    """The same factors without gradients (an adversary optimises its input, not the adapter)."""
+    return {group: {k: v.detach() for k, v in values.items()} for group, values in params.items()}

@@ -1,0 +1,266 @@
+"""The closed-form fitter: prompts -> token embeddings -> gate + low-rank K/V edit -> :class:`ACEAdapter`.
+
+:mod:`.data` collects the tokens (concept, aligned neutral, the ones to leave alone), :mod:`.solvers`
+holds the math (its docstring states the objective and its minimiser); this module runs them on a
+pipeline and holds the public verbs :func:`erase_concept` and :func:`prepare_erasure`. Everything but the
+low-rank step is shared by all layers, so one fit costs a few text-encoder passes plus one small SVD per
+K/V projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.adapter import ACEAdapter
+from ..core.factors import LayerFactors
+from ..errors import ACEAdapterNameError, ACETruncationWarning, ACEValueError
+from ..integration.attach import attach_adapter, default_adapter_name, loaded_adapters, validate_adapter_name
+from ..integration.modules import cross_attention_modules, get_unet, projection_weight
+from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
+from .embedding_cache import EMBEDDINGS, cache_root
+from .presets import ErasureSpec, resolve_spec
+from .solvers import default_rank, fit_gate, low_rank_edits, solve_text_map
+from .text import TextEmbedder
+
+
+def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None = None) -> ACEAdapter:
+    """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline)."""
+    started = time.perf_counter()
+    unet = get_unet(pipe)
+    modules = cross_attention_modules(unet)
+    names = sorted(modules)
+    d_text = projection_weight(modules[names[0]].to_k).shape[1]
+    rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
+    check_rank(rank, d_text)
+    embedder = TextEmbedder(pipe)
+    check_fit_size(embedder, spec, settings, d_text)
+    with tqdm(total=3, desc="ACE closed form", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("encoding prompts")
+        data = collect_fit_data(embedder, spec, settings)
+        if data.concept.shape[1] != d_text:
+            raise ACEValueError(
+                f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
+                f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
+            )
+        if not bool(data.gate_positive.any()):
+            raise ACEValueError(
+                f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
+                f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
+            )
+        bar.update()
+        bar.set_postfix_str("gate and text map")
+        negatives = torch.cat([data.concept[~data.gate_positive], data.others])
+        gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
+        h, root, edit_stats = solve_text_map(
+            data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
+        )
+        bar.update()
+        bar.set_postfix_str("low-rank edits")
+        weights = [projection_weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
+        factors = low_rank_edits(weights, h.float(), root.float(), rank)
+        bar.update()
+    layers = {}
+    for i, name in enumerate(names):
+        (k_down, k_up), (v_down, v_up) = factors[2 * i], factors[2 * i + 1]
+        layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
+
+    fit = {
+        "settings": {**settings.to_dict(), "rank": rank},
+        "templates": spec.templates,
+        **({"phrase_templates": spec.phrase_templates} if spec.phrase_templates else {}),
+        "preserve": spec.preserve,
+        "stats": {**gate_stats, **edit_stats},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
+    return ACEAdapter(
+        layers,
+        concepts=spec.concepts,
+        neutral=spec.neutral,
+        kind=spec.kind,
+        method="closed-form",
+        fit=fit,
+        base_model=base_model if isinstance(base_model, str) else None,
+    )
+
+
+def estimate_fit_bytes(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> int:
+    """Upper bound of the token embeddings held during a fit (concept + neutral prompts dominate)."""
+    prompts = 2 * sum(len(spec.templates_for(c)) for c in spec.concepts)
+    prompts += len(spec.unrelated_prompts()) + settings.preserve_templates * len(spec.preserve)
+    return prompts * embedder.max_length * d_text * 4 * 3  # float32 embeddings, aligned copies, float64 solve
+
+
+def check_fit_size(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> None:
+    """Warn about truncated concepts; refuse fits that would not fit in memory, before any work."""
+    tokenizer = embedder.encoders[0][0]
+    for concept in spec.concepts:
+        n_tokens = len(tokenizer(concept, add_special_tokens=False)["input_ids"])
+        if n_tokens + 2 > embedder.max_length:
+            warnings.warn(
+                f"Concept {concept[:60]!r} is {n_tokens} tokens long; the text encoder keeps "
+                f"{embedder.max_length - 2}, so it is truncated and only its beginning is erased.",
+                ACETruncationWarning,
+                stacklevel=3,
+            )
+    needed = estimate_fit_bytes(embedder, spec, settings, d_text)
+    available = available_memory()
+    if available is not None and needed > 0.7 * available:
+        raise ACEValueError(
+            f"Erasing {len(spec.concepts)} concepts at once needs about {needed / 2**30:.1f} GiB for token "
+            f"embeddings but about {available / 2**30:.1f} GiB is available; split the concepts into several "
+            "adapters (they compose) or pass fewer templates."
+        )
+
+
+def available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_rank(rank: Any, d_text: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ACEValueError(f"rank must be a positive integer, got {rank!r}.")
+    if rank > d_text:
+        raise ACEValueError(f"rank {rank} exceeds the text width {d_text} of this UNet's cross-attention; use <= {d_text}.")
+
+
+def erase_concept(
+    pipe: Any,
+    concepts: str | list[str],
+    *,
+    neutral: str | list[str] | None = None,
+    kind: str | None = None,
+    preserve: str | list[str] | None = None,
+    rank: int | None = None,
+    adapter_name: str | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
+    scale: float = 1.0,
+    preserve_weight: float = 0.05,
+    load: bool = True,
+    progress: bool | None = None,
+    settings: FitSettings | None = None,
+) -> ACEAdapter:
+    """Erase ``concepts`` from ``pipe`` in closed form: fit an :class:`ACEAdapter`, load it, return it.
+
+    Args:
+        concepts: one phrase or a list (hundreds fit in one adapter).
+        neutral: what the concept should turn into; default from ``kind`` (e.g. ``"art"`` for styles).
+        kind: ``"object"``, ``"style"``, ``"celebrity"``, ``"explicit"`` or ``None`` (custom) — picks
+            templates, anchor and preservation set (``ace_diffusers/data/presets.json``).
+        preserve: concepts that must stay intact; default from ``kind``.
+        rank: rank of the K/V edit per layer; default ``min(24 + 8 * len(concepts), 256, d_text)``.
+        adapter_name: name in the pipeline; default derived from the first concept.
+        load: set False to only fit (the pipeline is not changed).
+        settings: advanced fitter settings (:class:`FitSettings`); ``rank``/``preserve_weight`` win.
+    """
+    spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+    unet = get_unet(pipe)
+    if adapter_name is not None:
+        validate_adapter_name(adapter_name)
+        if adapter_name in loaded_adapters(unet):
+            raise ACEAdapterNameError(
+                f"An ACE adapter named '{adapter_name}' is already loaded; choose another adapter_name."
+            )
+    if progress is None:
+        progress = len(spec.concepts) >= 20
+    settings = dataclasses.replace(settings or FitSettings(), preserve_weight=preserve_weight)
+    if rank is not None:
+        settings.rank = rank
+    # The fit reads text embeddings and the base to_k/to_v weights only, so adapters already loaded
+    # (ACE or PEFT LoRA) do not influence it.
+    adapter = fit_adapter(pipe, spec, settings, progress=progress)
+    if load:
+        name = adapter_name or default_adapter_name(unet, adapter)
+        attach_adapter(unet, adapter, name, scale=scale)
+    return adapter
+
+
+PREPARATION_PLACEHOLDER = "ace-diffusers preparation placeholder"  # stands in for the concepts to come
+
+
+@dataclass
+class Preparation:
+    """What :func:`prepare_erasure` cached: for which kind, how many prompts, where, in how long."""
+
+    kind: str
+    neutral: list[str]
+    prompts: int  # concept-independent prompts now in the cache (neutral, preservation, unrelated)
+    cache_dir: str | None  # where they are kept for later processes too (None: memory only)
+    seconds: float
+
+
+def prepare_erasure(
+    pipe: Any,
+    *,
+    kind: str | None = None,
+    neutral: str | list[str] | None = None,
+    preserve: str | list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
+    settings: FitSettings | None = None,
+) -> Preparation:
+    """Pay, now, the part of :func:`erase_concept` that does not depend on the concept.
+
+    Every fit of a kind encodes the same neutral-anchor prompts (in every template), preservation prompts
+    and unrelated prompts. The first fit with a new text encoder encodes all of them (on a CPU that is
+    more than the rest of a one-concept fit); afterwards they come from memory, or from the on-disk
+    cache in a new process. A service that must answer its first request quickly calls this once per
+    kind at start-up (or when building its image, so the disk cache ships with it); then each
+    ``erase_concept`` with the same ``kind``/``neutral``/``preserve``/``templates`` encodes only the
+    concept's own prompts. Nothing is fitted and the pipeline is not changed.
+
+    The arguments mean what they mean for :func:`erase_concept`; ``neutral`` may list several anchors
+    (each is prepared for fits that use it alone). What stays for a fit is its concept prompts and, for a
+    fit of more concepts (more than eight, or more than one besides ``explicit``'s own terms) or of several
+    anchors, the d x d second moment of its other tokens (one matrix product: which templates such a fit
+    encodes in full depends on its number of concepts).
+    """
+    started = time.perf_counter()
+    anchors = list(neutral) if isinstance(neutral, (list, tuple)) else [neutral]
+    if not anchors:
+        raise ACEValueError("neutral=[] names no anchor: pass None for the kind's default, or one or more anchors.")
+    settings = settings or FitSettings()
+    embedder = TextEmbedder(pipe)
+    jobs: list[Job] = []
+    prepared_anchors: list[str] = []
+    moments = []  # (neutral jobs, other jobs) of each one-anchor layout whose second moment is kept
+    concept_prefixes: list[Job] = []  # an empty anchor marks no phrase, so its prompts share no prefix
+    for anchor in anchors:
+        base = resolve_spec(PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates)
+        prepared_anchors.append(base.neutral[0])
+        # per-phrase templates: the first concept's also serve the preserved phrases without their own
+        for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
+            spec = dataclasses.replace(base, templates=list(template_list))
+            fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
+            every_layout = [  # more concepts take other templates at full length (full_length_template_indices)
+                job for full in (set(range(len(template_list))), set())
+                for job in template_jobs(spec.neutral[0], list(template_list), full, settings)
+            ]
+            jobs += fit.concept_independent + every_layout
+            moments.append((fit.neutral, fit.other))
+            if not spec.neutral[0]:
+                concept_prefixes += fit.concept
+    jobs = list(dict.fromkeys(jobs))
+    encoded = dict(zip(jobs + concept_prefixes, EMBEDDINGS.encode(embedder, jobs + concept_prefixes, persistent=jobs),
+                       strict=True))
+    for neutral_jobs, other_jobs in moments:
+        other_tokens(embedder, neutral_jobs, [encoded[j] for j in neutral_jobs], other_jobs,
+                      [encoded[j] for j in other_jobs])
+    root = cache_root()
+    return Preparation(
+        kind=base.kind,
+        neutral=list(dict.fromkeys(prepared_anchors)),
+        prompts=len(jobs),
+        cache_dir=str(root) if root is not None else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -1,0 +1,178 @@
+"""What a closed-form fit encodes, and how its tokens line up: the jobs, their layout, the token data.
+
+A fit of concept ``c`` with anchor ``n`` fills every template with both (``"a painting by {}"`` →
+``"a painting by Van Gogh"`` / ``"a painting by an artist"``), encodes them with a few or all padding
+tokens (:func:`full_length_template_indices`), aligns each concept-prompt token with the neutral-prompt
+token it should become (:func:`align_tokens`) and adds the tokens of preservation and unrelated prompts,
+which the edit must leave alone (:func:`collect_fit_data` → :class:`~.solvers.FitData`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ACEValueError
+from .embedding_cache import EMBEDDINGS, Job
+from .presets import ErasureSpec, fill_phrase, load_presets
+from .solvers import FitData
+from .text import EncodedPrompt, TextEmbedder
+
+CHANGED_TOKEN_THRESHOLD = 0.02  # relative change that marks a token as carrying the concept
+
+
+@dataclass
+class FitSettings:
+    """How a closed-form fit is laid out and regularised (the comments say what each field does)."""
+
+    rank: int | None = None  # None: default_rank(n_concepts, d_text)
+    preserve_weight: float = 0.05  # λ_p
+    ridge: float = 1e-3  # λ, relative to the mean token energy
+    gate_ridge: float = 1e-3
+    preserve_templates: int = 2
+    full_length_templates: int = 2  # causal encoders: templates per concept encoded with all padding tokens
+    full_length_budget: int = 16  # ... while the total stays within this many (spread over the concepts)
+    extra_pad_tokens: int = 6  # causal encoders, other prompts: padding tokens kept after each prompt's EOS
+    preserve_pad_tokens: int = 12  # ... and after each preservation prompt's: far padding must stay unedited too
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def template_jobs(phrase: str, templates: list[str], full: set[int], settings: FitSettings) -> list[Job]:
+    """``phrase`` in each template; those in ``full`` with all padding tokens, the rest with a few."""
+    return [(*fill_phrase(t, phrase), None if i in full else settings.extra_pad_tokens) for i, t in enumerate(templates)]
+
+
+@dataclass
+class FitJobs:
+    """A fit's encoder jobs: the concept prompts, their neutral counterparts (same order), and the
+    preservation and unrelated prompts; ``preset`` are the concept prompts of the kind's own terms
+    (explicit's), which every fit of the kind has too."""
+
+    concept: list[Job]
+    neutral: list[Job]
+    other: list[Job]
+    preset: list[Job]
+
+    @property
+    def concept_independent(self) -> list[Job]:
+        """What :func:`prepare_erasure` encodes ahead and the on-disk cache keeps."""
+        return self.neutral + self.other + self.preset
+
+
+def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
+    """The encoder jobs of a fit of ``spec``.
+
+    The first four generic prompts keep all their padding tokens; which four does not depend on the
+    concepts (one that names a concept is left out, not replaced), so :func:`prepare_erasure` knows them.
+    """
+    concept_jobs, neutral_jobs, preset_jobs = [], [], []
+    # the kind's own terms take the slots they would have after one concept of the user's, whatever the
+    # user passed, so that their prompts are the same in every fit of the kind
+    kind_terms = {t: i + 1 for i, t in enumerate(load_presets()["kinds"].get(spec.kind, {}).get("expand", []))}
+    expanded = set(spec.expanded)
+    for c_index, (concept, anchor) in enumerate(zip(spec.concepts, spec.neutral, strict=True)):
+        templates = spec.templates_for(concept)
+        slot = kind_terms[concept] if concept in expanded else c_index
+        full = full_length_template_indices(slot, len(spec.concepts), len(templates), settings)
+        jobs = template_jobs(concept, templates, full, settings)
+        concept_jobs += jobs
+        preset_jobs += jobs if concept in expanded else []
+        neutral_jobs += template_jobs(anchor, templates, full, settings)
+    unrelated = set(spec.unrelated_prompts())
+    other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.negatives) if p in unrelated]
+    other_jobs += [(p, span, settings.preserve_pad_tokens) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
+    return FitJobs(concept_jobs, neutral_jobs, other_jobs, preset_jobs)
+
+
+def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
+    """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
+    jobs = fit_jobs(spec, settings)
+    concept_jobs, neutral_jobs, other_jobs = jobs.concept, jobs.neutral, jobs.other
+    # one call (few, large batches); what does not depend on the concepts is also cached on disk
+    encoded = EMBEDDINGS.encode(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=jobs.concept_independent)
+    concept_enc = encoded[: len(concept_jobs)]
+    neutral_enc = encoded[len(concept_jobs) : len(concept_jobs) + len(neutral_jobs)]
+    other_enc = encoded[len(concept_jobs) + len(neutral_jobs) :]
+
+    concept_rows, target_rows, positive = [], [], []
+    for c_enc, n_enc in zip(concept_enc, neutral_enc, strict=True):
+        pairs = align_tokens(c_enc, n_enc)
+        if not pairs:
+            continue
+        ci = torch.tensor([i for i, _ in pairs])
+        nj = torch.tensor([j for _, j in pairs])
+        c, n = c_enc.embeddings[ci], n_enc.embeddings[nj]
+        change = (c - n).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-8)
+        concept_rows.append(c)
+        target_rows.append(n)
+        positive.append(change > CHANGED_TOKEN_THRESHOLD)
+    if not concept_rows:
+        raise ACEValueError(
+            "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
+        )
+    others, moment = other_tokens(embedder, neutral_jobs, neutral_enc, other_jobs, other_enc)
+    return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
+        concept=torch.cat(concept_rows).cpu(),
+        target=torch.cat(target_rows).cpu(),
+        gate_positive=torch.cat(positive).cpu(),
+        others=others,
+        others_moment=moment,
+    )
+
+
+def other_tokens(
+    embedder: TextEmbedder, neutral_jobs: list[Job], neutral_enc: list[EncodedPrompt],
+    other_jobs: list[Job], other_enc: list[EncodedPrompt],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the edit must leave alone (preservation, unrelated and neutral prompts; an anchor shared
+    by many concepts counted once) and their second moment (the same for every fit of a kind, so cached:
+    :meth:`~.embedding_cache.EmbeddingCache.moment`)."""
+    unique_neutral = {id(e): e for e in neutral_enc}.values()
+    others = torch.cat([e.embeddings for e in other_enc] + [e.embeddings for e in unique_neutral]).cpu()
+    moment = EMBEDDINGS.moment(embedder, (tuple(other_jobs), tuple(dict.fromkeys(neutral_jobs))), others)
+    return others, moment
+
+
+def full_length_template_indices(concept_index: int, n_concepts: int, n_templates: int, settings: FitSettings) -> set[int]:
+    """Which of a concept's templates are encoded with all padding tokens (causal encoders).
+
+    A full-length prompt costs ~5x a short one, and far padding tokens mostly carry what the near
+    ones do; so each concept gets ``full_length_templates`` of them while the total stays within
+    ``full_length_budget``. Beyond that, ``full_length_budget`` concepts spread evenly over the list
+    get one each (rotating through the templates) so the gate still sees far padding tokens.
+    """
+    per_concept = min(settings.full_length_templates, n_templates)
+    if n_concepts * per_concept <= settings.full_length_budget:
+        return set(range(per_concept))
+    if per_concept and (concept_index * settings.full_length_budget) % n_concepts < settings.full_length_budget:
+        return {concept_index % n_templates}
+    return set()
+
+
+def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, int]]:
+    """Pairs (concept-prompt token, neutral-prompt token): same prefix, span stretched, suffix shifted."""
+    if c_enc.span is None:
+        return []
+    s, e = c_enc.span
+    if n_enc.span is not None:
+        ns, ne = n_enc.span
+    else:  # empty anchor: the concept collapses onto the token that follows it in the neutral prompt
+        ns = ne = s
+    rows_c, rows_n = c_enc.embeddings.shape[0], n_enc.embeddings.shape[0]
+    pairs = []
+    for i in range(rows_c):
+        if i < s:
+            j = i
+        elif i < e:
+            j = ns + ((i - s) * (ne - ns)) // (e - s) if ne > ns else ns
+        else:
+            j = ne + (i - e)
+        if j < rows_n:
+            pairs.append((i, j))
+    return pairs
+
+

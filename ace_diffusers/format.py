@@ -1,0 +1,98 @@
+"""The adapter file format: file names, version, the tensor naming scheme and the config reader.
+
+An ACE adapter on disk is a folder with two files (and a model card when pushed to the Hub)::
+
+    ace_adapter.safetensors   tensors "<layer>.k_down" (r, d_text), "<layer>.k_up" (d_k, r),
+                              "<layer>.v_down", "<layer>.v_up", "<layer>.gate_weight" (d_text,),
+                              "<layer>.gate_bias" (1,)
+    ace_config.json           format version, concepts, neutral anchors, kind, rank, fit settings,
+                              base model, architecture fingerprint
+
+safetensors and JSON only: loading an adapter from a stranger never executes code. This module knows the
+layout but not the :class:`~ace_diffusers.core.adapter.ACEAdapter` class, so the Hub code can check a
+folder without importing the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ACEAdapterFormatError
+
+WEIGHTS_NAME = "ace_adapter.safetensors"
+CONFIG_NAME = "ace_config.json"
+FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+TENSOR_KEYS = ("k_down", "k_up", "v_down", "v_up", "gate_weight", "gate_bias")
+WEIGHTS_METADATA = {"format": "pt", "ace_format_version": str(FORMAT_VERSION)}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and validate ``ace_config.json`` (size, JSON, version, required keys)."""
+    if not path.is_file():
+        raise ACEAdapterFormatError(
+            f"'{path.parent}' is not an ACE adapter: it has no {CONFIG_NAME}. ACE adapters are folders with "
+            f"{WEIGHTS_NAME} and {CONFIG_NAME}, written by ACEAdapter.save_pretrained()."
+        )
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ACEAdapterFormatError(
+            f"'{path}' is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for an adapter config; "
+            "it is not a genuine ACE config."
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ACEAdapterFormatError(
+            f"'{path}' is not valid JSON ({err}); re-download or re-save the adapter."
+        ) from err
+    if not isinstance(config, dict):
+        raise ACEAdapterFormatError(f"'{path}' must hold a JSON object, not {type(config).__name__}.")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ACEAdapterFormatError(
+            f"'{path}' has no integer 'format_version'; it is not an ACE adapter config."
+        )
+    if version > FORMAT_VERSION:
+        raise ACEAdapterFormatError(
+            f"'{path}' uses adapter format version {version}, newer than this ace-diffusers supports "
+            f"({FORMAT_VERSION}). Upgrade ace-diffusers (pip install -U ace-diffusers)."
+        )
+    concepts = config.get("concepts")
+    if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+        raise ACEAdapterFormatError(f"'{path}': 'concepts' must be a list of strings.")
+    return config
+
+
+def group_layer_tensors(
+    tensors: Mapping[str, torch.Tensor], source: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {key: tensor}}`` from the flat ``"<layer>.<key>"`` names of a weights file, checked
+    complete; layers sorted by name."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for full_key, tensor in tensors.items():
+        layer, _, key = full_key.rpartition(".")
+        if not layer or key not in TENSOR_KEYS:
+            raise ACEAdapterFormatError(
+                f"'{source}' holds an unexpected tensor '{full_key}'; ACE adapters hold only "
+                f"'<layer>.{{{','.join(TENSOR_KEYS)}}}'."
+            )
+        grouped.setdefault(layer, {})[key] = tensor
+    for layer, group in sorted(grouped.items()):
+        missing = [k for k in TENSOR_KEYS if k not in group]
+        if missing:
+            raise ACEAdapterFormatError(f"'{source}': layer '{layer}' is missing tensors {missing}.")
+    return dict(sorted(grouped.items()))
+
+
+def fingerprint_of(shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, Any]:
+    """Architecture fingerprint: cross-attention layer names with ``(d_text, d_k, d_v)`` and a hash."""
+    layers = {name: list(shape) for name, shape in sorted(shapes.items())}
+    digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+    return {"layers": layers, "hash": digest}

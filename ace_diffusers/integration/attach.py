@@ -1,0 +1,189 @@
+"""Model-level injection: put ACE adapters on a ``UNet2DConditionModel`` and take them off again.
+
+This is the layer under the pipeline verbs (like diffusers' model-level ``load_lora_adapter`` under
+``load_lora_weights``). Attaching installs one stateless :class:`ACEAttnProcessor` on every attention
+module and an :class:`ACEAdapterStack` on every cross-attention module; detaching the last adapter
+restores the exact processor objects that were there before (tomesd-style undoable patch). While adapters
+are loaded, :mod:`ace_diffusers.integration.compat` guards the UNet against diffusers calls that would replace the ACE
+processors. Every function accepts a ``torch.compile``-wrapped UNet too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from ..core.adapter import ACEAdapter
+from ..core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACELayerDelta, get_stack
+from ..errors import ACEAdapterNameError, ACECompatibilityError, ACEValueError
+from . import compat
+from .modules import attention_modules, cross_attention_modules, layer_shapes, projection_weight, unwrap_model
+
+_ADAPTERS_ATTR = "_ace_adapters"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def validate_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ACEAdapterNameError(
+            f"Invalid adapter name {name!r}: use 1-64 characters from letters, digits, '_' and '-'."
+        )
+    return name
+
+
+def loaded_adapters(unet: nn.Module) -> dict[str, ACEAdapter]:
+    """Loaded adapters in load order (a live view: do not mutate)."""
+    return unwrap_model(unet).__dict__.setdefault(_ADAPTERS_ATTR, {})
+
+
+def default_adapter_name(unet: nn.Module, adapter: ACEAdapter) -> str:
+    """A free name derived from the adapter's first concept (``van_gogh``, ``van_gogh_2``, ...)."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", (adapter.concepts[0] if adapter.concepts else "ace").strip().lower())
+    base = base.strip("_")[:48] or "ace"
+    if len(adapter.concepts) > 1:
+        base = f"{base}_and_{len(adapter.concepts) - 1}_more"
+    taken = loaded_adapters(unet)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def single_loaded_adapter(unet: nn.Module, name: str | None) -> str:
+    """``name`` if that adapter is loaded; with ``None``, the only loaded adapter's name."""
+    loaded = loaded_adapters(unet)
+    if name is None:
+        if len(loaded) != 1:
+            raise ACEAdapterNameError(f"{len(loaded)} ACE adapters are loaded ({list(loaded)}); pass adapter_name.")
+        return next(iter(loaded))
+    if name not in loaded:
+        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(loaded)}).")
+    return name
+
+
+def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
+    """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
+    unet = unwrap_model(unet)
+    validate_adapter_name(name)
+    adapters = loaded_adapters(unet)
+    if name in adapters:
+        raise ACEAdapterNameError(
+            f"An ACE adapter named '{name}' is already loaded; pass another adapter_name or unload it first "
+            f"(loaded: {list(adapters)})."
+        )
+    modules = cross_attention_modules(unet)
+    if not modules:
+        raise ACECompatibilityError("This UNet has no cross-attention layers, so it cannot carry an ACE adapter.")
+    adapter.check_compatible(layer_shapes(unet))
+    compat.check_can_carry(attention_modules(unet))
+
+    deltas = {}
+    for layer, attn in modules.items():
+        ref = projection_weight(attn.to_k)
+        factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
+        deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
+
+    compat.install(unet, attention_modules(unet))
+    for layer, attn in modules.items():
+        stack = get_stack(attn)
+        if stack is None:
+            stack = ACEAdapterStack(projection_weight(attn.to_k))
+            attn.add_module(ACE_STACK_ATTR, stack)
+        stack.adapters[name] = deltas[layer]
+    adapters[name] = adapter
+
+
+def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
+    unet = unwrap_model(unet)
+    adapters = loaded_adapters(unet)
+    if name not in adapters:
+        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(adapters)}).")
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None and name in stack.adapters:
+            del stack.adapters[name]
+    adapter = adapters.pop(name)
+    if not adapters:
+        _uninstall(unet)
+    return adapter
+
+
+def adapter_deltas(unet: nn.Module, name: str) -> Iterable[ACELayerDelta]:
+    """The buffers of adapter ``name`` in every cross-attention layer."""
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None and name in stack.adapters:
+            yield stack.adapters[name]
+
+
+def adapter_stacks(unet: nn.Module) -> Iterable[ACEAdapterStack]:
+    """Every cross-attention layer's adapter store."""
+    for attn in cross_attention_modules(unet).values():
+        stack = get_stack(attn)
+        if stack is not None:
+            yield stack
+
+
+def set_active_adapters(
+    unet: nn.Module, names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
+) -> None:
+    """Make exactly ``names`` active (others stay loaded but contribute nothing), with optional scales."""
+    names = [names] if isinstance(names, str) else list(names)
+    adapters = loaded_adapters(unet)
+    unknown = [n for n in names if n not in adapters]
+    if unknown:
+        raise ACEAdapterNameError(f"Unknown ACE adapter(s) {unknown}; loaded: {list(adapters)}.")
+    if scales is None:
+        scale_of: dict[str, float | None] = {n: None for n in names}
+    elif isinstance(scales, Mapping):
+        scale_of = {n: scales.get(n) for n in names}
+    elif isinstance(scales, (int, float)):
+        scale_of = {n: float(scales) for n in names}
+    else:
+        scales = list(scales)
+        if len(scales) != len(names):
+            raise ACEValueError(f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name.")
+        scale_of = dict(zip(names, scales, strict=True))
+    for value in scale_of.values():
+        if value is not None and not (isinstance(value, (int, float)) and value == value):
+            raise ACEValueError(f"Adapter scales must be real numbers, got {value!r}.")
+    for adapter_name in adapters:
+        for delta in adapter_deltas(unet, adapter_name):
+            delta.active.fill_(1.0 if adapter_name in scale_of else 0.0)
+            if scale_of.get(adapter_name) is not None:
+                delta.scale.fill_(float(scale_of[adapter_name]))
+
+
+def set_enabled(unet: nn.Module, enabled: bool) -> None:
+    for stack in adapter_stacks(unet):
+        stack.enabled.fill_(1.0 if enabled else 0.0)
+
+
+def active_adapters(unet: nn.Module) -> list[str]:
+    """Names that currently change the output: loaded, active, enabled and with a non-zero scale."""
+    names = []
+    for name in loaded_adapters(unet):
+        delta = next(iter(adapter_deltas(unet, name)), None)
+        stack = next(iter(adapter_stacks(unet)), None)
+        if delta is not None and stack is not None and float(delta.active * delta.scale * stack.enabled) != 0.0:
+            names.append(name)
+    return names
+
+
+def adapter_scale(unet: nn.Module, name: str) -> float:
+    delta = next(iter(adapter_deltas(unet, name)), None)
+    if delta is None:
+        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded.")
+    return float(delta.scale)
+
+
+# ---------------------------------------------------------------------- processors
+def _uninstall(unet: nn.Module) -> None:
+    """Remove every ACE store and the guards; put back the processors ACE stood in for."""
+    modules = attention_modules(unet)
+    for attn in modules.values():
+        if ACE_STACK_ATTR in attn._modules:
+            del attn._modules[ACE_STACK_ATTR]
+    compat.uninstall(unet, modules)

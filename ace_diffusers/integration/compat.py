@@ -1,0 +1,216 @@
+"""Coexistence with diffusers features that replace attention processors.
+
+An ACE adapter lives in the attention processors of a UNet (:class:`~ace_diffusers.core.processor.ACEAttnProcessor`
+and friends). Several diffusers calls install other processors — ``load_ip_adapter``/``unload_ip_adapter``,
+``enable_attention_slicing``, ``set_default_attn_processor``, ``fuse_qkv_projections``, xFormers, a user's
+``set_attn_processor`` — and would silently drop the erasure. While at least one ACE adapter is loaded, this
+module guards the UNet so that never happens:
+
+* Every ``Attention`` module gets an instance-level ``set_processor`` (the one door every diffusers path goes
+  through: ``set_attn_processor``, ``set_attention_slice``, xFormers toggles, IP-Adapter load/unload). A
+  requested processor that ACE can carry is translated into its ACE equivalent (``AttnProcessor2_0`` /
+  ``AttnProcessor`` -> ``ACEAttnProcessor``, ``SlicedAttnProcessor(n)`` -> ``ACESlicedAttnProcessor(n)``,
+  IP-Adapter processors -> ``ACEIPAdapterAttnProcessor`` sharing their weights) and remembered as the
+  module's *base* processor, which is what the module gets back when the last ACE adapter is unloaded.
+  A processor that would bypass ACE on a cross-attention module raises :class:`ACECompatibilityError`
+  before that module changes. Self-attention modules carry no ACE delta, so they accept any processor.
+* The UNet instance gets guarded ``set_attn_processor`` (checks *every* requested processor before any is
+  set, so a refusal changes nothing), ``fuse_qkv_projections`` and ``set_use_memory_efficient_attention_xformers``
+  (refused up front, before diffusers fuses weights or touches a module) and ``set_default_attn_processor``
+  (works: keeps ACE, records ``AttnProcessor`` as the base).
+
+Everything is stored in the instances' ``__dict__`` (never on diffusers classes), installed with the first
+adapter and removed with the last one. See ``docs/compatibility.md`` for the per-call table.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from diffusers.models.attention_processor import (
+    CROSS_ATTENTION_PROCESSORS,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+from torch import nn
+
+from ..core.processor import (
+    ACE_PROCESSORS,
+    ACEAttnProcessor,
+    ACEIPAdapterAttnProcessor,
+    ACESlicedAttnProcessor,
+)
+from ..errors import ACECompatibilityError
+from .modules import attention_modules
+
+STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
+IP_ADAPTER_PROCESSORS = (IPAdapterAttnProcessor2_0, IPAdapterAttnProcessor)
+_BASE_ATTR = "_ace_base_processor"  # Attention.__dict__: the processor restored when ACE is unloaded
+_GUARDS_ATTR = "_ace_guarded_methods"  # UNet.__dict__: names of the instance-level guards installed
+_SHARED = ACEAttnProcessor()  # stateless: one instance serves every module
+
+
+def base_processor(attn: nn.Module) -> Any:
+    """What ``attn`` would run without ACE: the processor diffusers or the user last asked for."""
+    return attn.__dict__.get(_BASE_ATTR, attn.processor)
+
+
+def guarded(unet: nn.Module) -> bool:
+    return _GUARDS_ATTR in unet.__dict__
+
+
+# ---------------------------------------------------------------------- the policy
+def _fix_hint(processor: Any, call: str) -> str:
+    name = type(processor).__name__
+    loading = call == "load_ace_adapter"
+    if "Fused" in name:
+        return (
+            "ACE edits K and V separately and cannot run on fused QKV projections. Skip fuse_qkv_projections() "
+            "(it saves little in the UNet's small cross-attention K/V), or "
+            + ("call pipe.unfuse_qkv_projections() before loading the adapter." if loading else
+               "unload the ACE adapters first (pipe.unload_ace_adapter()) if you accept losing the erasure.")
+        )
+    if "XFormers" in name:
+        return (
+            "ACE uses PyTorch's scaled_dot_product_attention, which already dispatches to memory-efficient and "
+            "flash kernels, so xFormers brings little. "
+            + ("Call pipe.disable_xformers_memory_efficient_attention() before loading the adapter." if loading else
+               "Skip enable_xformers_memory_efficient_attention(), or unload the ACE adapters first.")
+        )
+    return (
+        "Custom processors do not apply the ACE K/V edit. "
+        + ("Restore a standard processor first (unet.set_attn_processor(AttnProcessor2_0())), then load the adapter."
+           if loading else
+           "Set it on self-attention modules only (pass a dict to set_attn_processor), make it an ACE-aware "
+           "processor (subclass ACEAttnProcessor), or unload the ACE adapters first.")
+    )
+
+
+def plan_processor(attn: nn.Module, requested: Any, *, name: str = "?", call: str = "set_processor") -> tuple[Any, Any]:
+    """``(processor to install, base to remember)`` when ``requested`` is set on ``attn`` under ACE.
+
+    Side-effect free; raises :class:`ACECompatibilityError` if ``requested`` would bypass the ACE delta.
+    """
+    current = attn.processor
+    kind = type(requested)
+    if isinstance(requested, ACEAttnProcessor):
+        if kind is type(current) and getattr(requested, "slice_size", None) is None:
+            # a no-argument rebuild of what is there (diffusers' ``proc.__class__()``): keep it
+            return current, base_processor(attn)
+        slice_size = getattr(requested, "slice_size", None)
+        return requested, (SlicedAttnProcessor(slice_size) if slice_size else AttnProcessor2_0())
+    if isinstance(requested, ACEIPAdapterAttnProcessor):
+        return requested, requested.diffusers_processor()
+    if kind in STOCK_PROCESSORS:
+        return _SHARED, requested
+    if kind is SlicedAttnProcessor:
+        return ACESlicedAttnProcessor(requested.slice_size), requested
+    if not attn.is_cross_attention:
+        return requested, requested  # no ACE delta on self-attention: any processor is fine
+    if kind in IP_ADAPTER_PROCESSORS:
+        return ACEIPAdapterAttnProcessor.wrap(requested), requested
+    if call == "load_ace_adapter":
+        raise ACECompatibilityError(
+            f"Attention layer '{name}' uses {kind.__name__}, which ACE cannot wrap: the ACE K/V edit needs one of "
+            f"diffusers' standard processors (AttnProcessor2_0, AttnProcessor, SlicedAttnProcessor, IP-Adapter). "
+            f"Nothing was loaded. {_fix_hint(requested, call)}"
+        )
+    raise ACECompatibilityError(
+        f"{call} would replace the ACE processor of cross-attention layer '{name}' with {kind.__name__}, which "
+        f"bypasses the ACE K/V edit: the erased concepts would silently come back. Nothing was changed. "
+        f"{_fix_hint(requested, call)}"
+    )
+
+
+# ---------------------------------------------------------------------- guards
+class _SetProcessorGuard:
+    """Instance-level ``Attention.set_processor`` while ACE is loaded (plain object: survives deepcopy)."""
+
+    def __init__(self, attn: nn.Module, name: str) -> None:
+        self.attn, self.name = attn, name
+
+    def __call__(self, processor: Any) -> None:
+        installed, base = plan_processor(self.attn, processor, name=self.name)
+        self.attn.__dict__[_BASE_ATTR] = base
+        if installed is not self.attn.processor:
+            type(self.attn).set_processor(self.attn, installed)
+
+
+def _unet_set_attn_processor(self: nn.Module, processor: Any) -> None:
+    # check every module first, so that a refusal leaves the whole UNet unchanged
+    for name, attn in attention_modules(self).items():
+        requested = processor.get(f"{name}.processor") if isinstance(processor, dict) else processor
+        if requested is not None:
+            plan_processor(attn, requested, name=name, call="set_attn_processor")
+    type(self).set_attn_processor(self, processor)  # each module's guard translates its processor
+
+
+def _unet_fuse_qkv_projections(self: nn.Module) -> None:
+    # the pipeline's fuse_qkv_projections sets ``fusing_unet`` before calling us: make its later
+    # unfuse_qkv_projections a no-op instead of an AttributeError (diffusers' fuse sets this first too)
+    self.__dict__.setdefault("original_attn_processors", None)
+    name, attn = next((n, a) for n, a in attention_modules(self).items() if a.is_cross_attention)
+    plan_processor(attn, FusedAttnProcessor2_0(), name=name, call="fuse_qkv_projections")  # raises today
+    type(self).fuse_qkv_projections(self)
+
+
+def _unet_set_use_memory_efficient_attention_xformers(self: nn.Module, valid: bool, attention_op: Any = None) -> None:
+    if valid:
+        name, attn = next((n, a) for n, a in attention_modules(self).items() if a.is_cross_attention)
+        plan_processor(attn, XFormersAttnProcessor(), name=name, call="enable_xformers_memory_efficient_attention")
+    type(self).set_use_memory_efficient_attention_xformers(self, valid, attention_op)
+
+
+def _unet_set_default_attn_processor(self: nn.Module) -> None:
+    bases = [base_processor(attn) for attn in attention_modules(self).values()]
+    if not all(type(base) in CROSS_ATTENTION_PROCESSORS for base in bases):
+        odd = next(type(b).__name__ for b in bases if type(b) not in CROSS_ATTENTION_PROCESSORS)
+        raise ValueError(f"Cannot call `set_default_attn_processor` when attention processors are of type {odd}")
+    self.set_attn_processor(AttnProcessor())  # guarded: ACE stays, AttnProcessor becomes the base
+
+
+_UNET_GUARDS = {
+    "set_attn_processor": _unet_set_attn_processor,
+    "fuse_qkv_projections": _unet_fuse_qkv_projections,
+    "set_use_memory_efficient_attention_xformers": _unet_set_use_memory_efficient_attention_xformers,
+    "set_default_attn_processor": _unet_set_default_attn_processor,
+}
+
+
+def check_can_carry(modules: dict[str, nn.Module]) -> None:
+    """Raise (changing nothing) unless ACE can be installed on every module's current processor."""
+    for name, attn in modules.items():
+        plan_processor(attn, attn.processor, name=name, call="load_ace_adapter")
+
+
+def install(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Install ACE processors on ``modules`` (all attention modules of ``unet``) and the guards. Idempotent."""
+    if guarded(unet):
+        return
+    check_can_carry(modules)
+    for name, attn in modules.items():
+        installed, base = plan_processor(attn, attn.processor, name=name, call="load_ace_adapter")
+        attn.__dict__[_BASE_ATTR] = base
+        if installed is not attn.processor:
+            type(attn).set_processor(attn, installed)
+        attn.__dict__["set_processor"] = _SetProcessorGuard(attn, name)
+    for method, function in _UNET_GUARDS.items():
+        unet.__dict__[method] = types.MethodType(function, unet)
+    unet.__dict__[_GUARDS_ATTR] = sorted(_UNET_GUARDS)
+
+
+def uninstall(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Remove the guards and put every module's base processor back (where an ACE processor runs)."""
+    for method in unet.__dict__.pop(_GUARDS_ATTR, []):
+        unet.__dict__.pop(method, None)
+    for attn in modules.values():
+        attn.__dict__.pop("set_processor", None)
+        base = attn.__dict__.pop(_BASE_ATTR, None)
+        if isinstance(attn.processor, ACE_PROCESSORS):
+            type(attn).set_processor(attn, base if base is not None else AttnProcessor2_0())

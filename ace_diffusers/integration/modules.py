@@ -1,0 +1,71 @@
+"""Finding what ACE edits inside a diffusers model: the UNet, its attention modules, their projections.
+
+Public helpers used by every layer above (attach, fitters, deploy, eval); each accepts a
+``torch.compile``-wrapped model too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from ..errors import ACECompatibilityError
+
+
+def unwrap_model(module: Any) -> Any:
+    """The module behind ``torch.compile`` wrappers (``OptimizedModule._orig_mod``)."""
+    while isinstance(module, nn.Module) and isinstance(
+        module.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module
+    ):
+        module = module._orig_mod
+    return module
+
+
+def attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    """Every diffusers ``Attention`` module, by qualified name."""
+    unet = unwrap_model(unet)
+    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
+def cross_attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    """Attention modules whose K/V read the text embeddings (``attn2`` in SD UNets)."""
+    return {name: m for name, m in attention_modules(unet).items() if m.is_cross_attention}
+
+
+def has_cross_attention(unet: nn.Module) -> bool:
+    """Whether any attention module reads text embeddings (stops at the first one found)."""
+    return any(isinstance(m, Attention) and m.is_cross_attention for m in unwrap_model(unet).modules())
+
+
+def projection_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of ``to_k``/``to_v``; PEFT-wrapped layers expose their base layer's."""
+    weight = getattr(linear, "weight", None)
+    if weight is None:
+        weight = linear.base_layer.weight
+    return weight
+
+
+def layer_shapes(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """``{layer name: (d_text, d_k, d_v)}`` for every cross-attention layer: the architecture fingerprint."""
+    shapes = {}
+    for name, attn in cross_attention_modules(unet).items():
+        k_weight, v_weight = projection_weight(attn.to_k), projection_weight(attn.to_v)
+        shapes[name] = (k_weight.shape[1], k_weight.shape[0], v_weight.shape[0])
+    return shapes
+
+
+def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
+    """The ``UNet2DConditionModel`` of a pipeline (or the UNet itself)."""
+    if isinstance(pipe_or_unet, UNet2DConditionModel):
+        return pipe_or_unet
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, nn.Module) and has_cross_attention(unet):
+        return unet
+    raise ACECompatibilityError(
+        f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
+        "Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint variants)."
+    )
