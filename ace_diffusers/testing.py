@@ -25,8 +25,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .adapter import ACEAdapter, LayerFactors
+from .core.adapter import ACEAdapter
+from .core.factors import LayerFactors
 from .errors import ACECompatibilityError
+from .integration.modules import layer_shapes
 
 CLIP_VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
@@ -72,7 +74,7 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     )
 
 
-def _clip_text_config(hidden: int, layers: int, heads: int, intermediate: int, projection_dim: int) -> CLIPTextConfig:
+def clip_text_config(hidden: int, layers: int, heads: int, intermediate: int, projection_dim: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden,
@@ -128,7 +130,7 @@ def tiny_sd_pipeline(
         cross_attention_dim=text_dim,
         attention_head_dim=8,
     )
-    text_encoder = CLIPTextModel(_clip_text_config(text_dim, 2, 4, 2 * text_dim, text_dim))
+    text_encoder = CLIPTextModel(clip_text_config(text_dim, 2, 4, 2 * text_dim, text_dim))
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
@@ -166,8 +168,8 @@ def tiny_sdxl_pipeline(seed: int = 0, *, text_dim: int = 64) -> StableDiffusionX
     )
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_clip_text_config(half, 2, 4, 2 * half, half)),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(half, 2, 4, 2 * half, half)),
+        text_encoder=CLIPTextModel(clip_text_config(half, 2, 4, 2 * half, half)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(half, 2, 4, 2 * half, half)),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         unet=unet,
@@ -191,7 +193,7 @@ def sd15_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         layers_per_block=2,
         sample_size=512,
     )
-    text_encoder = CLIPTextModel(_clip_text_config(768, 12, 12, 3072, 768))
+    text_encoder = CLIPTextModel(clip_text_config(768, 12, 12, 3072, 768))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -234,7 +236,6 @@ def random_adapter(
     magnitude: float = 0.5,
 ) -> ACEAdapter:
     """A random adapter matching ``unet``'s cross-attention layers (for mechanics tests only)."""
-    from .attach import layer_shapes
 
     generator = torch.Generator().manual_seed(seed)
 

@@ -40,6 +40,10 @@ from typing import Any
 
 import torch
 
+from ..fitting.closed_form import erase_concept, prepare_erasure
+from ..fitting.embedding_cache import EMBEDDINGS
+from ..testing import sd15_shaped_pipeline
+
 FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas"]
 LAST = ["Varga", "Lindqvist", "Moreau", "Okafor", "Petrov", "Quintana", "Rossi", "Sato", "Tanaka", "Weber"]
 TARGET_SECONDS_PER_CONCEPT = 0.5
@@ -60,10 +64,6 @@ def peak_rss_mb() -> float:
 
 
 def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repeats_1: int = REPEATS_1) -> dict[str, Any]:
-    from .. import erase_concept, prepare_erasure
-    from ..closed_form import _cache
-    from ..testing import sd15_shaped_pipeline
-
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repe
     def timed(action: Any, cache: str, *, new_process: bool) -> tuple[float, Any]:
         os.environ["ACE_DIFFUSERS_CACHE"] = os.path.join(tmp, cache)
         if new_process:
-            _cache.clear()
+            EMBEDDINGS.clear()
         t0 = time.perf_counter()
         out = action()
         return time.perf_counter() - t0, out
@@ -182,7 +182,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,6 +32,16 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_json, atomic_write_text
+from ..deploy.export import save_lora
+from ..deploy.fuse import fused
+from ..fitting.closed_form import erase_concept
+from ..integration.attach import loaded_adapters
+from ..shapes.classifier import load_shapes_classifier
+from ..shapes.erasure import erase_arguments, measure
+from ..shapes.pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
+from ..shapes.vocab import SHAPES as ALL_SHAPES
+
 START, END = "<!-- deploy-figures:start -->", "<!-- deploy-figures:end -->"
 DEFAULT_DOCS = Path("docs") / "deploy.md"
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -71,8 +81,6 @@ def machine() -> str:
 
 def _plain_pipeline(lora: Path) -> Any:
     """A freshly loaded miniature-world pipeline with ``lora`` loaded by diffusers alone (no ACE)."""
-    from ..attach import loaded_adapters
-    from ..shapes.pipeline import load_shapes_pipeline
 
     pipe = load_shapes_pipeline()
     pipe.load_lora_weights(str(lora), adapter_name="ace_export")
@@ -94,12 +102,6 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every model of :data:`MODELS` for each shape; returns plain JSON-able figures."""
-    from .. import erase_concept
-    from ..export import save_lora
-    from ..fuse import fused
-    from ..shapes.classifier import load_shapes_classifier
-    from ..shapes.erasure import erase_arguments, measure
-    from ..shapes.pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
 
     log = log or (lambda message: None)
     pipe = load_shapes_pipeline()
@@ -262,7 +264,6 @@ def replace_section(text: str, body: str, *, heading: str = "Measured on the min
 
 def write_section(path: str | os.PathLike, body: str) -> Path:
     """Replace the generated section of ``path`` atomically: a crash never leaves half a page."""
-    from ..eval._util import atomic_write_text
 
     path = Path(path)
     return atomic_write_text(path, replace_section(path.read_text(encoding="utf-8"), body))
@@ -281,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; do not update the page")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
-    from ..shapes.vocab import SHAPES as ALL_SHAPES
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     unknown = [s for s in shapes if s not in ALL_SHAPES]
@@ -304,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     body = format_section(result, command.strip(), machine(), total)
     print(body)
     if args.json:
-        from ..eval._util import atomic_write_json
 
         atomic_write_json(
             args.json, {**result, "command": command.strip(), "machine": machine(), "seconds": total}
@@ -313,7 +312,3 @@ def main(argv: list[str] | None = None) -> int:
         write_section(docs, body)
         print(f"wrote {docs}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

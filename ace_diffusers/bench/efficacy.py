@@ -26,6 +26,19 @@ from typing import Any
 
 import torch
 
+from ..eval.attacks import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
+from ..eval.baselines import esd_x_erase, uce_erase
+from ..eval.judges import ShapesJudge
+from ..eval.runner import ATTACK_PREFIX, EvalCase, run_cases, score, shapes_plan
+from ..fitting.closed_form import fit_adapter
+from ..fitting.data import FitSettings
+from ..fitting.presets import filled, resolve_spec
+from ..fitting.trainer import ACETrainer
+from ..shapes.classifier import load_shapes_classifier
+from ..shapes.erasure import concept_kind, erase_arguments, fit_templates
+from ..shapes.pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
+from ..shapes.vocab import SHAPES, STYLES
+
 METHODS: dict[str, str] = {
     "base": "base model",
     "ace_cf": "ACE closed form",
@@ -114,8 +127,6 @@ def erasure_arguments(concepts: list[str]) -> dict[str, Any]:
     concept) that mentions an erased concept is dropped — otherwise "preserve dotted" would be taught
     on "a dotted red circle" while "circle" is being erased, and the two objectives would fight.
     """
-    from ..shapes.erasure import concept_kind, erase_arguments, fit_templates
-    from ..shapes.vocab import SHAPES, STYLES
 
     if len(concepts) == 1:
         args = erase_arguments(concepts[0])
@@ -159,7 +170,6 @@ def _label(concepts: list[str]) -> str:
 
 def experiments(plan: EfficacyPlan) -> tuple[list[Erasure], dict[str, str]]:
     """The erasures to run (singles first) and ``{adapter size: label of the erasure measuring it}``."""
-    from ..eval.runner import shapes_plan
 
     def make(concepts: list[str], kind: str) -> Erasure:
         plans = {
@@ -204,7 +214,6 @@ def plan_images(plan: EfficacyPlan) -> dict[str, int]:
 def _judge_cases(pipe: Any, cases: list[Any], judges: dict[str, Any], plan: EfficacyPlan,
                  embeds: dict[str, torch.Tensor] | None = None, state: Any = None) -> dict[tuple, dict[str, str]]:
     """Generate each distinct case once, in batches that mix groups; ``{case key: {head: label}}``."""
-    from ..eval.runner import run_cases
 
     unique: dict[tuple, Any] = {}
     for case in sorted(cases, key=lambda c: c.embeds is not None):  # prompt batches first, soft prompts after
@@ -218,14 +227,10 @@ def _judge_cases(pipe: Any, cases: list[Any], judges: dict[str, Any], plan: Effi
 
 
 def _sampler(plan: EfficacyPlan) -> dict[str, Any]:
-    from ..shapes.pipeline import DEFAULT_SAMPLER
-
     return {**DEFAULT_SAMPLER, **plan.sampler}
 
 
 def _score(eval_plan: Any, cases: list[Any], labels: dict[tuple, dict[str, str]]) -> dict[str, Any]:
-    from ..eval.runner import score
-
     heads = next(iter(labels.values())).keys()
     predictions = {h: [labels[case_key(c)][h] for c in cases] for h in heads}
     metrics, _, attacks = score(eval_plan, cases, predictions)
@@ -261,8 +266,6 @@ def pool_attacks(attack_sets: Iterable[dict[str, dict[str, Any]]]) -> dict[str, 
 def _soft_cases(eval_plan: Any, embeds: dict[str, torch.Tensor], pipe: Any, references: dict[str, Any],
                 settings: Any) -> list[Any]:
     """Run the soft-prompt attack on the current (erased) ``pipe`` for each job of ``eval_plan``."""
-    from ..eval.attacks import soft_prompt_attack
-    from ..eval.runner import ATTACK_PREFIX, EvalCase
 
     cases = []
     for j, job in enumerate(eval_plan.soft_prompt):
@@ -282,13 +285,10 @@ def _fit(method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan) -> tu
     if method in ("ace_cf", "ace_full"):
         t0 = time.perf_counter()
         if method == "ace_cf":
-            from ..closed_form import FitSettings, fit_adapter
-            from ..presets import resolve_spec
 
             adapter = fit_adapter(pipe, resolve_spec(concepts, **spec_args), FitSettings())
             details = {"rank": adapter.rank}
         else:
-            from ..trainer import ACETrainer
 
             trainer = ACETrainer(pipe, concepts, steps=plan.ace_steps, seed=plan.seed, progress=False, **spec_args)
             adapter = trainer.fit()
@@ -297,14 +297,12 @@ def _fit(method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan) -> tu
         seconds = time.perf_counter() - t0
         name = pipe.load_ace_adapter(adapter, adapter_name="bench")
         return (lambda: pipe.unload_ace_adapter(name)), seconds, details
-    from .baselines import esd_x_erase, uce_erase
 
     if method == "uce":
         edit = uce_erase(pipe, concepts, spec_args["neutral"], spec_args["preserve"])
     elif method == "esd_x":
-        from ..shapes.pipeline import DEFAULT_SAMPLER
 
-        prompts = [t.replace("{}", c) for c in concepts for t in _templates_of(args, c)[: plan.esd_prompts]]
+        prompts = [filled(t, c) for c in concepts for t in _templates_of(args, c)[: plan.esd_prompts]]
         edit = esd_x_erase(pipe, _label(concepts), prompts=prompts, steps=plan.esd_steps * len(concepts),
                            trajectories=plan.esd_trajectories, height=DEFAULT_SAMPLER["height"],
                            width=DEFAULT_SAMPLER["width"], num_inference_steps=DEFAULT_SAMPLER["num_inference_steps"],
@@ -323,10 +321,6 @@ def run(plan: EfficacyPlan, *, methods: tuple[str, ...] = ERASERS, log: Callable
     under ``accelerate launch`` every process fits the same (seeded) models and the images are split
     across processes and gathered, so every process returns the same result.
     """
-    from ..eval.attacks import SoftPromptSettings, build_soft_prompt_reference
-    from ..eval.judges import ShapesJudge
-    from ..shapes.classifier import load_shapes_classifier
-    from ..shapes.pipeline import load_shapes_pipeline
 
     started = time.perf_counter()
     pipe = pipe if pipe is not None else load_shapes_pipeline()

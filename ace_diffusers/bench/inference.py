@@ -17,12 +17,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
 
-from ..attach import layer_shapes
-from ..closed_form import default_rank
+from ..deploy.fuse import fuse_adapter, unfuse_adapter
+from ..fitting.solvers import default_rank
+from ..integration.attach import attach_adapter, detach_adapter
+from ..integration.modules import cross_attention_modules, layer_shapes
+from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_shaped_unet
 
 COUNTS = (1, 10, 100)
 
@@ -33,10 +39,6 @@ def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int) -> in
 
 
 def sizes() -> list[dict[str, Any]]:
-    from diffusers import UNet2DConditionModel
-
-    from ..testing import sdxl_shaped_unet
-
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         sdxl = sdxl_shaped_unet()
@@ -59,22 +61,14 @@ FUSED = "fused"
 def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict[str, torch.Tensor]:
     """``{parameter name: weight}`` of every cross-attention ``to_k``/``to_v`` with ``adapter`` fused in.
 
-    Runs the real :func:`ace_diffusers.fuse.fuse_adapter` (bake + write), snapshots the weights, then
+    Runs the real :func:`ace_diffusers.deploy.fuse.fuse_adapter` (bake + write), snapshots the weights, then
     unfuses (bit-exact) and unloads, so ``unet`` is left as it was. The bake needs text tokens of the
     UNet's width only: a one-layer random CLIP text encoder supplies them (timing does not depend on
     the weights' values, only on their being plain weights).
     """
-    from types import SimpleNamespace
-
-    from transformers import CLIPTextModel
-
-    from ..attach import attach_adapter, cross_attention_modules, detach_adapter, layer_shapes
-    from ..fuse import fuse_adapter, unfuse_adapter
-    from ..testing import _clip_text_config, clip_tokenizer
-
     d_text = next(iter(layer_shapes(unet).values()))[0]
     torch.manual_seed(seed)
-    encoder = CLIPTextModel(_clip_text_config(d_text, 1, 8, 4 * d_text, d_text)).eval()
+    encoder = CLIPTextModel(clip_text_config(d_text, 1, 8, 4 * d_text, d_text)).eval()
     pipe = SimpleNamespace(unet=unet, tokenizer=clip_tokenizer(), text_encoder=encoder)
     modules = cross_attention_modules(unet)
     attach_adapter(unet, adapter, "bench-fused")
@@ -93,11 +87,6 @@ def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict
 def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0,
              fused: bool = True, progress: bool = False) -> dict[str, Any]:
     """Median step time per configuration (module docstring); ``fused`` adds the fused-weights model."""
-    from diffusers import UNet2DConditionModel
-
-    from ..attach import attach_adapter, cross_attention_modules, detach_adapter
-    from ..testing import random_adapter
-
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

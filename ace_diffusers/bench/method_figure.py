@@ -18,6 +18,16 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_bytes
+from ..core.processor import get_stack
+from ..fitting.closed_form import erase_concept
+from ..fitting.text import TextEmbedder
+from ..integration import attach
+from ..integration.modules import get_unet
+from ..shapes.erasure import concept_kind, erase_arguments
+from ..shapes.pipeline import load_shapes_pipeline
+from ..shapes.vocab import SHAPE_WORDS, STYLE_WORDS
+
 DEFAULT_OUTPUT = Path("docs") / "images" / "method.png"
 DEFAULT_CONCEPT = "circle"
 # The erased word, a held-out synonym, a preserved shape, and the empty prompt that classifier-free
@@ -53,7 +63,6 @@ class MethodFigureData:
 
 def prompt_role(prompt: str, concept: str) -> str:
     """What a prompt is relative to the erased miniature-world concept (for the panel title)."""
-    from .shapes.vocab import SHAPE_WORDS, STYLE_WORDS
 
     words = SHAPE_WORDS if concept in SHAPE_WORDS else STYLE_WORDS
     padded = f" {prompt.lower()} "
@@ -71,10 +80,6 @@ def prompt_role(prompt: str, concept: str) -> str:
 @torch.no_grad()
 def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list[str]) -> MethodFigureData:
     """Per-token gate and K change of the loaded adapter ``adapter_name`` on ``prompts``."""
-    from . import attach
-    from .pipeline import get_unet
-    from .processor import get_stack
-    from .text import TextEmbedder
 
     unet = get_unet(pipe)
     adapter = attach.loaded_adapters(unet)[adapter_name]
@@ -127,8 +132,9 @@ def _collapse_padding(
 
 def render_method_figure(data: MethodFigureData) -> bytes:
     """The figure as PNG bytes (matplotlib, Agg; no timestamp or version metadata, so reruns match)."""
+    # matplotlib is optional (the bench/test extras): only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional, as above
 
     n = len(data.rows)
     fig = Figure(figsize=(3.0 * n + 0.6, 6.6), dpi=100)
@@ -192,14 +198,10 @@ def render_method_figure(data: MethodFigureData) -> bytes:
 def write_method_figure(output: str | os.PathLike, concept: str = DEFAULT_CONCEPT,
                         prompts: list[str] | None = None) -> MethodFigureData:
     """Load the miniature world, erase ``concept`` as the demo does, and write the figure atomically."""
-    from .closed_form import erase_concept
-    from .shapes.erasure import erase_arguments
-    from .shapes.pipeline import load_shapes_pipeline
 
     pipe = load_shapes_pipeline()
     erase_concept(pipe, **erase_arguments(concept), adapter_name="figure")
     data = method_figure_data(pipe, "figure", concept, list(DEFAULT_PROMPTS if prompts is None else prompts))
-    from .eval._util import atomic_write_bytes
 
     atomic_write_bytes(output, render_method_figure(data))
     return data
@@ -216,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .shapes.erasure import concept_kind
 
     try:
         concept_kind(args.concept)
@@ -228,7 +229,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row.prompt!r:<18} {row.role:<28} gate: {gates}")
     print(f"wrote {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

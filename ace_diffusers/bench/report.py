@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .closed_form import TARGET_SECONDS_PER_CONCEPT, target_checks
 from .efficacy import ATTACK_NAMES, METHODS, pool_attacks
 
@@ -323,8 +324,9 @@ def markdown(result: dict[str, Any], image_dir: str = "images", json_name: str =
 
 # ---------------------------------------------------------------------- plots
 def _figure(width: float, height: float = 4.0) -> Any:
+    # matplotlib is optional (the bench/test extras): only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional, as above
 
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
@@ -445,7 +447,6 @@ def plots(result: dict[str, Any]) -> dict[str, bytes]:
 
 def write(result: dict[str, Any], output: str | Path) -> dict[str, Path]:
     """Write ``output`` (Markdown), ``benchmarks.json`` beside it and the plots in ``images/``, atomically."""
-    from ..eval._util import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     output = Path(output)
     paths: dict[str, Path] = {}

@@ -38,6 +38,10 @@ from typing import Any
 
 import torch
 
+from ..eval.common import partial_state
+from . import closed_form, efficacy, inference
+from .report import targets, write
+
 DEFAULT_OUTPUT = Path("docs") / "benchmarks.md"
 SECTIONS = ("efficacy", "speed", "inference")
 QUICK_SETTINGS: dict[str, Any] = {"counts": (1, 10, 100), "rounds": 5, "latent": 16}
@@ -52,7 +56,6 @@ def _machine() -> str:
 
 def _state() -> Any:
     """accelerate's process state: one process normally, several under ``accelerate launch``."""
-    from ..eval._util import partial_state
 
     return partial_state()
 
@@ -64,7 +67,6 @@ def _say(message: str) -> None:
 
 def efficacy_plan(quick: bool, overrides: dict[str, Any] | None = None) -> Any:
     """The quick or full :class:`~.efficacy.EfficacyPlan`, with command-line overrides (None = keep)."""
-    from . import efficacy
 
     base = efficacy.QUICK if quick else efficacy.FULL
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -85,7 +87,7 @@ def _closed_form_in_fresh_process(counts: tuple[int, ...]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ace-bench-speed-") as tmp:
         path = Path(tmp) / "closed_form.json"
         subprocess.run(
-            [sys.executable, "-m", "ace_diffusers.bench.closed_form", "--counts", *map(str, counts), "--json", str(path)],
+            [sys.executable, "-m", "ace_diffusers", "bench", "closed-form", "--counts", *map(str, counts), "--json", str(path)],
             check=True, stdout=subprocess.DEVNULL,
         )
         return json.loads(path.read_text())
@@ -94,7 +96,6 @@ def _closed_form_in_fresh_process(counts: tuple[int, ...]) -> dict[str, Any]:
 def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
         settings: dict[str, Any] | None = None, methods: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the chosen sections; returns ``{"sections": {...}}`` (see :mod:`.report` for the layout)."""
-    from . import closed_form, efficacy, inference
 
     settings = {**(QUICK_SETTINGS if quick else FULL_SETTINGS), **(settings or {})}
     state = _state()
@@ -170,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                       seconds=time.perf_counter() - started)
     if not _state().is_main_process:
         return 0
-    from .report import targets, write
 
     paths = write(result, args.output)
     for t in targets(result):

@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from ..shapes.vocab import SHAPES
+from ..eval.baselines import esd_x_erase, uce_erase
+from ..fitting.closed_form import fit_adapter
+from ..fitting.data import FitSettings
+from ..fitting.presets import resolve_spec
+from ..fitting.trainer import ACETrainer
+from ..shapes.classifier import load_shapes_classifier
+from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure, neutral_floor
+from ..shapes.pipeline import load_shapes_pipeline
+from ..shapes.vocab import SHAPES, STYLES
 
 TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
 
@@ -28,13 +36,6 @@ def run(
     seed: int = 0,
     baselines: bool = False,
 ) -> dict[str, Any]:
-    from ..closed_form import FitSettings, fit_adapter
-    from ..presets import resolve_spec
-    from ..shapes.classifier import load_shapes_classifier
-    from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure, neutral_floor
-    from ..shapes.pipeline import load_shapes_pipeline
-    from ..trainer import ACETrainer
-
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     classifier = load_shapes_classifier()
@@ -44,7 +45,6 @@ def run(
         if len(concepts) == 1:
             arguments = erase_arguments(concepts[0])
         else:
-            from ..shapes.vocab import SHAPES, STYLES
 
             kept = [c for c in SHAPES + STYLES if c not in concepts]
             arguments = {
@@ -78,7 +78,6 @@ def run(
             row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
             row["steps"] = full.fit["fine_tuning"]["steps"]
         if baselines:
-            from .baselines import esd_x_erase, uce_erase
 
             edit = uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
             try:

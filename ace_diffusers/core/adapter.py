@@ -30,7 +30,9 @@ from ..format import (
     group_layer_tensors,
     read_config,
 )
-from ..hub import build_model_card, push_adapter_folder, resolve_adapter_dir
+from ..hub.card import build_model_card
+from ..hub.download import resolve_adapter_dir
+from ..hub.push import push_adapter_folder
 from ..version import __version__
 from .factors import LayerFactors
 

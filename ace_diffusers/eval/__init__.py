@@ -15,7 +15,6 @@ The command line is ``ace-diffusers eval`` (:mod:`ace_diffusers.eval.cli`).
 
 from __future__ import annotations
 
-from ._util import ace_disabled, distributed_map, partial_state
 from .attacks import (
     ALL_ATTACKS,
     PROMPT_ATTACKS,
@@ -29,6 +28,7 @@ from .attacks import (
     soft_prompt_attack,
     weighted_variants,
 )
+from .common import ace_disabled, distributed_map, partial_state
 from .judges import CallableJudge, CLIPZeroShotJudge, Judge, ShapesJudge
 from .metrics import (
     accuracy,

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.processor import get_stack
 from ..errors import ACEValueError
-from ._util import as_context, check_sd_pipeline, seeded_latents
+from ..integration import attach
+from .common import as_context, check_sd_pipeline, seeded_latents
 
 PROMPT_ATTACKS = ("misspelling", "weighting", "context", "negative")
 ALL_ATTACKS = PROMPT_ATTACKS + ("soft_prompt",)
@@ -252,8 +254,6 @@ def _alphas(pipe: Any) -> torch.Tensor:
 def _kv(pipe: Any, embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every cross-attention layer's keys/values for ``embeds``, as the model currently computes them
     (base projections, PEFT LoRAs, and loaded ACE adapters via the layer's ``ace_stack``)."""
-    from .. import attach
-    from ..processor import get_stack
 
     out = []
     for _, attn in sorted(attach.cross_attention_modules(pipe.unet).items()):

@@ -52,8 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..closed_form import align_tokens
 from ..errors import ACEValueError
+from ..fitting.data import align_tokens
+from ..fitting.presets import filled
+from ..fitting.text import TextEmbedder
+from ..integration.modules import cross_attention_modules, get_unet
+from ..integration.modules import projection_weight as base_weight
+from .common import check_sd_pipeline, seeded_latents
 
 
 # ---------------------------------------------------------------------- undo handle
@@ -128,8 +133,6 @@ class WeightEdit:
 
 
 def _weight(linear: nn.Module) -> nn.Parameter:
-    from ..attach import _weight as base_weight
-
     return base_weight(linear)
 
 
@@ -187,9 +190,6 @@ def uce_erase(
     tokens: str = "last",
 ) -> WeightEdit:
     """UCE: closed-form edit of every cross-attention ``to_k``/``to_v`` (module docstring); returns the undo handle."""
-    from ..attach import cross_attention_modules
-    from ..pipeline import get_unet
-    from ..text import TextEmbedder
 
     started = time.perf_counter()
     concept_list = _as_list(concepts, "concepts")
@@ -217,7 +217,7 @@ def uce_erase(
         for phrase in phrases:
             for template in templates:
                 start = template.index("{}")
-                prompts.append(template.replace("{}", phrase))
+                prompts.append(filled(template, phrase))
                 spans.append((start, start + len(phrase)) if phrase else None)
                 # +1 for BOS/CLS: where the phrase starts; minus one: the token before it (BOS for the bare concept)
                 befores.append(len(tokenizer(template[:start], add_special_tokens=False)["input_ids"]))
@@ -297,7 +297,6 @@ def _trajectory_bank(pipe: Any, prompts: list[str], *, trajectories: int, num_in
                      guidance_scale: float, height: int | None, width: int | None, seed: int,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Frozen-model generations of each prompt: ``(x_t, t, prompt index, ε*(x_t, c), ε*(x_t), prompt embeds)``."""
-    from ..eval._util import seeded_latents
 
     device, dtype = pipe._execution_device, pipe.unet.dtype
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -347,8 +346,6 @@ def esd_x_erase(
     ``prompts``: prompts naming the concept (default: the concept itself, as ESD does); the loss is
     conditioned on them. Returns the undo handle; ``seconds`` includes drawing the trajectory bank.
     """
-    from ..eval._util import check_sd_pipeline
-    from ..pipeline import get_unet
 
     check_sd_pipeline(pipe, "esd_x_erase")
     if not isinstance(concept, str) or not concept.strip():

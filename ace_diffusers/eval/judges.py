@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ACEValueError
+from ..shapes.classifier import HEADS, load_shapes_classifier
 
 # CLIP's image normalisation (OpenAI), used when no image processor is given.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,12 +49,9 @@ class ShapesJudge(Judge):
     """One head of the miniature world's classifier (``load_shapes_classifier()`` if none is given)."""
 
     def __init__(self, classifier: Any = None, head: str = "shape") -> None:
-        from ..shapes.classifier import HEADS
-
         if head not in HEADS:
             raise ACEValueError(f"Unknown head {head!r}; choose one of {sorted(HEADS)}.")
         if classifier is None:
-            from ..shapes.classifier import load_shapes_classifier
 
             classifier = load_shapes_classifier()
         self.classifier = classifier

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 
-from ._util import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .runner import ATTACK_PREFIX, CORE_GROUPS, EvalResult
 
 METRIC_NAMES = {
@@ -125,7 +126,6 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
 
 def image_grid(rows: list[tuple[str, torch.Tensor]], *, tile: int = 96, label_width: int = 190) -> bytes:
     """A PNG with one labelled row per ``(label, uint8 images (n, 3, H, W))``."""
-    from PIL import Image, ImageDraw
 
     pad = 2
     columns = max((len(images) for _, images in rows), default=1)
@@ -157,8 +157,9 @@ def grid_rows(evaluation: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
 
 
 def _bar_chart(title: str, names: list[str], series: dict[str, list[float | None]], ylabel: str) -> bytes:
+    # matplotlib is optional (the bench/test extras): only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional, as above
 
     fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(names)), 3.6), dpi=110)
     FigureCanvasAgg(fig)

@@ -22,8 +22,11 @@ from typing import Any
 import torch
 
 from ..errors import ACEValueError
+from ..fitting.presets import filled
+from ..shapes.erasure import DEFAULT_NEUTRAL, concept_kind, metric_sets
+from ..shapes.pipeline import DEFAULT_SAMPLER as SHAPES_SAMPLER
+from ..shapes.vocab import SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES
 from . import metrics as M
-from ._util import as_context, distributed_map, seeded_latents
 from .attacks import (
     ALL_ATTACKS,
     PROMPT_ATTACKS,
@@ -32,6 +35,7 @@ from .attacks import (
     prompt_attacks,
     soft_prompt_attack,
 )
+from .common import as_context, distributed_map, seeded_latents
 from .judges import Judge
 
 CORE_GROUPS = ("erased", "synonyms", "others")
@@ -157,9 +161,6 @@ def shapes_plan(
     """The miniature world's plan: ``shapes.erasure.metric_sets`` (same prompts, seeds and sampler as
     ``shapes.erasure.measure``, so ``acc_e``/``acc_g``/``acc_s``/``colour``/``h`` are the same numbers),
     plus attacks on the ``erased`` prompts. ``colours`` restricts the colour grid (quick runs)."""
-    from ..shapes.erasure import DEFAULT_NEUTRAL, concept_kind, metric_sets
-    from ..shapes.pipeline import DEFAULT_SAMPLER as SHAPES_SAMPLER
-    from ..shapes.vocab import SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES
 
     attacks = _check_attacks(attacks)
     kind = concept_kind(concept)
@@ -215,7 +216,7 @@ def prompt_plan(
         raise ACEValueError("Acc_s needs at least one other concept (others=[...]).")
 
     def fill(phrase: str) -> list[str]:
-        return [t.replace("{}", phrase) for t in templates]
+        return [filled(t, phrase) for t in templates]
 
     erased_prompts = fill(concept)
     cases = _expand("erased", erased_prompts, [{head: concept}] * len(erased_prompts), images_per_prompt, seed)
