@@ -18,6 +18,8 @@ import ace_diffusers  # noqa: E402,F401  (installs the pipeline verbs)
 
 # The tiny test models are far faster on one thread, and CI machines have only two cores.
 torch.set_num_threads(int(os.environ.get("ACE_TEST_THREADS", "1")))
+from ace_diffusers.fitting.embedding_cache import EMBEDDINGS  # noqa: E402
+from ace_diffusers.fitting.text import TextEmbedder  # noqa: E402
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 
@@ -47,18 +49,14 @@ def run():
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """An empty on-disk embedding cache and an empty in-memory one (what a fresh machine starts with)."""
-    from ace_diffusers import closed_form
-
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(tmp_path / "cache"))
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     yield tmp_path / "cache"
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
 
 
 def record_encoded_prompts(monkeypatch):
     """Every prompt the text embedder encodes from now on (a list that fills as they are encoded)."""
-    from ace_diffusers.text import TextEmbedder
-
     encoded = []
     original = TextEmbedder.encode
     monkeypatch.setattr(

@@ -50,7 +50,7 @@ SHIMS = {
 }
 
 MAX_MODULE_LINES = 420  # "about 400"
-MAX_FUNCTION_LINES = 60
+MAX_FUNCTION_LINES = 60  # code lines, the docstring not counted
 # Longer functions that are one straight computation (splitting them would scatter one formula).
 STRAIGHT_COMPUTATIONS = {
     "ace_diffusers.fitting.text.encode_with_shared_prefixes",  # prefix pass, then packed tail passes
@@ -273,6 +273,14 @@ def test_no_module_mains_outside_the_command_line():
     assert not offenders, f"`if __name__ == '__main__'` outside ace_diffusers/cli and __main__.py: {offenders}"
 
 
+def _docstring_lines(node: ast.AST) -> int:
+    """Docstrings carry the math and the contract; they do not count against a function's length."""
+    first = node.body[0] if node.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first.end_lineno - first.lineno + 1
+    return 0
+
+
 def test_modules_and_functions_stay_small():
     too_long = []
     for name, module in MODULES.items():
@@ -280,7 +288,7 @@ def test_modules_and_functions_stay_small():
             too_long.append(f"{name}: {len(module.lines)} lines (limit ~400)")
         for node in ast.walk(module.tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
+                length = node.end_lineno - node.lineno + 1 - _docstring_lines(node)
                 qualified = f"{name}.{node.name}"
                 if length > MAX_FUNCTION_LINES and qualified not in STRAIGHT_COMPUTATIONS:
                     too_long.append(f"{qualified}: {length} lines (limit {MAX_FUNCTION_LINES})")

@@ -56,7 +56,8 @@ def test_figures_command_writes_the_method_png(tmp_path):
 
 def test_method_figure_shows_what_its_caption_says():
     """docs/method.md describes the figure in words; these are the numbers behind those words."""
-    from ace_diffusers.docs_figures import DEFAULT_PROMPTS, method_figure_data
+    from ace_diffusers.bench.method_figure import method_figure_data
+    from ace_diffusers.docs_figures import DEFAULT_PROMPTS
     from ace_diffusers.shapes.erasure import erase_arguments
     from ace_diffusers.shapes.pipeline import load_shapes_pipeline
 

@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ace_diffusers import ACEAdapter, ACEAdapterFormatError
-from ace_diffusers.adapter import CONFIG_NAME, WEIGHTS_NAME
-from ace_diffusers.processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta
+from ace_diffusers.core.adapter import CONFIG_NAME, WEIGHTS_NAME, ACEAdapter
+from ace_diffusers.core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta
+from ace_diffusers.errors import ACEAdapterFormatError
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
 from .conftest import generate

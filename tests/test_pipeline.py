@@ -5,12 +5,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
 import ace_diffusers
-from ace_diffusers import (
-    ACEAdapterNameError,
-    ACEArchitectureMismatchError,
-    ACEAttnProcessor,
-    ACECompatibilityError,
-)
+from ace_diffusers.core.processor import ACEAttnProcessor
+from ace_diffusers.errors import ACEAdapterNameError, ACEArchitectureMismatchError, ACECompatibilityError
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from .conftest import generate

@@ -50,7 +50,34 @@ def fidelity(
     missing = sorted(set(baked.layers) - set(base_weights))
     if missing:
         raise ACEValueError(f"The pipeline has no cross-attention layer {missing[0]!r} of the baked edit.")
-    embedder = TextEmbedder(pipe)
+    tokens = _encode_sets(TextEmbedder(pipe), prompt_sets)
+    d_text = next(iter(tokens.values()))[1].shape[1]
+    # ||W x||^2 summed over a set's tokens is <W^T W, X^T X>: one d_out x d^2 product per weight serves every
+    # set, cheaper than W X for all tokens once the sets hold more than d_text tokens together.
+    use_gram = sum(x.shape[0] for _, x in tokens.values()) > d_text
+    plan, stacked = _plan(adapter, baked, base_weights, use_gram)
+    gates = {
+        name: (f.gate_weight.detach().cpu().double(), f.gate_bias.detach().cpu().double())
+        for name, f in adapter.layers.items()
+        if name in baked.layers
+    }
+    report: dict[str, dict[str, float]] = {}
+    for set_name, (n_prompts, x) in tokens.items():
+        acc = _accumulate(x, plan, stacked, gates, scale, x.T @ x if use_gram else None)
+        report[set_name] = {
+            "k_rel_error": _ratio(acc["err_k"], acc["gated_k"]),
+            "v_rel_error": _ratio(acc["err_v"], acc["gated_v"]),
+            "edit_rel_error": _ratio(acc["err_k"] + acc["err_v"], acc["edit"]),
+            "gated_change": _ratio(acc["edit"], acc["base"]),
+            "fused_change": _ratio(acc["fused_edit"], acc["base"]),
+            "prompts": n_prompts,
+            "tokens": int(x.shape[0]),
+        }
+    return report
+
+
+def _encode_sets(embedder: TextEmbedder, prompt_sets: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, torch.Tensor]]:
+    """``{set: (prompts, all their tokens (N, d) float64)}``, every padding token included."""
     tokens = {}
     for set_name, prompts in prompt_sets.items():
         prompts = list(prompts)
@@ -59,84 +86,67 @@ def fidelity(
             tokens[set_name] = (len(prompts), torch.cat([e.embeddings for e in encoded]).double().cpu())
     if not tokens:
         raise ACEValueError("All prompt sets are empty; give at least one prompt.")
-    keys = ("err_k", "err_v", "gated_k", "gated_v", "edit", "fused_edit", "base")
-    sums = {set_name: dict.fromkeys(keys, 0.0) for set_name in tokens}
-    d_text = next(iter(tokens.values()))[1].shape[1]
-    # ||W x||^2 summed over a set's tokens is <W^T W, X^T X>: one d_out x d^2 product per weight serves every
-    # set, cheaper than W X for all tokens once the sets hold more than d_text tokens together.
-    use_gram = sum(x.shape[0] for _, x in tokens.values()) > d_text
-    grams = {set_name: x.T @ x for set_name, (_, x) in tokens.items()} if use_gram else {}
-    # Every low-rank quantity of every layer comes from one float32 product x @ P^T per set, with P
-    # stacking, per layer and projection, A (r rows), the baked down (r' rows) and B^T W (r rows).
+    return tokens
+
+
+def _plan(
+    adapter: ACEAdapter, baked: BakedEdit, base_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], use_gram: bool
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Every low-rank quantity of every layer comes from one float32 product ``x @ P^T`` per set, with P
+    stacking, per layer and projection, A (r rows), the baked down (r' rows) and Bᵀ W (r rows)."""
     plan, rows = [], []
     for name, layer in baked.layers.items():
         f = adapter.layers[name]
         for proj, weight in zip(PROJECTIONS, base_weights[name], strict=True):
             w32 = weight.detach().cpu().float()
-            a = getattr(f, f"{proj}_down").detach().cpu().float()
-            b = getattr(f, f"{proj}_up").detach().cpu().float()
+            a, b = (t.detach().cpu().float() for t in f.factors_of(proj))
             down, up = (t.detach().cpu().float() for t in layer.factors(proj))
             coupled = torch.cat([up, b], dim=1).double()  # fused - gated = [x down^T, -s g x A^T] [up, B]^T
-            plan.append(
-                {
-                    "layer": name,
-                    "proj": proj,
-                    "ranks": (a.shape[0], down.shape[0]),
-                    "coupled_gram": coupled.T @ coupled,
-                    "wtw": (w32.T @ w32).double() if use_gram else None,
-                    "w32": None if use_gram else w32,
-                }
-            )
+            plan.append({
+                "layer": name,
+                "proj": proj,
+                "ranks": (a.shape[0], down.shape[0]),
+                "coupled_gram": coupled.T @ coupled,
+                "wtw": (w32.T @ w32).double() if use_gram else None,
+                "w32": None if use_gram else w32,
+            })
             rows += [a, down, b.T @ w32]
-    stacked = torch.cat(rows)
-    gates = {
-        name: (f.gate_weight.detach().cpu().double(), f.gate_bias.detach().cpu().double())
-        for name, f in adapter.layers.items()
-        if name in baked.layers
-    }
-    for set_name, (_, x) in tokens.items():
-        acc = sums[set_name]
-        projected = x.float() @ stacked.T
-        gate_of = {name: gate_values(x, gw, gb).unsqueeze(1) for name, (gw, gb) in gates.items()}
-        offset = 0
-        for item in plan:
-            r, r_baked = item["ranks"]
-            xa = projected[:, offset : offset + r].double() * (scale * gate_of[item["layer"]])  # s g(x) A x
-            xd = projected[:, offset + r : offset + r + r_baked].double()
-            xwb = projected[:, offset + r + r_baked : offset + 2 * r + r_baked].double()  # B^T W x
-            offset += 2 * r + r_baked
-            z = torch.cat([xd, -xa], dim=1)
-            zz, cg = z.T @ z, item["coupled_gram"]
-            err = float((cg * zz).sum())
-            fused_edit = float((cg[:r_baked, :r_baked] * zz[:r_baked, :r_baked]).sum())
-            edit = float((cg[r_baked:, r_baked:] * zz[r_baked:, r_baked:]).sum())
-            cross = float((xa * xwb).sum())  # <W x, s g B A x>
-            if use_gram:
-                base = float((item["wtw"] * grams[set_name]).sum())
-            else:
-                base = float(((x.float() @ item["w32"].T).double() ** 2).sum())
-            proj = item["proj"]
-            acc[f"err_{proj}"] += max(err, 0.0)
-            acc[f"gated_{proj}"] += max(base + 2 * cross + edit, 0.0)
-            acc["edit"] += edit
-            acc["fused_edit"] += fused_edit
-            acc["base"] += base
-
-    def ratio(num: float, den: float) -> float:
-        return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-
-    report: dict[str, dict[str, float]] = {}
-    for set_name, (n_prompts, x) in tokens.items():
-        acc = sums[set_name]
-        report[set_name] = {
-            "k_rel_error": ratio(acc["err_k"], acc["gated_k"]),
-            "v_rel_error": ratio(acc["err_v"], acc["gated_v"]),
-            "edit_rel_error": ratio(acc["err_k"] + acc["err_v"], acc["edit"]),
-            "gated_change": ratio(acc["edit"], acc["base"]),
-            "fused_change": ratio(acc["fused_edit"], acc["base"]),
-            "prompts": n_prompts,
-            "tokens": int(x.shape[0]),
-        }
-    return report
+    return plan, torch.cat(rows)
 
 
+def _accumulate(
+    x: torch.Tensor, plan: list[dict[str, Any]], stacked: torch.Tensor,
+    gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float, gram: torch.Tensor | None,
+) -> dict[str, float]:
+    """Squared norms of one set, summed over layers: errors, gated/fused edits and the base K/V."""
+    acc = dict.fromkeys(("err_k", "err_v", "gated_k", "gated_v", "edit", "fused_edit", "base"), 0.0)
+    projected = x.float() @ stacked.T
+    gate_of = {name: gate_values(x, gw, gb).unsqueeze(1) for name, (gw, gb) in gates.items()}
+    offset = 0
+    for item in plan:
+        r, r_baked = item["ranks"]
+        xa = projected[:, offset : offset + r].double() * (scale * gate_of[item["layer"]])  # s g(x) A x
+        xd = projected[:, offset + r : offset + r + r_baked].double()
+        xwb = projected[:, offset + r + r_baked : offset + 2 * r + r_baked].double()  # B^T W x
+        offset += 2 * r + r_baked
+        z = torch.cat([xd, -xa], dim=1)
+        zz, cg = z.T @ z, item["coupled_gram"]
+        err = float((cg * zz).sum())
+        fused_edit = float((cg[:r_baked, :r_baked] * zz[:r_baked, :r_baked]).sum())
+        edit = float((cg[r_baked:, r_baked:] * zz[r_baked:, r_baked:]).sum())
+        cross = float((xa * xwb).sum())  # <W x, s g B A x>
+        if gram is not None:
+            base = float((item["wtw"] * gram).sum())
+        else:
+            base = float(((x.float() @ item["w32"].T).double() ** 2).sum())
+        proj = item["proj"]
+        acc[f"err_{proj}"] += max(err, 0.0)
+        acc[f"gated_{proj}"] += max(base + 2 * cross + edit, 0.0)
+        acc["edit"] += edit
+        acc["fused_edit"] += fused_edit
+        acc["base"] += base
+    return acc
+
+
+def _ratio(num: float, den: float) -> float:
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)

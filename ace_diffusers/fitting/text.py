@@ -233,7 +233,7 @@ def encode_with_shared_prefixes(
     if new:
         pieces = sorted(new)
         ids, positions, segment = _packed([[(list(key[1:]), 0, j) for j, key in enumerate(pieces)]], device)
-        out, kv = _run_layers(model, layers, finish, ids, positions, _block_causal(segment), None, keep_kv=True)
+        out, kv = run_clip_layers(model, layers, finish, ids, positions, _block_causal(segment), None, keep_kv=True)
         at = 0
         for key in pieces:
             n = len(key) - 1
@@ -279,7 +279,7 @@ def encode_with_shared_prefixes(
             key_index = torch.arange(prefix_kv[0][0].shape[2], device=device)
             sees_prefix = (key_index >= seen_from[..., None]) & (key_index < seen_to[..., None])  # (B, T, P)
             allowed = torch.cat([sees_prefix.unsqueeze(1), allowed], dim=3)
-        out, _ = _run_layers(model, layers, finish, ids, positions, allowed, prefix_kv)
+        out, _ = run_clip_layers(model, layers, finish, ids, positions, allowed, prefix_kv)
         for seq, b in enumerate(group):
             at = 0
             for i in b:
@@ -334,7 +334,7 @@ def _block_causal(segment: torch.Tensor) -> torch.Tensor:
     return ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
 
 
-def _run_layers(
+def run_clip_layers(
     model: nn.Module, layers: nn.ModuleList, finish, ids: torch.Tensor, positions: torch.Tensor,
     allowed: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, *, keep_kv: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

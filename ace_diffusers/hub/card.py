@@ -84,11 +84,29 @@ def _card_text(
     eval_markdown: str | None,
     image_relpath: str | None,
 ) -> str:
-    kind = config.get("kind")
+    lines = _intro(config, concepts) + _concept_lines(concepts, neutral) + _adapter_lines(config)
+    lines += _usage_lines(config, concepts, repo_id)
+    if eval_markdown and eval_markdown.strip():
+        lines += ["", "## Evaluation", "", eval_markdown.strip()]
+    if image_relpath:
+        lines += ["", "## Samples", "", f"![Samples with and without the adapter]({quote(image_relpath)})"]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "Erasure lowers the chance that the concepts appear; it is not a guarantee. Unlisted synonyms, "
+        "paraphrases or adversarial prompts may still evoke them, and nearby concepts may change slightly. "
+        "Evaluate on your own prompts before relying on it as a safety component.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _intro(config: Mapping[str, Any], concepts: list[str]) -> list[str]:
     base_model = config.get("base_model")
     hub_base = _hub_model_id(base_model)
     title = ", ".join(concepts[:5]) + (f" and {len(concepts) - 5} more" if len(concepts) > 5 else "")
-    lines = [
+    return [
         f"# ACE concept-erasure adapter: {title or 'no concepts'}",
         "",
         "An [ACE](https://arxiv.org/abs/2504.11850) (Attentional Concept Erasure) adapter for 🧨 diffusers, made "
@@ -100,10 +118,11 @@ def _card_text(
             if hub_base
             else (f"`{base_model}`." if base_model else "its base pipeline.")
         ),
-        "",
-        "## Erased concepts",
-        "",
     ]
+
+
+def _concept_lines(concepts: list[str], neutral: list[str]) -> list[str]:
+    lines = ["", "## Erased concepts", ""]
     if neutral and len(neutral) == len(concepts):
         lines += ["| Erased concept | Neutral anchor |", "|---|---|"]
         lines += [f"| {_cell(c)} | {_cell(n) if n else '(empty prompt)'} |" for c, n in zip(concepts, neutral, strict=True)]
@@ -111,26 +130,35 @@ def _card_text(
         lines += [f"- {_cell(c)}" for c in concepts] or ["(none)"]
         if neutral:
             lines += ["", "Neutral anchors: " + ", ".join(_cell(n) for n in neutral)]
+    return lines
+
+
+def _adapter_lines(config: Mapping[str, Any]) -> list[str]:
     fingerprint = config.get("fingerprint") or {}
     n_layers = len(fingerprint.get("layers") or {}) if isinstance(fingerprint, Mapping) else 0
     details = [
-        ("Kind", kind or "unspecified"),
+        ("Kind", config.get("kind") or "unspecified"),
         ("Rank", config.get("rank")),
         ("Method", config.get("method")),
-        ("Base model", base_model or "unspecified"),
+        ("Base model", config.get("base_model") or "unspecified"),
         ("Cross-attention layers", n_layers or None),
         ("Architecture hash", fingerprint.get("hash") if isinstance(fingerprint, Mapping) else None),
         ("Format version", config.get("format_version")),
         ("Created with", config.get("created_with")),
     ]
-    lines += ["", "## Adapter", "", "| | |", "|---|---|"]
+    lines = ["", "## Adapter", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in details if v is not None]
     fit = config.get("fit") or {}
     if isinstance(fit, Mapping) and fit:
         lines += ["", "### Fit settings", "", "| Setting | Value |", "|---|---|"]
         lines += [f"| {_cell(str(k))} | {_cell(v)} |" for k, v in fit.items()]
+    return lines
+
+
+def _usage_lines(config: Mapping[str, Any], concepts: list[str], repo_id: str) -> list[str]:
+    base_model = config.get("base_model")
     example = json.dumps(f"a photo of {concepts[0]}" if concepts else "a photo", ensure_ascii=False)
-    lines += [
+    return [
         "",
         "## Usage",
         "",
@@ -148,17 +176,3 @@ def _card_text(
         f'`ace_diffusers.ACEAdapter.from_pretrained("{repo_id}")`. Files: `{CONFIG_NAME}` (settings, JSON) '
         f"and `{WEIGHTS_NAME}` (tensors, safetensors): loading never executes code.",
     ]
-    if eval_markdown and eval_markdown.strip():
-        lines += ["", "## Evaluation", "", eval_markdown.strip()]
-    if image_relpath:
-        lines += ["", "## Samples", "", f"![Samples with and without the adapter]({quote(image_relpath)})"]
-    lines += [
-        "",
-        "## Limitations",
-        "",
-        "Erasure lowers the chance that the concepts appear; it is not a guarantee. Unlisted synonyms, "
-        "paraphrases or adversarial prompts may still evoke them, and nearby concepts may change slightly. "
-        "Evaluate on your own prompts before relying on it as a safety component.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 import torch
 
-from ace_diffusers.attach import cross_attention_modules, loaded_adapters
 from ace_diffusers.bench.inference import fused_kv_weights
+from ace_diffusers.integration.attach import loaded_adapters
+from ace_diffusers.integration.modules import cross_attention_modules
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
 

@@ -22,7 +22,9 @@ def _judge(images: torch.Tensor) -> list[str]:
 
 def run(state=None) -> dict:
     import ace_diffusers  # noqa: F401  (pipeline verbs)
-    from ace_diffusers.eval import CallableJudge, SoftPromptSettings, evaluate, prompt_plan
+    from ace_diffusers.eval.attacks import SoftPromptSettings
+    from ace_diffusers.eval.judges import CallableJudge
+    from ace_diffusers.eval.runner import evaluate, prompt_plan
     from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
     torch.set_num_threads(1)
@@ -48,7 +50,7 @@ def run(state=None) -> dict:
 
 
 if __name__ == "__main__":
-    from ace_diffusers.eval import partial_state
+    from ace_diffusers.eval.common import partial_state
 
     state = partial_state()
     result = run(state)

@@ -98,7 +98,7 @@ def test_soft_prompt_reference_is_the_original_model(erased_pipe):
 
 
 def pipe_disabled(pipe):
-    from ace_diffusers.eval import ace_disabled
+    from ace_diffusers.eval.common import ace_disabled
 
     return ace_disabled(pipe)
 

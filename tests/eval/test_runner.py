@@ -5,17 +5,11 @@ import torch
 from PIL import Image
 
 from ace_diffusers.errors import ACEValueError
-from ace_diffusers.eval import (
-    CallableJudge,
-    ShapesJudge,
-    SoftPromptSettings,
-    ace_disabled,
-    evaluate,
-    prompt_plan,
-    shapes_plan,
-    write_report,
-)
-from ace_diffusers.eval.runner import EvalCase, make_batches
+from ace_diffusers.eval.attacks import SoftPromptSettings
+from ace_diffusers.eval.common import ace_disabled
+from ace_diffusers.eval.judges import CallableJudge, ShapesJudge
+from ace_diffusers.eval.report import write_report
+from ace_diffusers.eval.runner import EvalCase, evaluate, make_batches, prompt_plan, shapes_plan
 from ace_diffusers.shapes.erasure import DEFAULT_NEUTRAL, measure, metric_sets
 from ace_diffusers.testing import random_adapter
 

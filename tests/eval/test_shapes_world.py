@@ -11,8 +11,10 @@ pytestmark = [
 
 
 def test_closed_form_erasure_is_measured_before_and_after():
-    from ace_diffusers import erase_concept
-    from ace_diffusers.eval import ShapesJudge, SoftPromptSettings, evaluate, shapes_plan
+    from ace_diffusers.eval.attacks import SoftPromptSettings
+    from ace_diffusers.eval.judges import ShapesJudge
+    from ace_diffusers.eval.runner import evaluate, shapes_plan
+    from ace_diffusers.fitting.closed_form import erase_concept
     from ace_diffusers.shapes.classifier import load_shapes_classifier
     from ace_diffusers.shapes.erasure import erase_arguments
     from ace_diffusers.shapes.pipeline import load_shapes_pipeline

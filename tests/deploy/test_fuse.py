@@ -9,29 +9,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ace_diffusers import (
-    ACEAdapter,
-    ACEAdapterNameError,
-    ACEValueError,
+from ace_diffusers.core.adapter import ACEAdapter
+from ace_diffusers.deploy.bake import BakeSettings, bake, erasure_spec, recorded_fit_settings
+from ace_diffusers.deploy.fuse import (
     fuse_adapter,
-    get_fused_adapters,
-    unfuse_adapter,
-)
-from ace_diffusers.attach import _deltas, cross_attention_modules
-from ace_diffusers.closed_form import collect_fit_data
-from ace_diffusers.fuse import (
-    BakeSettings,
-    _fit_settings,
-    bake,
-    erasure_spec,
     fuse_fidelity,
     fused,
     fused_reports,
+    get_fused_adapters,
+    unfuse_adapter,
 )
+from ace_diffusers.errors import ACEAdapterNameError, ACEValueError
+from ace_diffusers.fitting.data import collect_fit_data
+from ace_diffusers.fitting.text import TextEmbedder
+from ace_diffusers.integration.attach import adapter_deltas
+from ace_diffusers.integration.modules import cross_attention_modules
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
-from ace_diffusers.text import TextEmbedder
 
-from .conftest import generate
+from ..conftest import generate
 
 # Tolerances reached on tiny random-weight pipelines (256-d text, "Van Gogh" erased in closed form,
 # 2 denoising steps; docs/deploy.md explains what they measure). A random text encoder has no
@@ -108,7 +103,7 @@ def test_fused_outputs_match_gated_on_concept_and_stay_close_on_unrelated(erased
 def test_unfuse_restores_weights_and_outputs_bit_exactly(erased):
     pipe, _, _, gated = erased
     before = snapshot(pipe.unet)
-    deltas = list(_deltas(pipe.unet, "van_gogh"))
+    deltas = list(adapter_deltas(pipe.unet, "van_gogh"))
     pipe.fuse_ace_adapter("van_gogh")
     after = pipe.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -243,7 +238,7 @@ def test_baked_edit_is_the_least_squares_minimiser(erased):
     pipe, adapter, _, _ = erased
     settings = BakeSettings()
     baked = bake(pipe, adapter, settings=settings)
-    data = collect_fit_data(TextEmbedder(pipe), erasure_spec(adapter), _fit_settings(adapter))
+    data = collect_fit_data(TextEmbedder(pipe), erasure_spec(adapter), recorded_fit_settings(adapter))
     xc, xo = data.concept.double(), data.others.double()
     layer = sorted(baked.layers)[0]
     f = adapter.layers[layer]

@@ -5,12 +5,14 @@ import copy
 import pytest
 import torch
 
-from ace_diffusers import closed_form, embedding_cache, erase_concept
-from ace_diffusers import text as text_module
+from ace_diffusers import erase_concept
+from ace_diffusers.fitting import embedding_cache
+from ace_diffusers.fitting import text as text_module
+from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
+from ace_diffusers.fitting.text import TextEmbedder
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-from ace_diffusers.text import TextEmbedder
 
-from .conftest import edit_factors, record_encoded_prompts, relative_gap
+from ..conftest import edit_factors, record_encoded_prompts, relative_gap
 
 
 def cached_files(root):
@@ -22,7 +24,7 @@ def test_a_new_process_reads_preset_embeddings_from_disk(cache_dir, monkeypatch)
     first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     files = cached_files(cache_dir)
     assert files, "the preset prompts were not written"
-    closed_form._cache.clear()  # what a new process starts with
+    EMBEDDINGS.clear()  # what a new process starts with
     encoded = record_encoded_prompts(monkeypatch)
     second = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     assert encoded and all("Van Gogh" in p for p in encoded)  # only the concept's own prompts were encoded
@@ -34,9 +36,9 @@ def test_a_new_process_reads_the_other_tokens_second_moment_from_disk(cache_dir,
     """The d x d second moment of the kind's other tokens is stored once and read back, not recomputed."""
     pipe = tiny_sd_pipeline()
     erase_concept(pipe, "Van Gogh", kind="style", load=False)
-    (kept,) = closed_form._cache[pipe.text_encoder][2]["moments"].values()
+    (kept,) = EMBEDDINGS.memory(TextEmbedder(pipe)).moments.values()
     assert len(sorted((cache_dir / "moments").rglob("*.safetensors"))) == 1
-    closed_form._cache.clear()  # what a new process starts with
+    EMBEDDINGS.clear()  # what a new process starts with
     loaded = []
     original = embedding_cache.load_moment
     monkeypatch.setattr(embedding_cache, "load_moment", lambda *a: loaded.append(original(*a)) or loaded[-1])
@@ -54,14 +56,14 @@ def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatc
     prefix_files = sorted((cache_dir / "prefixes").rglob("*.safetensors"))
     n_encoders = len(TextEmbedder(pipe).encoders)
     assert len(prefix_files) == 5 * n_encoders  # the style templates whose prefix has >= 2 tokens, per encoder
-    closed_form._cache.clear()  # what a new process starts with
+    EMBEDDINGS.clear()  # what a new process starts with
     passes = []
-    original = text_module._run_layers
-    monkeypatch.setattr(text_module, "_run_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k))
+    original = text_module.run_clip_layers
+    monkeypatch.setattr(text_module, "run_clip_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k))
     second = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert passes and all(prefix_kv is not None for prefix_kv in passes)  # no prefix pass: every tail reads stored ones
     assert sorted((cache_dir / "prefixes").rglob("*.safetensors")) == prefix_files
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")  # the same fit computed from scratch
     fresh = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert relative_gap(second, fresh) < 1e-3 and relative_gap(first, fresh) > 0.01
@@ -74,7 +76,7 @@ def test_a_text_encoder_moved_to_another_dtype_does_not_reuse_kept_prefixes(cach
     pipe.text_encoder.to(torch.bfloat16)
     adapter = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert torch.isfinite(edit_factors(adapter)).all()
-    stores = closed_form._cache[pipe.text_encoder][2]["prefixes"]
+    stores = EMBEDDINGS.memory(TextEmbedder(pipe)).prefixes
     assert stores[0] and all(out.dtype == torch.bfloat16 for out, _ in stores[0].values())
 
 
@@ -94,7 +96,7 @@ def test_unreadable_cache_files_are_reencoded_with_a_warning(cache_dir):
     first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     for path in cached_files(cache_dir):
         path.write_bytes(b"not a safetensors file")
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     with pytest.warns(UserWarning, match="unreadable embedding cache"):
         again = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     assert relative_gap(again, first) < 1e-3
@@ -104,7 +106,7 @@ def test_unreadable_cache_files_are_reencoded_with_a_warning(cache_dir):
 def test_the_cache_can_be_turned_off(tmp_path, monkeypatch, setting):
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", setting)
     monkeypatch.chdir(tmp_path)
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     erase_concept(tiny_sd_pipeline(), "Van Gogh", kind="style", load=False)
     assert embedding_cache.cache_root() is None and not list(tmp_path.rglob("*.safetensors"))
 
@@ -113,7 +115,7 @@ def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", str(blocker))
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     with pytest.warns(UserWarning, match="Could not write the embedding cache"):
         adapter = erase_concept(tiny_sd_pipeline(), "Van Gogh", kind="style", load=False)
     assert adapter.concepts == ["Van Gogh"]

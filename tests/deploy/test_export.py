@@ -10,14 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ace_diffusers import ACEValueError, save_lora, to_diffusers_lora
-from ace_diffusers.attach import _weight, cross_attention_modules
 from ace_diffusers.cli import main as cli_main
-from ace_diffusers.export import lora_state_dict
-from ace_diffusers.fuse import BakeSettings, bake
+from ace_diffusers.deploy.bake import BakeSettings, bake
+from ace_diffusers.deploy.export import lora_state_dict, save_lora, to_diffusers_lora
+from ace_diffusers.errors import ACEValueError
+from ace_diffusers.integration.modules import cross_attention_modules, projection_weight
 from ace_diffusers.testing import tiny_sd_pipeline
 
-from .conftest import generate
+from ..conftest import generate
 
 TEXT_DIM = 128
 KOHYA_KEY = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_\w+_attn2_to_[kv]\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -41,7 +41,7 @@ def predicted_kv(pipe, baked, x):
     out = {}
     for name, attn in cross_attention_modules(pipe.unet).items():
         for proj, linear in (("k", attn.to_k), ("v", attn.to_v)):
-            weight = _weight(linear).detach().double() + baked.layers[name].delta_weight(proj)
+            weight = projection_weight(linear).detach().double() + baked.layers[name].delta_weight(proj)
             out[f"{name}.{proj}"] = (x.double() @ weight.T).float()
     return out
 

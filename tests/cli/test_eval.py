@@ -1,11 +1,11 @@
 import json
 
 import pytest
-
 from ace_diffusers.eval.cli import main
+
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
-from .conftest import tiny_clip
+from ..eval.conftest import tiny_clip
 
 QUICK = ["--steps", "2", "--height", "16", "--width", "16", "--images-per-prompt", "1", "--template", "a photo of {}",
          "--soft-steps", "1", "--soft-objective", "attention", "--soft-prompts", "1", "--judge", "clip"]

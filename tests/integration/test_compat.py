@@ -24,13 +24,19 @@ from diffusers.models.attention_processor import (
 )
 from safetensors.torch import save_file
 
-from ace_diffusers import ACEAttnProcessor, ACECompatibilityError, erase_concept
-from ace_diffusers.attach import attention_modules, cross_attention_modules
-from ace_diffusers.compat import base_processor
-from ace_diffusers.processor import ACEIPAdapterAttnProcessor, ACESlicedAttnProcessor, get_stack
+from ace_diffusers.core.processor import (
+    ACEAttnProcessor,
+    ACEIPAdapterAttnProcessor,
+    ACESlicedAttnProcessor,
+    get_stack,
+)
+from ace_diffusers.errors import ACECompatibilityError
+from ace_diffusers.fitting.closed_form import erase_concept
+from ace_diffusers.integration.compat import base_processor
+from ace_diffusers.integration.modules import attention_modules, cross_attention_modules
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
-from .conftest import generate
+from ..conftest import generate
 
 IMAGE = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 MASK = torch.zeros(1, 1, 32, 32)

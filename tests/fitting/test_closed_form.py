@@ -6,27 +6,21 @@ import torch
 from ace_diffusers import (
     ACEAdapterNameError,
     ACEValueError,
-    closed_form,
-    embedding_cache,
     erase_concept,
     prepare_erasure,
 )
-from ace_diffusers import text as text_module
-from ace_diffusers.attach import cross_attention_modules
-from ace_diffusers.closed_form import (
-    FitData,
-    FitSettings,
-    align_tokens,
-    full_length_template_indices,
-    low_rank_edits,
-    solve_text_map,
-)
-from ace_diffusers.presets import load_presets
-from ace_diffusers.processor import get_stack
+from ace_diffusers.core.processor import get_stack
+from ace_diffusers.fitting import closed_form, embedding_cache
+from ace_diffusers.fitting import text as text_module
+from ace_diffusers.fitting.data import FitSettings, align_tokens, full_length_template_indices
+from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
+from ace_diffusers.fitting.presets import load_presets
+from ace_diffusers.fitting.solvers import FitData, low_rank_edits, solve_text_map
+from ace_diffusers.fitting.text import TextEmbedder
+from ace_diffusers.integration.modules import cross_attention_modules
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-from ace_diffusers.text import TextEmbedder
 
-from .conftest import generate, record_encoded_prompts, relative_gap
+from ..conftest import generate, record_encoded_prompts, relative_gap
 
 # Tolerances reached on tiny random-weight pipelines with 256-d text tokens (docs/method.md says what
 # they measure). A random 2-layer text encoder has no semantics, so generalisation to unseen
@@ -249,23 +243,21 @@ def test_pipeline_method_and_custom_neutral(sd_pipe):
 
 
 def test_overlong_concept_warns_about_truncation(sd_pipe):
-    from ace_diffusers import ACETruncationWarning
+    from ace_diffusers.errors import ACETruncationWarning
 
     with pytest.warns(ACETruncationWarning, match="truncated"):
         erase_concept(sd_pipe, "a " + "very " * 80 + "long concept", load=False)
 
 
 def test_thousands_of_concepts_beyond_memory_are_refused_before_work(sd_pipe, monkeypatch):
-    import ace_diffusers.closed_form as closed_form
-
-    monkeypatch.setattr(closed_form, "_available_memory", lambda: 64 * 2**20)  # pretend 64 MiB are free
+    monkeypatch.setattr(closed_form, "available_memory", lambda: 64 * 2**20)  # pretend 64 MiB are free
     monkeypatch.setattr(closed_form, "collect_fit_data", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ACEValueError, match="split the concepts"):
         erase_concept(sd_pipe, [f"concept {i}" for i in range(3000)], load=False)
 
 
 def test_align_tokens_pairs_prefix_span_and_suffix():
-    from ace_diffusers.text import EncodedPrompt
+    from ace_diffusers.fitting.text import EncodedPrompt
 
     def enc(rows, span):
         return EncodedPrompt("", torch.zeros(rows, 1), span, rows)
@@ -284,7 +276,7 @@ def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
 
 def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_move():
     from ace_diffusers.bench.closed_form import concept_names
-    from ace_diffusers.closed_form import FitSettings, full_length_template_indices
+    from ace_diffusers.fitting.data import FitSettings, full_length_template_indices
 
     settings = FitSettings()  # 2 full-length templates per concept, at most 16 in total
     assert full_length_template_indices(0, 1, 6, settings) == {0, 1}
@@ -302,7 +294,7 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
 
 
 def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
-    from ace_diffusers.presets import resolve_spec
+    from ace_diffusers.fitting.presets import resolve_spec
 
     spec = resolve_spec(
         ["circle", "striped"],
@@ -319,7 +311,7 @@ def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
 
 
 def test_a_concepts_templates_naming_another_erased_concept_are_left_out():
-    from ace_diffusers.presets import resolve_spec
+    from ace_diffusers.fitting.presets import resolve_spec
 
     styles = ["a {} red circle", "a {} blue square", "a {} green heart"]
     spec = resolve_spec(["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]})
@@ -385,14 +377,14 @@ def test_prepare_erasure_leaves_a_fit_only_the_concepts_own_prompts(cache_dir, m
     assert preparation.cache_dir == str(cache_dir) and preparation.prompts > 40
     assert pipe.get_list_ace_adapters() == []  # nothing fitted or loaded
     if new_process:
-        closed_form._cache.clear()
+        EMBEDDINGS.clear()
     encoded = record_encoded_prompts(monkeypatch)
     moments = []
     monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
     prepared = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     assert encoded and all("Van Gogh" in prompt for prompt in encoded)
     assert not moments  # the other tokens' second moment was prepared too: read, not recomputed
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
     assert relative_gap(prepared, erase_concept(pipe, "Van Gogh", kind="style", load=False)) < 1e-3
 
@@ -405,7 +397,7 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cac
     assert full == set(range(6))  # between them, these concepts take every template at full length
     preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"])
     assert preparation.neutral == ["art", "a painting"]
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     encoded = record_encoded_prompts(monkeypatch)
     moments = []
     monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
@@ -429,7 +421,7 @@ def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, conce
     pipe = tiny_sd_pipeline()
     preparation = prepare_erasure(pipe, **kwargs)
     assert preparation.neutral == [load_presets()["kinds"][kwargs["kind"] or "custom"]["neutral"]]
-    closed_form._cache.clear()  # a new process
+    EMBEDDINGS.clear()  # a new process
     new_prefixes = []
     original = text_module.encode_with_shared_prefixes
 
@@ -447,7 +439,7 @@ def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, conce
     assert not new_prefixes  # and no template prefix either
 def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch):
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
-    closed_form._cache.clear()
+    EMBEDDINGS.clear()
     pipe = tiny_sd_pipeline()
     assert prepare_erasure(pipe, kind="object").cache_dir is None
     encoded = record_encoded_prompts(monkeypatch)

@@ -1,10 +1,10 @@
 import pytest
 
-from ace_diffusers import ACEAdapter
 from ace_diffusers.cli import main
+from ace_diffusers.core.adapter import ACEAdapter
 from ace_diffusers.testing import tiny_sd_pipeline
 
-from .hub_server import hub_server, hub_server_session  # noqa: F401  (fixtures)
+from ..hub_server import hub_server, hub_server_session  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from ace_diffusers import ACEAdapter, ACEValueError
-from ace_diffusers.closed_form import FitSettings, fit_adapter
-from ace_diffusers.presets import resolve_spec
+from ace_diffusers.core.adapter import ACEAdapter
+from ace_diffusers.errors import ACEValueError
+from ace_diffusers.fitting.closed_form import fit_adapter
+from ace_diffusers.fitting.data import FitSettings
+from ace_diffusers.fitting.presets import resolve_spec
+from ace_diffusers.fitting.trainer import MAX_DEFAULT_STEPS, ACETrainer, default_steps
 from ace_diffusers.testing import tiny_sd_pipeline
-from ace_diffusers.trainer import MAX_DEFAULT_STEPS, ACETrainer, default_steps
 
 
 def small_trainer(pipe, **kwargs):

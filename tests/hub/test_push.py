@@ -18,18 +18,16 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants
 from safetensors.torch import save_file
 
-from ace_diffusers import ACEAdapter, ACEAdapterFormatError, ACEHubError, ACEValueError, LayerFactors
-from ace_diffusers.hub import (
-    CONFIG_NAME,
-    REPO_ID_PLACEHOLDER,
-    WEIGHTS_NAME,
-    build_model_card,
-    push_adapter_folder,
-    resolve_adapter_dir,
-)
+from ace_diffusers.core.adapter import ACEAdapter
+from ace_diffusers.core.factors import LayerFactors
+from ace_diffusers.errors import ACEAdapterFormatError, ACEHubError, ACEValueError
+from ace_diffusers.hub import CONFIG_NAME, REPO_ID_PLACEHOLDER, WEIGHTS_NAME
+from ace_diffusers.hub.card import build_model_card
+from ace_diffusers.hub.download import resolve_adapter_dir
+from ace_diffusers.hub.push import push_adapter_folder
 
 try:  # tests/ is a package
-    from .hub_server import configure_client, hub_server, hub_server_session  # noqa: F401
+    from ..hub_server import configure_client, hub_server, hub_server_session  # noqa: F401
 except ImportError:  # tests/ on sys.path (rootdir-relative import)
     from hub_server import configure_client, hub_server, hub_server_session  # noqa: F401
 
@@ -421,7 +419,7 @@ def test_private_ace_adapter_end_to_end(hub_server):
 
 
 def test_pipeline_loads_adapter_from_the_hub(hub_server):
-    from ace_diffusers import get_adapter
+    from ace_diffusers.pipeline import get_adapter
     from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)
@@ -433,7 +431,7 @@ def test_pipeline_loads_adapter_from_the_hub(hub_server):
 
 
 def test_pipeline_pushes_an_erased_concept_and_another_pipeline_loads_it(hub_server):
-    from ace_diffusers import get_adapter
+    from ace_diffusers.pipeline import get_adapter
     from ace_diffusers.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ace_diffusers import ACEAdapter, ACEAdapterFormatError, ACEArchitectureMismatchError
-from ace_diffusers.adapter import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
-from ace_diffusers.attach import layer_shapes
+from ace_diffusers.core.adapter import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, ACEAdapter
+from ace_diffusers.errors import ACEAdapterFormatError, ACEArchitectureMismatchError
+from ace_diffusers.integration.modules import layer_shapes
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 

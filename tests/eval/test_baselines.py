@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ace_diffusers.bench.baselines import WeightEdit, esd_x_erase, uce_erase, uce_text_map
 from ace_diffusers.errors import ACECompatibilityError, ACEValueError
+from ace_diffusers.eval.baselines import WeightEdit, esd_x_erase, uce_erase, uce_text_map
 
-from .conftest import generate
+from ..conftest import generate
 
 
 def _snapshot(module):
@@ -124,7 +124,8 @@ def test_esd_x_kv_only_and_validation(sd_pipe, sdxl_pipe):
 
 def test_baseline_before_after_evaluation(sd_pipe):
     """A baseline's undo handle gives the evaluator its 'before' model."""
-    from ace_diffusers.eval import CallableJudge, evaluate, prompt_plan
+    from ace_diffusers.eval.judges import CallableJudge
+    from ace_diffusers.eval.runner import evaluate, prompt_plan
 
     plan = prompt_plan("cat", templates=["a photo of {}"], others=["dog"], images_per_prompt=1, attacks=[],
                        sampler=dict(num_inference_steps=2, height=16, width=16))
