@@ -18,6 +18,7 @@ import ace_diffusers  # noqa: E402,F401  (installs the pipeline verbs)
 
 # The tiny test models are far faster on one thread, and CI machines have only two cores.
 torch.set_num_threads(int(os.environ.get("ACE_TEST_THREADS", "1")))
+from ace_diffusers.deploy.bake import bake  # noqa: E402
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS  # noqa: E402
 from ace_diffusers.fitting.text import TextEmbedder  # noqa: E402
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
@@ -99,3 +100,11 @@ def sdpa_recorder(monkeypatch):
         recorder(torch.nn.functional.scaled_dot_product_attention),
     )
     return recorder
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A tiny SD pipeline (no adapter loaded), an adapter fitted on it, and its baked edit."""
+    pipe = tiny_sd_pipeline(text_dim=128)
+    adapter = pipe.erase_concept("Van Gogh", kind="style", load=False)
+    return pipe, adapter, bake(pipe, adapter)

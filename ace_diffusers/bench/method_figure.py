@@ -98,9 +98,9 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
             delta = stack.adapters[adapter_name]
             context = enc.embeddings[None].to(device=delta.k_down.device, dtype=delta.k_down.dtype)
             key = attn.to_k(context)[0]
-            gated, _ = delta.deltas(context, stack.enabled)  # what ACEAttnProcessor adds to K
+            gated, _ = delta.deltas(context, delta.multiplier(stack.enabled))  # what ACEAttnProcessor adds to K
             ungated = ((context @ delta.k_down.T) @ delta.k_up.T)[0] * delta.scale
-            gates.append(delta.gate(context)[0, :, 0])
+            gates.append(delta.gate(context)[0, :])
             base_sq = base_sq + key.pow(2).sum(-1)
             gated_sq = gated_sq + gated[0].pow(2).sum(-1)
             ungated_sq = ungated_sq + ungated.pow(2).sum(-1)

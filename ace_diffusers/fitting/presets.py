@@ -166,37 +166,8 @@ def resolve_spec(
     concept_list += expanded
     concept_list = list(dict.fromkeys(concept_list))  # drop duplicates, keep order
 
-    if isinstance(neutral, (list, tuple)):  # an empty anchor ("" = no particular thing) is allowed
-        neutral_list = ["" if isinstance(v, str) and not v.strip() else _clean_phrase(v, "neutral anchor") for v in neutral]
-    else:
-        neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
-    if neutral_list is None:
-        neutral_list = [neutral if neutral == "" else preset["neutral"]] * len(concept_list)
-    elif len(neutral_list) == 1:
-        neutral_list = neutral_list * len(concept_list)
-    elif len(neutral_list) != len(concept_list):
-        raise ACEValueError(
-            f"Got {len(concept_list)} concepts but {len(neutral_list)} neutral anchors; pass one anchor for all "
-            "or one per concept."
-        )
-    for concept, anchor in zip(concept_list, neutral_list, strict=True):
-        if concept.lower() == anchor.lower():
-            raise ACEValueError(
-                f"The concept {concept!r} equals its neutral anchor; the anchor must be what the concept should "
-                "turn into (e.g. 'art' for a style, 'a person' for a celebrity)."
-            )
-
-    phrase_templates: dict[str, list[str]] = {}
-    if isinstance(templates, dict):  # per-phrase templates, e.g. when concepts of several kinds mix
-        phrase_templates = {str(k): list(v) for k, v in templates.items()}
-        template_list = phrase_templates.get(concept_list[0]) or list(preset["templates"])
-    else:
-        template_list = list(templates) if templates is not None else list(preset["templates"])
-    for template in template_list + [t for ts in phrase_templates.values() for t in ts]:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ACEValueError(f"Template {template!r} must be a string containing '{{}}' exactly once.")
-    if not template_list:
-        raise ACEValueError("At least one prompt template is needed.")
+    neutral_list = _neutral_list(neutral, concept_list, preset["neutral"])
+    template_list, phrase_templates = _template_lists(templates, concept_list[0], preset["templates"])
 
     lowered = {c.lower() for c in concept_list}
     preserve_list = _as_list(preserve, "preserved concept")
@@ -214,3 +185,45 @@ def resolve_spec(
         phrase_templates=phrase_templates,
         expanded=expanded,
     )
+
+
+def _neutral_list(neutral: str | list[str] | None, concepts: list[str], default: str) -> list[str]:
+    """One anchor per concept: the kind's default, one for all, or one each; never the concept itself."""
+    if isinstance(neutral, (list, tuple)):  # an empty anchor ("" = no particular thing) is allowed
+        neutral_list = ["" if isinstance(v, str) and not v.strip() else _clean_phrase(v, "neutral anchor") for v in neutral]
+    else:
+        neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
+    if neutral_list is None:
+        neutral_list = [neutral if neutral == "" else default] * len(concepts)
+    elif len(neutral_list) == 1:
+        neutral_list = neutral_list * len(concepts)
+    elif len(neutral_list) != len(concepts):
+        raise ACEValueError(
+            f"Got {len(concepts)} concepts but {len(neutral_list)} neutral anchors; pass one anchor for all "
+            "or one per concept."
+        )
+    for concept, anchor in zip(concepts, neutral_list, strict=True):
+        if concept.lower() == anchor.lower():
+            raise ACEValueError(
+                f"The concept {concept!r} equals its neutral anchor; the anchor must be what the concept should "
+                "turn into (e.g. 'art' for a style, 'a person' for a celebrity)."
+            )
+    return neutral_list
+
+
+def _template_lists(
+    templates: list[str] | dict[str, list[str]] | None, first_concept: str, default: list[str]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """``(shared templates, per-phrase templates)``, each holding ``{}`` exactly once."""
+    phrase_templates: dict[str, list[str]] = {}
+    if isinstance(templates, dict):  # per-phrase templates, e.g. when concepts of several kinds mix
+        phrase_templates = {str(k): list(v) for k, v in templates.items()}
+        template_list = phrase_templates.get(first_concept) or list(default)
+    else:
+        template_list = list(templates) if templates is not None else list(default)
+    for template in template_list + [t for ts in phrase_templates.values() for t in ts]:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ACEValueError(f"Template {template!r} must be a string containing '{{}}' exactly once.")
+    if not template_list:
+        raise ACEValueError("At least one prompt template is needed.")
+    return template_list, phrase_templates

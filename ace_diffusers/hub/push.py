@@ -66,26 +66,7 @@ def push_adapter_folder(
     folder = Path(folder)
     check_local_folder(folder)
     config = read_config(folder / CONFIG_NAME)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ACEValueError(f"repo_id={repo_id!r} is not a valid Hub repo id ('namespace/name'): {err}") from err
-    if revision is not None and SHA_RE.fullmatch(revision):
-        raise ACEValueError(
-            f"revision={revision!r} is a commit sha; commits are immutable. Push to a branch (e.g. 'main' or a "
-            "new branch name) instead."
-        )
-    if constants.is_offline_mode():
-        raise ACEHubError(
-            f"Cannot push ACE adapter to '{repo_id}': offline mode is on (HF_HUB_OFFLINE=1). Set HF_HUB_OFFLINE=0 "
-            "(or unset it) to publish."
-        )
-    if not token_available(token):
-        raise ACEHubError(
-            f"Pushing to '{repo_id}' needs a Hugging Face token with write access and none was found: "
-            f"{LOGIN_HINT} (or set HF_TOKEN)."
-        )
-
+    _check_push(repo_id, revision, token)
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     stage = "creating the repo"
     try:
@@ -113,6 +94,29 @@ def push_adapter_folder(
     if create_pr and info.pr_url:
         return str(info.pr_url)
     return str(info.commit_url)
+
+
+def _check_push(repo_id: str, revision: str | None, token: str | None) -> None:
+    """Refuse, before any network traffic, a push that cannot work."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ACEValueError(f"repo_id={repo_id!r} is not a valid Hub repo id ('namespace/name'): {err}") from err
+    if revision is not None and SHA_RE.fullmatch(revision):
+        raise ACEValueError(
+            f"revision={revision!r} is a commit sha; commits are immutable. Push to a branch (e.g. 'main' or a "
+            "new branch name) instead."
+        )
+    if constants.is_offline_mode():
+        raise ACEHubError(
+            f"Cannot push ACE adapter to '{repo_id}': offline mode is on (HF_HUB_OFFLINE=1). Set HF_HUB_OFFLINE=0 "
+            "(or unset it) to publish."
+        )
+    if not token_available(token):
+        raise ACEHubError(
+            f"Pushing to '{repo_id}' needs a Hugging Face token with write access and none was found: "
+            f"{LOGIN_HINT} (or set HF_TOKEN)."
+        )
 
 
 def _commit_operations(

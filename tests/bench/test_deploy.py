@@ -7,7 +7,7 @@ import pytest
 from ace_diffusers.bench import deploy
 from ace_diffusers.bench.deploy import END, START, format_section, main, replace_section, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOUNDS = {"shape": "circle", "acc_e_max": 0.375, "acc_s_min": 0.85}
 
 

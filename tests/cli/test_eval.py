@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from ace_diffusers.eval.cli import main
 
+from ace_diffusers.cli.eval import main
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
 from ..eval.conftest import tiny_clip

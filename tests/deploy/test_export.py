@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ace_diffusers.cli import main as cli_main
 from ace_diffusers.deploy.bake import BakeSettings, bake
 from ace_diffusers.deploy.export import lora_state_dict, save_lora, to_diffusers_lora
 from ace_diffusers.errors import ACEValueError
@@ -22,14 +21,6 @@ from ..conftest import generate
 TEXT_DIM = 128
 KOHYA_KEY = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_\w+_attn2_to_[kv]\.(lora_down\.weight|lora_up\.weight|alpha)$")
 PROMPTS = ["a painting in the style of Van Gogh", "a photo of a cat"]
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    """A tiny SD pipeline (no adapter loaded), an adapter fitted on it, and its baked edit."""
-    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
-    adapter = pipe.erase_concept("Van Gogh", kind="style", load=False)
-    return pipe, adapter, bake(pipe, adapter)
 
 
 def tokens(seed=0, n=7):
@@ -149,29 +140,6 @@ def test_export_from_fused_pipeline_writes_the_fused_edit(tmp_path):
         assert float(fh.metadata()["ace_scale"]) == pytest.approx(0.7)
 
 
-def test_cli_export(fitted, tmp_path, capsys):
-    pipe, adapter, baked = fitted
-    adapter.save_pretrained(tmp_path / "adapter")
-    pipe.save_pretrained(tmp_path / "base")
-    out = tmp_path / "kohya.safetensors"
-    code = cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "kohya", "--output", str(out),
-                     "--base", str(tmp_path / "base")])
-    assert code == 0 and "wrote" in capsys.readouterr().out
-    expected = lora_state_dict(adapter, format="kohya", baked=baked)[0]
-    written = load_file(str(out))
-    assert set(written) == set(expected)
-    assert all(torch.allclose(written[k], expected[k], atol=1e-6) for k in expected)
-    # no recorded base model and no --base: a clear error; --mode ungated needs no base
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.safetensors")]) == 1
-    assert "--base" in capsys.readouterr().err
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "u.safetensors"),
-                     "--mode", "ungated", "--dtype", "float16"]) == 0
-    assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "u.safetensors")).values())
-    other = tiny_sd_pipeline(text_dim=64)
-    other.save_pretrained(tmp_path / "other")
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "y.safetensors"),
-                     "--base", str(tmp_path / "other")]) == 1
-    assert "different base model" in capsys.readouterr().err
 
 
 PLAIN_LORA_SCRIPT = textwrap.dedent(

@@ -1,7 +1,5 @@
-import dataclasses
 
 import pytest
-import torch
 
 from ace_diffusers import (
     ACEAdapterNameError,
@@ -9,79 +7,23 @@ from ace_diffusers import (
     erase_concept,
     prepare_erasure,
 )
-from ace_diffusers.core.processor import get_stack
 from ace_diffusers.fitting import closed_form, embedding_cache
 from ace_diffusers.fitting import text as text_module
-from ace_diffusers.fitting.data import FitSettings, align_tokens, full_length_template_indices
+from ace_diffusers.fitting.data import FitSettings, full_length_template_indices
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
 from ace_diffusers.fitting.presets import load_presets
-from ace_diffusers.fitting.solvers import FitData, low_rank_edits, solve_text_map
-from ace_diffusers.fitting.text import TextEmbedder
-from ace_diffusers.integration.modules import cross_attention_modules
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from ..conftest import generate, record_encoded_prompts, relative_gap
-
-# Tolerances reached on tiny random-weight pipelines with 256-d text tokens (docs/method.md says what
-# they measure). A random 2-layer text encoder has no semantics, so generalisation to unseen
-# templates/synonyms is measured on the miniature world instead (real pretrained text encoder).
-TEXT_DIM = 256
-CONCEPT_GAP_LEFT = 0.35  # sqrt(sum ||K_edit(c) - K(n)||^2 / sum ||K(c) - K(n)||^2) over layers, K and V
-PRESERVE_CHANGE = 0.03  # sqrt(sum ||K_edit(p) - K(p)||^2 / sum ||K(p)||^2) on preservation prompts
-UNRELATED_GATE = 0.05  # max gate value on any token of an unrelated prompt
-
-
-def keys_values(attn, context):
-    """K and V exactly as the ACE processor computes them (base projection + loaded deltas)."""
-    key, value = attn.to_k(context), attn.to_v(context)
-    stack = get_stack(attn)
-    if stack is not None and len(stack.adapters):
-        key, value = stack.add_delta(context, key, value)
-    return key, value
-
-
-def encode(pipe, template, phrase):
-    start = template.index("{}")
-    prompt = template.replace("{}", phrase)
-    return TextEmbedder(pipe).encode([prompt], [(start, start + len(phrase))], extra_pad_tokens=None)[0]
-
-
-def concept_gap_left(pipe, template, concept, neutral):
-    """Fraction of the concept->neutral K/V gap that remains after the edit, over all layers."""
-    c_enc, n_enc = encode(pipe, template, concept), encode(pipe, template, neutral)
-    pairs = [(i, j) for i, j in align_tokens(c_enc, n_enc) if i >= c_enc.span[0]]
-    ci, nj = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
-    left, gap = 0.0, 0.0
-    with torch.no_grad():
-        for attn in cross_attention_modules(pipe.unet).values():
-            k_edit, v_edit = keys_values(attn, c_enc.embeddings[ci])
-            k_n, v_n = attn.to_k(n_enc.embeddings[nj]), attn.to_v(n_enc.embeddings[nj])
-            k_c, v_c = attn.to_k(c_enc.embeddings[ci]), attn.to_v(c_enc.embeddings[ci])
-            left += (k_edit - k_n).norm() ** 2 + (v_edit - v_n).norm() ** 2
-            gap += (k_c - k_n).norm() ** 2 + (v_c - v_n).norm() ** 2
-    return float((left / gap).sqrt())
-
-
-def relative_change(pipe, prompt):
-    enc = TextEmbedder(pipe).encode([prompt], extra_pad_tokens=None)[0].embeddings
-    change, norm = 0.0, 0.0
-    with torch.no_grad():
-        for attn in cross_attention_modules(pipe.unet).values():
-            k_edit, v_edit = keys_values(attn, enc)
-            k, v = attn.to_k(enc), attn.to_v(enc)
-            change += (k_edit - k).norm() ** 2 + (v_edit - v).norm() ** 2
-            norm += k.norm() ** 2 + v.norm() ** 2
-    return float((change / norm).sqrt())
-
-
-def max_gate(pipe, prompt):
-    enc = TextEmbedder(pipe).encode([prompt], extra_pad_tokens=None)[0].embeddings
-    gates = [
-        delta.gate(enc.unsqueeze(0)).max()
-        for attn in cross_attention_modules(pipe.unet).values()
-        for delta in get_stack(attn).adapters.values()
-    ]
-    return float(max(gates))
+from .conftest import (
+    CONCEPT_GAP_LEFT,
+    PRESERVE_CHANGE,
+    TEXT_DIM,
+    UNRELATED_GATE,
+    concept_gap_left,
+    max_gate,
+    relative_change,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,56 +84,8 @@ def test_sdxl_uses_both_text_encoders():
     assert relative_change(pipe, "a photo of a cat") < PRESERVE_CHANGE
 
 
-@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
-def test_text_embedder_matches_pipeline_encode_prompt(builder):
-    pipe = builder()
-    prompts = ["a painting in the style of Van Gogh", "a cat"]
-    ours = torch.stack([e.embeddings for e in TextEmbedder(pipe).encode(prompts, extra_pad_tokens=None)])
-    if hasattr(pipe, "text_encoder_2"):
-        theirs = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)[0]
-    else:
-        theirs = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
-    torch.testing.assert_close(ours, theirs)
-    short = TextEmbedder(pipe).encode(prompts, extra_pad_tokens=2)
-    for enc, full in zip(short, ours, strict=True):  # causal encoders: truncation keeps the prefix
-        assert enc.embeddings.shape[0] == enc.length + 2 < 77  # per prompt, whatever else is in the call
-        torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "pass_cost, pack, per_pass",
-    [(0, 128, 512), (text_module.PASS_COST_TOKENS, 128, 512), (0, 24, 48)],
-    ids=["always-share", "cost-model", "small-packs"],
-)
-@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
-def test_shared_prefix_encoding_is_exact(builder, pass_cost, pack, per_pass, monkeypatch):
-    """Prompts sharing the tokens before their phrase encode that prefix once, rows are packed several
-    to a sequence, and stored prefixes are reused by later calls; the numbers are encode_prompt's."""
-    monkeypatch.setattr(text_module, "PASS_COST_TOKENS", pass_cost)  # 0: every shared prefix takes the cached path
-    monkeypatch.setattr(text_module, "PACK_TOKENS", pack)  # 24: rows spread over many packed sequences ...
-    monkeypatch.setattr(text_module, "PASS_TOKENS", per_pass)  # ... a few per pass
-    pipe = builder()
-    embedder = TextEmbedder(pipe)
-    assert embedder._prefix_sharing
-    prompts, spans = [], []
-    for template in ("a painting in the style of {}", "a photo of a {} in the middle of a room", "{} style"):
-        for phrase in ("Van Gogh", "Claude Monet", "cat"):
-            start = template.index("{}")
-            prompts.append(template.replace("{}", phrase))
-            spans.append((start, start + len(phrase)))
-    if hasattr(pipe, "text_encoder_2"):
-        theirs = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)[0]
-    else:
-        theirs = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
-    stores = [{} for _ in embedder.encoders]
-    calls = [(None, None), (3, None), (3, stores), (None, stores)]  # the last call reads the prefixes the third stored
-    for extra, prefix_stores in calls:
-        ours = embedder.encode(prompts, spans, extra_pad_tokens=extra, prefix_stores=prefix_stores)
-        for enc, full in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(enc.embeddings, full[: enc.embeddings.shape[0]], rtol=1e-5, atol=1e-5)
-    assert all(len(store) == 2 for store in stores)  # the two templates with a prefix of >= 2 tokens
-    one = embedder.encode(prompts[:1], spans[:1], extra_pad_tokens=None, prefix_stores=stores)[0]  # a lone row uses it too
-    torch.testing.assert_close(one.embeddings, theirs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_many_concepts_fit_in_one_adapter():
@@ -256,17 +150,6 @@ def test_thousands_of_concepts_beyond_memory_are_refused_before_work(sd_pipe, mo
         erase_concept(sd_pipe, [f"concept {i}" for i in range(3000)], load=False)
 
 
-def test_align_tokens_pairs_prefix_span_and_suffix():
-    from ace_diffusers.fitting.text import EncodedPrompt
-
-    def enc(rows, span):
-        return EncodedPrompt("", torch.zeros(rows, 1), span, rows)
-
-    # "<s> a [van gogh] painting </s>" vs "<s> a [art] painting </s>": 6 vs 5 tokens
-    assert align_tokens(enc(6, (2, 4)), enc(5, (2, 3))) == [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (5, 4)]
-    # empty anchor: the concept collapses onto the token that follows it
-    assert align_tokens(enc(4, (1, 2)), enc(3, None)) == [(0, 0), (1, 1), (2, 1), (3, 2)]
-    assert align_tokens(enc(4, None), enc(4, (1, 2))) == []
 
 
 def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
@@ -274,99 +157,14 @@ def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
     assert adapter.neutral == ["", "plain"]
 
 
-def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_move():
-    from ace_diffusers.bench.closed_form import concept_names
-    from ace_diffusers.fitting.data import FitSettings, full_length_template_indices
-
-    settings = FitSettings()  # 2 full-length templates per concept, at most 16 in total
-    assert full_length_template_indices(0, 1, 6, settings) == {0, 1}
-    chosen = [full_length_template_indices(i, 40, 6, settings) for i in range(40)]
-    assert sum(len(c) for c in chosen) == settings.full_length_budget
-    assert all(len(c) <= 1 for c in chosen)
-    # concepts whose prompts were all short-encoded are erased on full-length prompts all the same
-    pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
-    names = concept_names(40)
-    erase_concept(pipe, names, kind="style")
-    unsampled = [n for n, c in zip(names, chosen, strict=True) if not c][:4]
-    for name in unsampled:
-        assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
-    assert max_gate(pipe, "a photo of a cat") < UNRELATED_GATE
 
 
-def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
-    from ace_diffusers.fitting.presets import resolve_spec
-
-    spec = resolve_spec(
-        ["circle", "striped"],
-        neutral=["", "plain"],
-        preserve=["solid", "heart"],
-        templates={"solid": ["a {} red circle", "a {} blue heart"], "heart": ["a {}", "a striped {}"], "circle": ["a {}"]},
-    )
-    assert spec.preserve_prompts() == ["a solid blue heart", "a heart"]
-    assert spec.preserve_prompts(1) == ["a heart"]  # "a solid red circle" would fight the erasure
-    coffee = resolve_spec("coffee")
-    assert "a cup of coffee" in coffee.negatives and "a cup of coffee" not in coffee.unrelated_prompts()
-    assert spec.names_concept("a Circle.") and not spec.names_concept("a semicircle")
-    assert not spec.names_concept("a red circle", besides="circle") and spec.names_concept("striped circle", besides="circle")
 
 
-def test_a_concepts_templates_naming_another_erased_concept_are_left_out():
-    from ace_diffusers.fitting.presets import resolve_spec
-
-    styles = ["a {} red circle", "a {} blue square", "a {} green heart"]
-    spec = resolve_spec(["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]})
-    assert spec.templates_for("striped") == ["a {} red circle", "a {} green heart"]
-    assert resolve_spec("striped", templates={"striped": styles}).templates_for("striped") == styles
 
 
-def test_low_rank_edits_are_the_best_rank_r_edit_in_the_objective_metric():
-    """The shared-sketch SVDs reach the Eckart–Young optimum of ||(BA − WG) L||, L Lᵀ = M, for every shape."""
-    gen = torch.Generator().manual_seed(0)
-    d, rank = 96, 8
-    basis = torch.randn(d, d, generator=gen)
-    metric = basis @ basis.T / d + 0.1 * torch.eye(d)
-    root = torch.linalg.cholesky(metric)
-    text_map = torch.randn(d, 12, generator=gen) @ torch.randn(12, d, generator=gen) + 0.05 * torch.randn(d, d, generator=gen)
-    weights = [torch.randn(rows, d, generator=gen) for rows in (40, 64, 40, 64, 64)]
-    edits = low_rank_edits(weights, text_map @ root, root, rank)
-    single = low_rank_edits(weights[1:2], text_map @ root, root, rank)[0]
-    torch.testing.assert_close(single[1] @ single[0], edits[1][1] @ edits[1][0], rtol=1e-4, atol=1e-4)
-    for weight, (down, up) in zip(weights, edits, strict=True):
-        assert down.shape == (rank, d) and up.shape == (weight.shape[0], rank)
-        target = weight @ text_map
-        u, s, vh = torch.linalg.svd(target @ root)
-        best = ((u[:, :rank] * s[:rank]) @ vh[:rank] - target @ root).norm()
-        ours = ((up @ down - target) @ root).norm()
-        assert ours <= best * 1.01 + 1e-6
 
 
-@pytest.mark.parametrize("concept_tokens", [10, 40], ids=["fewer-tokens-than-dims", "more-tokens-than-dims"])
-def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
-    """h = G L with G = R M⁻¹ (both solve routes), and the statistics equal their explicit sums."""
-    gen = torch.Generator().manual_seed(1)
-    d = 24
-    concept = torch.randn(concept_tokens, d, generator=gen) + 2.0
-    target = concept + 0.3 * torch.randn(concept_tokens, d, generator=gen)
-    others = torch.randn(60, d, generator=gen) + 1.0
-    data = FitData(concept, target, torch.ones(concept_tokens, dtype=torch.bool), others)
-    settings = FitSettings()
-    gate_w, gate_b = 0.05 * torch.randn(d, generator=gen), torch.tensor([0.5])
-    h, root, stats = solve_text_map(data, gate_w, gate_b, settings)
-
-    c, n, p = concept.double(), target.double(), others.double()
-    g = torch.sigmoid(c @ gate_w.double() + gate_b.double())
-    m_concept, m_other = (c * g[:, None] ** 2).T @ c / len(c), p.T @ p / len(p)
-    energy = (m_concept.trace() + m_other.trace()) / (2 * d)
-    metric = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
-    text_map = ((n - c) * g[:, None]).T @ c / len(c) @ torch.linalg.inv(metric)
-    torch.testing.assert_close(root @ root.T, metric, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(h.double(), text_map @ root, rtol=1e-4, atol=1e-6)
-    residual = (g[:, None] * (c @ text_map.T) - (n - c)).norm() / (n - c).norm()
-    assert stats["text_residual"] == pytest.approx(float(residual), rel=1e-3)
-    assert stats["preserve_drift"] == pytest.approx(float((p @ text_map.T).norm() / p.norm()), rel=1e-3)
-    assert stats["concept_tokens"] == concept_tokens and stats["other_tokens"] == 60
-    moment_given = dataclasses.replace(data, others_moment=m_other)
-    torch.testing.assert_close(solve_text_map(moment_given, gate_w, gate_b, settings)[0], h, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("new_process", [False, True], ids=["same-process", "new-process"])

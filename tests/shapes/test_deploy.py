@@ -13,7 +13,7 @@ from ace_diffusers.bench.deploy import RELOAD_BOUNDS, RELOAD_TEST_SHAPE
 from ace_diffusers.shapes.erasure import erase_arguments, metric_sets
 from ace_diffusers.shapes.pipeline import DEFAULT_SAMPLER, TOKENIZER_MAX_LENGTH, load_shapes_pipeline
 
-from ..test_fuse import run_plain_diffusers
+from ..deploy.test_fuse import run_plain_diffusers
 from .conftest import NEEDS_CLASSIFIER, NEEDS_WEIGHTS
 
 # Plain diffusers only: reload the saved folder, denoise the given latents, save the images.

@@ -1,0 +1,27 @@
+"""``ace-diffusers erase``: fit an adapter for a saved pipeline and write it, from the command line."""
+
+import pytest
+
+from ace_diffusers.cli import main
+from ace_diffusers.cli.erase import build_parser, load_model
+from ace_diffusers.core.adapter import ACEAdapter
+from ace_diffusers.testing import tiny_sd_pipeline
+
+
+def test_erase_a_saved_pipeline_in_closed_form(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_sd_pipeline().save_pretrained(model)
+    out = tmp_path / "erase-van-gogh"
+    code = main(["erase", "--model", str(model), "--concept", "Van Gogh", "--kind", "style", "--steps", "0",
+                 "--output", str(out)])
+    assert code == 0 and "saved to" in capsys.readouterr().out
+    adapter = ACEAdapter.from_pretrained(out)
+    assert adapter.concepts == ["Van Gogh"] and adapter.kind == "style" and adapter.fit["fine_tuning"]["steps_run"] == 0
+    assert type(load_model(str(model))).__name__ == "StableDiffusionPipeline"
+
+
+def test_the_parser_takes_repeatable_concepts_and_refuses_unknown_kinds():
+    args = build_parser().parse_args(["--model", "m", "--concept", "a", "--concept", "b", "--output", "o"])
+    assert args.concept == ["a", "b"] and args.steps is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--concept", "a", "--output", "o", "--kind", "painting"])

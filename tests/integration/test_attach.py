@@ -1,0 +1,65 @@
+"""Model-level attaching: all-or-nothing, undoable, names and scales checked before anything changes."""
+
+import pytest
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ace_diffusers.core.processor import ACEAttnProcessor, get_stack
+from ace_diffusers.errors import ACEAdapterNameError, ACEValueError
+from ace_diffusers.integration.attach import (
+    active_adapters,
+    adapter_deltas,
+    adapter_scale,
+    attach_adapter,
+    default_adapter_name,
+    detach_adapter,
+    loaded_adapters,
+    set_active_adapters,
+    single_loaded_adapter,
+    validate_adapter_name,
+)
+from ace_diffusers.integration.modules import attention_modules, cross_attention_modules
+from ace_diffusers.testing import random_adapter
+
+
+def test_attach_then_detach_restores_the_exact_processors(sd_pipe):
+    unet = sd_pipe.unet
+    before = {name: m.processor for name, m in attention_modules(unet).items()}
+    attach_adapter(unet, random_adapter(unet), "a")
+    assert all(isinstance(m.processor, ACEAttnProcessor) for m in attention_modules(unet).values())
+    assert all(get_stack(m) is not None for m in cross_attention_modules(unet).values())
+    detach_adapter(unet, "a")
+    assert {name: m.processor for name, m in attention_modules(unet).items()} == before
+    assert all(get_stack(m) is None for m in cross_attention_modules(unet).values())
+    assert isinstance(next(iter(before.values())), AttnProcessor2_0)
+
+
+def test_names_are_validated_and_never_reused(sd_pipe):
+    unet = sd_pipe.unet
+    adapter = random_adapter(unet, concepts=("Van Gogh",))
+    assert default_adapter_name(unet, adapter) == "van_gogh"
+    attach_adapter(unet, adapter, "van_gogh")
+    assert default_adapter_name(unet, adapter) == "van_gogh_2"
+    with pytest.raises(ACEAdapterNameError, match="already loaded"):
+        attach_adapter(unet, adapter, "van_gogh")
+    for bad in ("", "has space", "x" * 65):
+        with pytest.raises(ACEAdapterNameError, match="Invalid adapter name"):
+            validate_adapter_name(bad)
+    assert single_loaded_adapter(unet, None) == "van_gogh"
+    with pytest.raises(ACEAdapterNameError, match="No ACE adapter named"):
+        single_loaded_adapter(unet, "other")
+
+
+def test_active_adapters_and_scales(sd_pipe):
+    unet = sd_pipe.unet
+    attach_adapter(unet, random_adapter(unet, seed=1), "a")
+    attach_adapter(unet, random_adapter(unet, seed=2), "b", scale=0.5)
+    assert list(loaded_adapters(unet)) == ["a", "b"] and active_adapters(unet) == ["a", "b"]
+    set_active_adapters(unet, ["b"], [2.0])
+    assert active_adapters(unet) == ["b"] and adapter_scale(unet, "b") == 2.0
+    assert all(float(d.active) == 0.0 for d in adapter_deltas(unet, "a"))
+    with pytest.raises(ACEValueError, match="one scale per name"):
+        set_active_adapters(unet, ["a", "b"], [1.0])
+    with pytest.raises(ACEAdapterNameError, match="Unknown ACE adapter"):
+        set_active_adapters(unet, ["c"])
+    with pytest.raises(ACEAdapterNameError, match="more than one|2 ACE adapters are loaded"):
+        single_loaded_adapter(unet, None)
