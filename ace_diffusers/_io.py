@@ -59,7 +59,9 @@ def atomic_save_safetensors(
 
 # ---------------------------------------------------------------------- folders
 @contextlib.contextmanager
-def staged_directory(target: str | os.PathLike, *, carry_over: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def staged_directory(
+    target: str | os.PathLike, *, carry_over: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target``; when the block succeeds it replaces ``target``.
 
     ``carry_over(item)`` picks files of an existing ``target`` to copy into the staging folder first (e.g.

@@ -98,7 +98,9 @@ def get_adapter(pipe: Any, adapter_name: str | None = None) -> ACEAdapter:
             )
         return next(iter(adapters.values()))
     if adapter_name not in adapters:
-        raise ACEAdapterNameError(f"No ACE adapter named '{adapter_name}' is loaded (loaded: {list(adapters)}).")
+        raise ACEAdapterNameError(
+            f"No ACE adapter named '{adapter_name}' is loaded (loaded: {list(adapters)})."
+        )
     return adapters[adapter_name]
 
 
@@ -143,7 +145,8 @@ _installed: dict[str, Any] = {}
 
 
 def install_pipeline_methods() -> list[str]:
-    """Add the ``*_ace_*`` verbs, ``erase_concept`` and ``prepare_erasure`` to ``DiffusionPipeline`` (idempotent)."""
+    """Add the ``*_ace_*`` verbs, ``erase_concept`` and ``prepare_erasure`` to ``DiffusionPipeline`` "
+    "(idempotent)."""
     for name, function in _pipeline_methods().items():
         if name in _installed:
             continue

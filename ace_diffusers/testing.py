@@ -74,7 +74,9 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     )
 
 
-def clip_text_config(hidden: int, layers: int, heads: int, intermediate: int, projection_dim: int) -> CLIPTextConfig:
+def clip_text_config(
+    hidden: int, layers: int, heads: int, intermediate: int, projection_dim: int
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden,

@@ -13,18 +13,42 @@ import sys
 
 # name -> (module, help). Modules are imported only when their command runs (fast --help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ace_diffusers.cli.demo", "erase a concept from the bundled miniature world; writes a before/after PNG"),
+    "demo": (
+        "ace_diffusers.cli.demo",
+        "erase a concept from the bundled miniature world; writes a before/after PNG",
+    ),
     "erase": ("ace_diffusers.cli.erase", "fit an erasure adapter (closed form + fine-tuning), save/push it"),
-    "export": ("ace_diffusers.cli.export", "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)"),
-    "eval": ("ace_diffusers.cli.eval", "measure an erasure: MACE metrics, attack success rates, images, plots"),
-    "bench": ("ace_diffusers.bench.suite", "run every benchmark and write docs/benchmarks.md (--quick: ~15 min)"),
+    "export": (
+        "ace_diffusers.cli.export",
+        "export an adapter as a plain diffusers or kohya LoRA file (no plugin needed to load)",
+    ),
+    "eval": (
+        "ace_diffusers.cli.eval",
+        "measure an erasure: MACE metrics, attack success rates, images, plots",
+    ),
+    "bench": (
+        "ace_diffusers.bench.suite",
+        "run every benchmark and write docs/benchmarks.md (--quick: ~15 min)",
+    ),
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
-    "bench inference": ("ace_diffusers.bench.inference", "denoising-step overhead and adapter size at SD1.5/SDXL shape"),
-    "bench trainer": ("ace_diffusers.bench.trainer", "ACE efficacy on the miniature world: closed form vs full"),
-    "bench deploy": ("ace_diffusers.bench.deploy", "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md"),
+    "bench inference": (
+        "ace_diffusers.bench.inference",
+        "denoising-step overhead and adapter size at SD1.5/SDXL shape",
+    ),
+    "bench trainer": (
+        "ace_diffusers.bench.trainer",
+        "ACE efficacy on the miniature world: closed form vs full",
+    ),
+    "bench deploy": (
+        "ace_diffusers.bench.deploy",
+        "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md",
+    ),
     "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
-    "figures": ("ace_diffusers.bench.method_figure", "regenerate docs/images/method.png (gate and K change, computed)"),
+    "figures": (
+        "ace_diffusers.bench.method_figure",
+        "regenerate docs/images/method.png (gate and K change, computed)",
+    ),
 }
 
 

@@ -30,7 +30,9 @@ def _grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], colum
     """Two rows per prompt set (before, after); ``columns`` images each; saved as PNG."""
     scale, pad, label_w = 3, 2, 150
     tile = 32 * scale
-    rows = [(f"{name} - before", before[name]) for name in ROWS] + [(f"{name} - after", after[name]) for name in ROWS]
+    rows = [(f"{name} - before", before[name]) for name in ROWS] + [
+        (f"{name} - after", after[name]) for name in ROWS
+    ]
     order = [0, 3, 1, 4, 2, 5]
     width = label_w + columns * (tile + pad)
     height = len(rows) * (tile + pad)
@@ -42,7 +44,9 @@ def _grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], colum
         draw.text((6, y + tile // 2 - 6), label, fill="black")
         for c in range(min(columns, len(images))):
             array = (images[c].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            canvas.paste(Image.fromarray(array).resize((tile, tile), Image.NEAREST), (label_w + c * (tile + pad), y))
+            canvas.paste(
+                Image.fromarray(array).resize((tile, tile), Image.NEAREST), (label_w + c * (tile + pad), y)
+            )
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
@@ -55,8 +59,14 @@ def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.T
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ace-diffusers demo", description=__doc__)
-    parser.add_argument("--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)")
-    parser.add_argument("--neutral", default=None, help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)")
+    parser.add_argument(
+        "--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)"
+    )
+    parser.add_argument(
+        "--neutral",
+        default=None,
+        help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)",
+    )
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,13 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     classifier = load_shapes_classifier()
     print(f"loaded the miniature world in {time.perf_counter() - started:.1f} s")
 
-    before, before_images = measure(pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    before, before_images = measure(
+        pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed
+    )
     t0 = time.perf_counter()
     adapter = erase_concept(pipe, **erase_arguments(args.concept, args.neutral))
     fit_seconds = time.perf_counter() - t0
-    after, after_images = measure(pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    after, after_images = measure(
+        pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed
+    )
 
-    print(f"erased {adapter.concepts} -> {adapter.neutral} (closed form, rank {adapter.rank}) in {fit_seconds:.2f} s")
+    print(
+        f"erased {adapter.concepts} -> {adapter.neutral} (closed form, rank {adapter.rank}) in "
+        f"{fit_seconds:.2f} s"
+    )
     print(f"{'metric':<44}{'before':>8}{'after':>8}")
     names = {
         "acc_e": f"Acc_e  '{args.concept}' still drawn (lower=better)",
@@ -94,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in names.items():
         print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%")
     columns = 8
-    _grid(_pick(before_images, args.images_per_prompt), _pick(after_images, args.images_per_prompt), columns, Path(args.output))
+    _grid(
+        _pick(before_images, args.images_per_prompt),
+        _pick(after_images, args.images_per_prompt),
+        columns,
+        Path(args.output),
+    )
     print(f"before/after grid written to {args.output}  (total {time.perf_counter() - started:.1f} s)")
     return 0

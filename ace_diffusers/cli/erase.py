@@ -24,16 +24,28 @@ def load_model(model: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ace-diffusers erase", description=__doc__)
-    parser.add_argument("--model", required=True, help=f"Hub id or local pipeline folder; {MINIATURE_NAMES[0]!r} = miniature world")
-    parser.add_argument("--concept", required=True, action="append", help="concept to erase (repeat for several)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"Hub id or local pipeline folder; {MINIATURE_NAMES[0]!r} = miniature world",
+    )
+    parser.add_argument(
+        "--concept", required=True, action="append", help="concept to erase (repeat for several)"
+    )
     parser.add_argument("--neutral", action="append", help="neutral anchor (one for all, or one per concept)")
     parser.add_argument("--kind", choices=["object", "style", "celebrity", "explicit"], default=None)
     parser.add_argument("--preserve", action="append", help="concept to keep intact (repeatable)")
-    parser.add_argument("--template", action="append", help="prompt template with '{}' for the concept (repeatable)")
+    parser.add_argument(
+        "--template", action="append", help="prompt template with '{}' for the concept (repeatable)"
+    )
     parser.add_argument("--synonym", action="append", help="known synonym to erase too (repeatable)")
     parser.add_argument("--rank", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="fine-tuning steps (0 = closed form only; default 450, +50 per extra concept, at most 2000)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="fine-tuning steps (0 = closed form only; default 450, +50 per extra concept, at most 2000)",
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole fit")
     parser.add_argument("--no-adversarial", action="store_true", help="skip adversarial augmentation")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,9 @@ def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
     """The base pipeline with only its tokenizer(s) and text encoder(s) loaded; checks the architecture."""
     config = DiffusionPipeline.load_config(base)
     keep = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
-    skip = {k: None for k, v in config.items() if isinstance(v, (list, tuple)) and len(v) == 2 and k not in keep}
+    skip = {
+        k: None for k, v in config.items() if isinstance(v, (list, tuple)) and len(v) == 2 and k not in keep
+    }
     if "requires_safety_checker" in config:
         skip["requires_safety_checker"] = False
     if isinstance(config.get("unet"), (list, tuple)) and config["unet"][0] is not None:
@@ -33,7 +35,8 @@ def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ace-diffusers export",
-        description="Export an ACE adapter as a plain LoRA safetensors file that diffusers' load_lora_weights "
+        description="Export an ACE adapter as a plain LoRA safetensors file that diffusers' "
+        "load_lora_weights "
         "(and kohya-format readers) load without ace-diffusers. The gate is lost: see docs/deploy.md.",
     )
     parser.add_argument("--adapter", required=True, help="ACE adapter folder or Hub repo id")
@@ -46,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         help="baked (default): least-squares ungated edit over the adapter's prompts (needs the base model); "
         "ungated: the adapter's factors applied to every token",
     )
-    parser.add_argument("--base", help="base pipeline (folder or repo id); default: the adapter's recorded base_model")
+    parser.add_argument(
+        "--base", help="base pipeline (folder or repo id); default: the adapter's recorded base_model"
+    )
     parser.add_argument("--rank", type=int, help="truncate the exported edit to this rank")
     parser.add_argument("--scale", type=float, default=1.0, help="adapter scale to export at (default 1.0)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--other-weight", type=float, default=BakeSettings.other_weight,
-                        help="baked mode: weight of non-concept tokens in the least-squares fit")
+    parser.add_argument(
+        "--other-weight",
+        type=float,
+        default=BakeSettings.other_weight,
+        help="baked mode: weight of non-concept tokens in the least-squares fit",
+    )
     parser.add_argument("--ridge", type=float, default=BakeSettings.ridge, help="baked mode: relative ridge")
     args = parser.parse_args(argv)
 
@@ -83,4 +92,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {path} ({args.format}, {args.mode}, concepts {adapter.concepts})")
     return 0
-

@@ -129,19 +129,23 @@ class ACEAdapter:
             if name not in layer_shapes:
                 raise ACEArchitectureMismatchError(
                     f"Adapter layer '{name}' does not exist in this UNet: the adapter was fitted for a "
-                    f"different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an adapter "
+                    f"different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an "
+                    f"adapter "
                     "fitted for this base model, or fit a new one with erase_concept()."
                 )
             if name not in self.layers:
                 raise ACEArchitectureMismatchError(
-                    f"UNet cross-attention layer '{name}' has no entry in the adapter: the adapter was fitted "
+                    f"UNet cross-attention layer '{name}' has no entry in the adapter: the adapter was "
+                    "fitted "
+                    f""
                     f"for a different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an "
                     "adapter fitted for this base model, or fit a new one with erase_concept()."
                 )
             want, have = tuple(self.layers[name].shape), tuple(layer_shapes[name])
             if want != have:
                 raise ACEArchitectureMismatchError(
-                    f"Layer '{name}': adapter expects (text dim, key dim, value dim) = {want} but the UNet has "
+                    f"Layer '{name}': adapter expects (text dim, key dim, value dim) = {want} but the UNet "
+                    f"has "
                     f"{have}. The adapter was fitted for a different base model; load a matching adapter or "
                     "fit a new one on this pipeline."
                 )
@@ -157,9 +161,13 @@ class ACEAdapter:
         target = Path(save_directory).absolute()
         if target.exists() and not target.is_dir():
             raise ACEAdapterFormatError(f"Cannot save an adapter to '{target}': it is a file, not a folder.")
-        with staged_directory(target, carry_over=lambda item: item.name not in (WEIGHTS_NAME, CONFIG_NAME)) as staging:
+        with staged_directory(
+            target, carry_over=lambda item: item.name not in (WEIGHTS_NAME, CONFIG_NAME)
+        ) as staging:
             atomic_save_safetensors(staging / WEIGHTS_NAME, self.state_dict(), WEIGHTS_METADATA)
-            atomic_write_text(staging / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=False) + "\n")
+            atomic_write_text(
+                staging / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=False) + "\n"
+            )
         return target
 
     @classmethod
@@ -204,7 +212,9 @@ class ACEAdapter:
                 f"'{weights_path}' is not a readable safetensors file ({err}). It is truncated or corrupted: "
                 "re-download or re-save the adapter."
             ) from err
-        layers = {name: LayerFactors(**group) for name, group in group_layer_tensors(tensors, weights_path).items()}
+        layers = {
+            name: LayerFactors(**group) for name, group in group_layer_tensors(tensors, weights_path).items()
+        }
         adapter = cls(
             layers,
             concepts=config["concepts"],
@@ -218,7 +228,8 @@ class ACEAdapter:
         recorded = config.get("fingerprint", {}).get("layers")
         if recorded is not None and recorded != adapter.fingerprint["layers"]:
             raise ACEAdapterFormatError(
-                f"'{folder}': the tensors do not match the architecture fingerprint recorded in {CONFIG_NAME}; "
+                f"'{folder}': the tensors do not match the architecture fingerprint recorded in "
+                f"{CONFIG_NAME}; "
                 "the two files come from different adapters. Re-download or re-save the adapter."
             )
         return adapter
@@ -257,7 +268,8 @@ class ACEAdapter:
 
 # ---------------------------------------------------------------------- helpers
 def _all_finite(t: torch.Tensor) -> bool:
-    """One float64 sum on the CPU (NaN/Inf reach it; a narrower float cannot overflow it), else elementwise."""
+    """One float64 sum on the CPU (NaN/Inf reach it; a narrower float cannot overflow it), else "
+    "elementwise."""
     if t.device.type == "cpu" and t.dtype != torch.float64:
         return bool(torch.isfinite(t.sum(dtype=torch.float64)))
     return bool(torch.isfinite(t).all())
@@ -267,7 +279,9 @@ def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
     for name, f in layers.items():
         for key, t in f.tensors().items():
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ACEAdapterFormatError(f"Layer '{name}': tensor '{key}' must be a floating-point tensor.")
+                raise ACEAdapterFormatError(
+                    f"Layer '{name}': tensor '{key}' must be a floating-point tensor."
+                )
             if not _all_finite(t):
                 raise ACEAdapterFormatError(
                     f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."

@@ -53,8 +53,11 @@ class GatedLowRank:
         down, up = self.factors_of(projection)
         return (context @ down.T) @ up.T
 
-    def weighting(self, context: torch.Tensor, multiplier: torch.Tensor | float | None = None) -> torch.Tensor:
-        """``m · g(c)`` with a trailing axis, ready to scale the low-rank term (``multiplier=None``: ``m = 1``)."""
+    def weighting(
+        self, context: torch.Tensor, multiplier: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """``m · g(c)`` with a trailing axis, ready to scale the low-rank term (``multiplier=None``: ``m = "
+        "1``)."""
         weight = self.gate(context).unsqueeze(-1)
         return weight if multiplier is None else weight * multiplier
 

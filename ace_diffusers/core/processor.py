@@ -67,7 +67,9 @@ class ACELayerDelta(nn.Module, GatedLowRank):
         self.register_buffer(
             "scale", torch.tensor(float(scale), dtype=ref.dtype, device=ref.device), persistent=False
         )
-        self.register_buffer("active", torch.tensor(1.0, dtype=ref.dtype, device=ref.device), persistent=False)
+        self.register_buffer(
+            "active", torch.tensor(1.0, dtype=ref.dtype, device=ref.device), persistent=False
+        )
 
     def multiplier(self, enabled: torch.Tensor) -> torch.Tensor:
         """``m = enabled · scale · active``: 0-d tensors changed in place (no recompilation)."""
@@ -183,7 +185,8 @@ def _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_l
 
 
 def _sliced_kernel(slice_size: int):
-    """``SlicedAttnProcessor``'s math: explicit softmax attention, ``slice_size`` (batch x head) rows at a time."""
+    """``SlicedAttnProcessor``'s math: explicit softmax attention, ``slice_size`` (batch x head) rows at a "
+    "time."""
 
     def kernel(attn, query, key, value, attention_mask, batch_size, sequence_length):
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
@@ -230,7 +233,9 @@ class ACESlicedAttnProcessor(ACEAttnProcessor):
     """
 
     def __init__(self, slice_size: int | None = None) -> None:
-        if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
+        if slice_size is not None and (
+            isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1
+        ):
             raise ValueError(f"slice_size must be a positive integer or None, got {slice_size!r}.")
         self.slice_size = slice_size
 
@@ -305,7 +310,10 @@ class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
         elif encoder_hidden_states is not None and self.num_tokens:
             # legacy layout: image tokens appended to the text tokens
             end = encoder_hidden_states.shape[1] - self.num_tokens[0]
-            encoder_hidden_states, ip_hidden_states = encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+            encoder_hidden_states, ip_hidden_states = (
+                encoder_hidden_states[:, :end],
+                [encoder_hidden_states[:, end:]],
+            )
         masks = self._masks(ip_adapter_masks, ip_hidden_states)
 
         def image_branch(attn, hidden_states, query, batch_size):
@@ -322,8 +330,12 @@ class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
                 scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
                 for i in range(mask.shape[1]):
                     out = _image_attention(attn, query, states[:, i], to_k_ip, to_v_ip, batch_size, head_dim)
-                    weight = IPAdapterMaskProcessor.downsample(mask[:, i], batch_size, out.shape[1], out.shape[2])
-                    hidden_states = hidden_states + scales[i] * (out * weight.to(dtype=query.dtype, device=query.device))
+                    weight = IPAdapterMaskProcessor.downsample(
+                        mask[:, i], batch_size, out.shape[1], out.shape[2]
+                    )
+                    hidden_states = hidden_states + scales[i] * (
+                        out * weight.to(dtype=query.dtype, device=query.device)
+                    )
             return hidden_states
 
         return _ace_forward(
@@ -344,8 +356,10 @@ class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
             if mask is None:
                 continue
             if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-                raise ValueError("Each IP-Adapter mask must be a tensor [1, num_images, height, width] "
-                                 "(see diffusers' IPAdapterMaskProcessor).")
+                raise ValueError(
+                    "Each IP-Adapter mask must be a tensor [1, num_images, height, width] "
+                    "(see diffusers' IPAdapterMaskProcessor)."
+                )
             if mask.shape[1] != states.shape[1] or (isinstance(scale, list) and len(scale) != mask.shape[1]):
                 raise ValueError(
                     f"An IP-Adapter mask covers {mask.shape[1]} images but its adapter has {states.shape[1]} "
@@ -361,4 +375,7 @@ def _image_attention(attn, query, states, to_k_ip, to_v_ip, batch_size, head_dim
     return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
 
-ACE_PROCESSORS = (ACEAttnProcessor, ACEIPAdapterAttnProcessor)  # ACESlicedAttnProcessor is an ACEAttnProcessor
+ACE_PROCESSORS = (
+    ACEAttnProcessor,
+    ACEIPAdapterAttnProcessor,
+)  # ACESlicedAttnProcessor is an ACEAttnProcessor

@@ -230,7 +230,9 @@ def bake(
         "gate_mean_concept_tokens": sum(m[0] for m in gate_means) / len(gate_means),
         "gate_mean_other_tokens": sum(m[1] for m in gate_means) / len(gate_means),
     }
-    return BakedEdit(layers, concepts=list(adapter.concepts), scale=float(scale), settings=settings, stats=stats)
+    return BakedEdit(
+        layers, concepts=list(adapter.concepts), scale=float(scale), settings=settings, stats=stats
+    )
 
 
 def _truncate(
@@ -249,5 +251,3 @@ def _check_settings(settings: BakeSettings, adapter: ACEAdapter) -> None:
     rank = settings.rank
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ACEValueError(f"rank must be a positive integer or None, got {rank!r}.")
-
-

@@ -73,7 +73,8 @@ def _plain_factors(
     if baked is None:
         if pipe is None:
             raise ACEValueError(
-                "Exporting the baked edit needs the base pipeline (its text encoder gives the prompt tokens the "
+                "Exporting the baked edit needs the base pipeline (its text encoder gives the prompt tokens "
+                "the "
                 "gate is averaged over): pass pipe=..., or mode='ungated' to drop the gate instead."
             )
         settings = settings or BakeSettings()
@@ -81,8 +82,12 @@ def _plain_factors(
             settings = BakeSettings(**{**settings.to_dict(), "rank": rank})
         baked = bake(pipe, adapter, scale=scale, settings=settings)
     elif rank is not None and rank != baked.rank:
-        raise ACEValueError(f"rank={rank} conflicts with the given baked edit of rank {baked.rank}; pass one of them.")
-    return {name: {proj: layer.factors(proj) for proj in PROJECTIONS} for name, layer in baked.layers.items()}, baked
+        raise ACEValueError(
+            f"rank={rank} conflicts with the given baked edit of rank {baked.rank}; pass one of them."
+        )
+    return {
+        name: {proj: layer.factors(proj) for proj in PROJECTIONS} for name, layer in baked.layers.items()
+    }, baked
 
 
 def _pad(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,9 @@ def lora_state_dict(
         raise ACEValueError(f"Unknown LoRA format {format!r}; choose one of {list(FORMATS)}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ACEValueError(f"rank must be a positive integer or None, got {rank!r}.")
-    factors, baked = _plain_factors(adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked)
+    factors, baked = _plain_factors(
+        adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked
+    )
     r = max(down.shape[0] for layer in factors.values() for down, _ in layer.values())
     tensors: dict[str, torch.Tensor] = {}
     targets = []
@@ -146,7 +153,9 @@ def lora_state_dict(
         config = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
         metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
     else:
-        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(r)})
+        metadata.update(
+            {"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(r)}
+        )
     return tensors, metadata
 
 
@@ -163,7 +172,9 @@ def save_lora(adapter: ACEAdapter, path: str | os.PathLike, pipe: Any = None, **
     """Write the exported LoRA to ``path`` (one ``.safetensors`` file); see :func:`lora_state_dict`."""
     path = Path(path)
     if path.is_dir():
-        raise ACEValueError(f"'{path}' is a folder; give the LoRA file name, e.g. '{path / 'ace_lora.safetensors'}'.")
+        raise ACEValueError(
+            f"'{path}' is a folder; give the LoRA file name, e.g. '{path / 'ace_lora.safetensors'}'."
+        )
     tensors, metadata = lora_state_dict(adapter, pipe, **kwargs)
     return atomic_save_safetensors(path, tensors, metadata)
 
@@ -192,5 +203,14 @@ def export_lora(
         baked = state.adapters[name].baked
     scale = baked.scale if baked is not None else adapter_scale(unet, name)
     return save_lora(
-        adapter, path, pipe, format=format, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked, dtype=dtype
+        adapter,
+        path,
+        pipe,
+        format=format,
+        mode=mode,
+        rank=rank,
+        scale=scale,
+        settings=settings,
+        baked=baked,
+        dtype=dtype,
     )

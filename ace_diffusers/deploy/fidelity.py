@@ -1,4 +1,5 @@
-"""How closely a baked (plain) edit reproduces the gated one, measured on the K/V the pipeline would compute."""
+"""How closely a baked (plain) edit reproduces the gated one, measured on the K/V the pipeline would "
+"compute."""
 
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ def fidelity(
     return report
 
 
-def _encode_sets(embedder: TextEmbedder, prompt_sets: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, torch.Tensor]]:
+def _encode_sets(
+    embedder: TextEmbedder, prompt_sets: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[int, torch.Tensor]]:
     """``{set: (prompts, all their tokens (N, d) float64)}``, every padding token included."""
     tokens = {}
     for set_name, prompts in prompt_sets.items():
@@ -90,7 +93,10 @@ def _encode_sets(embedder: TextEmbedder, prompt_sets: Mapping[str, Sequence[str]
 
 
 def _plan(
-    adapter: ACEAdapter, baked: BakedEdit, base_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], use_gram: bool
+    adapter: ACEAdapter,
+    baked: BakedEdit,
+    base_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    use_gram: bool,
 ) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Every low-rank quantity of every layer comes from one float32 product ``x @ P^T`` per set, with P
     stacking, per layer and projection, A (r rows), the baked down (r' rows) and Bᵀ W (r rows)."""
@@ -102,21 +108,27 @@ def _plan(
             a, b = (t.detach().cpu().float() for t in f.factors_of(proj))
             down, up = (t.detach().cpu().float() for t in layer.factors(proj))
             coupled = torch.cat([up, b], dim=1).double()  # fused - gated = [x down^T, -s g x A^T] [up, B]^T
-            plan.append({
-                "layer": name,
-                "proj": proj,
-                "ranks": (a.shape[0], down.shape[0]),
-                "coupled_gram": coupled.T @ coupled,
-                "wtw": (w32.T @ w32).double() if use_gram else None,
-                "w32": None if use_gram else w32,
-            })
+            plan.append(
+                {
+                    "layer": name,
+                    "proj": proj,
+                    "ranks": (a.shape[0], down.shape[0]),
+                    "coupled_gram": coupled.T @ coupled,
+                    "wtw": (w32.T @ w32).double() if use_gram else None,
+                    "w32": None if use_gram else w32,
+                }
+            )
             rows += [a, down, b.T @ w32]
     return plan, torch.cat(rows)
 
 
 def _accumulate(
-    x: torch.Tensor, plan: list[dict[str, Any]], stacked: torch.Tensor,
-    gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float, gram: torch.Tensor | None,
+    x: torch.Tensor,
+    plan: list[dict[str, Any]],
+    stacked: torch.Tensor,
+    gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    gram: torch.Tensor | None,
 ) -> dict[str, float]:
     """Squared norms of one set, summed over layers: errors, gated/fused edits and the base K/V."""
     acc = dict.fromkeys(("err_k", "err_v", "gated_k", "gated_v", "edit", "fused_edit", "base"), 0.0)

@@ -78,7 +78,9 @@ def fuse_fidelity(
     base_weights = None
     if state is not None:  # measure against the weights as they were before anything was fused
         layers = {layer for layer, _ in state.originals}
-        base_weights = {layer: (state.originals[(layer, "k")], state.originals[(layer, "v")]) for layer in layers}
+        base_weights = {
+            layer: (state.originals[(layer, "k")], state.originals[(layer, "v")]) for layer in layers
+        }
     return fidelity(pipe, adapter, baked, prompt_sets, scale=scale, base_weights=base_weights)
 
 
@@ -100,7 +102,9 @@ def get_fused_adapters(pipe: Any) -> list[str]:
     return list(fused_reports(pipe))
 
 
-def _names_to_fuse(unet: nn.Module, adapter_name: str | Sequence[str] | None, state: FusedState | None) -> list[str]:
+def _names_to_fuse(
+    unet: nn.Module, adapter_name: str | Sequence[str] | None, state: FusedState | None
+) -> list[str]:
     loaded = loaded_adapters(unet)
     fused = list(state.adapters) if state else []
     if adapter_name is None:
@@ -114,13 +118,16 @@ def _names_to_fuse(unet: nn.Module, adapter_name: str | Sequence[str] | None, st
         return names
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     if not names:
-        raise ACEValueError("adapter_name is an empty list; pass a name, a list of names or None (all active).")
+        raise ACEValueError(
+            "adapter_name is an empty list; pass a name, a list of names or None (all active)."
+        )
     for name in names:
         if name not in loaded:
             raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(loaded)}).")
         if name in fused:
             raise ACEValueError(
-                f"ACE adapter '{name}' is already fused into the weights; call unfuse_ace_adapter() before fusing it again."
+                f"ACE adapter '{name}' is already fused into the weights; call unfuse_ace_adapter() before "
+                f"fusing it again."
             )
     if len(set(names)) != len(names):
         raise ACEValueError(f"adapter_name lists a name twice: {names}.")
@@ -216,7 +223,9 @@ def unfuse_adapter(pipe: Any) -> list[str]:
             weight.data.copy_((current.double() - applied).to(weight.dtype).to(weight.device))
     if changed:
         warnings.warn(
-            f"{len(changed)} fused weights (e.g. {changed[0]}) were changed after fuse_ace_adapter(); the ACE "
+            f"{len(changed)} fused weights (e.g. {changed[0]}) were changed after fuse_ace_adapter(); the "
+            "ACE "
+            f""
             "edit was subtracted from them instead of restoring the originals, so they are not bit-exact.",
             stacklevel=2,
         )
@@ -237,7 +246,9 @@ def check_not_fused(pipe: Any, names: str | Sequence[str]) -> None:
     fused = [n for n in names if state and n in state.adapters]
     if fused:
         raise ACEValueError(
-            f"ACE adapter(s) {fused} are fused into the weights; activating their gated path would apply them "
+            f"ACE adapter(s) {fused} are fused into the weights; activating their gated path would apply "
+            "them "
+            f""
             "twice. Call unfuse_ace_adapter() first."
         )
 

@@ -36,7 +36,8 @@ class QueryLayer:
 
 
 def encode_full(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:
-    """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees them."""
+    """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees "
+    "them."""
     return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
 
 
@@ -50,14 +51,22 @@ def _unet_kwargs(unet: torch.nn.Module, batch: int, size: int) -> dict[str, Any]
     return {
         "added_cond_kwargs": {
             "text_embeds": torch.zeros(batch, pooled_dim, device=device, dtype=dtype),
-            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype),
+            "time_ids": torch.tensor(
+                [[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype
+            ),
         }
     }
 
 
 @torch.no_grad()
 def capture_queries(
-    unet: torch.nn.Module, embedder: TextEmbedder, neutral: str, templates: list[str], *, per_layer: int, seed: int
+    unet: torch.nn.Module,
+    embedder: TextEmbedder,
+    neutral: str,
+    templates: list[str],
+    *,
+    per_layer: int,
+    seed: int,
 ) -> list[QueryLayer]:
     """Real cross-attention queries: the UNet on noised latents with the empty and a few neutral prompts."""
     modules = cross_attention_modules(unet)
@@ -77,8 +86,12 @@ def capture_queries(
         latents = torch.randn(len(prompts), config.in_channels, size, size, generator=generator)
         timesteps = torch.randint(50, 950, (len(prompts),), generator=generator)
         dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
-        unet(latents.to(device, dtype), timesteps.to(device), encoder_hidden_states=context.to(device, dtype),
-             **_unet_kwargs(unet, len(prompts), size))
+        unet(
+            latents.to(device, dtype),
+            timesteps.to(device),
+            encoder_hidden_states=context.to(device, dtype),
+            **_unet_kwargs(unet, len(prompts), size),
+        )
     finally:
         for handle in hooks:
             handle.remove()
@@ -104,7 +117,9 @@ def layer_factors(params: TrainableFactors, name: str) -> LayerFactors:
     return LayerFactors(p["k_down"], p["k_up"], p["v_down"], p["v_up"], gate["weight"], gate["bias"])
 
 
-def attention_output(layer: QueryLayer, context: torch.Tensor, params: TrainableFactors | None) -> torch.Tensor:
+def attention_output(
+    layer: QueryLayer, context: torch.Tensor, params: TrainableFactors | None
+) -> torch.Tensor:
     """Attention output of the layer's query bank over ``context`` (B, T, d): (B, n_q, d_v)."""
     attn = layer.attn
     key = context @ projection_weight(attn.to_k).float().T

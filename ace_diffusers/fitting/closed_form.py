@@ -31,7 +31,9 @@ from .solvers import default_rank, fit_gate, low_rank_edits, solve_text_map
 from .text import TextEmbedder
 
 
-def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None = None) -> ACEAdapter:
+def fit_adapter(
+    pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None = None
+) -> ACEAdapter:
     """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline)."""
     started = time.perf_counter()
     unet = get_unet(pipe)
@@ -58,13 +60,19 @@ def fit_adapter(pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress
         bar.update()
         bar.set_postfix_str("gate and text map")
         negatives = torch.cat([data.concept[~data.gate_positive], data.others])
-        gate_w, gate_b, gate_stats = fit_gate(data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge)
+        gate_w, gate_b, gate_stats = fit_gate(
+            data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge
+        )
         h, root, edit_stats = solve_text_map(
             data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
         )
         bar.update()
         bar.set_postfix_str("low-rank edits")
-        weights = [projection_weight(getattr(modules[n], proj)).detach().cpu() for n in names for proj in ("to_k", "to_v")]
+        weights = [
+            projection_weight(getattr(modules[n], proj)).detach().cpu()
+            for n in names
+            for proj in ("to_k", "to_v")
+        ]
         factors = low_rank_edits(weights, h.float(), root.float(), rank)
         bar.update()
     layers = {}
@@ -132,7 +140,9 @@ def check_rank(rank: Any, d_text: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ACEValueError(f"rank must be a positive integer, got {rank!r}.")
     if rank > d_text:
-        raise ACEValueError(f"rank {rank} exceeds the text width {d_text} of this UNet's cross-attention; use <= {d_text}.")
+        raise ACEValueError(
+            f"rank {rank} exceeds the text width {d_text} of this UNet's cross-attention; use <= {d_text}."
+        )
 
 
 def erase_concept(
@@ -228,7 +238,9 @@ def prepare_erasure(
     started = time.perf_counter()
     anchors = list(neutral) if isinstance(neutral, (list, tuple)) else [neutral]
     if not anchors:
-        raise ACEValueError("neutral=[] names no anchor: pass None for the kind's default, or one or more anchors.")
+        raise ACEValueError(
+            "neutral=[] names no anchor: pass None for the kind's default, or one or more anchors."
+        )
     settings = settings or FitSettings()
     embedder = TextEmbedder(pipe)
     jobs: list[Job] = []
@@ -236,14 +248,20 @@ def prepare_erasure(
     moments = []  # (neutral jobs, other jobs) of each one-anchor layout whose second moment is kept
     concept_prefixes: list[Job] = []  # an empty anchor marks no phrase, so its prompts share no prefix
     for anchor in anchors:
-        base = resolve_spec(PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates)
+        base = resolve_spec(
+            PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates
+        )
         prepared_anchors.append(base.neutral[0])
         # per-phrase templates: the first concept's also serve the preserved phrases without their own
-        for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
+        for template_list in dict.fromkeys(
+            tuple(t) for t in [base.templates, *base.phrase_templates.values()]
+        ):
             spec = dataclasses.replace(base, templates=list(template_list))
             fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
-            every_layout = [  # more concepts take other templates at full length (full_length_template_indices)
-                job for full in (set(range(len(template_list))), set())
+            # more concepts take other templates at full length (full_length_template_indices)
+            every_layout = [
+                job
+                for full in (set(range(len(template_list))), set())
                 for job in template_jobs(spec.neutral[0], list(template_list), full, settings)
             ]
             jobs += fit.concept_independent + every_layout
@@ -251,11 +269,21 @@ def prepare_erasure(
             if not spec.neutral[0]:
                 concept_prefixes += fit.concept
     jobs = list(dict.fromkeys(jobs))
-    encoded = dict(zip(jobs + concept_prefixes, EMBEDDINGS.encode(embedder, jobs + concept_prefixes, persistent=jobs),
-                       strict=True))
+    encoded = dict(
+        zip(
+            jobs + concept_prefixes,
+            EMBEDDINGS.encode(embedder, jobs + concept_prefixes, persistent=jobs),
+            strict=True,
+        )
+    )
     for neutral_jobs, other_jobs in moments:
-        other_tokens(embedder, neutral_jobs, [encoded[j] for j in neutral_jobs], other_jobs,
-                      [encoded[j] for j in other_jobs])
+        other_tokens(
+            embedder,
+            neutral_jobs,
+            [encoded[j] for j in neutral_jobs],
+            other_jobs,
+            [encoded[j] for j in other_jobs],
+        )
     root = cache_root()
     return Preparation(
         kind=base.kind,

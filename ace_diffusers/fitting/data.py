@@ -35,7 +35,9 @@ class FitSettings:
     full_length_templates: int = 2  # causal encoders: templates per concept encoded with all padding tokens
     full_length_budget: int = 16  # ... while the total stays within this many (spread over the concepts)
     extra_pad_tokens: int = 6  # causal encoders, other prompts: padding tokens kept after each prompt's EOS
-    preserve_pad_tokens: int = 12  # ... and after each preservation prompt's: far padding must stay unedited too
+    preserve_pad_tokens: int = (
+        12  # ... and after each preservation prompt's: far padding must stay unedited too
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -43,7 +45,10 @@ class FitSettings:
 
 def template_jobs(phrase: str, templates: list[str], full: set[int], settings: FitSettings) -> list[Job]:
     """``phrase`` in each template; those in ``full`` with all padding tokens, the rest with a few."""
-    return [(*fill_phrase(t, phrase), None if i in full else settings.extra_pad_tokens) for i, t in enumerate(templates)]
+    return [
+        (*fill_phrase(t, phrase), None if i in full else settings.extra_pad_tokens)
+        for i, t in enumerate(templates)
+    ]
 
 
 @dataclass
@@ -72,7 +77,9 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
     concept_jobs, neutral_jobs, preset_jobs = [], [], []
     # the kind's own terms take the slots they would have after one concept of the user's, whatever the
     # user passed, so that their prompts are the same in every fit of the kind
-    kind_terms = {t: i + 1 for i, t in enumerate(load_presets()["kinds"].get(spec.kind, {}).get("expand", []))}
+    kind_terms = {
+        t: i + 1 for i, t in enumerate(load_presets()["kinds"].get(spec.kind, {}).get("expand", []))
+    }
     expanded = set(spec.expanded)
     for c_index, (concept, anchor) in enumerate(zip(spec.concepts, spec.neutral, strict=True)):
         templates = spec.templates_for(concept)
@@ -83,8 +90,15 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
         preset_jobs += jobs if concept in expanded else []
         neutral_jobs += template_jobs(anchor, templates, full, settings)
     unrelated = set(spec.unrelated_prompts())
-    other_jobs = [(p, None, None if i < 4 else settings.extra_pad_tokens) for i, p in enumerate(spec.negatives) if p in unrelated]
-    other_jobs += [(p, span, settings.preserve_pad_tokens) for p, span in spec.preserve_prompt_spans(settings.preserve_templates)]
+    other_jobs = [
+        (p, None, None if i < 4 else settings.extra_pad_tokens)
+        for i, p in enumerate(spec.negatives)
+        if p in unrelated
+    ]
+    other_jobs += [
+        (p, span, settings.preserve_pad_tokens)
+        for p, span in spec.preserve_prompt_spans(settings.preserve_templates)
+    ]
     return FitJobs(concept_jobs, neutral_jobs, other_jobs, preset_jobs)
 
 
@@ -93,7 +107,9 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     jobs = fit_jobs(spec, settings)
     concept_jobs, neutral_jobs, other_jobs = jobs.concept, jobs.neutral, jobs.other
     # one call (few, large batches); what does not depend on the concepts is also cached on disk
-    encoded = EMBEDDINGS.encode(embedder, concept_jobs + neutral_jobs + other_jobs, persistent=jobs.concept_independent)
+    encoded = EMBEDDINGS.encode(
+        embedder, concept_jobs + neutral_jobs + other_jobs, persistent=jobs.concept_independent
+    )
     concept_enc = encoded[: len(concept_jobs)]
     neutral_enc = encoded[len(concept_jobs) : len(concept_jobs) + len(neutral_jobs)]
     other_enc = encoded[len(concept_jobs) + len(neutral_jobs) :]
@@ -112,7 +128,8 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         positive.append(change > CHANGED_TOKEN_THRESHOLD)
     if not concept_rows:
         raise ACEValueError(
-            "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter concepts."
+            "None of the concept prompts kept the concept after tokenisation (all truncated); use shorter "
+            "concepts."
         )
     others, moment = other_tokens(embedder, neutral_jobs, neutral_enc, other_jobs, other_enc)
     return FitData(  # the fit's algebra runs on the CPU, with the UNet weights (small d x d problems)
@@ -125,8 +142,11 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
 
 
 def other_tokens(
-    embedder: TextEmbedder, neutral_jobs: list[Job], neutral_enc: list[EncodedPrompt],
-    other_jobs: list[Job], other_enc: list[EncodedPrompt],
+    embedder: TextEmbedder,
+    neutral_jobs: list[Job],
+    neutral_enc: list[EncodedPrompt],
+    other_jobs: list[Job],
+    other_enc: list[EncodedPrompt],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens the edit must leave alone (preservation, unrelated and neutral prompts; an anchor shared
     by many concepts counted once) and their second moment (the same for every fit of a kind, so cached:
@@ -137,7 +157,9 @@ def other_tokens(
     return others, moment
 
 
-def full_length_template_indices(concept_index: int, n_concepts: int, n_templates: int, settings: FitSettings) -> set[int]:
+def full_length_template_indices(
+    concept_index: int, n_concepts: int, n_templates: int, settings: FitSettings
+) -> set[int]:
     """Which of a concept's templates are encoded with all padding tokens (causal encoders).
 
     A full-length prompt costs ~5x a short one, and far padding tokens mostly carry what the near
@@ -148,7 +170,10 @@ def full_length_template_indices(concept_index: int, n_concepts: int, n_template
     per_concept = min(settings.full_length_templates, n_templates)
     if n_concepts * per_concept <= settings.full_length_budget:
         return set(range(per_concept))
-    if per_concept and (concept_index * settings.full_length_budget) % n_concepts < settings.full_length_budget:
+    if (
+        per_concept
+        and (concept_index * settings.full_length_budget) % n_concepts < settings.full_length_budget
+    ):
         return {concept_index % n_templates}
     return set()
 
@@ -174,5 +199,3 @@ def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, 
         if j < rows_n:
             pairs.append((i, j))
     return pairs
-
-

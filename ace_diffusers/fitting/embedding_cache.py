@@ -8,14 +8,16 @@ the preparation). Each is stored once per text encoder as a small safetensors fi
 pickle) with its prompt in the metadata, written atomically.
 
 The key is a *fingerprint* of the text encoder(s) and tokenizer(s): class, config, vocabulary size,
-special tokens, every parameter's shape and a strided sample of its values (about 4096 per tensor). Fine-tuning, a
+special tokens, every parameter's shape and a strided sample of its values (about 4096 per tensor).
+Fine-tuning, a
 fused LoRA and textual inversion all change sampled values or shapes; an edit that touches only
 unsampled entries would not be noticed, so such edits should turn the cache off:
 ``ACE_DIFFUSERS_CACHE=off``. ``ACE_DIFFUSERS_CACHE=<dir>`` moves it (default
 ``$XDG_CACHE_HOME/ace_diffusers`` or ``~/.cache/ace_diffusers``).
 
 The templates' shared prefixes (``"a painting in the style of"``) are kept the same way, as each
-encoder layer's keys and values (:func:`ace_diffusers.fitting.text.encode_with_shared_prefixes`), so a new process does
+encoder layer's keys and values (:func:`ace_diffusers.fitting.text.encode_with_shared_prefixes`), so a new
+process does
 not re-run them for every concept prompt either (~75 KB per prefix token at CLIP-L size). So is the
 second moment of all of a kind's other tokens (:func:`save_moment`, d x d float32: 2.4 MB at SD1.5's
 768, 16 MB at SDXL's 2048), which the solve needs whole and a new process would otherwise recompute.
@@ -60,8 +62,14 @@ def fingerprint(embedder: TextEmbedder) -> str:
     """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
     digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} penultimate={embedder.penultimate}".encode())
     for tokenizer, encoder in embedder.encoders:
-        special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)  # padding decides far tokens
-        digest.update(f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length} {special}".encode())
+        special = (
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )  # padding decides far tokens
+        digest.update(
+            f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length} {special}".encode()
+        )
         digest.update(f"{type(encoder).__name__} {encoder.config.to_json_string(use_diff=False)}".encode())
         for name, param in encoder.state_dict().items():
             flat = param.detach().reshape(-1)
@@ -77,11 +85,15 @@ def _digest(value: Any) -> str:
 
 
 def _warn_unreadable(path: Path, error: Exception) -> None:
-    warnings.warn(f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=4)
+    warnings.warn(
+        f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=4
+    )
 
 
 def _warn_unwritable(root: Path, error: Exception) -> None:
-    warnings.warn(f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=4)
+    warnings.warn(
+        f"Could not write the embedding cache under {root} ({error}); set ACE_DIFFUSERS_CACHE.", stacklevel=4
+    )
 
 
 def _file(root: Path, key: str, job: Job) -> Path:
@@ -89,7 +101,8 @@ def _file(root: Path, key: str, job: Job) -> Path:
 
 
 def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu") -> dict[Job, EncodedPrompt]:
-    """The cached embeddings of those ``jobs`` that are on disk (unreadable files are skipped, with a warning)."""
+    """The cached embeddings of those ``jobs`` that are on disk (unreadable files are skipped, with a "
+    "warning)."""
     root = cache_root()
     out: dict[Job, EncodedPrompt] = {}
     if root is None:
@@ -104,8 +117,12 @@ def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu")
                 if json.loads(meta["job"]) != json.loads(json.dumps(list(job))):
                     continue  # a hash collision: never serve another prompt's embeddings
                 span = json.loads(meta["span"])
-                out[job] = EncodedPrompt(job[0], fh.get_tensor("embeddings").to(device),
-                                         tuple(span) if span is not None else None, int(meta["length"]))
+                out[job] = EncodedPrompt(
+                    job[0],
+                    fh.get_tensor("embeddings").to(device),
+                    tuple(span) if span is not None else None,
+                    int(meta["length"]),
+                )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             _warn_unreadable(path, error)
     return out
@@ -121,8 +138,12 @@ def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
     try:
         for job, enc in encoded.items():
             path = _file(root, embedder_key, job)
-            meta = {"job": json.dumps(list(job)), "span": json.dumps(list(enc.span) if enc.span is not None else None),
-                    "length": str(enc.length), "format": str(FORMAT)}
+            meta = {
+                "job": json.dumps(list(job)),
+                "span": json.dumps(list(enc.span) if enc.span is not None else None),
+                "length": str(enc.length),
+                "format": str(FORMAT),
+            }
             atomic_save_safetensors(path, {"embeddings": enc.embeddings.detach().float()}, meta)
             written += 1
     except OSError as error:
@@ -201,7 +222,9 @@ def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata()
-            if meta.get("format") != str(MOMENT_FORMAT) or json.loads(meta["jobs"]) != json.loads(json.dumps(jobs)):
+            if meta.get("format") != str(MOMENT_FORMAT) or json.loads(meta["jobs"]) != json.loads(
+                json.dumps(jobs)
+            ):
                 return None  # another format, or a hash collision: never serve another job set's moment
             return fh.get_tensor("moment")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
@@ -210,13 +233,17 @@ def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
 
 
 def save_moment(embedder_key: str, jobs: list, moment: torch.Tensor) -> bool:
-    """Store the second moment of the tokens of ``jobs`` (atomic, like :func:`save`); whether it was written."""
+    """Store the second moment of the tokens of ``jobs`` (atomic, like :func:`save`); whether it was "
+    "written."""
     root = cache_root()
     if root is None:
         return False
     try:
-        atomic_save_safetensors(_moment_file(root, embedder_key, jobs), {"moment": moment.detach().float()},
-                                {"jobs": json.dumps(jobs), "format": str(MOMENT_FORMAT)})
+        atomic_save_safetensors(
+            _moment_file(root, embedder_key, jobs),
+            {"moment": moment.detach().float()},
+            {"jobs": json.dumps(jobs), "format": str(MOMENT_FORMAT)},
+        )
     except OSError as error:
         _warn_unwritable(root, error)
         return False
@@ -242,8 +269,13 @@ class EncoderMemory:
 def _signature(embedder: TextEmbedder) -> tuple:
     """In-place edits bump parameter versions; ``.to(dtype/device)`` does not, so those are part of it."""
     return tuple(
-        (len(tok), sum(p._version for p in enc.parameters()), sum(1 for _ in enc.parameters()),
-         str(next(enc.parameters()).dtype), str(next(enc.parameters()).device))
+        (
+            len(tok),
+            sum(p._version for p in enc.parameters()),
+            sum(1 for _ in enc.parameters()),
+            str(next(enc.parameters()).dtype),
+            str(next(enc.parameters()).device),
+        )
         for tok, enc in embedder.encoders
     )
 
@@ -279,7 +311,9 @@ class EmbeddingCache:
             entry.fingerprint = fingerprint(embedder)
         return entry.fingerprint
 
-    def encode(self, embedder: TextEmbedder, jobs: Sequence[Job], persistent: Sequence[Job] = ()) -> list[EncodedPrompt]:
+    def encode(
+        self, embedder: TextEmbedder, jobs: Sequence[Job], persistent: Sequence[Job] = ()
+    ) -> list[EncodedPrompt]:
         """Encode ``(prompt, phrase span, extra padding tokens or None for all)`` jobs in one call, each
         distinct job once; ``persistent`` jobs are also read from and written to the disk cache."""
         entry = self.memory(embedder)
@@ -288,7 +322,9 @@ class EmbeddingCache:
         on_disk = [job for job in dict.fromkeys(persistent) if job not in store]
         if on_disk and use_disk:
             store.update(load(self.disk_key(embedder), on_disk, embedder.device))
-        missing = list(dict.fromkeys(job for job in jobs if job not in store))  # many concepts share one anchor
+        missing = list(
+            dict.fromkeys(job for job in jobs if job not in store)
+        )  # many concepts share one anchor
         if missing:
             self._encode_missing(embedder, entry, missing, set(on_disk) if use_disk else set())
         result = [store[job] for job in jobs]
@@ -297,7 +333,9 @@ class EmbeddingCache:
                 del store[key]
         return result
 
-    def _encode_missing(self, embedder: TextEmbedder, entry: EncoderMemory, missing: list[Job], to_disk: set) -> None:
+    def _encode_missing(
+        self, embedder: TextEmbedder, entry: EncoderMemory, missing: list[Job], to_disk: set
+    ) -> None:
         use_disk = cache_root() is not None
         if entry.prefixes is None:  # the templates' prefixes, kept for every later fit (and process)
             like = [next(enc.parameters()) for _, enc in embedder.encoders]
@@ -314,8 +352,13 @@ class EmbeddingCache:
         if use_disk:
             key = self.disk_key(embedder)
             save(key, {job: entry.prompts[job] for job in missing if job in to_disk})
-            save_prefixes(key, [{k: v for k, v in p.items() if k not in old}
-                                for p, old in zip(entry.prefixes, known, strict=True)])
+            save_prefixes(
+                key,
+                [
+                    {k: v for k, v in p.items() if k not in old}
+                    for p, old in zip(entry.prefixes, known, strict=True)
+                ],
+            )
 
     def moment(self, embedder: TextEmbedder, jobs: tuple[tuple, tuple], tokens: torch.Tensor) -> torch.Tensor:
         """``tokens.T @ tokens / N`` (float64) for the tokens of ``jobs``: the same for every fit of a kind,

@@ -1,4 +1,5 @@
-"""Near-synonyms mined from the model itself: vocabulary words the UNet's cross-attention reads like the concept.
+"""Near-synonyms mined from the model itself: vocabulary words the UNet's cross-attention reads like the
+concept.
 
 Never from a synonym list and never from a benchmark's vocabulary: the only inputs are the concept's own
 words, the text encoder's vocabulary and the UNet's projections. Three stages, each cheaper per word than
@@ -80,15 +81,24 @@ def _keyed_shortlist(
     embedder: TextEmbedder, concept: str, pool: list[str], projection: torch.Tensor, size: int
 ) -> list[str]:
     """Stage 2: the ``size`` words whose projected token points most nearly where the concept's does."""
-    encoded = embedder.encode([concept] + pool, [(0, len(concept))] + [(0, len(w)) for w in pool],
-                              extra_pad_tokens=0, batch_size=512, approximate=True)
+    encoded = embedder.encode(
+        [concept] + pool,
+        [(0, len(concept))] + [(0, len(w)) for w in pool],
+        extra_pad_tokens=0,
+        batch_size=512,
+        approximate=True,
+    )
     tokens = torch.stack([e.embeddings[e.span[0] : e.span[1]].mean(0) for e in encoded])
     keyed = F.normalize(tokens @ projection.T, dim=-1)
     return [pool[i] for i in (keyed[1:] @ keyed[0]).topk(min(size, len(pool))).indices.tolist()]
 
 
 def _in_context(
-    embedder: TextEmbedder, layers: list[QueryLayer], templates: list[str], anchors: list[str], shortlist: list[str]
+    embedder: TextEmbedder,
+    layers: list[QueryLayer],
+    templates: list[str],
+    anchors: list[str],
+    shortlist: list[str],
 ) -> list[str]:
     """Stage 3: shortlisted words that move attention towards ``anchors[0]`` (the concept) from
     ``anchors[1]`` (its neutral) and sit nearest the concept among all anchors, best first."""
@@ -98,8 +108,10 @@ def _in_context(
     signature = signature.view(len(phrases), len(templates), -1).flatten(1)
     target, neutral = signature[0], signature[1]
     shift = target - neutral
-    alpha = ((signature[len(anchors):] - neutral) @ shift) / shift.dot(shift).clamp_min(1e-12)
-    distance = torch.cdist(signature[len(anchors):], signature[: len(anchors)])  # (words, anchors)
+    alpha = ((signature[len(anchors) :] - neutral) @ shift) / shift.dot(shift).clamp_min(1e-12)
+    distance = torch.cdist(signature[len(anchors) :], signature[: len(anchors)])  # (words, anchors)
     nearest_is_concept = distance.argmin(dim=1) == 0
     ranked = sorted(range(len(shortlist)), key=lambda i: -float(alpha[i]))
-    return [shortlist[i] for i in ranked if bool(nearest_is_concept[i]) and float(alpha[i]) >= MINED_MIN_SHIFT]
+    return [
+        shortlist[i] for i in ranked if bool(nearest_is_concept[i]) and float(alpha[i]) >= MINED_MIN_SHIFT
+    ]

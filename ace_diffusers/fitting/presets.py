@@ -21,7 +21,9 @@ MAX_CONCEPT_CHARS = 500
 
 @functools.lru_cache(maxsize=1)
 def load_presets() -> dict[str, Any]:
-    return json.loads(resources.files("ace_diffusers").joinpath("data/presets.json").read_text(encoding="utf-8"))
+    return json.loads(
+        resources.files("ace_diffusers").joinpath("data/presets.json").read_text(encoding="utf-8")
+    )
 
 
 def available_kinds() -> list[str]:
@@ -39,7 +41,9 @@ class ErasureSpec:
     preserve: list[str]
     negatives: list[str] = field(default_factory=list)  # generic prompts whose tokens the gate must ignore
     phrase_templates: dict[str, list[str]] = field(default_factory=dict)  # per-phrase overrides
-    expanded: list[str] = field(default_factory=list)  # concepts the kind adds to every fit (explicit's terms)
+    expanded: list[str] = field(
+        default_factory=list
+    )  # concepts the kind adds to every fit (explicit's terms)
 
     def templates_for(self, phrase: str) -> list[str]:
         """Templates for one concept or preserved phrase (per-phrase override, else the shared list).
@@ -72,8 +76,11 @@ class ErasureSpec:
         erased): keeping those unchanged would fight the erasure."""
         return [prompt for prompt, _ in self.preserve_prompt_spans(templates_per_phrase)]
 
-    def preserve_prompt_spans(self, templates_per_phrase: int | None = None) -> list[tuple[str, tuple[int, int]]]:
-        """:meth:`preserve_prompts` with each phrase's character span (lets the encoder share template prefixes)."""
+    def preserve_prompt_spans(
+        self, templates_per_phrase: int | None = None
+    ) -> list[tuple[str, tuple[int, int]]]:
+        """:meth:`preserve_prompts` with each phrase's character span (lets the encoder share template "
+        "prefixes)."""
         out = []
         for phrase in self.preserve:
             for template in self.templates_for(phrase)[:templates_per_phrase]:
@@ -156,7 +163,9 @@ def resolve_spec(
     presets = load_presets()
     kind_name = kind if kind is not None else "custom"
     if kind_name not in presets["kinds"]:
-        raise ACEValueError(f"Unknown concept kind {kind!r}; choose one of {available_kinds()} or leave it None.")
+        raise ACEValueError(
+            f"Unknown concept kind {kind!r}; choose one of {available_kinds()} or leave it None."
+        )
     preset = presets["kinds"][kind_name]
 
     concept_list = _as_list(concepts, "concept") or []
@@ -190,7 +199,10 @@ def resolve_spec(
 def _neutral_list(neutral: str | list[str] | None, concepts: list[str], default: str) -> list[str]:
     """One anchor per concept: the kind's default, one for all, or one each; never the concept itself."""
     if isinstance(neutral, (list, tuple)):  # an empty anchor ("" = no particular thing) is allowed
-        neutral_list = ["" if isinstance(v, str) and not v.strip() else _clean_phrase(v, "neutral anchor") for v in neutral]
+        neutral_list = [
+            "" if isinstance(v, str) and not v.strip() else _clean_phrase(v, "neutral anchor")
+            for v in neutral
+        ]
     else:
         neutral_list = _as_list(neutral, "neutral anchor") if neutral not in ("", None) else None
     if neutral_list is None:
@@ -205,7 +217,8 @@ def _neutral_list(neutral: str | list[str] | None, concepts: list[str], default:
     for concept, anchor in zip(concepts, neutral_list, strict=True):
         if concept.lower() == anchor.lower():
             raise ACEValueError(
-                f"The concept {concept!r} equals its neutral anchor; the anchor must be what the concept should "
+                f"The concept {concept!r} equals its neutral anchor; the anchor must be what the concept "
+                f"should "
                 "turn into (e.g. 'art' for a style, 'a person' for a celebrity)."
             )
     return neutral_list

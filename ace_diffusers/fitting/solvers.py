@@ -37,7 +37,10 @@ class FitData:
 
 
 def minimize_lbfgs(
-    objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndarray, iterations: int, history: int = 20
+    objective: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    x: np.ndarray,
+    iterations: int,
+    history: int = 20,
 ) -> np.ndarray:
     """Minimise a smooth convex ``objective(x) -> (value, gradient)`` by L-BFGS with Armijo backtracking.
 
@@ -172,9 +175,11 @@ def solve_text_map(
         rows = torch.linalg.solve_triangular(root.T, pushed, upper=True).T.float()  # C M⁻¹: G = Aᵀ rows / N
         text_map = pulled.T @ rows / count
         # ||P Gᵀ||² = N_p tr(G M_p Gᵀ) = N_p Σ (rows M_p rowsᵀ) ∘ (A Aᵀ) / N²: no d x d x d product
-        preserve_sq = len(p) * float(
-            ((rows @ m_other.float() @ rows.T) * (pulled @ pulled.T)).sum().clamp_min(0)
-        ) / count**2
+        preserve_sq = (
+            len(p)
+            * float(((rows @ m_other.float() @ rows.T) * (pulled @ pulled.T)).sum().clamp_min(0))
+            / count**2
+        )
     else:  # d right-hand sides
         r = (pulled.T @ c / count).double()
         h = torch.linalg.solve_triangular(root, r.T, upper=False).T  # R L⁻ᵀ
@@ -184,12 +189,13 @@ def solve_text_map(
     # Σ||g_i G c_i − (n_i − c_i)||² = Σ||n_i − c_i||² − N (||h||² + λ_p tr(G M_p Gᵀ) + λ E ||G||²)
     wanted_sq = float((n - c).norm()) ** 2
     residual_sq = wanted_sq - count * (
-        float(torch.linalg.vector_norm(h)) ** 2 + preserve_weight * preserve_sq / len(p)
+        float(torch.linalg.vector_norm(h)) ** 2
+        + preserve_weight * preserve_sq / len(p)
         + ridge * float(energy) * float(torch.linalg.vector_norm(text_map, dtype=torch.float64)) ** 2
     )
     stats = {
-        "text_residual": max(residual_sq, 0.0) ** 0.5 / max(wanted_sq ** 0.5, 1e-12),
-        "preserve_drift": preserve_sq ** 0.5 / max(float(p.norm()), 1e-12),
+        "text_residual": max(residual_sq, 0.0) ** 0.5 / max(wanted_sq**0.5, 1e-12),
+        "preserve_drift": preserve_sq**0.5 / max(float(p.norm()), 1e-12),
         "concept_tokens": int(count),
         "other_tokens": int(len(p)),
     }
@@ -197,8 +203,13 @@ def solve_text_map(
 
 
 def low_rank_edits(
-    weights: list[torch.Tensor], h: torch.Tensor, root: torch.Tensor, rank: int,
-    *, seed: int = 0, power_iterations: int = 2,
+    weights: list[torch.Tensor],
+    h: torch.Tensor,
+    root: torch.Tensor,
+    rank: int,
+    *,
+    seed: int = 0,
+    power_iterations: int = 2,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-``rank`` approximation of each ``Δ* = W G`` in the metric of the objective: ``(A, B)``.
 
@@ -228,7 +239,9 @@ def low_rank_edits(
     for i, w in enumerate(weights):
         by_shape.setdefault(tuple(w.shape), []).append(i)
     for (d_out, _), members in by_shape.items():
-        y = torch.empty(len(members), d_out, k, dtype=h_q.dtype, device=h_q.device)  # W itself is never copied
+        y = torch.empty(
+            len(members), d_out, k, dtype=h_q.dtype, device=h_q.device
+        )  # W itself is never copied
         for row, i in enumerate(members):
             torch.matmul(weights[i].float(), h_q, out=y[row])
         keep = min(rank, d_out, k)
@@ -252,5 +265,3 @@ def low_rank_edits(
 def default_rank(n_concepts: int, d_text: int) -> int:
     """32 for one concept, +8 per extra concept, at most 256 (or the text width)."""
     return min(d_text, 24 + 8 * n_concepts, 256)
-
-

@@ -53,13 +53,16 @@ class TextEmbedder:
                 encoders.append((tokenizer, encoder))
         if not encoders:
             raise ACECompatibilityError(
-                f"{type(pipe).__name__} has no tokenizer/text_encoder pair; erase_concept needs the pipeline's "
+                f"{type(pipe).__name__} has no tokenizer/text_encoder pair; erase_concept needs the "
+                f"pipeline's "
                 "text encoder(s) to find the concept's embeddings."
             )
         self.encoders = encoders
         # SDXL-style pipelines (two encoders) cross-attend to the penultimate layer of each encoder.
         self.penultimate = getattr(pipe, "text_encoder_2", None) is not None
-        self.causal = all(isinstance(enc, (CLIPTextModel, CLIPTextModelWithProjection)) for _, enc in encoders)
+        self.causal = all(
+            isinstance(enc, (CLIPTextModel, CLIPTextModelWithProjection)) for _, enc in encoders
+        )
         self.max_length = min(tok.model_max_length for tok, _ in encoders)
 
     @property
@@ -70,7 +73,11 @@ class TextEmbedder:
         """Ids and mask as tensors, character offsets as lists (turning the nested offset lists into a
         tensor cost more than the tokenizer itself)."""
         tokens = tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_offsets_mapping=True
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_offsets_mapping=True,
         )
         return {
             "input_ids": torch.tensor(tokens["input_ids"]),
@@ -108,8 +115,12 @@ class TextEmbedder:
         first_tokenizer = self.encoders[0][0]
         tokens = self._tokenize(first_tokenizer, prompts)
         lengths = tokens["attention_mask"].sum(dim=1).tolist()
-        spans = [_token_span(tokens["offset_mapping"][i], phrase_spans[i], lengths[i]) for i in range(len(prompts))]
-        all_ids = [tokens["input_ids"]] + [self._tokenize(tok, prompts)["input_ids"] for tok, _ in self.encoders[1:]]
+        spans = [
+            _token_span(tokens["offset_mapping"][i], phrase_spans[i], lengths[i]) for i in range(len(prompts))
+        ]
+        all_ids = [tokens["input_ids"]] + [
+            self._tokenize(tok, prompts)["input_ids"] for tok, _ in self.encoders[1:]
+        ]
         truncates = self.causal or approximate
         keep = [
             self.max_length if e is None or not truncates else min(self.max_length, lengths[i] + e)
@@ -126,7 +137,10 @@ class TextEmbedder:
                 )
                 for (_, encoder), ids, store in zip(self.encoders, all_ids, stores, strict=True)
             ]
-            rows = [torch.cat([part[i] for part in parts], dim=-1) if len(parts) > 1 else parts[0][i] for i in range(len(prompts))]
+            rows = [
+                torch.cat([part[i] for part in parts], dim=-1) if len(parts) > 1 else parts[0][i]
+                for i in range(len(prompts))
+            ]
         else:
             rows = [None] * len(prompts)
             order = sorted(range(len(prompts)), key=lambda i: keep[i])  # similar lengths batch together
@@ -134,7 +148,11 @@ class TextEmbedder:
                 idx = order[start : start + batch_size]
                 width = max(keep[i] for i in idx)
                 parts = [
-                    self.run_encoder(encoder, {"input_ids": ids[idx], "attention_mask": tokens["attention_mask"][idx]}, width)
+                    self.run_encoder(
+                        encoder,
+                        {"input_ids": ids[idx], "attention_mask": tokens["attention_mask"][idx]},
+                        width,
+                    )
                     for (_, encoder), ids in zip(self.encoders, all_ids, strict=True)
                 ]
                 embeddings = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -161,7 +179,9 @@ class TextEmbedder:
         return encoder(input_ids, attention_mask=mask)[0].float()
 
 
-def _token_span(offsets: list[tuple[int, int]], chars: tuple[int, int] | None, length: int) -> tuple[int, int] | None:
+def _token_span(
+    offsets: list[tuple[int, int]], chars: tuple[int, int] | None, length: int
+) -> tuple[int, int] | None:
     if chars is None:
         return None
     start_char, end_char = chars
@@ -217,7 +237,9 @@ def encode_with_shared_prefixes(
     layers = model.encoder.layers[: len(model.encoder.layers) - 1 if penultimate else None]
     finish = (lambda x: x) if penultimate else model.final_layer_norm
     store = prefix_store if prefix_store is not None else {}
-    keys = [(penultimate, *input_ids[i, : shared[i]].tolist()) if shared[i] >= 2 else () for i in range(n_rows)]
+    keys = [
+        (penultimate, *input_ids[i, : shared[i]].tolist()) if shared[i] >= 2 else () for i in range(n_rows)
+    ]
     counts: dict[tuple[int, ...], int] = {}
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
@@ -233,7 +255,9 @@ def encode_with_shared_prefixes(
     if new:
         pieces = sorted(new)
         ids, positions, segment = _packed([[(list(key[1:]), 0, j) for j, key in enumerate(pieces)]], device)
-        out, kv = run_clip_layers(model, layers, finish, ids, positions, _block_causal(segment), None, keep_kv=True)
+        out, kv = run_clip_layers(
+            model, layers, finish, ids, positions, _block_causal(segment), None, keep_kv=True
+        )
         at = 0
         for key in pieces:
             n = len(key) - 1
@@ -246,8 +270,10 @@ def encode_with_shared_prefixes(
         offset[key] = sum(len(k) - 1 for k in offset)
     if used:
         prefix_kv = [
-            (torch.cat([store[key][1][layer][0] for key in used], dim=1)[None],
-             torch.cat([store[key][1][layer][1] for key in used], dim=1)[None])
+            (
+                torch.cat([store[key][1][layer][0] for key in used], dim=1)[None],
+                torch.cat([store[key][1][layer][1] for key in used], dim=1)[None],
+            )
             for layer in range(len(layers))
         ]
     starts = [max(len(key) - 1, 0) for key in keys]  # keys start with the penultimate flag
@@ -262,8 +288,14 @@ def encode_with_shared_prefixes(
     passes: list[list[list[int]]] = []
     for b in sorted(range(len(bins)), key=lambda b: -fill[b]):  # fullest first; a short remainder runs alone
         current = passes[-1] if passes else None
-        if current is None or len(current) * capacity >= PASS_TOKENS or len(current) == batch_size or (
-            sum(tail_len[i] for i in current[0]) - fill[b] > PASS_COST_TOKENS  # its filler would cost more than a pass
+        if (
+            current is None
+            or len(current) * capacity >= PASS_TOKENS
+            or len(current) == batch_size
+            or (
+                sum(tail_len[i] for i in current[0]) - fill[b]
+                > PASS_COST_TOKENS  # its filler would cost more than a pass
+            )
         ):
             passes.append([])
         passes[-1].append(bins[b])
@@ -335,8 +367,15 @@ def _block_causal(segment: torch.Tensor) -> torch.Tensor:
 
 
 def run_clip_layers(
-    model: nn.Module, layers: nn.ModuleList, finish, ids: torch.Tensor, positions: torch.Tensor,
-    allowed: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, *, keep_kv: bool = False,
+    model: nn.Module,
+    layers: nn.ModuleList,
+    finish,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    allowed: torch.Tensor,
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    *,
+    keep_kv: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The CLIP text transformer on packed ``ids``: its output and each layer's keys/values. Each
     layer's ``prefix_kv`` (one packed sequence, seen by every row through ``allowed``) comes first."""
@@ -375,7 +414,9 @@ def _clip_text_model(encoder: nn.Module) -> nn.Module | None:
     """The module holding ``embeddings``, ``encoder.layers`` and ``final_layer_norm`` (CLIPTextModel itself
     in transformers 5, its ``text_model`` in 4.x and in ``CLIPTextModelWithProjection``), or None."""
     for model in (encoder, getattr(encoder, "text_model", None)):
-        if model is not None and all(hasattr(model, a) for a in ("embeddings", "encoder", "final_layer_norm")):
+        if model is not None and all(
+            hasattr(model, a) for a in ("embeddings", "encoder", "final_layer_norm")
+        ):
             embeddings = model.embeddings
             if hasattr(model.encoder, "layers") and all(
                 hasattr(embeddings, a) for a in ("token_embedding", "position_embedding")

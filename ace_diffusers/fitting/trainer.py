@@ -13,7 +13,8 @@ The closed form erases the words it was shown. Fine-tuning makes the erasure gen
 3. **Adversarial augmentation.** (a) *Mined near-synonyms*: vocabulary words that the UNet's
    cross-attention reads like the concept (their projected keys/values point where the concept's do,
    and in context they shift the attention output towards the concept's and not towards a preserved
-   concept's) join the prompts to erase — found from the model alone, never from a synonym list. (b) *Embedding-space adversaries*: every few steps a few gradient steps on soft input
+   concept's) join the prompts to erase — found from the model alone, never from a synonym list. (b)
+   *Embedding-space adversaries*: every few steps a few gradient steps on soft input
    embeddings that replace the concept's tokens look for the input whose *edited* attention output is
    closest to the *original* concept's (i.e. that slips through the current adapter); the result is
    fed back as a training prompt with the neutral target (AdvUnlearn/RECE-style).
@@ -110,7 +111,11 @@ class ACETrainer:
         if synonyms is not None and len(self.synonyms) != len(synonyms):
             raise ACEValueError("synonyms must be a list of non-empty strings.")
         self.rank = rank
-        self.steps = default_steps(len(self.spec.concepts)) if steps is None else _positive_int(steps, "steps", minimum=0)
+        self.steps = (
+            default_steps(len(self.spec.concepts))
+            if steps is None
+            else _positive_int(steps, "steps", minimum=0)
+        )
         self.learning_rate = _positive_float(learning_rate, "learning_rate")
         self.adversarial = bool(adversarial)
         self.adversarial_every = _positive_int(adversarial_every, "adversarial_every")
@@ -134,22 +139,35 @@ class ACETrainer:
         rng = random.Random(self.seed)
         embedder = TextEmbedder(self.pipe)
         base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
-        layers = capture_queries(self.unet, embedder, self.spec.neutral[0], self.spec.templates,
-                                 per_layer=self.queries_per_layer, seed=self.seed)
+        layers = capture_queries(
+            self.unet,
+            embedder,
+            self.spec.neutral[0],
+            self.spec.templates,
+            per_layer=self.queries_per_layer,
+            seed=self.seed,
+        )
         params = self._parameters(base)
-        mined = (mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
-                 if self.mined_synonyms else {})
+        mined = (
+            mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
+            if self.mined_synonyms
+            else {}
+        )
 
         # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
         # every erase batch each: many augmentations must never crowd out the concept itself.
         given_src, given_tgt = self._pairs(embedder, self.spec.concepts)
         augmented = list(mined) + self.synonyms
-        extra_src, extra_tgt = self._pairs(embedder, augmented, mined) if augmented else (given_src[:0], given_tgt[:0])
+        extra_src, extra_tgt = (
+            self._pairs(embedder, augmented, mined) if augmented else (given_src[:0], given_tgt[:0])
+        )
         keep = self._keep_prompts(embedder)
         fixed_src, fixed_tgt = torch.cat([given_src, extra_src]), torch.cat([given_tgt, extra_tgt])
         with torch.no_grad():
             self.initial_loss = float(alignment_loss(layers, params, fixed_src, fixed_tgt))
-        optimizer = torch.optim.Adam([p for group in params.values() for p in group.values()], lr=self.learning_rate)
+        optimizer = torch.optim.Adam(
+            [p for group in params.values() for p in group.values()], lr=self.learning_rate
+        )
         adversaries = 0
         bar = tqdm(range(self.steps), desc="ACE fine-tuning", disable=not self.progress, leave=False)
         for step in bar:
@@ -166,7 +184,10 @@ class ACETrainer:
             batch_src, batch_tgt = given_src[idx_g], given_tgt[idx_g]
             if len(extra_src):
                 idx_x = torch.randint(len(extra_src), (min(self.batch_size - half, len(extra_src)),))
-                batch_src, batch_tgt = torch.cat([batch_src, extra_src[idx_x]]), torch.cat([batch_tgt, extra_tgt[idx_x]])
+                batch_src, batch_tgt = (
+                    torch.cat([batch_src, extra_src[idx_x]]),
+                    torch.cat([batch_tgt, extra_tgt[idx_x]]),
+                )
             idx_k = torch.randint(len(keep), (min(self.batch_size, len(keep)),))
             loss_erase = alignment_loss(layers, params, batch_src, batch_tgt)
             loss_keep = alignment_loss(layers, params, keep[idx_k], keep[idx_k])
@@ -238,10 +259,22 @@ class ACETrainer:
         prompt = filled(template, concept)
         start = template.index("{}")
         tokenizer, encoder = embedder.encoders[0]
-        tokens = tokenizer(prompt, padding="max_length", max_length=embedder.max_length, truncation=True,
-                           return_tensors="pt", return_offsets_mapping=True)
+        tokens = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=embedder.max_length,
+            truncation=True,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+        )
         offsets = tokens["offset_mapping"][0]
-        span = [t for t in range(len(offsets)) if offsets[t][1] > offsets[t][0] and offsets[t][0] < start + len(concept) and offsets[t][1] > start]
+        span = [
+            t
+            for t in range(len(offsets))
+            if offsets[t][1] > offsets[t][0]
+            and offsets[t][0] < start + len(concept)
+            and offsets[t][1] > start
+        ]
         if not span or len(embedder.encoders) != 1:
             return None
         with torch.no_grad():
@@ -249,7 +282,9 @@ class ACETrainer:
             wanted = [attention_output(layer, original, None) for layer in layers]
         embedding_module = encoder.get_input_embeddings()
         init = embedding_module(tokens["input_ids"][:, span]).detach().float()
-        soft = (init + 0.1 * init.norm(dim=-1, keepdim=True) * torch.randn_like(init) / math.sqrt(init.shape[-1])).requires_grad_(True)
+        soft = (
+            init + 0.1 * init.norm(dim=-1, keepdim=True) * torch.randn_like(init) / math.sqrt(init.shape[-1])
+        ).requires_grad_(True)
         radius = 0.5 * init.norm(dim=-1, keepdim=True)
         optimizer = torch.optim.Adam([soft], lr=0.05 * float(init.norm(dim=-1).mean()))
 
@@ -262,13 +297,20 @@ class ACETrainer:
         try:
             for _ in range(self.adversarial_steps):
                 context = self._run_encoder(embedder, tokens["input_ids"])
-                loss = sum(((attention_output(layer, context, detached(params)) - w) ** 2).mean() / w.pow(2).mean() for layer, w in zip(layers, wanted, strict=True))
+                loss = sum(
+                    ((attention_output(layer, context, detached(params)) - w) ** 2).mean() / w.pow(2).mean()
+                    for layer, w in zip(layers, wanted, strict=True)
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():  # stay near the concept's own embedding
                     delta = soft - init
-                    soft.copy_(init + delta * torch.clamp(radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-8), max=1.0))
+                    soft.copy_(
+                        init
+                        + delta
+                        * torch.clamp(radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-8), max=1.0)
+                    )
             with torch.no_grad():
                 source = self._run_encoder(embedder, tokens["input_ids"])
         finally:
@@ -279,9 +321,15 @@ class ACETrainer:
     @staticmethod
     def _run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor:
         _, encoder = embedder.encoders[0]
-        return embedder.run_encoder(encoder, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, input_ids.shape[1])
+        return embedder.run_encoder(
+            encoder,
+            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
+            input_ids.shape[1],
+        )
 
-    def _to_adapter(self, base: ACEAdapter, params: dict, mined: dict[str, str], adversaries: int, seconds: float) -> ACEAdapter:
+    def _to_adapter(
+        self, base: ACEAdapter, params: dict, mined: dict[str, str], adversaries: int, seconds: float
+    ) -> ACEAdapter:
         gate_w = params["gate"]["weight"].detach().clone()
         gate_b = params["gate"]["bias"].detach().clone()
         layers = {
@@ -308,6 +356,12 @@ class ACETrainer:
             "erase_loss_after": self.final_loss,
         }
         fit["seconds"] = round(seconds, 3)
-        return ACEAdapter(layers, concepts=base.concepts, neutral=base.neutral, kind=base.kind, method="ace",
-                          fit=fit, base_model=base.base_model)
-
+        return ACEAdapter(
+            layers,
+            concepts=base.concepts,
+            neutral=base.neutral,
+            kind=base.kind,
+            method="ace",
+            fit=fit,
+            base_model=base.base_model,
+        )

@@ -109,7 +109,8 @@ def _intro(config: Mapping[str, Any], concepts: list[str]) -> list[str]:
     return [
         f"# ACE concept-erasure adapter: {title or 'no concepts'}",
         "",
-        "An [ACE](https://arxiv.org/abs/2504.11850) (Attentional Concept Erasure) adapter for 🧨 diffusers, made "
+        "An [ACE](https://arxiv.org/abs/2504.11850) (Attentional Concept Erasure) adapter for 🧨 diffusers, "
+        "made "
         "with `ace-diffusers`. It edits the cross-attention key/value projections with a *gated* low-rank "
         "delta: prompts that mention an erased concept are steered to its neutral anchor, while the gate "
         "leaves unrelated prompts untouched. It is not a standalone model: load it on top of "
@@ -125,7 +126,10 @@ def _concept_lines(concepts: list[str], neutral: list[str]) -> list[str]:
     lines = ["", "## Erased concepts", ""]
     if neutral and len(neutral) == len(concepts):
         lines += ["| Erased concept | Neutral anchor |", "|---|---|"]
-        lines += [f"| {_cell(c)} | {_cell(n) if n else '(empty prompt)'} |" for c, n in zip(concepts, neutral, strict=True)]
+        lines += [
+            f"| {_cell(c)} | {_cell(n) if n else '(empty prompt)'} |"
+            for c, n in zip(concepts, neutral, strict=True)
+        ]
     else:
         lines += [f"- {_cell(c)}" for c in concepts] or ["(none)"]
         if neutral:

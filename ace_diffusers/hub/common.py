@@ -27,7 +27,8 @@ def check_local_folder(folder: Path, *, parent: Path | None = None) -> Path:
     if not folder.is_dir():
         if parent is not None:
             raise ACEHubError(
-                f"'{parent}' is a local folder but has no subfolder '{folder.relative_to(parent)}': check subfolder=."
+                f"'{parent}' is a local folder but has no subfolder '{folder.relative_to(parent)}': check "
+                f"subfolder=."
             )
         raise ACEValueError(f"'{folder}' does not exist or is not a folder; pass the adapter folder.")
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
@@ -49,7 +50,9 @@ def is_repo_id(value: str) -> bool:
     return True
 
 
-def http_error(err: HfHubHTTPError, doing: str, *, sent_token: bool, write_to: str | None = None) -> ACEHubError:
+def http_error(
+    err: HfHubHTTPError, doing: str, *, sent_token: bool, write_to: str | None = None
+) -> ACEHubError:
     """Translate an HTTP error; ``write_to`` is the namespace a push targets (``None`` for downloads)."""
     response = getattr(err, "response", None)
     status = getattr(response, "status_code", None)
@@ -61,7 +64,8 @@ def http_error(err: HfHubHTTPError, doing: str, *, sent_token: bool, write_to: s
         if sent_token:
             return ACEHubError(
                 f"The Hub rejected the token while {doing} (401 Unauthorized): it is invalid or expired. "
-                f"Pass a valid token=... or run `hf auth login` again (HF_TOKEN, if set, takes precedence over "
+                "Pass a valid token=... or run `hf auth login` again (HF_TOKEN, if set, takes precedence "
+                f"over "
                 "a stored login)."
             )
         return ACEHubError(f"The Hub requires authentication for {doing} (401 Unauthorized): {LOGIN_HINT}.")
@@ -74,7 +78,8 @@ def http_error(err: HfHubHTTPError, doing: str, *, sent_token: bool, write_to: s
     if status == 412:
         return ACEHubError(f"The branch moved while {doing} (412 Precondition Failed): retry.")
     return ACEHubError(
-        f"The Hub answered HTTP {status} while {doing}.{server} Retry later; if it persists, check HF_ENDPOINT "
+        f"The Hub answered HTTP {status} while {doing}.{server} Retry later; if it persists, check "
+        f"HF_ENDPOINT "
         f"({constants.ENDPOINT})."
     )
 

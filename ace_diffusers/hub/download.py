@@ -201,14 +201,18 @@ def _download_error(err: Exception, ctx: _Ctx, filename: str) -> Exception:
         )
     if isinstance(err, RevisionNotFoundError):
         return ACEHubError(
-            f"Revision '{ctx.revision}' does not exist in ACE adapter repo '{repo}': pass an existing branch, "
+            f"Revision '{ctx.revision}' does not exist in ACE adapter repo '{repo}': pass an existing "
+            "branch, "
+            f""
             f"tag or full commit sha (list them with `huggingface_hub.list_repo_refs('{repo}')`), or omit "
             "revision= to use the main branch."
         )
     if isinstance(err, LocalEntryNotFoundError):
         offline = constants.is_offline_mode()
         if ctx.local_files_only or offline:
-            reason = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "local_files_only=True was passed"
+            reason = (
+                "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "local_files_only=True was passed"
+            )
             cache = ctx.cache_dir or constants.HF_HUB_CACHE
             fix = "set HF_HUB_OFFLINE=0 (or unset it)" if offline else "pass local_files_only=False"
             return ACEHubError(
@@ -218,10 +222,15 @@ def _download_error(err: Exception, ctx: _Ctx, filename: str) -> Exception:
                 f"folder '{ctx.local_path}')."
             )
         cause = err.__cause__
-        detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:300]})" if cause and str(cause) else ""
+        detail = (
+            f" ({type(cause).__name__}: {str(cause).splitlines()[0][:300]})" if cause and str(cause) else ""
+        )
         return ACEHubError(
-            f"Could not reach the Hugging Face Hub at {endpoint} to download ACE adapter {ctx.where}{detail}, "
-            "and it is not in the local cache. Check your network/proxy settings (and HF_ENDPOINT), then retry; "
+            f"Could not reach the Hugging Face Hub at {endpoint} to download ACE adapter "
+            f"{ctx.where}{detail}, "
+            f""
+            "and it is not in the local cache. Check your network/proxy settings (and HF_ENDPOINT), then "
+            "retry; "
             "to use a cached copy explicitly, pass local_files_only=True."
         )
     if isinstance(err, EntryNotFoundError):  # remote: the repo exists, the file does not

@@ -76,14 +76,17 @@ def push_adapter_folder(
             refs = api.list_repo_refs(repo_id)
             if any(t.name == revision for t in refs.tags):
                 raise ACEValueError(
-                    f"revision={revision!r} is a tag of '{repo_id}'; tags are immutable. Push to a branch, then "
+                    f"revision={revision!r} is a tag of '{repo_id}'; tags are immutable. Push to a branch, "
+                    f"then "
                     f"tag it: huggingface_hub.create_tag('{repo_id}', tag=...)."
                 )
             if not any(b.name == revision for b in refs.branches):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
         stage = "uploading the adapter"
         operations = _commit_operations(folder, repo_id, config, model_card)
-        message = commit_message or f"Upload ACE adapter erasing {', '.join(config['concepts'][:5]) or 'nothing'}"
+        message = (
+            commit_message or f"Upload ACE adapter erasing {', '.join(config['concepts'][:5]) or 'nothing'}"
+        )
         info = api.create_commit(
             repo_id, operations=operations, commit_message=message, revision=revision, create_pr=create_pr
         )
@@ -101,15 +104,19 @@ def _check_push(repo_id: str, revision: str | None, token: str | None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ACEValueError(f"repo_id={repo_id!r} is not a valid Hub repo id ('namespace/name'): {err}") from err
+        raise ACEValueError(
+            f"repo_id={repo_id!r} is not a valid Hub repo id ('namespace/name'): {err}"
+        ) from err
     if revision is not None and SHA_RE.fullmatch(revision):
         raise ACEValueError(
-            f"revision={revision!r} is a commit sha; commits are immutable. Push to a branch (e.g. 'main' or a "
+            f"revision={revision!r} is a commit sha; commits are immutable. Push to a branch (e.g. 'main' or "
+            f"a "
             "new branch name) instead."
         )
     if constants.is_offline_mode():
         raise ACEHubError(
-            f"Cannot push ACE adapter to '{repo_id}': offline mode is on (HF_HUB_OFFLINE=1). Set HF_HUB_OFFLINE=0 "
+            f"Cannot push ACE adapter to '{repo_id}': offline mode is on (HF_HUB_OFFLINE=1). Set "
+            f"HF_HUB_OFFLINE=0 "
             "(or unset it) to publish."
         )
     if not token_available(token):
@@ -135,14 +142,21 @@ def _commit_operations(
         CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")),
     ]
     images = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.is_symlink()
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.is_symlink()
     )
     if len(images) > MAX_IMAGES:
         raise ACEAdapterFormatError(
-            f"'{folder}' holds {len(images)} images; at most {MAX_IMAGES} are published with an adapter. Move "
+            f"'{folder}' holds {len(images)} images; at most {MAX_IMAGES} are published with an adapter. "
+            "Move "
+            f""
             "the extra images out of the folder."
         )
-    ops += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in images]
+    ops += [
+        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+        for p in images
+    ]
     return ops
 
 
@@ -150,7 +164,8 @@ def _push_error(err: Exception, repo_id: str, revision: str | None, stage: str) 
     namespace = repo_id.split("/")[0] if "/" in repo_id else "your user"
     if isinstance(err, RepositoryNotFoundError):
         return ACEHubError(
-            f"Cannot push to '{repo_id}' ({stage}): the Hub reports the repo as missing or not visible to your "
+            f"Cannot push to '{repo_id}' ({stage}): the Hub reports the repo as missing or not visible to "
+            f"your "
             f"token. Check the repo id, and that the token belongs to an account with write access to "
             f"'{namespace}' ({LOGIN_HINT})."
         )

@@ -4,7 +4,8 @@ This is the layer under the pipeline verbs (like diffusers' model-level ``load_l
 ``load_lora_weights``). Attaching installs one stateless :class:`ACEAttnProcessor` on every attention
 module and an :class:`ACEAdapterStack` on every cross-attention module; detaching the last adapter
 restores the exact processor objects that were there before (tomesd-style undoable patch). While adapters
-are loaded, :mod:`ace_diffusers.integration.compat` guards the UNet against diffusers calls that would replace the ACE
+are loaded, :mod:`ace_diffusers.integration.compat` guards the UNet against diffusers calls that would replace
+the ACE
 processors. Every function accepts a ``torch.compile``-wrapped UNet too.
 """
 
@@ -40,7 +41,9 @@ def loaded_adapters(unet: nn.Module) -> dict[str, ACEAdapter]:
 
 def default_adapter_name(unet: nn.Module, adapter: ACEAdapter) -> str:
     """A free name derived from the adapter's first concept (``van_gogh``, ``van_gogh_2``, ...)."""
-    base = re.sub(r"[^A-Za-z0-9_-]+", "_", (adapter.concepts[0] if adapter.concepts else "ace").strip().lower())
+    base = re.sub(
+        r"[^A-Za-z0-9_-]+", "_", (adapter.concepts[0] if adapter.concepts else "ace").strip().lower()
+    )
     base = base.strip("_")[:48] or "ace"
     if len(adapter.concepts) > 1:
         base = f"{base}_and_{len(adapter.concepts) - 1}_more"
@@ -56,7 +59,9 @@ def single_loaded_adapter(unet: nn.Module, name: str | None) -> str:
     loaded = loaded_adapters(unet)
     if name is None:
         if len(loaded) != 1:
-            raise ACEAdapterNameError(f"{len(loaded)} ACE adapters are loaded ({list(loaded)}); pass adapter_name.")
+            raise ACEAdapterNameError(
+                f"{len(loaded)} ACE adapters are loaded ({list(loaded)}); pass adapter_name."
+            )
         return next(iter(loaded))
     if name not in loaded:
         raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(loaded)}).")
@@ -75,7 +80,9 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
         )
     modules = cross_attention_modules(unet)
     if not modules:
-        raise ACECompatibilityError("This UNet has no cross-attention layers, so it cannot carry an ACE adapter.")
+        raise ACECompatibilityError(
+            "This UNet has no cross-attention layers, so it cannot carry an ACE adapter."
+        )
     adapter.check_compatible(layer_shapes(unet))
     compat.check_can_carry(attention_modules(unet))
 
@@ -144,7 +151,9 @@ def set_active_adapters(
     else:
         scales = list(scales)
         if len(scales) != len(names):
-            raise ACEValueError(f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name.")
+            raise ACEValueError(
+                f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name."
+            )
         scale_of = dict(zip(names, scales, strict=True))
     for value in scale_of.values():
         if value is not None and not (isinstance(value, (int, float)) and value == value):
@@ -167,7 +176,11 @@ def active_adapters(unet: nn.Module) -> list[str]:
     for name in loaded_adapters(unet):
         delta = next(iter(adapter_deltas(unet, name)), None)
         stack = next(iter(adapter_stacks(unet)), None)
-        if delta is not None and stack is not None and float(delta.active * delta.scale * stack.enabled) != 0.0:
+        if (
+            delta is not None
+            and stack is not None
+            and float(delta.active * delta.scale * stack.enabled) != 0.0
+        ):
             names.append(name)
     return names
 

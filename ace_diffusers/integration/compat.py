@@ -1,6 +1,7 @@
 """Coexistence with diffusers features that replace attention processors.
 
-An ACE adapter lives in the attention processors of a UNet (:class:`~ace_diffusers.core.processor.ACEAttnProcessor`
+An ACE adapter lives in the attention processors of a UNet
+(:class:`~ace_diffusers.core.processor.ACEAttnProcessor`
 and friends). Several diffusers calls install other processors — ``load_ip_adapter``/``unload_ip_adapter``,
 ``enable_attention_slicing``, ``set_default_attn_processor``, ``fuse_qkv_projections``, xFormers, a user's
 ``set_attn_processor`` — and would silently drop the erasure. While at least one ACE adapter is loaded, this
@@ -15,7 +16,8 @@ module guards the UNet so that never happens:
   A processor that would bypass ACE on a cross-attention module raises :class:`ACECompatibilityError`
   before that module changes. Self-attention modules carry no ACE delta, so they accept any processor.
 * The UNet instance gets guarded ``set_attn_processor`` (checks *every* requested processor before any is
-  set, so a refusal changes nothing), ``fuse_qkv_projections`` and ``set_use_memory_efficient_attention_xformers``
+  set, so a refusal changes nothing), ``fuse_qkv_projections`` and
+  ``set_use_memory_efficient_attention_xformers``
   (refused up front, before diffusers fuses weights or touches a module) and ``set_default_attn_processor``
   (works: keeps ACE, records ``AttnProcessor`` as the base).
 
@@ -71,28 +73,40 @@ def _fix_hint(processor: Any, call: str) -> str:
     loading = call == "load_ace_adapter"
     if "Fused" in name:
         return (
-            "ACE edits K and V separately and cannot run on fused QKV projections. Skip fuse_qkv_projections() "
+            "ACE edits K and V separately and cannot run on fused QKV projections. Skip "
+            "fuse_qkv_projections() "
             "(it saves little in the UNet's small cross-attention K/V), or "
-            + ("call pipe.unfuse_qkv_projections() before loading the adapter." if loading else
-               "unload the ACE adapters first (pipe.unload_ace_adapter()) if you accept losing the erasure.")
+            + (
+                "call pipe.unfuse_qkv_projections() before loading the adapter."
+                if loading
+                else "unload the ACE adapters first (pipe.unload_ace_adapter()) if you accept losing the "
+                "erasure."
+            )
         )
     if "XFormers" in name:
         return (
-            "ACE uses PyTorch's scaled_dot_product_attention, which already dispatches to memory-efficient and "
+            "ACE uses PyTorch's scaled_dot_product_attention, which already dispatches to memory-efficient "
+            "and "
             "flash kernels, so xFormers brings little. "
-            + ("Call pipe.disable_xformers_memory_efficient_attention() before loading the adapter." if loading else
-               "Skip enable_xformers_memory_efficient_attention(), or unload the ACE adapters first.")
+            + (
+                "Call pipe.disable_xformers_memory_efficient_attention() before loading the adapter."
+                if loading
+                else "Skip enable_xformers_memory_efficient_attention(), or unload the ACE adapters first."
+            )
         )
-    return (
-        "Custom processors do not apply the ACE K/V edit. "
-        + ("Restore a standard processor first (unet.set_attn_processor(AttnProcessor2_0())), then load the adapter."
-           if loading else
-           "Set it on self-attention modules only (pass a dict to set_attn_processor), make it an ACE-aware "
-           "processor (subclass ACEAttnProcessor), or unload the ACE adapters first.")
+    return "Custom processors do not apply the ACE K/V edit. " + (
+        "Restore a standard processor first (unet.set_attn_processor(AttnProcessor2_0())), then load the "
+        "adapter."
+        if loading
+        else "Set it on self-attention modules only (pass a dict to set_attn_processor), make it an "
+        "ACE-aware "
+        "processor (subclass ACEAttnProcessor), or unload the ACE adapters first."
     )
 
 
-def plan_processor(attn: nn.Module, requested: Any, *, name: str = "?", call: str = "set_processor") -> tuple[Any, Any]:
+def plan_processor(
+    attn: nn.Module, requested: Any, *, name: str = "?", call: str = "set_processor"
+) -> tuple[Any, Any]:
     """``(processor to install, base to remember)`` when ``requested`` is set on ``attn`` under ACE.
 
     Side-effect free; raises :class:`ACECompatibilityError` if ``requested`` would bypass the ACE delta.
@@ -117,12 +131,15 @@ def plan_processor(attn: nn.Module, requested: Any, *, name: str = "?", call: st
         return ACEIPAdapterAttnProcessor.wrap(requested), requested
     if call == "load_ace_adapter":
         raise ACECompatibilityError(
-            f"Attention layer '{name}' uses {kind.__name__}, which ACE cannot wrap: the ACE K/V edit needs one of "
-            f"diffusers' standard processors (AttnProcessor2_0, AttnProcessor, SlicedAttnProcessor, IP-Adapter). "
+            f"Attention layer '{name}' uses {kind.__name__}, which ACE cannot wrap: the ACE K/V edit needs "
+            f"one of "
+            "diffusers' standard processors (AttnProcessor2_0, AttnProcessor, SlicedAttnProcessor, "
+            f"IP-Adapter). "
             f"Nothing was loaded. {_fix_hint(requested, call)}"
         )
     raise ACECompatibilityError(
-        f"{call} would replace the ACE processor of cross-attention layer '{name}' with {kind.__name__}, which "
+        f"{call} would replace the ACE processor of cross-attention layer '{name}' with {kind.__name__}, "
+        f"which "
         f"bypasses the ACE K/V edit: the erased concepts would silently come back. Nothing was changed. "
         f"{_fix_hint(requested, call)}"
     )
@@ -160,10 +177,14 @@ def _unet_fuse_qkv_projections(self: nn.Module) -> None:
     type(self).fuse_qkv_projections(self)
 
 
-def _unet_set_use_memory_efficient_attention_xformers(self: nn.Module, valid: bool, attention_op: Any = None) -> None:
+def _unet_set_use_memory_efficient_attention_xformers(
+    self: nn.Module, valid: bool, attention_op: Any = None
+) -> None:
     if valid:
         name, attn = next((n, a) for n, a in attention_modules(self).items() if a.is_cross_attention)
-        plan_processor(attn, XFormersAttnProcessor(), name=name, call="enable_xformers_memory_efficient_attention")
+        plan_processor(
+            attn, XFormersAttnProcessor(), name=name, call="enable_xformers_memory_efficient_attention"
+        )
     type(self).set_use_memory_efficient_attention_xformers(self, valid, attention_op)
 
 
@@ -171,7 +192,9 @@ def _unet_set_default_attn_processor(self: nn.Module) -> None:
     bases = [base_processor(attn) for attn in attention_modules(self).values()]
     if not all(type(base) in CROSS_ATTENTION_PROCESSORS for base in bases):
         odd = next(type(b).__name__ for b in bases if type(b) not in CROSS_ATTENTION_PROCESSORS)
-        raise ValueError(f"Cannot call `set_default_attn_processor` when attention processors are of type {odd}")
+        raise ValueError(
+            f"Cannot call `set_default_attn_processor` when attention processors are of type {odd}"
+        )
     self.set_attn_processor(AttnProcessor())  # guarded: ACE stays, AttnProcessor becomes the base
 
 
@@ -190,7 +213,8 @@ def check_can_carry(modules: dict[str, nn.Module]) -> None:
 
 
 def install(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Install ACE processors on ``modules`` (all attention modules of ``unet``) and the guards. Idempotent."""
+    """Install ACE processors on ``modules`` (all attention modules of ``unet``) and the guards. "
+    "Idempotent."""
     if guarded(unet):
         return
     check_can_carry(modules)
