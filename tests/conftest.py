@@ -61,15 +61,19 @@ def record_encoded_prompts(monkeypatch):
     encoded = []
     original = TextEmbedder.encode
     monkeypatch.setattr(
-        TextEmbedder, "encode", lambda self, prompts, *a, **k: encoded.extend(prompts) or original(self, prompts, *a, **k)
+        TextEmbedder,
+        "encode",
+        lambda self, prompts, *a, **k: encoded.extend(prompts) or original(self, prompts, *a, **k),
     )
     return encoded
 
 
 def edit_factors(adapter):
     """The edits ΔW = B A of every layer (the factors themselves are defined up to a rotation)."""
-    return torch.cat([(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]
-                     + [(f.v_up @ f.v_down).flatten() for f in adapter.layers.values()])
+    return torch.cat(
+        [(f.k_up @ f.k_down).flatten() for f in adapter.layers.values()]
+        + [(f.v_up @ f.v_down).flatten() for f in adapter.layers.values()]
+    )
 
 
 def relative_gap(a, b):

@@ -43,10 +43,21 @@ LAYERS: dict[str, int] = {
 
 # Old module paths kept for one release; each only forwards to its new home (tests/test_deprecated.py).
 SHIMS = {
-    "ace_diffusers.adapter", "ace_diffusers.processor", "ace_diffusers.attach", "ace_diffusers.compat",
-    "ace_diffusers.text", "ace_diffusers.presets", "ace_diffusers.embedding_cache", "ace_diffusers.closed_form",
-    "ace_diffusers.trainer", "ace_diffusers.fuse", "ace_diffusers.export", "ace_diffusers.cli_erase",
-    "ace_diffusers.demo", "ace_diffusers.docs_figures", "ace_diffusers.bench.baselines",
+    "ace_diffusers.adapter",
+    "ace_diffusers.processor",
+    "ace_diffusers.attach",
+    "ace_diffusers.compat",
+    "ace_diffusers.text",
+    "ace_diffusers.presets",
+    "ace_diffusers.embedding_cache",
+    "ace_diffusers.closed_form",
+    "ace_diffusers.trainer",
+    "ace_diffusers.fuse",
+    "ace_diffusers.export",
+    "ace_diffusers.cli_erase",
+    "ace_diffusers.demo",
+    "ace_diffusers.docs_figures",
+    "ace_diffusers.bench.baselines",
 }
 
 MAX_MODULE_LINES = 420  # "about 400"
@@ -155,7 +166,9 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_module_has_a_layer():
     missing = [name for name in MODULES if name not in SHIMS and layer_of(name) is None]
-    assert not missing, f"modules outside every layer (add them to LAYERS and docs/architecture.md): {missing}"
+    assert not missing, (
+        f"modules outside every layer (add them to LAYERS and docs/architecture.md): {missing}"
+    )
 
 
 def test_no_import_circles():
@@ -237,11 +250,18 @@ def test_no_private_names_cross_modules():
                 names.add(node.attr)
         defined[name] = {n for n in names if n.startswith("_") and not n.startswith("__")}
     everywhere = {n: {m for m, ns in defined.items() if n in ns} for ns in defined.values() for n in ns}
-    crossing = [f"{name}:{line} imports {target}.{alias}" for name, module in MODULES.items()
-                for target, alias, line in module.private_imports]
+    crossing = [
+        f"{name}:{line} imports {target}.{alias}"
+        for name, module in MODULES.items()
+        for target, alias, line in module.private_imports
+    ]
     for name, module in MODULES.items():
         for node in ast.walk(module.tree):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 homes = everywhere.get(node.attr, set())
                 if homes and name not in homes:
                     crossing.append(f"{name}:{node.lineno} uses {node.attr} of {sorted(homes)}")
@@ -268,15 +288,25 @@ def test_imports_inside_functions_are_optional_dependencies_with_a_reason():
 
 
 def test_no_module_mains_outside_the_command_line():
-    offenders = [name for name, module in MODULES.items()
-                 if layer_of(name) != LAYERS["ace_diffusers.cli"] and "__name__ == \"__main__\"" in "\n".join(module.lines)]
-    assert not offenders, f"`if __name__ == '__main__'` outside ace_diffusers/cli and __main__.py: {offenders}"
+    offenders = [
+        name
+        for name, module in MODULES.items()
+        if layer_of(name) != LAYERS["ace_diffusers.cli"]
+        and '__name__ == "__main__"' in "\n".join(module.lines)
+    ]
+    assert not offenders, (
+        f"`if __name__ == '__main__'` outside ace_diffusers/cli and __main__.py: {offenders}"
+    )
 
 
 def _docstring_lines(node: ast.AST) -> int:
     """Docstrings carry the math and the contract; they do not count against a function's length."""
     first = node.body[0] if node.body else None
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
         return first.end_lineno - first.lineno + 1
     return 0
 
@@ -309,8 +339,14 @@ def test_every_module_has_its_test_file():
 
 # One home per idea: each of these was once written in several places.
 ONE_HOME = {
-    "the gate formula": (r"torch\.sigmoid\([^)]*@[^)]*gate|sigmoid\(context @", {"ace_diffusers/core/factors.py"}),
-    "the low-rank product (c Aᵀ) Bᵀ": (r"@ [a-z_.\[\]\"]*down[a-z_\[\]\"]*\.T\) @", {"ace_diffusers/core/factors.py"}),
+    "the gate formula": (
+        r"torch\.sigmoid\([^)]*@[^)]*gate|sigmoid\(context @",
+        {"ace_diffusers/core/factors.py"},
+    ),
+    "the low-rank product (c Aᵀ) Bᵀ": (
+        r"@ [a-z_.\[\]\"]*down[a-z_\[\]\"]*\.T\) @",
+        {"ace_diffusers/core/factors.py"},
+    ),
     "an atomic rename": (r"os\.replace\(|os\.rename\(", {"ace_diffusers/_io.py"}),
     "a template filled by str.replace": (r"\.replace\(\"\{\}\"", set()),
 }
@@ -319,9 +355,11 @@ ONE_HOME = {
 @pytest.mark.parametrize("idea", sorted(ONE_HOME))
 def test_one_home_per_idea(idea):
     pattern, homes = ONE_HOME[idea]
-    found = sorted({
-        str(path.relative_to(ROOT))
-        for path in PACKAGE.rglob("*.py")
-        if re.search(pattern, path.read_text(encoding="utf-8"))
-    })
+    found = sorted(
+        {
+            str(path.relative_to(ROOT))
+            for path in PACKAGE.rglob("*.py")
+            if re.search(pattern, path.read_text(encoding="utf-8"))
+        }
+    )
     assert set(found) <= homes, f"{idea} is written outside {sorted(homes) or 'any module'}: {found}"

@@ -18,7 +18,9 @@ def runnable_snippets():
     for page in sorted(DOCS.rglob("*.md")):
         text = page.read_text()
         for match in re.finditer(r"<!-- runnable -->\s*```python\n(.*?)```", text, re.S):
-            yield pytest.param(match.group(1), id=f"{page.relative_to(DOCS)}:{text[: match.start()].count(chr(10)) + 1}")
+            yield pytest.param(
+                match.group(1), id=f"{page.relative_to(DOCS)}:{text[: match.start()].count(chr(10)) + 1}"
+            )
 
 
 def test_cli_reference_names_every_command():
@@ -33,7 +35,10 @@ def test_site_builds_strictly(tmp_path):
         pytest.fail("mkdocs is part of the test extra: pip install -e '.[test]'")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

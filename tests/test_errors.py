@@ -23,7 +23,10 @@ def test_each_error_is_an_ace_error_and_its_builtin(error, builtin):
 
 
 def test_name_errors_read_like_sentences_not_quoted_keys():
-    assert str(errors.ACEAdapterNameError("No ACE adapter named 'x' is loaded.")) == "No ACE adapter named 'x' is loaded."
+    assert (
+        str(errors.ACEAdapterNameError("No ACE adapter named 'x' is loaded."))
+        == "No ACE adapter named 'x' is loaded."
+    )
     assert str(errors.ACEAdapterNameError()) == ""
 
 

@@ -94,7 +94,9 @@ def test_killing_a_save_leaves_a_loadable_adapter(tmp_path):
     target = tmp_path / "adapter"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for kill_after in (0.05, 0.13, 0.31):
-        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(target)], stdout=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_SCRIPT, str(target)], stdout=subprocess.PIPE, env=env
+        )
         assert proc.stdout.readline().strip() == b"saved"  # one complete adapter exists
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
@@ -127,9 +129,12 @@ def test_processor_math_properties(d_text, heads, rank, tokens, scale, seed):
     g = torch.Generator().manual_seed(seed)
     d_k = heads * 4
     delta = ACELayerDelta(
-        torch.randn(rank, d_text, generator=g), torch.randn(d_k, rank, generator=g),
-        torch.randn(rank, d_text, generator=g), torch.randn(d_k, rank, generator=g),
-        torch.randn(d_text, generator=g) * 5, torch.randn(1, generator=g),
+        torch.randn(rank, d_text, generator=g),
+        torch.randn(d_k, rank, generator=g),
+        torch.randn(rank, d_text, generator=g),
+        torch.randn(d_k, rank, generator=g),
+        torch.randn(d_text, generator=g) * 5,
+        torch.randn(1, generator=g),
     )
     context = torch.randn(2, tokens, d_text, generator=g)
     hidden = torch.randn(2, 5, 16, generator=g)

@@ -51,7 +51,9 @@ def test_multiple_adapters_names_and_activation(sd_pipe):
     assert (a, b, c) == ("van_gogh", "van_gogh_2", "mine")
     assert sd_pipe.get_list_ace_adapters() == [a, b, c]
     assert sd_pipe.get_active_ace_adapters() == [a, b, c]
-    scale_buffer = sd_pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.ace_stack.adapters[a].scale
+    scale_buffer = (
+        sd_pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.ace_stack.adapters[a].scale
+    )
     pointer = scale_buffer.data_ptr()
     sd_pipe.set_ace_adapters([a, c], [0.5, 2.0])
     assert sd_pipe.get_active_ace_adapters() == [a, c]
@@ -83,7 +85,11 @@ def test_load_from_folder_and_architecture_mismatch(tmp_path):
     sd, sdxl = tiny_sd_pipeline(), tiny_sdxl_pipeline(text_dim=96)
     random_adapter(sd.unet).save_pretrained(tmp_path / "ad")
     stock = generate(sdxl)
-    with pytest.raises(ACEArchitectureMismatchError, match=r"Layer 'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2'.*\(64, 64, 64\).*\(96, 64, 64\)"):
+    with pytest.raises(
+        ACEArchitectureMismatchError,
+        match=r"Layer 'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2'"
+        r".*\(64, 64, 64\).*\(96, 64, 64\)",
+    ):
         sdxl.load_ace_adapter(tmp_path / "ad")
     assert sdxl.get_list_ace_adapters() == []
     assert torch.equal(generate(sdxl), stock)  # nothing half-loaded
@@ -109,7 +115,9 @@ def test_peft_lora_and_ace_both_take_effect(sd_pipe, sdpa_recorder):
     def cross_keys(pipe):
         sdpa_recorder.calls.clear()
         generate(pipe, steps=1)
-        return [k for _, k, _ in sdpa_recorder.calls if k.shape[2] == 77 and k.shape[0] == 2]  # UNet (CFG batch), not CLIP
+        return [
+            k for _, k, _ in sdpa_recorder.calls if k.shape[2] == 77 and k.shape[0] == 2
+        ]  # UNet (CFG batch), not CLIP
 
     stock = cross_keys(sd_pipe)
     torch.manual_seed(0)
@@ -132,7 +140,9 @@ def test_load_lora_weights_after_ace(sd_pipe, tmp_path):
     donor = tiny_sd_pipeline()
     torch.manual_seed(1)
     donor.unet.add_adapter(LoraConfig(r=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(donor.unet))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(donor.unet)
+    )
     stock = generate(sd_pipe)
     sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
     ace_only = generate(sd_pipe)

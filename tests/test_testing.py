@@ -15,8 +15,14 @@ from ace_diffusers.testing import (
 def test_tiny_pipelines_generate_offline():
     for build in (tiny_sd_pipeline, tiny_sdxl_pipeline):
         pipe = build()
-        out = pipe("a cat", num_inference_steps=1, output_type="pt", height=32, width=32,
-                   generator=torch.Generator().manual_seed(0))
+        out = pipe(
+            "a cat",
+            num_inference_steps=1,
+            output_type="pt",
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.images).all()
 
 

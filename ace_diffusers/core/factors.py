@@ -31,14 +31,9 @@ def gate_values(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 
 class GatedLowRank:
-    """The gated low-rank K/V delta, for any holder of ``k_down``/``k_up``/``v_down``/``v_up``/``gate_*``."""
-
-    k_down: torch.Tensor
-    k_up: torch.Tensor
-    v_down: torch.Tensor
-    v_up: torch.Tensor
-    gate_weight: torch.Tensor
-    gate_bias: torch.Tensor
+    """The gated low-rank K/V delta, for any holder of the tensors ``k_down`` (A_k), ``k_up`` (B_k),
+    ``v_down``, ``v_up``, ``gate_weight`` (w) and ``gate_bias`` (b): :class:`LayerFactors` (plain
+    tensors) and the processor's buffer module."""
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
         """Per-token gate in [0, 1], shape ``context.shape[:-1]``."""

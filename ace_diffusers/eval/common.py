@@ -1,8 +1,10 @@
-"""Small shared pieces of the evaluation suite: model states, seeded latents, process splitting."""
+"""Small shared pieces of the evaluation suite: model states, the concept in a prompt, seeded latents,
+process splitting."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch
 
 from ..core.processor import get_stack
 from ..deploy.fuse import get_fused_adapters
-from ..errors import ACECompatibilityError
+from ..errors import ACECompatibilityError, ACEValueError
 from ..integration.attach import set_enabled
 from ..integration.modules import cross_attention_modules, get_unet
 
@@ -46,6 +48,24 @@ def as_context(original: Callable[[], Any] | None, pipe: Any) -> Callable[[], An
     return lambda: ace_disabled(pipe)
 
 
+# ---------------------------------------------------------------------- the concept in a prompt
+def replace_concept(prompt: str, concept: str, replacement: str) -> str:
+    """Replace the first whole-word occurrence of ``concept`` in ``prompt`` (case-insensitive)."""
+    pattern = re.compile(r"(?<![\w-])" + re.escape(concept) + r"(?![\w-])", re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise ACEValueError(f"The prompt {prompt!r} does not contain the concept {concept!r}.")
+    return pattern.sub(lambda _: replacement, prompt, count=1)
+
+
+def concept_char_span(prompt: str, concept: str) -> tuple[int, int]:
+    """``(start, end)``: the characters of the first whole-word occurrence of ``concept`` in ``prompt``."""
+    pattern = re.compile(r"(?<![\w-])" + re.escape(concept) + r"(?![\w-])", re.IGNORECASE)
+    match = pattern.search(prompt)
+    if match is None:
+        raise ACEValueError(f"The prompt {prompt!r} does not contain the concept {concept!r}.")
+    return match.start(), match.end()
+
+
 # ---------------------------------------------------------------------- sampling
 def latent_shape(pipe: Any, height: int | None, width: int | None) -> tuple[int, int, int, int, int]:
     """``(channels, latent_h, latent_w, height, width)`` for ``pipe`` (defaults: the UNet's sample size)."""
@@ -61,14 +81,17 @@ def seeded_latents(pipe: Any, seeds: Sequence[int], height: int | None, width: i
     """Initial latents drawn on CPU, one generator per seed (image ``i`` does not depend on the batch),
     scaled by the scheduler's ``init_noise_sigma`` — the recipe of ``shapes.pipeline.generate``."""
     channels, lh, lw, _, _ = latent_shape(pipe, height, width)
-    lat = torch.stack([torch.randn((channels, lh, lw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+    lat = torch.stack(
+        [torch.randn((channels, lh, lw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    )
     return lat.to(pipe._execution_device, pipe.unet.dtype) * pipe.scheduler.init_noise_sigma
 
 
 def check_sd_pipeline(pipe: Any, what: str) -> None:
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ACECompatibilityError(
-            f"{what} supports single-text-encoder Stable Diffusion pipelines (SD 1.x/2.x, the miniature world); "
+            f"{what} supports single-text-encoder Stable Diffusion pipelines (SD 1.x/2.x, the miniature "
+            "world); "
             f"{type(pipe).__name__} has two text encoders (SDXL)."
         )
     for name in ("unet", "text_encoder", "tokenizer", "scheduler"):

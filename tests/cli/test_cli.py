@@ -27,8 +27,21 @@ def test_unknown_command_is_an_error(capsys):
 
 def test_erase_fits_and_saves_an_adapter(model_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
-    code = main(["erase", "--model", str(model_dir), "--concept", "Van Gogh", "--kind", "style",
-                 "--steps", "5", "--output", str(out)])
+    code = main(
+        [
+            "erase",
+            "--model",
+            str(model_dir),
+            "--concept",
+            "Van Gogh",
+            "--kind",
+            "style",
+            "--steps",
+            "5",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     adapter = ACEAdapter.from_pretrained(out)
     assert adapter.concepts == ["Van Gogh"] and adapter.method == "ace" and adapter.kind == "style"
@@ -38,12 +51,40 @@ def test_erase_fits_and_saves_an_adapter(model_dir, tmp_path, capsys):
 def test_erase_pushes_to_the_hub(model_dir, tmp_path, hub_server, monkeypatch):  # noqa: F811
     repo = hub_server.repo_id("cli-erase")
     monkeypatch.setenv("HF_TOKEN", hub_server.token)  # how a CI job would authenticate
-    code = main(["erase", "--model", str(model_dir), "--concept", "cat", "--concept", "dog",
-                 "--steps", "2", "--no-adversarial", "--output", str(tmp_path / "a"), "--push-to-hub", repo])
+    code = main(
+        [
+            "erase",
+            "--model",
+            str(model_dir),
+            "--concept",
+            "cat",
+            "--concept",
+            "dog",
+            "--steps",
+            "2",
+            "--no-adversarial",
+            "--output",
+            str(tmp_path / "a"),
+            "--push-to-hub",
+            repo,
+        ]
+    )
     assert code == 0
     assert ACEAdapter.from_pretrained(repo).concepts == ["cat", "dog"]
 
 
 def test_erase_rejects_bad_arguments(model_dir, tmp_path):
     with pytest.raises(SystemExit):
-        main(["erase", "--model", str(model_dir), "--concept", "x", "--kind", "animal", "--output", str(tmp_path)])
+        main(
+            [
+                "erase",
+                "--model",
+                str(model_dir),
+                "--concept",
+                "x",
+                "--kind",
+                "animal",
+                "--output",
+                str(tmp_path),
+            ]
+        )

@@ -12,11 +12,28 @@ def test_erase_a_saved_pipeline_in_closed_form(tmp_path, capsys):
     model = tmp_path / "model"
     tiny_sd_pipeline().save_pretrained(model)
     out = tmp_path / "erase-van-gogh"
-    code = main(["erase", "--model", str(model), "--concept", "Van Gogh", "--kind", "style", "--steps", "0",
-                 "--output", str(out)])
+    code = main(
+        [
+            "erase",
+            "--model",
+            str(model),
+            "--concept",
+            "Van Gogh",
+            "--kind",
+            "style",
+            "--steps",
+            "0",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and "saved to" in capsys.readouterr().out
     adapter = ACEAdapter.from_pretrained(out)
-    assert adapter.concepts == ["Van Gogh"] and adapter.kind == "style" and adapter.fit["fine_tuning"]["steps_run"] == 0
+    assert (
+        adapter.concepts == ["Van Gogh"]
+        and adapter.kind == "style"
+        and adapter.fit["fine_tuning"]["steps_run"] == 0
+    )
     assert type(load_model(str(model))).__name__ == "StableDiffusionPipeline"
 
 

@@ -7,8 +7,26 @@ from ace_diffusers.testing import random_adapter, tiny_sd_pipeline
 
 from ..eval.conftest import tiny_clip
 
-QUICK = ["--steps", "2", "--height", "16", "--width", "16", "--images-per-prompt", "1", "--template", "a photo of {}",
-         "--soft-steps", "1", "--soft-objective", "attention", "--soft-prompts", "1", "--judge", "clip"]
+QUICK = [
+    "--steps",
+    "2",
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--images-per-prompt",
+    "1",
+    "--template",
+    "a photo of {}",
+    "--soft-steps",
+    "1",
+    "--soft-objective",
+    "attention",
+    "--soft-prompts",
+    "1",
+    "--judge",
+    "clip",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +47,37 @@ def assets(tmp_path_factory):
 
 def test_eval_command_writes_a_full_report(assets, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["--model", str(assets / "model"), "--adapter", str(assets / "adapter"), "--concept", "cat",
-                 "--other", "dog", "--synonym", "kitten", "--neutral", "animal", "--clip-model", str(assets / "clip"),
-                 "--attacks", "misspelling,soft_prompt", "--output", str(out), *QUICK])
+    code = main(
+        [
+            "--model",
+            str(assets / "model"),
+            "--adapter",
+            str(assets / "adapter"),
+            "--concept",
+            "cat",
+            "--other",
+            "dog",
+            "--synonym",
+            "kitten",
+            "--neutral",
+            "animal",
+            "--clip-model",
+            str(assets / "clip"),
+            "--attacks",
+            "misspelling,soft_prompt",
+            "--output",
+            str(out),
+            *QUICK,
+        ]
+    )
     assert code == 0
-    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "grid.png", "metrics.png", "attacks.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "results.json",
+        "report.md",
+        "grid.png",
+        "metrics.png",
+        "attacks.png",
+    }
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "ace (random)" and results["judge"] == "clip" and results["processes"] == 1
     assert set(results["attacks"]) == {"misspelling", "soft_prompt"}
@@ -44,12 +88,35 @@ def test_eval_command_writes_a_full_report(assets, tmp_path, capsys):
 @pytest.mark.parametrize("baseline", ["uce", "esd-x"])
 def test_eval_command_fits_a_baseline(assets, tmp_path, baseline):
     out = tmp_path / "eval-baseline"
-    code = main(["--model", str(assets / "model"), "--baseline", baseline, "--concept", "cat", "--other", "dog",
-                 "--clip-model", str(assets / "clip"), "--attacks", "none", "--esd-steps", "1", "--no-before",
-                 "--output", str(out), *QUICK])
+    code = main(
+        [
+            "--model",
+            str(assets / "model"),
+            "--baseline",
+            baseline,
+            "--concept",
+            "cat",
+            "--other",
+            "dog",
+            "--clip-model",
+            str(assets / "clip"),
+            "--attacks",
+            "none",
+            "--esd-steps",
+            "1",
+            "--no-before",
+            "--output",
+            str(out),
+            *QUICK,
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["method"] == baseline and results["baseline"]["method"] == baseline and results["attacks"] == {}
+    assert (
+        results["method"] == baseline
+        and results["baseline"]["method"] == baseline
+        and results["attacks"] == {}
+    )
     assert results["metrics"]["before"] is None
     assert not (out / "attacks.png").exists()
 

@@ -13,21 +13,63 @@ def test_cli_export(fitted, tmp_path, capsys):
     adapter.save_pretrained(tmp_path / "adapter")
     pipe.save_pretrained(tmp_path / "base")
     out = tmp_path / "kohya.safetensors"
-    code = cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "kohya", "--output", str(out),
-                     "--base", str(tmp_path / "base")])
+    code = cli_main(
+        [
+            "export",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--format",
+            "kohya",
+            "--output",
+            str(out),
+            "--base",
+            str(tmp_path / "base"),
+        ]
+    )
     assert code == 0 and "wrote" in capsys.readouterr().out
     expected = lora_state_dict(adapter, format="kohya", baked=baked)[0]
     written = load_file(str(out))
     assert set(written) == set(expected)
     assert all(torch.allclose(written[k], expected[k], atol=1e-6) for k in expected)
     # no recorded base model and no --base: a clear error; --mode ungated needs no base
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        cli_main(
+            ["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "x.safetensors")]
+        )
+        == 1
+    )
     assert "--base" in capsys.readouterr().err
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "u.safetensors"),
-                     "--mode", "ungated", "--dtype", "float16"]) == 0
+    assert (
+        cli_main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--output",
+                str(tmp_path / "u.safetensors"),
+                "--mode",
+                "ungated",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "u.safetensors")).values())
     other = tiny_sd_pipeline(text_dim=64)
     other.save_pretrained(tmp_path / "other")
-    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "y.safetensors"),
-                     "--base", str(tmp_path / "other")]) == 1
+    assert (
+        cli_main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--output",
+                str(tmp_path / "y.safetensors"),
+                "--base",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 1
+    )
     assert "different base model" in capsys.readouterr().err

@@ -75,7 +75,10 @@ def test_architecture_mismatch_names_first_layer(adapter):
         (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), "JSON object"),
         (lambda d: _edit_config(d, format_version=FORMAT_VERSION + 1), "Upgrade ace-diffusers"),
         (lambda d: _edit_config(d, concepts="cat"), "list of strings"),
-        (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:100]), "truncated or corrupted"),
+        (
+            lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:100]),
+            "truncated or corrupted",
+        ),
         (lambda d: _edit_tensors(d, nan=True), "NaN or Inf"),
         (lambda d: _edit_tensors(d, extra=True), "unexpected tensor"),
         (lambda d: _edit_tensors(d, drop=True), "missing tensors"),

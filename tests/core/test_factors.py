@@ -10,9 +10,12 @@ from ace_diffusers.core.processor import ACELayerDelta
 def factors(seed=0, d_text=12, d_out=8, rank=3):
     g = torch.Generator().manual_seed(seed)
     return LayerFactors(
-        torch.randn(rank, d_text, generator=g), torch.randn(d_out, rank, generator=g),
-        torch.randn(rank, d_text, generator=g), torch.randn(d_out, rank, generator=g),
-        torch.randn(d_text, generator=g), torch.randn(1, generator=g),
+        torch.randn(rank, d_text, generator=g),
+        torch.randn(d_out, rank, generator=g),
+        torch.randn(rank, d_text, generator=g),
+        torch.randn(d_out, rank, generator=g),
+        torch.randn(d_text, generator=g),
+        torch.randn(1, generator=g),
     )
 
 
@@ -33,7 +36,9 @@ def test_delta_is_the_gate_times_the_low_rank_term(projection):
     expected = f.gate(context).unsqueeze(-1) * (context @ down.T @ up.T) * 0.5
     torch.testing.assert_close(f.delta(context, projection, 0.5), expected)
     with_gate_one = LayerFactors(f.k_down, f.k_up, f.v_down, f.v_up, torch.zeros(12), torch.tensor([30.0]))
-    torch.testing.assert_close(with_gate_one.delta(context, projection), context @ f.delta_weight(projection).T)
+    torch.testing.assert_close(
+        with_gate_one.delta(context, projection), context @ f.delta_weight(projection).T
+    )
 
 
 def test_deltas_equal_the_two_single_deltas_bit_for_bit():

@@ -36,5 +36,7 @@ def test_the_previous_release_adapter_gives_bit_identical_images():
     pipe.load_ace_adapter(DATA / "adapter")
     for i, prompt in enumerate(PROMPTS):
         generator = torch.Generator().manual_seed(0)
-        image = pipe(prompt, num_inference_steps=2, generator=generator, output_type="pt", height=32, width=32).images
+        image = pipe(
+            prompt, num_inference_steps=2, generator=generator, output_type="pt", height=32, width=32
+        ).images
         assert torch.equal(image, expected[f"prompt{i}"]), prompt

@@ -19,7 +19,9 @@ def make_delta(attn: Attention, seed: int, rank: int = 3, gate_axis: int | None 
     d_text, d_k = attn.to_k.in_features, attn.to_k.out_features
     gate_weight = torch.randn(d_text, generator=g)
     gate_bias = torch.zeros(1)
-    if gate_axis is not None:  # gate = sigmoid(200 * x[gate_axis]): open where that feature is +1, shut where -1
+    if (
+        gate_axis is not None
+    ):  # gate = sigmoid(200 * x[gate_axis]): open where that feature is +1, shut where -1
         gate_weight = torch.zeros(d_text)
         gate_weight[gate_axis] = 200.0
     return ACELayerDelta(
@@ -106,7 +108,7 @@ def test_self_attention_ignores_the_store():
 def recorded_kv(attn, hidden, context, recorder):
     recorder.calls.clear()
     attn(hidden, encoder_hidden_states=context)
-    (query, key, value), = recorder.calls
+    ((query, key, value),) = recorder.calls
     return query, key, value
 
 

@@ -1,4 +1,5 @@
-"""Baking the gated edit into a plain weight edit: the least-squares minimiser, truncated in the right metric."""
+"""Baking the gated edit into a plain weight edit: the least-squares minimiser, truncated in the right "
+"metric."""
 
 import torch
 

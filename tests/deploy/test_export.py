@@ -19,7 +19,9 @@ from ace_diffusers.testing import tiny_sd_pipeline
 from ..conftest import generate
 
 TEXT_DIM = 128
-KOHYA_KEY = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_\w+_attn2_to_[kv]\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_KEY = re.compile(
+    r"^lora_unet_(down_blocks|mid_block|up_blocks)_\w+_attn2_to_[kv]\.(lora_down\.weight|lora_up\.weight|alpha)$"
+)
 PROMPTS = ["a painting in the style of Van Gogh", "a photo of a cat"]
 
 
@@ -53,9 +55,14 @@ def test_diffusers_format_keys_shapes_and_config(fitted, tmp_path):
     assert len(state) == 4 * len(layers)
     for name in layers:
         for proj in ("k", "v"):
-            down, up = state[f"unet.{name}.to_{proj}.lora_A.weight"], state[f"unet.{name}.to_{proj}.lora_B.weight"]
+            down, up = (
+                state[f"unet.{name}.to_{proj}.lora_A.weight"],
+                state[f"unet.{name}.to_{proj}.lora_B.weight"],
+            )
             assert down.shape == (adapter.rank, TEXT_DIM) and up.shape[1] == adapter.rank
-            assert torch.allclose((up.double() @ down.double()), baked.layers[name].delta_weight(proj), atol=1e-6)
+            assert torch.allclose(
+                (up.double() @ down.double()), baked.layers[name].delta_weight(proj), atol=1e-6
+            )
     path = save_lora(adapter, tmp_path / "lora.safetensors", baked=baked)
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
@@ -140,8 +147,6 @@ def test_export_from_fused_pipeline_writes_the_fused_edit(tmp_path):
         assert float(fh.metadata()["ace_scale"]) == pytest.approx(0.7)
 
 
-
-
 PLAIN_LORA_SCRIPT = textwrap.dedent(
     """
     import sys, torch
@@ -163,7 +168,8 @@ PLAIN_LORA_SCRIPT = textwrap.dedent(
                     results[f"{i}/{name}.v"] = module.to_v(x)
         for j, prompt in enumerate(["a painting in the style of Van Gogh", "a photo of a cat"]):
             generator = torch.Generator().manual_seed(0)
-            results[f"{i}/image{j}"] = pipe(prompt, num_inference_steps=2, generator=generator, output_type="pt",
+            results[f"{i}/image{j}"] = pipe(prompt, num_inference_steps=2, generator=generator,
+            output_type="pt",
                                             height=32, width=32).images
         pipe.unload_lora_weights()
     assert not any(name.startswith("ace_diffusers") for name in sys.modules), "ace_diffusers was imported"
@@ -176,14 +182,27 @@ PLAIN_LORA_SCRIPT = textwrap.dedent(
 def test_plain_diffusers_loads_both_formats(fitted, tmp_path):
     pipe, adapter, baked = fitted
     pipe.save_pretrained(tmp_path / "base")
-    files = [save_lora(adapter, tmp_path / f"{fmt}.safetensors", baked=baked, format=fmt) for fmt in ("diffusers-lora", "kohya")]
+    files = [
+        save_lora(adapter, tmp_path / f"{fmt}.safetensors", baked=baked, format=fmt)
+        for fmt in ("diffusers-lora", "kohya")
+    ]
     x = tokens(2)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", PLAIN_LORA_SCRIPT, str(tmp_path / "base"), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "out.safetensors"), *map(str, files)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            PLAIN_LORA_SCRIPT,
+            str(tmp_path / "base"),
+            str(tmp_path / "x.safetensors"),
+            str(tmp_path / "out.safetensors"),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = load_file(str(tmp_path / "out.safetensors"))

@@ -1,4 +1,5 @@
-"""How far a baked edit is from the gated one: figures on any prompt sets, computed without changing anything."""
+"""How far a baked edit is from the gated one: figures on any prompt sets, computed without changing "
+"anything."""
 
 import torch
 

@@ -39,7 +39,9 @@ from .conftest import (
 def ungated_images(pipe, adapter, prompts):
     """Images with the adapter's gate forced open on every token (what dropping the gate would give)."""
     layers = {
-        name: dataclasses.replace(f, gate_weight=torch.zeros_like(f.gate_weight), gate_bias=torch.tensor([30.0]))
+        name: dataclasses.replace(
+            f, gate_weight=torch.zeros_like(f.gate_weight), gate_bias=torch.tensor([30.0])
+        )
         for name, f in adapter.layers.items()
     }
     pipe.load_ace_adapter(ACEAdapter(layers, concepts=adapter.concepts), adapter_name="ungated")
@@ -61,7 +63,9 @@ def test_fused_outputs_match_gated_on_concept_and_stay_close_on_unrelated(erased
         assert set(figures) == {"concept", "neutral", "preserve", "unrelated"}
         assert figures["concept"]["edit_rel_error"] < KV_EDIT_TOL
         assert figures["unrelated"]["fused_change"] < KV_SPECIFICITY_TOL * figures["concept"]["fused_change"]
-        assert figures["concept"]["gated_change"] > 10 * figures["unrelated"]["gated_change"]  # the gate's specificity
+        assert (
+            figures["concept"]["gated_change"] > 10 * figures["unrelated"]["gated_change"]
+        )  # the gate's specificity
         json.dumps(report)  # plain numbers, storable
 
         fused_images = {p: generate(pipe, p) for p in stock}
@@ -71,12 +75,19 @@ def test_fused_outputs_match_gated_on_concept_and_stay_close_on_unrelated(erased
     def change(images, reference, prompts):
         return [float((images[p] - reference[p]).norm()) for p in prompts]
 
-    for p, err, edit in zip(CONCEPT_PROMPTS, change(fused_images, gated, CONCEPT_PROMPTS), change(gated, stock, CONCEPT_PROMPTS), strict=True):
+    for p, err, edit in zip(
+        CONCEPT_PROMPTS,
+        change(fused_images, gated, CONCEPT_PROMPTS),
+        change(gated, stock, CONCEPT_PROMPTS),
+        strict=True,
+    ):
         assert err < IMAGE_CONCEPT_TOL * edit, p
     fused_drift = change(fused_images, stock, UNRELATED_PROMPTS)
     ungated_drift = change(ungated, stock, UNRELATED_PROMPTS)
     concept_change = change(gated, stock, CONCEPT_PROMPTS)
-    assert all(f < u for f, u in zip(fused_drift, ungated_drift, strict=True))  # baking beats dropping the gate
+    assert all(
+        f < u for f, u in zip(fused_drift, ungated_drift, strict=True)
+    )  # baking beats dropping the gate
     assert sum(fused_drift) < IMAGE_UNRELATED_TOL * sum(concept_change)
 
 
@@ -160,14 +171,18 @@ def test_fused_pipeline_saved_and_reloaded_by_plain_diffusers(erased, tmp_path):
     finally:
         pipe.unfuse_ace_adapter()
     (tmp_path / "prompts.txt").write_text("\n".join(prompts))
-    out = run_plain_diffusers(PLAIN_DIFFUSERS_SCRIPT, tmp_path / "fused", tmp_path / "prompts.txt", tmp_path / "out.safetensors")
+    out = run_plain_diffusers(
+        PLAIN_DIFFUSERS_SCRIPT, tmp_path / "fused", tmp_path / "prompts.txt", tmp_path / "out.safetensors"
+    )
     assert out.strip() == "StableDiffusionPipeline"
     images = load_file(str(tmp_path / "out.safetensors"))
     for i, prompt in enumerate(prompts):
         assert torch.allclose(images[str(i)], expected[i], atol=1e-5), prompt
     # the reloaded plain model carries the erasure: concept prompts look like the gated (erased) pipeline
     for i, prompt in enumerate(CONCEPT_PROMPTS[:2]):
-        assert (images[str(i)] - gated[prompt]).norm() < IMAGE_CONCEPT_TOL * (gated[prompt] - stock[prompt]).norm()
+        assert (images[str(i)] - gated[prompt]).norm() < IMAGE_CONCEPT_TOL * (
+            gated[prompt] - stock[prompt]
+        ).norm()
 
 
 def test_errors(erased):
@@ -179,7 +194,9 @@ def test_errors(erased):
     before = snapshot(pipe.unet)
     with pytest.raises(ACEValueError, match="rank must be"):
         pipe.fuse_ace_adapter(settings=BakeSettings(rank=0))
-    assert get_fused_adapters(pipe) == [] and all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert get_fused_adapters(pipe) == [] and all(
+        torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items()
+    )
     pipe.fuse_ace_adapter("van_gogh")
     try:
         with pytest.raises(ACEValueError, match="already fused"):
@@ -197,10 +214,6 @@ def test_errors(erased):
         unfuse_adapter(pipe)
 
 
-
-
-
-
 def test_several_adapters_with_per_layer_gates_fuse_and_unfuse(sd_pipe):
     a = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, seed=1, magnitude=0.2), adapter_name="a")
     b = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, seed=2, magnitude=0.2), adapter_name="b")
@@ -212,7 +225,9 @@ def test_several_adapters_with_per_layer_gates_fuse_and_unfuse(sd_pipe):
     attn_name, attn = next(iter(cross_attention_modules(sd_pipe.unet).items()))
     expected = before[f"{attn_name}.to_k.weight"].double()
     for name, scale in ((a, 0.5), (b, 1.0)):
-        expected = expected + bake(sd_pipe, sd_pipe.get_ace_adapter(name), scale=scale).layers[attn_name].delta_weight("k")
+        expected = expected + bake(sd_pipe, sd_pipe.get_ace_adapter(name), scale=scale).layers[
+            attn_name
+        ].delta_weight("k")
     assert torch.allclose(attn.to_k.weight.double(), expected, atol=1e-6)
     fused_image = generate(sd_pipe, "random concept")
     assert (fused_image - gated).abs().max() > 0  # an approximation, not the gated model
@@ -251,4 +266,3 @@ def test_weights_changed_after_fuse_are_kept_on_unfuse(erased):
     with torch.no_grad():
         attn.to_k.weight.copy_(before[key])
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
-

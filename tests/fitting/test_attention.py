@@ -20,7 +20,9 @@ def trainable(adapter):
     first = next(iter(adapter.layers.values()))
     params = {"gate": {"weight": first.gate_weight.clone().requires_grad_(), "bias": first.gate_bias.clone()}}
     for name, f in adapter.layers.items():
-        params[name] = {k: getattr(f, k).clone().requires_grad_() for k in ("k_down", "k_up", "v_down", "v_up")}
+        params[name] = {
+            k: getattr(f, k).clone().requires_grad_() for k in ("k_down", "k_up", "v_down", "v_up")
+        }
     return params
 
 

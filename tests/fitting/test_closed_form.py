@@ -1,4 +1,3 @@
-
 import pytest
 
 from ace_diffusers import (
@@ -84,10 +83,6 @@ def test_sdxl_uses_both_text_encoders():
     assert relative_change(pipe, "a photo of a cat") < PRESERVE_CHANGE
 
 
-
-
-
-
 def test_many_concepts_fit_in_one_adapter():
     pipe = tiny_sd_pipeline()
     concepts = [f"concept number {i}" for i in range(100)]
@@ -150,21 +145,9 @@ def test_thousands_of_concepts_beyond_memory_are_refused_before_work(sd_pipe, mo
         erase_concept(sd_pipe, [f"concept {i}" for i in range(3000)], load=False)
 
 
-
-
 def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
     adapter = erase_concept(sd_pipe, ["cat", "striped"], neutral=["", "plain"], load=False)
     assert adapter.neutral == ["", "plain"]
-
-
-
-
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("new_process", [False, True], ids=["same-process", "new-process"])
@@ -191,7 +174,9 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cac
     """Fits of more than a few concepts encode other templates at full length: those are prepared too."""
     pipe = tiny_sd_pipeline()
     concepts = [f"painter {i}" for i in range(12)]
-    full = set().union(*(full_length_template_indices(i, len(concepts), 6, FitSettings()) for i in range(len(concepts))))
+    full = set().union(
+        *(full_length_template_indices(i, len(concepts), 6, FitSettings()) for i in range(len(concepts)))
+    )
     assert full == set(range(6))  # between them, these concepts take every template at full length
     preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"])
     assert preparation.neutral == ["art", "a painting"]
@@ -235,6 +220,8 @@ def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, conce
     assert adapter.concepts[0] == concept
     assert encoded and all(concept in prompt for prompt in encoded)  # only the concept's own prompts
     assert not new_prefixes  # and no template prefix either
+
+
 def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch):
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
     EMBEDDINGS.clear()

@@ -55,13 +55,19 @@ def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatc
     first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     prefix_files = sorted((cache_dir / "prefixes").rglob("*.safetensors"))
     n_encoders = len(TextEmbedder(pipe).encoders)
-    assert len(prefix_files) == 5 * n_encoders  # the style templates whose prefix has >= 2 tokens, per encoder
+    assert (
+        len(prefix_files) == 5 * n_encoders
+    )  # the style templates whose prefix has >= 2 tokens, per encoder
     EMBEDDINGS.clear()  # what a new process starts with
     passes = []
     original = text_module.run_clip_layers
-    monkeypatch.setattr(text_module, "run_clip_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k))
+    monkeypatch.setattr(
+        text_module, "run_clip_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k)
+    )
     second = erase_concept(pipe, "Claude Monet", kind="style", load=False)
-    assert passes and all(prefix_kv is not None for prefix_kv in passes)  # no prefix pass: every tail reads stored ones
+    assert passes and all(
+        prefix_kv is not None for prefix_kv in passes
+    )  # no prefix pass: every tail reads stored ones
     assert sorted((cache_dir / "prefixes").rglob("*.safetensors")) == prefix_files
     EMBEDDINGS.clear()
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")  # the same fit computed from scratch

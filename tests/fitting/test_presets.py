@@ -10,21 +10,29 @@ def test_preservation_and_unrelated_prompts_never_name_an_erased_concept():
         ["circle", "striped"],
         neutral=["", "plain"],
         preserve=["solid", "heart"],
-        templates={"solid": ["a {} red circle", "a {} blue heart"], "heart": ["a {}", "a striped {}"], "circle": ["a {}"]},
+        templates={
+            "solid": ["a {} red circle", "a {} blue heart"],
+            "heart": ["a {}", "a striped {}"],
+            "circle": ["a {}"],
+        },
     )
     assert spec.preserve_prompts() == ["a solid blue heart", "a heart"]
     assert spec.preserve_prompts(1) == ["a heart"]  # "a solid red circle" would fight the erasure
     coffee = resolve_spec("coffee")
     assert "a cup of coffee" in coffee.negatives and "a cup of coffee" not in coffee.unrelated_prompts()
     assert spec.names_concept("a Circle.") and not spec.names_concept("a semicircle")
-    assert not spec.names_concept("a red circle", besides="circle") and spec.names_concept("striped circle", besides="circle")
+    assert not spec.names_concept("a red circle", besides="circle") and spec.names_concept(
+        "striped circle", besides="circle"
+    )
 
 
 def test_a_concepts_templates_naming_another_erased_concept_are_left_out():
     from ace_diffusers.fitting.presets import resolve_spec
 
     styles = ["a {} red circle", "a {} blue square", "a {} green heart"]
-    spec = resolve_spec(["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]})
+    spec = resolve_spec(
+        ["striped", "square"], neutral=["plain", ""], templates={"striped": styles, "square": ["a {}"]}
+    )
     assert spec.templates_for("striped") == ["a {} red circle", "a {} green heart"]
     assert resolve_spec("striped", templates={"striped": styles}).templates_for("striped") == styles
 

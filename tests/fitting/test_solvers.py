@@ -1,4 +1,5 @@
 """The closed form's algebra against its definitions (minimiser, best rank-r edit, gate, L-BFGS)."""
+
 import dataclasses
 
 import pytest
@@ -15,7 +16,9 @@ def test_low_rank_edits_are_the_best_rank_r_edit_in_the_objective_metric():
     basis = torch.randn(d, d, generator=gen)
     metric = basis @ basis.T / d + 0.1 * torch.eye(d)
     root = torch.linalg.cholesky(metric)
-    text_map = torch.randn(d, 12, generator=gen) @ torch.randn(12, d, generator=gen) + 0.05 * torch.randn(d, d, generator=gen)
+    text_map = torch.randn(d, 12, generator=gen) @ torch.randn(12, d, generator=gen) + 0.05 * torch.randn(
+        d, d, generator=gen
+    )
     weights = [torch.randn(rows, d, generator=gen) for rows in (40, 64, 40, 64, 64)]
     edits = low_rank_edits(weights, text_map @ root, root, rank)
     single = low_rank_edits(weights[1:2], text_map @ root, root, rank)[0]
@@ -40,13 +43,19 @@ def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
     data = FitData(concept, target, torch.ones(concept_tokens, dtype=torch.bool), others)
     settings = FitSettings()
     gate_w, gate_b = 0.05 * torch.randn(d, generator=gen), torch.tensor([0.5])
-    h, root, stats = solve_text_map(data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge)
+    h, root, stats = solve_text_map(
+        data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
+    )
 
     c, n, p = concept.double(), target.double(), others.double()
     g = torch.sigmoid(c @ gate_w.double() + gate_b.double())
     m_concept, m_other = (c * g[:, None] ** 2).T @ c / len(c), p.T @ p / len(p)
     energy = (m_concept.trace() + m_other.trace()) / (2 * d)
-    metric = m_concept + settings.preserve_weight * m_other + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
+    metric = (
+        m_concept
+        + settings.preserve_weight * m_other
+        + settings.ridge * energy * torch.eye(d, dtype=torch.float64)
+    )
     text_map = ((n - c) * g[:, None]).T @ c / len(c) @ torch.linalg.inv(metric)
     torch.testing.assert_close(root @ root.T, metric, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(h.double(), text_map @ root, rtol=1e-4, atol=1e-6)
@@ -55,7 +64,14 @@ def test_solve_text_map_is_the_closed_form_minimiser(concept_tokens):
     assert stats["preserve_drift"] == pytest.approx(float((p @ text_map.T).norm() / p.norm()), rel=1e-3)
     assert stats["concept_tokens"] == concept_tokens and stats["other_tokens"] == 60
     moment_given = dataclasses.replace(data, others_moment=m_other)
-    torch.testing.assert_close(solve_text_map(moment_given, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge)[0], h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        solve_text_map(
+            moment_given, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
+        )[0],
+        h,
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_minimize_lbfgs_finds_the_minimum_of_a_convex_quadratic():

@@ -11,8 +11,16 @@ from ace_diffusers.testing import tiny_sd_pipeline
 
 
 def small_trainer(pipe, **kwargs):
-    defaults = dict(kind="style", steps=12, adversarial_every=5, adversarial_steps=2, mined_synonyms=2,
-                    queries_per_layer=16, batch_size=8, progress=False)
+    defaults = dict(
+        kind="style",
+        steps=12,
+        adversarial_every=5,
+        adversarial_steps=2,
+        mined_synonyms=2,
+        queries_per_layer=16,
+        batch_size=8,
+        progress=False,
+    )
     return ACETrainer(pipe, "Van Gogh", **{**defaults, **kwargs})
 
 
@@ -29,7 +37,11 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
     tuning = adapter.fit["fine_tuning"]
     # mining keeps at most mined_synonyms words, and only those that pass its in-context checks (a random
     # tiny model has few; tests/shapes/test_trainer_mining.py checks what it finds on a real encoder)
-    assert tuning["steps_run"] == 25 and tuning["adversaries_found"] >= 1 and 1 <= len(tuning["mined_synonyms"]) <= 2
+    assert (
+        tuning["steps_run"] == 25
+        and tuning["adversaries_found"] >= 1
+        and 1 <= len(tuning["mined_synonyms"]) <= 2
+    )
     assert tuning["erase_loss_after"] < 0.8 * tuning["erase_loss_before"]  # on the fixed concept prompts
     assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
 
@@ -83,7 +95,9 @@ def test_bad_arguments(pipe, kwargs, message):
 
 def test_default_steps_grow_with_the_number_of_concepts(pipe):
     assert ACETrainer(pipe, "Van Gogh", kind="style", progress=False).steps == default_steps(1) == 450
-    four = ACETrainer(pipe, ["Van Gogh", "Claude Monet", "Rembrandt", "Frida Kahlo"], kind="style", progress=False)
+    four = ACETrainer(
+        pipe, ["Van Gogh", "Claude Monet", "Rembrandt", "Frida Kahlo"], kind="style", progress=False
+    )
     assert four.steps == default_steps(4) == 600
     assert default_steps(10_000) == MAX_DEFAULT_STEPS
     assert ACETrainer(pipe, ["Van Gogh", "Claude Monet"], kind="style", steps=7, progress=False).steps == 7

@@ -55,5 +55,9 @@ def small_adapter(seed: int = 0, concepts=("Van Gogh",)) -> ACEAdapter:
         for i in range(2)
     }
     return ACEAdapter(
-        layers, concepts=list(concepts), neutral=["a painting"] * len(concepts), kind="style", base_model="tiny/sd"
+        layers,
+        concepts=list(concepts),
+        neutral=["a painting"] * len(concepts),
+        kind="style",
+        base_model="tiny/sd",
     )

@@ -34,7 +34,12 @@ def test_a_local_folder_must_hold_both_files(tmp_path):
 
 def test_tokens(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test")
-    assert token_available(None) and token_available("x") and not token_available(False) and not token_available("")
+    assert (
+        token_available(None)
+        and token_available("x")
+        and not token_available(False)
+        and not token_available("")
+    )
 
 
 def _http(status):

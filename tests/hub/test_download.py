@@ -24,8 +24,12 @@ def test_push_then_download_by_repo_id_is_byte_identical(hub_server, tmp_path):
     repo = hub_server.repo_id("van-gogh")
     url = push_adapter_folder(folder, repo, token=hub_server.token)
     assert url.startswith(f"{hub_server.endpoint}/{repo}/commit/")
-    assert sorted(HfApi().list_repo_files(repo)) == sorted([".gitattributes", "README.md", CONFIG_NAME, WEIGHTS_NAME])
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # the folder is untouched
+    assert sorted(HfApi().list_repo_files(repo)) == sorted(
+        [".gitattributes", "README.md", CONFIG_NAME, WEIGHTS_NAME]
+    )
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME]
+    )  # the folder is untouched
 
     got = resolve_adapter_dir(repo)  # public repo: no token needed
     assert files_of(got) == files_of(folder)
@@ -84,7 +88,9 @@ def test_offline_uses_the_cache_and_explains_misses(hub_server, tmp_path):
     folder = make_fake_adapter(tmp_path / "a")
     repo = hub_server.repo_id("cached")
     push_adapter_folder(folder, repo, token=hub_server.token)
-    push_adapter_folder(make_fake_adapter(tmp_path / "other"), hub_server.repo_id("never"), token=hub_server.token)
+    push_adapter_folder(
+        make_fake_adapter(tmp_path / "other"), hub_server.repo_id("never"), token=hub_server.token
+    )
     online = resolve_adapter_dir(repo)
 
     hub_server.set_offline(True)
@@ -103,7 +109,9 @@ def test_offline_uses_the_cache_and_explains_misses(hub_server, tmp_path):
 
     hub_server.set_offline(False)
     assert resolve_adapter_dir(repo, local_files_only=True) == online
-    with pytest.raises(ACEHubError, match=r"(?s)never downloaded.*local_files_only=True.*local_files_only=False"):
+    with pytest.raises(
+        ACEHubError, match=r"(?s)never downloaded.*local_files_only=True.*local_files_only=False"
+    ):
         resolve_adapter_dir(hub_server.repo_id("never"), local_files_only=True)
 
 
@@ -118,7 +126,9 @@ def test_unreachable_hub_is_reported(hub_server, monkeypatch):
     no_sleep = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     no_sleep.sleep = lambda seconds: None
     monkeypatch.setattr(_http, "time", no_sleep)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     with pytest.raises(ACEHubError, match=r"Could not reach the Hugging Face Hub at http://127\.0\.0\.1"):
         resolve_adapter_dir("someone/anything")
 
@@ -128,7 +138,12 @@ def test_repo_that_is_not_an_ace_adapter(hub_server, tmp_path):
     repo = hub_server.repo_id("a-lora")
     api.create_repo(repo)
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="adapter_config.json", repo_id=repo)
-    with pytest.raises(ACEAdapterFormatError, match=r"(?s)'ace-tester/a-lora' is not an ACE adapter: it has no ace_config\.json.*ACE adapters contain.*It contains: adapter_config\.json"):
+    with pytest.raises(
+        ACEAdapterFormatError,
+        match=r"(?s)'ace-tester/a-lora' is not an ACE adapter: it has no ace_config\.json"
+        r".*ACE adapters contain"
+        r".*It contains: adapter_config\.json",
+    ):
         resolve_adapter_dir(repo)
 
     half = hub_server.repo_id("half")
@@ -139,13 +154,17 @@ def test_repo_that_is_not_an_ace_adapter(hub_server, tmp_path):
 
 
 def test_missing_repo_and_bad_paths(hub_server, tmp_path, monkeypatch):
-    with pytest.raises(ACEHubError, match=r"(?s)Could not find ACE adapter repo 'ace-tester/nothing-here'.*no local folder"):
+    with pytest.raises(
+        ACEHubError, match=r"(?s)Could not find ACE adapter repo 'ace-tester/nothing-here'.*no local folder"
+    ):
         resolve_adapter_dir("ace-tester/nothing-here")
     monkeypatch.chdir(tmp_path)
     for bad in ("./adapters/mine", "/definitely/not/here", "a/b/c", tmp_path / "missing"):
         with pytest.raises(ACEHubError, match="neither an existing local folder .* nor a valid"):
             resolve_adapter_dir(bad)
-    assert hub_server.server.requests.maxlen and not any("/definitely" in r[1] for r in hub_server.server.requests)
+    assert hub_server.server.requests.maxlen and not any(
+        "/definitely" in r[1] for r in hub_server.server.requests
+    )
 
     folder = make_fake_adapter(tmp_path / "local")
     assert resolve_adapter_dir(folder) == folder

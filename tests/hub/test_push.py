@@ -72,7 +72,9 @@ def test_server_speaks_enough_hub_for_the_client(hub_server, tmp_path):
     assert {s.rfilename: s.size for s in info.siblings}["sub/b.bin"] == 2560
     refs = api.list_repo_refs(repo)
     assert {b.name for b in refs.branches} == {"main", "dev"} and [t.name for t in refs.tags] == ["t1"]
-    assert [c.title for c in api.list_repo_commits(repo, revision="dev")][0] == "Upload a.txt with huggingface_hub"
+    assert [c.title for c in api.list_repo_commits(repo, revision="dev")][
+        0
+    ] == "Upload a.txt with huggingface_hub"
     tree = {e.path: type(e).__name__ for e in api.list_repo_tree(repo)}
     assert tree == {".gitattributes": "RepoFile", "a.txt": "RepoFile", "sub": "RepoFolder"}
     snap = Path(huggingface_hub.snapshot_download(repo, revision="dev", token=hub_server.token))
@@ -91,14 +93,6 @@ def test_server_speaks_enough_hub_for_the_client(hub_server, tmp_path):
 # ------------------------------------------------------------------------------ push / download
 
 
-
-
-
-
-
-
-
-
 def test_create_pr(hub_server, tmp_path):
     repo = hub_server.repo_id("pr")
     base, proposal = make_fake_adapter(tmp_path / "b", seed=1), make_fake_adapter(tmp_path / "p", seed=2)
@@ -107,8 +101,6 @@ def test_create_pr(hub_server, tmp_path):
     assert url == f"{hub_server.endpoint}/{repo}/discussions/1"
     assert files_of(resolve_adapter_dir(repo)) == files_of(base)
     assert files_of(resolve_adapter_dir(repo, revision="refs/pr/1")) == files_of(proposal)
-
-
 
 
 # ------------------------------------------------------------------------------ private repos / tokens
@@ -126,8 +118,6 @@ def test_private_repo_needs_a_valid_token(hub_server, tmp_path):
         resolve_adapter_dir(repo, token=hub_server.server.other_token)
     assert files_of(resolve_adapter_dir(repo, token=hub_server.token)) == files_of(folder)
     assert files_of(resolve_adapter_dir(repo, token=hub_server.server.read_token)) == files_of(folder)
-
-
 
 
 def test_push_errors_are_clear(hub_server, tmp_path):
@@ -152,7 +142,9 @@ def test_push_errors_are_clear(hub_server, tmp_path):
     short = push_adapter_folder(folder, "no-namespace", token=hub_server.token)  # the token's user
     assert short.startswith(f"{hub_server.endpoint}/{hub_server.user}/no-namespace/commit/")
     org_repo = f"{hub_server.server.org}/shared"
-    assert push_adapter_folder(folder, org_repo, token=hub_server.token).startswith(f"{hub_server.endpoint}/{org_repo}")
+    assert push_adapter_folder(folder, org_repo, token=hub_server.token).startswith(
+        f"{hub_server.endpoint}/{org_repo}"
+    )
     hub_server.set_offline(True)
     with pytest.raises(ACEHubError, match=r"offline mode is on.*HF_HUB_OFFLINE=0"):
         push_adapter_folder(folder, repo, token=hub_server.token)
@@ -161,11 +153,7 @@ def test_push_errors_are_clear(hub_server, tmp_path):
 # ------------------------------------------------------------------------------ offline / cache
 
 
-
-
 # ------------------------------------------------------------------------------ not an adapter / bad input
-
-
 
 
 # ------------------------------------------------------------------------------ ACEAdapter end to end

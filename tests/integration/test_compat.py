@@ -81,8 +81,13 @@ def test_sd1_and_sd2_like_pipelines(kwargs):
 def img2img(pipe, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     return pipe(
-        "a photo of a cat", image=IMAGE, strength=1.0, num_inference_steps=2, generator=generator,
-        output_type="pt", **kwargs,
+        "a photo of a cat",
+        image=IMAGE,
+        strength=1.0,
+        num_inference_steps=2,
+        generator=generator,
+        output_type="pt",
+        **kwargs,
     ).images
 
 
@@ -93,7 +98,9 @@ def inpaint(pipe, seed=0):
 def test_from_pipe_img2img_and_inpaint_share_the_adapter(sd_pipe):
     name = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
     i2i = StableDiffusionImg2ImgPipeline.from_pipe(sd_pipe)
-    legacy_inpaint = StableDiffusionInpaintPipeline(**sd_pipe.components)  # 4-channel UNet: blended inpainting
+    legacy_inpaint = StableDiffusionInpaintPipeline(
+        **sd_pipe.components
+    )  # 4-channel UNet: blended inpainting
     for derived, run in ((i2i, img2img), (legacy_inpaint, inpaint)):
         derived.set_progress_bar_config(disable=True)
         assert derived.unet is sd_pipe.unet
@@ -217,7 +224,10 @@ def ip_adapter_state_dict(unet, image_dim=16, seed=0):
         "norm.weight": torch.ones(text_dim),
         "norm.bias": torch.zeros(text_dim),
     }
-    ip_layers, key_id = {}, 1  # diffusers numbers cross-attention layers 1, 3, 5, ... in attn_processors order
+    ip_layers, key_id = (
+        {},
+        1,
+    )  # diffusers numbers cross-attention layers 1, 3, 5, ... in attn_processors order
     for name in unet.attn_processors:
         if not name.endswith("attn1.processor"):
             hidden = attention_modules(unet)[name.removesuffix(".processor")].to_k.weight.shape[0]
@@ -231,7 +241,9 @@ def load_tiny_ip_adapter(pipe, folder):
     state = ip_adapter_state_dict(pipe.unet)
     flat = {f"{group}.{k}": v for group in ("image_proj", "ip_adapter") for k, v in state[group].items()}
     save_file(flat, str(folder / "ip-adapter_tiny.safetensors"))
-    pipe.load_ip_adapter(folder, subfolder="", weight_name="ip-adapter_tiny.safetensors", image_encoder_folder=None)
+    pipe.load_ip_adapter(
+        folder, subfolder="", weight_name="ip-adapter_tiny.safetensors", image_encoder_folder=None
+    )
 
 
 def with_image_prompt(pipe, **kwargs):
@@ -242,7 +254,13 @@ def with_image_prompt(pipe, **kwargs):
 def generate_kw(pipe, **kwargs):
     generator = torch.Generator().manual_seed(0)
     return pipe(
-        "a photo of a cat", num_inference_steps=2, generator=generator, output_type="pt", height=32, width=32, **kwargs
+        "a photo of a cat",
+        num_inference_steps=2,
+        generator=generator,
+        output_type="pt",
+        height=32,
+        width=32,
+        **kwargs,
     ).images
 
 
@@ -279,15 +297,20 @@ def test_ip_adapter_load_unload_keeps_ace(sd_pipe, tmp_path, ace_first):
         assert all(type(p) is AttnProcessor2_0 for p in processors(sd_pipe).values())
     else:
         sd_pipe.unload_ace_adapter()  # the IP-Adapter processors (same weights) come back
-        assert {type(p) for n, p in processors(sd_pipe).items() if "attn2" in n} == {IPAdapterAttnProcessor2_0}
+        assert {type(p) for n, p in processors(sd_pipe).items() if "attn2" in n} == {
+            IPAdapterAttnProcessor2_0
+        }
         assert torch.equal(with_image_prompt(sd_pipe), ip_only)
         sd_pipe.unload_ip_adapter()
     assert torch.equal(generate(sd_pipe), stock)
 
 
 def test_ip_adapter_processor_matches_diffusers_with_masks(sd_pipe):
-    """With ACE switched off, the ACE IP-Adapter processor is bit-identical to diffusers' (masked path too)."""
-    sd_pipe.load_ip_adapter(ip_adapter_state_dict(sd_pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    """With ACE switched off, the ACE IP-Adapter processor is bit-identical to diffusers' (masked path "
+    "too)."""
+    sd_pipe.load_ip_adapter(
+        ip_adapter_state_dict(sd_pipe.unet), subfolder="", weight_name="", image_encoder_folder=None
+    )
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., :, :16] = 1.0
     kwargs = {"cross_attention_kwargs": {"ip_adapter_masks": [mask]}}
@@ -327,7 +350,9 @@ def test_fuse_qkv_projections_is_refused_before_anything_changes(sd_pipe):
     edited = generate(sd_pipe)
     before = processors(sd_pipe)
     state_keys = set(sd_pipe.unet.state_dict())
-    with pytest.raises(ACECompatibilityError, match=r"fuse_qkv_projections.*bypasses the ACE K/V edit.*Nothing was changed"):
+    with pytest.raises(
+        ACECompatibilityError, match=r"fuse_qkv_projections.*bypasses the ACE K/V edit.*Nothing was changed"
+    ):
         sd_pipe.fuse_qkv_projections()
     with pytest.raises(ACECompatibilityError, match="fuse_qkv_projections"):
         sd_pipe.unet.fuse_qkv_projections()
@@ -350,16 +375,21 @@ def test_xformers_is_refused_and_disabling_keeps_ace(sd_pipe):
     edited = generate(sd_pipe)
     before = processors(sd_pipe)
     # refused before diffusers even looks for xformers/CUDA, so this runs on any machine
-    with pytest.raises(ACECompatibilityError, match="enable_xformers_memory_efficient_attention.*XFormersAttnProcessor"):
+    with pytest.raises(
+        ACECompatibilityError, match="enable_xformers_memory_efficient_attention.*XFormersAttnProcessor"
+    ):
         sd_pipe.unet.enable_xformers_memory_efficient_attention()
     assert processors(sd_pipe) == before
-    sd_pipe.disable_xformers_memory_efficient_attention()  # resets every module to AttnProcessor2_0 in diffusers
+    # resets every module to AttnProcessor2_0 in diffusers
+    sd_pipe.disable_xformers_memory_efficient_attention()
     assert all(isinstance(p, ACEAttnProcessor) for p in processors(sd_pipe).values())
     assert torch.equal(generate(sd_pipe), edited)
 
 
 def test_xformers_on_a_real_gpu(sd_pipe):
-    pytest.importorskip("xformers", reason="xformers is not installed (it needs CUDA); the refusal is tested above")
+    pytest.importorskip(
+        "xformers", reason="xformers is not installed (it needs CUDA); the refusal is tested above"
+    )
     if not torch.cuda.is_available():
         pytest.skip("xformers memory-efficient attention needs a CUDA device")
     pipe = sd_pipe.to("cuda")
@@ -387,7 +417,9 @@ def test_user_set_attn_processor(sd_pipe):
     sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
     edited = generate(sd_pipe)
     before = processors(sd_pipe)
-    with pytest.raises(ACECompatibilityError, match=r"set_attn_processor.*attn2.*Custom.*Nothing was changed"):
+    with pytest.raises(
+        ACECompatibilityError, match=r"set_attn_processor.*attn2.*Custom.*Nothing was changed"
+    ):
         sd_pipe.unet.set_attn_processor(Custom())
     mixed = {n: (Custom() if n.endswith("attn2.processor") else AttnProcessor2_0()) for n in before}
     with pytest.raises(ACECompatibilityError):
@@ -432,9 +464,16 @@ def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
     and changing scales, the active set or the on/off switch reuses the one compiled graph."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(  # one cross-attention block (4 layers): compiles in seconds
-        block_out_channels=(32,), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        block_out_channels=(32,),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(**{**tiny_sd_pipeline(text_dim=32).components, "unet": unet})
     pipe.set_progress_bar_config(disable=True)
@@ -532,7 +571,8 @@ def test_model_cpu_offload_keeps_the_adapter(sd_pipe):
 
 
 def test_sequential_offload_hooks_keep_the_adapter(sd_pipe):
-    """What ``enable_sequential_cpu_offload`` does per component: weights to ``meta``, streamed in per call."""
+    """What ``enable_sequential_cpu_offload`` does per component: weights to ``meta``, streamed in per "
+    "call."""
     accelerate = pytest.importorskip("accelerate")
     name = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
     edited = generate(sd_pipe)
@@ -560,7 +600,10 @@ def test_enable_sequential_cpu_offload(sd_pipe):
         with pytest.raises(TypeError, match="requires_grad"):  # the stock pipeline fails the same way here
             generate_embeds(sd_pipe, **kwargs)
         first_line = str(err).splitlines()[0]
-        pytest.skip(f"enable_sequential_cpu_offload fails in this accelerate/torch combination without ACE too: {first_line}")
+        pytest.skip(
+            "enable_sequential_cpu_offload fails in this accelerate/torch combination without ACE too: "
+            f"{first_line}"
+        )
     assert torch.equal(offloaded, edited)
     assert sd_pipe.get_active_ace_adapters() == [name]
 
@@ -574,7 +617,8 @@ def generate_embeds(pipe, **kwargs):
 
 # ====================================================================== textual inversion
 def kv_change(pipe, prompt):
-    """Relative change of K/V that the loaded adapters make for ``prompt`` (over all cross-attention layers)."""
+    """Relative change of K/V that the loaded adapters make for ``prompt`` (over all cross-attention "
+    "layers)."""
     with torch.no_grad():
         context = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
         num = den = 0.0
@@ -591,7 +635,9 @@ def test_textual_inversion_tokens_pass_through_erasure():
     pipe.tokenizer = copy.deepcopy(pipe.tokenizer)  # the test tokenizer is shared (cached): never mutate it
     embeddings = pipe.text_encoder.get_input_embeddings().weight
     cat_row = embeddings[pipe.tokenizer.convert_tokens_to_ids("cat</w>")].detach().clone()
-    new_row = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(0)) * cat_row.norm() / 8
+    new_row = (
+        torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(0)) * cat_row.norm() / 8
+    )
     pipe.load_textual_inversion({"<kitty>": cat_row})  # a learned alias of an erased concept
     pipe.load_textual_inversion({"<my-style>": new_row})  # a brand-new concept
     assert pipe.tokenizer.tokenize("a photo of <kitty>")[-1] == "<kitty>"
