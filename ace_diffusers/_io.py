@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -66,11 +67,17 @@ def staged_directory(
 
     ``carry_over(item)`` picks files of an existing ``target`` to copy into the staging folder first (e.g.
     a model card next to the adapter files). On any error ``target`` is left exactly as it was and the
-    staging folder is removed.
+    staging folder is removed. A symlink ``target`` is written through (the folder it points to is
+    replaced, the link stays). Staging folders left by a process that was killed mid-save are swept;
+    the new folder gets the permissions the umask gives a new folder, like ``os.makedirs``.
     """
     target = Path(target).absolute()
+    if target.is_symlink():
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    _sweep_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         if carry_over is not None and target.is_dir():
             for item in target.iterdir():
@@ -82,6 +89,37 @@ def staged_directory(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.saving-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sweep_stale_staging(target: Path) -> None:
+    """Remove staging folders of ``target`` whose writer process no longer exists (killed mid-save)."""
+    prefix = _staging_prefix(target)
+    for item in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = item.name[len(prefix) :].split("-", 1)[0]
+        if item.is_dir() and not item.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(item, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _fsync_files(folder: Path) -> None:

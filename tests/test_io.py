@@ -63,3 +63,34 @@ def test_staged_directory_leaves_the_target_untouched_on_error(tmp_path):
         raise RuntimeError("boom")
     assert [p.name for p in target.iterdir()] == ["kept.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_killed_saves_staging_folder_is_swept_by_the_next_save(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "adapter"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".adapter.saving-{int(dead.stdout)}-abc"  # that process has exited
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x" * 100)
+    with staged_directory(target) as staging:
+        (staging / "new.bin").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_saved_folders_follow_the_umask_and_links_are_written_through(tmp_path):
+    import os
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    old = os.umask(0o022)
+    try:
+        with staged_directory(link) as staging:
+            (staging / "a.bin").write_text("a")
+    finally:
+        os.umask(old)
+    assert link.is_symlink() and (link / "a.bin").read_text() == "a" and (real / "a.bin").is_file()
+    assert oct(real.stat().st_mode & 0o777) == oct(0o755)

@@ -18,17 +18,20 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import AutoProcessor, CLIPModel
 
-from ..eval.attacks import ALL_ATTACKS, SoftPromptSettings
+from ..eval.attacks import ALL_ATTACKS
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.common import partial_state
 from ..eval.judges import CLIPZeroShotJudge, ShapesJudge
+from ..eval.plans import EvalPlan, prompt_plan, shapes_plan
 from ..eval.report import write_report
-from ..eval.runner import evaluate, prompt_plan, shapes_plan
+from ..eval.runner import evaluate
+from ..eval.soft_prompt import SoftPromptSettings
 from ..fitting.presets import filled
 from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import concept_kind, erase_arguments
@@ -40,35 +43,47 @@ from .erase import MINIATURE_NAMES, load_model
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ace-diffusers eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="'shapes' (the bundled miniature world), a local pipeline folder or a Hub id")
+    p.add_argument("--model", required=True,
+                   help="'shapes' (the bundled miniature world), a local pipeline folder or a Hub id")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--adapter", help="ACE adapter folder or Hub id to evaluate")
-    what.add_argument("--baseline", choices=["uce", "esd-x"], help="fit and evaluate a baseline instead of an adapter")
-    p.add_argument("--uce-tokens", choices=["last", "aligned"], default="last", help="UCE: published last-token data or every aligned token")
+    what.add_argument("--baseline", choices=["uce", "esd-x"],
+                      help="fit and evaluate a baseline instead of an adapter")
+    p.add_argument("--uce-tokens", choices=["last", "aligned"], default="last",
+                   help="UCE: published last-token data or every aligned token")
     p.add_argument("--esd-steps", type=int, default=200, help="ESD-x fine-tuning steps")
     p.add_argument("--esd-lr", type=float, default=1e-4, help="ESD-x learning rate")
     p.add_argument("--concept", required=True, help="the erased concept to measure")
-    p.add_argument("--output", required=True, help="folder for results.json, report.md, grid.png, metrics.png, attacks.png")
-    p.add_argument("--judge", choices=["shapes", "clip"], default=None, help="default: shapes for the miniature world, else clip")
-    p.add_argument("--clip-model", help="local folder of a transformers CLIPModel + processor (for --judge clip)")
-    p.add_argument("--label", action="append", help="judge label (repeatable; default: concept, others, neutral)")
+    p.add_argument("--output", required=True,
+                   help="folder for results.json, report.md, grid.png, metrics.png, attacks.png")
+    p.add_argument("--judge", choices=["shapes", "clip"], default=None,
+                   help="default: shapes for the miniature world, else clip")
+    p.add_argument("--clip-model",
+                   help="local folder of a transformers CLIPModel + processor (for --judge clip)")
+    p.add_argument("--label", action="append",
+                   help="judge label (repeatable; default: concept, others, neutral)")
     p.add_argument("--neutral", default=None, help="neutral anchor (negative-prompt attack; CLIP label)")
-    p.add_argument("--synonym", action="append", default=[], help="synonym of the concept (repeatable; Acc_g)")
-    p.add_argument("--other", action="append", default=[], help="another concept that must survive (repeatable; Acc_s)")
+    p.add_argument("--synonym", action="append", default=[],
+                   help="synonym of the concept (repeatable; Acc_g)")
+    p.add_argument("--other", action="append", default=[],
+                   help="another concept that must survive (repeatable; Acc_s)")
     p.add_argument("--template", action="append", help="prompt template with '{}' (repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 miniature world, 30 otherwise)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: 25 miniature world, 30 otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--attacks", default=",".join(ALL_ATTACKS), help=f"comma-separated subset of {','.join(ALL_ATTACKS)}, or 'none'")
+    p.add_argument("--attacks", default=",".join(ALL_ATTACKS),
+                   help=f"comma-separated subset of {','.join(ALL_ATTACKS)}, or 'none'")
     p.add_argument("--soft-prompts", type=int, default=2, help="prompts attacked with a soft prompt")
     p.add_argument("--soft-steps", type=int, default=40)
     p.add_argument("--soft-objective", choices=["denoiser", "attention"], default="denoiser")
     p.add_argument("--no-before", action="store_true", help="skip the original-model pass")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--colours", default=None, help="miniature world: comma-separated colour subset (quick runs)")
+    p.add_argument("--colours", default=None,
+                   help="miniature world: comma-separated colour subset (quick runs)")
     p.add_argument("--threads", type=int, default=None)
     return p
 
@@ -120,8 +135,34 @@ def main(argv: list[str] | None = None) -> int:
     if state.device.type != "cpu":
         pipe.to(state.device)
 
-    original = None
     info: dict[str, Any] = {"model": args.model, "judge": judge_kind}
+    original, erased = _erase(pipe, args, miniature, info)
+    say(f"[eval] model ready ({info['method']}) in {time.perf_counter() - started:.1f} s")
+
+    plan = _plan(args, parser, attacks, miniature, erased)
+    judges = _judges(judge_kind, plan, args)
+    settings = SoftPromptSettings(steps=args.soft_steps, objective=args.soft_objective, seed=args.seed)
+    say(f"[eval] {len(plan.cases)} images per pass on {state.num_processes} process(es)")
+    evaluation = evaluate(pipe, plan, judges, original=original, before=not args.no_before,
+                          soft_prompt=settings, batch_size=args.batch_size, state=state)
+    if state.is_main_process:
+        paths = write_report(evaluation, args.output, {**info, "processes": state.num_processes})
+        after = evaluation["after"].metrics
+        say("[eval] " + ", ".join(f"{k}={v:.3f}" for k, v in after.items()))
+        for name, row in evaluation["after"].attacks.items():
+            say(f"[eval] ASR {name}: {row['asr']:.3f} ({row['n']} images)")
+        say(f"[eval] report: {paths['markdown']} (done in {time.perf_counter() - started:.1f} s)")
+    state.wait_for_everyone()
+    return 0
+
+
+def _erase(
+    pipe: Any, args: argparse.Namespace, miniature: bool, info: dict[str, Any]
+) -> tuple[Callable[[], Any] | None, list[str] | None]:
+    """Load the adapter or fit the baseline of ``args`` (or neither: the base model); records what into
+    ``info``. Returns ``(original, erased)``: the baseline's undo context (None for ACE: adapters are
+    switched off) and the erased concepts (None for the base model)."""
+    original = None
     erased: list[str] | None = None
     if args.adapter:
         name = pipe.load_ace_adapter(args.adapter)
@@ -136,37 +177,28 @@ def main(argv: list[str] | None = None) -> int:
         erased = [args.concept]
     else:
         info.update(method="none (base model)")
-    say(f"[eval] model ready ({info['method']}) in {time.perf_counter() - started:.1f} s")
+    return original, erased
 
+
+def _plan(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, attacks: list[str], miniature: bool,
+    erased: list[str] | None,
+) -> EvalPlan:
     sampler = _sampler(args)
     if miniature:
         try:
             kind = concept_kind(args.concept)
         except ValueError as err:
             parser.error(str(err))
-        world_erased = [c for c in (erased or [args.concept]) if c in SHAPES + STYLES and concept_kind(c) == kind]
-        plan = shapes_plan(args.concept, erased=sorted(set(world_erased) | {args.concept}), images_per_prompt=args.images_per_prompt,
-                           seed=args.seed, attacks=attacks, soft_prompts=args.soft_prompts, neutral=args.neutral,
-                           sampler=sampler, colours=args.colours.split(",") if args.colours else None)
-    else:
-        templates = args.template or ["a photo of {}", "a painting of {}", "an image of {}"]
-        plan = prompt_plan(args.concept, templates=templates, synonyms=args.synonym, others=args.other,
-                           neutral=args.neutral or "", images_per_prompt=args.images_per_prompt, seed=args.seed,
-                           attacks=attacks, soft_prompts=args.soft_prompts, sampler=sampler)
-    judges = _judges(judge_kind, plan, args)
-    settings = SoftPromptSettings(steps=args.soft_steps, objective=args.soft_objective, seed=args.seed)
-    say(f"[eval] {len(plan.cases)} images per pass on {state.num_processes} process(es)")
-    evaluation = evaluate(pipe, plan, judges, original=original, before=not args.no_before, soft_prompt=settings,
-                          batch_size=args.batch_size, state=state)
-    if state.is_main_process:
-        paths = write_report(evaluation, args.output, {**info, "processes": state.num_processes})
-        after = evaluation["after"].metrics
-        say("[eval] " + ", ".join(f"{k}={v:.3f}" for k, v in after.items()))
-        for name, row in evaluation["after"].attacks.items():
-            say(f"[eval] ASR {name}: {row['asr']:.3f} ({row['n']} images)")
-        say(f"[eval] report: {paths['markdown']} (done in {time.perf_counter() - started:.1f} s)")
-    state.wait_for_everyone()
-    return 0
+        world = [c for c in (erased or [args.concept]) if c in SHAPES + STYLES and concept_kind(c) == kind]
+        return shapes_plan(args.concept, erased=sorted(set(world) | {args.concept}),
+                           images_per_prompt=args.images_per_prompt, seed=args.seed, attacks=attacks,
+                           soft_prompts=args.soft_prompts, neutral=args.neutral, sampler=sampler,
+                           colours=args.colours.split(",") if args.colours else None)
+    templates = args.template or ["a photo of {}", "a painting of {}", "an image of {}"]
+    return prompt_plan(args.concept, templates=templates, synonyms=args.synonym, others=args.other,
+                       neutral=args.neutral or "", images_per_prompt=args.images_per_prompt, seed=args.seed,
+                       attacks=attacks, soft_prompts=args.soft_prompts, sampler=sampler)
 
 
 def _fit_baseline(pipe: Any, args: argparse.Namespace, miniature: bool):
@@ -196,6 +228,7 @@ def _judges(kind: str, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
         return {h: ShapesJudge(classifier, h) for h in sorted(heads)}
     model = CLIPModel.from_pretrained(args.clip_model).eval()
     processor = AutoProcessor.from_pretrained(args.clip_model)
-    labels = args.label or list(dict.fromkeys([plan.concept, *plan.others] + ([plan.neutral] if plan.neutral else [])))
+    defaults = [plan.concept, *plan.others] + ([plan.neutral] if plan.neutral else [])
+    labels = args.label or list(dict.fromkeys(defaults))
     return {plan.head: CLIPZeroShotJudge(model, processor, labels)}
 

@@ -10,7 +10,7 @@ Typical use (the miniature world)::
     write_report(evaluation, "eval-circle")            # results.json, report.md, grid.png, plots
 
 For a weight-editing baseline pass its undo handle: ``evaluate(..., original=edit.original)``.
-The command line is ``ace-diffusers eval`` (:mod:`ace_diffusers.eval.cli`).
+The command line is ``ace-diffusers eval`` (:mod:`ace_diffusers.cli.eval`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,8 @@ from .attacks import (
     ALL_ATTACKS,
     PROMPT_ATTACKS,
     AttackPrompt,
-    SoftPromptReference,
-    SoftPromptResult,
-    SoftPromptSettings,
-    build_soft_prompt_reference,
     misspellings,
     prompt_attacks,
-    soft_prompt_attack,
     weighted_variants,
 )
 from .common import ace_disabled, distributed_map, partial_state
@@ -38,17 +33,15 @@ from .metrics import (
     recognition_rate,
     wilson_interval,
 )
+from .plans import EvalCase, EvalPlan, prompt_plan, shapes_plan
 from .report import build_results, write_report
-from .runner import (
-    EvalCase,
-    EvalPlan,
-    EvalResult,
-    evaluate,
-    generate_cases,
-    prompt_plan,
-    run_cases,
-    score,
-    shapes_plan,
+from .runner import EvalResult, evaluate, generate_cases, run_cases, score
+from .soft_prompt import (
+    SoftPromptReference,
+    SoftPromptResult,
+    SoftPromptSettings,
+    build_soft_prompt_reference,
+    soft_prompt_attack,
 )
 
 __all__ = [

@@ -42,10 +42,8 @@ the pipeline's scheduler with ``num_inference_steps=25``.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,77 +57,7 @@ from ..fitting.text import TextEmbedder
 from ..integration.modules import cross_attention_modules, get_unet
 from ..integration.modules import projection_weight as base_weight
 from .common import check_sd_pipeline, seeded_latents
-
-
-# ---------------------------------------------------------------------- undo handle
-@dataclass
-class WeightEdit:
-    """An in-place weight edit of a pipeline and everything needed to undo it exactly."""
-
-    method: str
-    parameters: dict[str, nn.Parameter]
-    original_weights: dict[str, torch.Tensor]
-    settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
-    edited_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    applied: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.edited_weights:
-            self.edited_weights = {n: p.detach().clone() for n, p in self.parameters.items()}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put the original weights back (bit-exact); idempotent."""
-        for name, param in self.parameters.items():
-            param.copy_(self.original_weights[name])
-        self.applied = False
-
-    @torch.no_grad()
-    def reapply(self) -> None:
-        """Apply the edit again after :meth:`restore`."""
-        for name, param in self.parameters.items():
-            param.copy_(self.edited_weights[name])
-        self.applied = True
-
-    @contextlib.contextmanager
-    def original(self) -> Iterator[None]:
-        """Temporarily the original model (for before/after evaluations)."""
-        was = self.applied
-        self.restore()
-        try:
-            yield
-        finally:
-            if was:
-                self.reapply()
-
-    def __enter__(self) -> WeightEdit:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.restore()
-
-    def relative_change(self) -> dict[str, float]:
-        return {
-            n: float((self.edited_weights[n].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
-            for n, w in self.original_weights.items()
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        changes = self.relative_change()
-        return {
-            "method": self.method,
-            "settings": self.settings,
-            "seconds": round(self.seconds, 3),
-            "parameters": len(self.parameters),
-            "mean_relative_change": sum(changes.values()) / max(1, len(changes)),
-            "stats": self.stats,
-        }
-
-    def __repr__(self) -> str:
-        return (f"WeightEdit(method={self.method!r}, parameters={len(self.parameters)}, "
-                f"seconds={self.seconds:.2f}, applied={self.applied})")
+from .weight_edit import WeightEdit
 
 
 def _weight(linear: nn.Module) -> nn.Parameter:
@@ -165,7 +93,9 @@ def uce_text_map(
     ``G = (λ I + e Σ n_i c_iᵀ + s Σ p_j p_jᵀ)(λ I + e Σ c_i c_iᵀ + s Σ p_j p_jᵀ)⁻¹`` (rows are tokens)."""
     c, n = concept.double(), target.double()
     if c.shape != n.shape or c.ndim != 2:
-        raise ACEValueError(f"concept and target embeddings must both be (N, d); got {tuple(c.shape)} and {tuple(n.shape)}.")
+        raise ACEValueError(
+            f"concept and target embeddings must both be (N, d); got {tuple(c.shape)} and {tuple(n.shape)}."
+        )
     eye = torch.eye(c.shape[1], dtype=torch.float64)
     left = lamb * eye + erase_scale * n.T @ c
     right = lamb * eye + erase_scale * c.T @ c
@@ -176,22 +106,11 @@ def uce_text_map(
     return torch.linalg.solve(right, left.T).T  # left @ right⁻¹ (right is symmetric)
 
 
-@torch.no_grad()
-def uce_erase(
-    pipe: Any,
-    concepts: str | Sequence[str],
-    neutral: str | Sequence[str] = "",
-    preserve: str | Sequence[str] | None = None,
-    *,
-    templates: Sequence[str] = ("{}",),
-    erase_scale: float = 1.0,
-    preserve_scale: float = 1.0,
-    lamb: float = 0.5,
-    tokens: str = "last",
-) -> WeightEdit:
-    """UCE: closed-form edit of every cross-attention ``to_k``/``to_v`` (module docstring); returns the undo handle."""
-
-    started = time.perf_counter()
+def _uce_arguments(
+    concepts: str | Sequence[str], neutral: str | Sequence[str], preserve: str | Sequence[str] | None,
+    templates: Sequence[str], lamb: float, tokens: str,
+) -> tuple[list[str], list[str], list[str]]:
+    """Checked ``(concepts, one neutral anchor per concept, preserved concepts that are not erased)``."""
     concept_list = _as_list(concepts, "concepts")
     if not concept_list or any(not c.strip() for c in concept_list):
         raise ACEValueError("uce_erase needs at least one non-empty concept.")
@@ -208,48 +127,63 @@ def uce_erase(
 
     if tokens not in ("last", "aligned"):
         raise ACEValueError(f"tokens must be 'last' (published UCE) or 'aligned', got {tokens!r}.")
-    embedder = TextEmbedder(pipe)
+    return concept_list, anchors, keep
+
+
+def _encode_phrases(
+    embedder: TextEmbedder, phrases: list[str], templates: Sequence[str]
+) -> list[tuple[Any, int]]:
+    """(encoded prompt, index of the token just before the phrase) per phrase and template."""
     tokenizer = embedder.encoders[0][0]
+    prompts, spans, befores = [], [], []
+    for phrase in phrases:
+        for template in templates:
+            start = template.index("{}")
+            prompts.append(filled(template, phrase))
+            spans.append((start, start + len(phrase)) if phrase else None)
+            # +1 for BOS/CLS: where the phrase starts; minus one: the token before it (BOS for the bare
+            # concept)
+            befores.append(len(tokenizer(template[:start], add_special_tokens=False)["input_ids"]))
+    encoded = embedder.encode(prompts, spans, extra_pad_tokens=None)
+    return list(zip(encoded, befores, strict=True))
 
-    def encode(phrases: list[str]) -> list[tuple[Any, int]]:
-        """(encoded prompt, index of the token just before the phrase) per phrase and template."""
-        prompts, spans, befores = [], [], []
-        for phrase in phrases:
-            for template in templates:
-                start = template.index("{}")
-                prompts.append(filled(template, phrase))
-                spans.append((start, start + len(phrase)) if phrase else None)
-                # +1 for BOS/CLS: where the phrase starts; minus one: the token before it (BOS for the bare concept)
-                befores.append(len(tokenizer(template[:start], add_special_tokens=False)["input_ids"]))
-        encoded = embedder.encode(prompts, spans, extra_pad_tokens=None)
-        return list(zip(encoded, befores, strict=True))
 
-    def last(enc: Any, before: int) -> torch.Tensor:
-        index = _last_token(enc.span, before)
-        return enc.embeddings[min(index, len(enc.embeddings) - 1)].double()
+def _last_embedding(enc: Any, before: int) -> torch.Tensor:
+    index = _last_token(enc.span, before)
+    return enc.embeddings[min(index, len(enc.embeddings) - 1)].double()
 
-    concept_enc = encode(concept_list)
-    by_anchor = {anchor: encode([anchor]) for anchor in dict.fromkeys(anchors)}
+
+def _uce_rows(
+    pipe: Any, concepts: list[str], anchors: list[str], keep: list[str], templates: Sequence[str], tokens: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The data of UCE's solve: concept tokens ``c``, their targets ``n``, preserved tokens ``p``
+    (float64)."""
+    embedder = TextEmbedder(pipe)
+    concept_enc = _encode_phrases(embedder, concepts, templates)
+    by_anchor = {anchor: _encode_phrases(embedder, [anchor], templates) for anchor in dict.fromkeys(anchors)}
     anchor_enc = [row for anchor in anchors for row in by_anchor[anchor]]
-    keep_enc = encode(keep) if keep else []
+    keep_enc = _encode_phrases(embedder, keep, templates) if keep else []
     c_rows: list[torch.Tensor] = []
     n_rows: list[torch.Tensor] = []
     if tokens == "last":
         for (ce, cb), (ne, nb) in zip(concept_enc, anchor_enc, strict=True):
-            c_rows.append(last(ce, cb))
-            n_rows.append(last(ne, nb))
-        p_rows = [last(pe, pb) for pe, pb in keep_enc]
+            c_rows.append(_last_embedding(ce, cb))
+            n_rows.append(_last_embedding(ne, nb))
+        p_rows = [_last_embedding(pe, pb) for pe, pb in keep_enc]
     else:
         for (ce, _), (ne, _) in zip(concept_enc, anchor_enc, strict=True):
             for i, j in align_tokens(ce, ne):
                 c_rows.append(ce.embeddings[i].double())
                 n_rows.append(ne.embeddings[j].double())
         p_rows = [row.double() for pe, _ in keep_enc for row in pe.embeddings]
-    c = torch.stack(c_rows)
-    n = torch.stack(n_rows)
-    p = torch.stack(p_rows) if p_rows else None
-    text_map = uce_text_map(c, n, p, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
+    return c_rows, n_rows, p_rows
 
+
+def _apply_text_map(
+    pipe: Any, text_map: torch.Tensor
+) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
+    """``W ← W G`` on every cross-attention ``to_k``/``to_v``: ``(edited parameters, their original
+    values)``."""
     unet = get_unet(pipe)
     params: dict[str, nn.Parameter] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -262,12 +196,40 @@ def uce_erase(
     for key, weight in params.items():
         new = (originals[key].double() @ text_map.to(originals[key].device)).to(weight.dtype)
         weight.copy_(new)
+    return params, originals
+
+
+@torch.no_grad()
+def uce_erase(
+    pipe: Any,
+    concepts: str | Sequence[str],
+    neutral: str | Sequence[str] = "",
+    preserve: str | Sequence[str] | None = None,
+    *,
+    templates: Sequence[str] = ("{}",),
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
+    lamb: float = 0.5,
+    tokens: str = "last",
+) -> WeightEdit:
+    """UCE: closed-form edit of every cross-attention ``to_k``/``to_v`` (module docstring); returns the
+    undo handle."""
+
+    started = time.perf_counter()
+    concept_list, anchors, keep = _uce_arguments(concepts, neutral, preserve, templates, lamb, tokens)
+    c_rows, n_rows, p_rows = _uce_rows(pipe, concept_list, anchors, keep, templates, tokens)
+    c = torch.stack(c_rows)
+    n = torch.stack(n_rows)
+    p = torch.stack(p_rows) if p_rows else None
+    text_map = uce_text_map(c, n, p, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
+    params, originals = _apply_text_map(pipe, text_map)
     moved = (c @ text_map.T - n).norm() / (n - c).norm().clamp_min(1e-12)
     stats = {
         "concept_tokens": len(c_rows),
         "tokens": tokens,
         "preserve_tokens": len(p_rows),
-        "concept_residual": float(moved),  # ||G c − n|| / ||c − n||: 0 = concept tokens fully mapped to the anchor
+        # ||G c − n|| / ||c − n||: 0 = concept tokens fully mapped to the anchor
+        "concept_residual": float(moved),
     }
     if p is not None:
         stats["preserve_drift"] = float((p @ text_map.T - p).norm() / p.norm().clamp_min(1e-12))
@@ -295,8 +257,9 @@ def _esd_parameters(unet: nn.Module, which: str) -> dict[str, nn.Parameter]:
 @torch.no_grad()
 def _trajectory_bank(pipe: Any, prompts: list[str], *, trajectories: int, num_inference_steps: int,
                      guidance_scale: float, height: int | None, width: int | None, seed: int,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen-model generations of each prompt: ``(x_t, t, prompt index, ε*(x_t, c), ε*(x_t), prompt embeds)``."""
+                     ) -> tuple[torch.Tensor, ...]:
+    """Frozen-model generations of each prompt: ``(x_t, t, prompt index, ε*(x_t, c), ε*(x_t), prompt
+    embeds)``."""
 
     device, dtype = pipe._execution_device, pipe.unet.dtype
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -324,29 +287,10 @@ def _trajectory_bank(pipe: Any, prompts: list[str], *, trajectories: int, num_in
     return torch.cat(xs), torch.cat(ts), torch.cat(idx), torch.cat(e_cs), torch.cat(e_us), embeds.detach()
 
 
-def esd_x_erase(
-    pipe: Any,
-    concept: str,
-    *,
-    steps: int = 200,
-    learning_rate: float = 1e-4,
-    negative_guidance: float = 1.0,
-    parameters: str = "xattn",
-    prompts: Sequence[str] | None = None,
-    trajectories: int = 4,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 3.0,
-    batch_size: int = 4,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int = 0,
-) -> WeightEdit:
-    """ESD-x: fine-tune cross-attention weights with ESD's negative-guidance loss (module docstring).
-
-    ``prompts``: prompts naming the concept (default: the concept itself, as ESD does); the loss is
-    conditioned on them. Returns the undo handle; ``seconds`` includes drawing the trajectory bank.
-    """
-
+def _check_esd_arguments(
+    pipe: Any, concept: str, steps: int, trajectories: int, batch_size: int, num_inference_steps: int,
+    learning_rate: float,
+) -> None:
     check_sd_pipeline(pipe, "esd_x_erase")
     if not isinstance(concept, str) or not concept.strip():
         raise ACEValueError("esd_x_erase needs a non-empty concept string.")
@@ -356,19 +300,18 @@ def esd_x_erase(
             raise ACEValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ACEValueError(f"learning_rate must be positive, got {learning_rate!r}.")
-    prompt_list = list(prompts) if prompts else [concept]
-    started = time.perf_counter()
+
+
+def _fine_tune(
+    pipe: Any, chosen: dict[str, nn.Parameter], originals: dict[str, torch.Tensor],
+    bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *,
+    steps: int, learning_rate: float, batch_size: int, seed: int,
+) -> list[float]:
+    """Adam on ``chosen`` against ``bank`` = ``(x_t, t, prompt index, target, prompt embeds)``; the loss
+    per step. Gradient flags and the training mode are restored afterwards; an interrupted run also
+    puts the original weights back."""
     unet = get_unet(pipe)
-    chosen = _esd_parameters(unet, parameters)
-    originals = {n: p.detach().clone() for n, p in chosen.items()}
-
-    x_t, t_all, p_idx, e_c, e_u, embeds = _trajectory_bank(
-        pipe, prompt_list, trajectories=trajectories, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=height, width=width, seed=seed,
-    )
-    targets = e_u - negative_guidance * (e_c - e_u)
-    bank_seconds = time.perf_counter() - started
-
+    x_t, t_all, p_idx, targets, embeds = bank
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     was_training = unet.training
     device, dtype = pipe._execution_device, unet.dtype
@@ -399,11 +342,52 @@ def esd_x_erase(
         for p in chosen.values():
             p.grad = None
         unet.train(was_training)
+    return history
+
+
+def esd_x_erase(
+    pipe: Any,
+    concept: str,
+    *,
+    steps: int = 200,
+    learning_rate: float = 1e-4,
+    negative_guidance: float = 1.0,
+    parameters: str = "xattn",
+    prompts: Sequence[str] | None = None,
+    trajectories: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 3.0,
+    batch_size: int = 4,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+) -> WeightEdit:
+    """ESD-x: fine-tune cross-attention weights with ESD's negative-guidance loss (module docstring).
+
+    ``prompts``: prompts naming the concept (default: the concept itself, as ESD does); the loss is
+    conditioned on them. Returns the undo handle; ``seconds`` includes drawing the trajectory bank.
+    """
+
+    _check_esd_arguments(pipe, concept, steps, trajectories, batch_size, num_inference_steps, learning_rate)
+    prompt_list = list(prompts) if prompts else [concept]
+    started = time.perf_counter()
+    unet = get_unet(pipe)
+    chosen = _esd_parameters(unet, parameters)
+    originals = {n: p.detach().clone() for n, p in chosen.items()}
+
+    x_t, t_all, p_idx, e_c, e_u, embeds = _trajectory_bank(
+        pipe, prompt_list, trajectories=trajectories, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=height, width=width, seed=seed,
+    )
+    targets = e_u - negative_guidance * (e_c - e_u)
+    bank_seconds = time.perf_counter() - started
+    history = _fine_tune(pipe, chosen, originals, (x_t, t_all, p_idx, targets, embeds), steps=steps,
+                         learning_rate=learning_rate, batch_size=batch_size, seed=seed)
 
     settings = {"concept": concept, "prompts": prompt_list, "steps": steps, "learning_rate": learning_rate,
-                "negative_guidance": negative_guidance, "parameters": parameters, "trajectories": trajectories,
-                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                "batch_size": batch_size, "seed": seed}
+                "negative_guidance": negative_guidance, "parameters": parameters,
+                "trajectories": trajectories, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "batch_size": batch_size, "seed": seed}
     window = max(1, min(20, len(history) // 5))
     stats = {"bank_size": len(x_t), "bank_seconds": round(bank_seconds, 3),
              "loss_first": sum(history[:window]) / window if history else None,

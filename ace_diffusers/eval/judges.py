@@ -131,11 +131,17 @@ class CLIPZeroShotJudge(Judge):
         if self._text_features is None:
             device = next(self.model.parameters()).device
             prompts = [t.format(label) for label in self.labels for t in self.templates]
-            max_length = min(getattr(self.tokenizer, "model_max_length", 77) or 77, self.model.config.text_config.max_position_embeddings)
-            tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            max_length = min(
+                getattr(self.tokenizer, "model_max_length", 77) or 77,
+                self.model.config.text_config.max_position_embeddings,
+            )
+            tokens = self.tokenizer(
+                prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             feats = self._features(
                 self.model.get_text_features(
-                    input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+                    input_ids=tokens["input_ids"].to(device),
+                    attention_mask=tokens["attention_mask"].to(device),
                 )
             ).float()
             feats = F.normalize(feats, dim=-1).view(len(self.labels), len(self.templates), -1).mean(1)
@@ -150,7 +156,9 @@ class CLIPZeroShotJudge(Judge):
         scale = size / min(h, w)
         new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
         if (new_h, new_w) != (h, w):
-            images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=scale < 1)
+            images = F.interpolate(
+                images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=scale < 1
+            )
         top, left = (new_h - size) // 2, (new_w - size) // 2
         images = images[..., top : top + size, left : left + size].clamp(0, 1)
         mean = torch.tensor(self.mean, dtype=images.dtype).view(1, 3, 1, 1)

@@ -43,7 +43,9 @@ def accuracy(predictions: Sequence[str], labels: Sequence[str] | str) -> float:
     """Fraction of ``predictions`` equal to ``labels`` (one label per prediction, or one for all)."""
     predictions = list(predictions)
     if not predictions:
-        raise ACEValueError("accuracy of an empty set of predictions is undefined; generate at least one image.")
+        raise ACEValueError(
+            "accuracy of an empty set of predictions is undefined; generate at least one image."
+        )
     if isinstance(labels, str):
         labels = [labels] * len(predictions)
     labels = list(labels)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .runner import ATTACK_PREFIX, CORE_GROUPS, EvalResult
+from .plans import ATTACK_PREFIX, CORE_GROUPS
+from .runner import EvalResult
 
 METRIC_NAMES = {
     "acc_e": "Acc_e (erased concept still shown, lower is better)",
@@ -100,20 +101,26 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
     for key, value in after.items():
         lines.append(f"| {METRIC_NAMES.get(key, key)} | {_fmt(before.get(key))} | {_fmt(value)} |")
     if results["attacks"]:
-        lines += ["", "## Attacks (ASR: fraction of attack images still showing the concept; lower is better)", "",
-                  "| attack | images | ASR before | ASR after | 95% interval (after) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Attacks (ASR: fraction of attack images still showing the concept; lower is better)",
+            "",
+            "| attack | images | ASR before | ASR after | 95% interval (after) |",
+            "|---|---|---|---|---|",
+        ]
         for name, row in results["attacks"].items():
             lo, hi = row["interval_after"]
-            lines.append(f"| {name} | {row['n']} | {_fmt(row.get('asr_before'))} | {_fmt(row['asr_after'])} | "
-                         f"[{lo:.2f}, {hi:.2f}] |")
+            lines.append(f"| {name} | {row['n']} | {_fmt(row.get('asr_before'))} | {_fmt(row['asr_after'])} "
+                         f"| [{lo:.2f}, {hi:.2f}] |")
     soft = results.get("soft_prompt")
     if soft:
         s = soft["settings"]
-        losses = ", ".join("{:.4g} → {:.4g}".format(a["initial_loss"], a["final_loss"]) for a in soft["attacks"])
+        losses = ", ".join(f"{a['initial_loss']:.4g} → {a['final_loss']:.4g}" for a in soft["attacks"])
         lines += ["", f"Soft-prompt attack: {s['steps']} Adam steps, objective `{s['objective']}` "
-                      f"(target `{s['target']}`), init from `{s['init']}` tokens; loss per attacked prompt {losses}."]
-    lines += ["", "## Per group (judge accuracy against the prompt's label)", "", "| group | images | before | after |",
-              "|---|---|---|---|"]
+                      f"(target `{s['target']}`), init from `{s['init']}` tokens; loss per attacked prompt "
+                      f"{losses}."]
+    lines += ["", "## Per group (judge accuracy against the prompt's label)", "",
+              "| group | images | before | after |", "|---|---|---|---|"]
     gb, ga = results["groups"]["before"] or {}, results["groups"]["after"]
     head = plan["head"]
     for group, entry in ga.items():
@@ -129,7 +136,8 @@ def image_grid(rows: list[tuple[str, torch.Tensor]], *, tile: int = 96, label_wi
 
     pad = 2
     columns = max((len(images) for _, images in rows), default=1)
-    canvas = Image.new("RGB", (label_width + columns * (tile + pad), max(1, len(rows)) * (tile + pad)), "white")
+    size = (label_width + columns * (tile + pad), max(1, len(rows)) * (tile + pad))
+    canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     for r, (label, images) in enumerate(rows):
         y = r * (tile + pad)
@@ -148,7 +156,8 @@ def grid_rows(evaluation: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     after: EvalResult = evaluation["after"]
     before: EvalResult | None = evaluation["before"]
     rows = []
-    order = [g for g in CORE_GROUPS if g in after.images] + [g for g in after.images if g.startswith(ATTACK_PREFIX)]
+    order = [g for g in CORE_GROUPS if g in after.images]
+    order += [g for g in after.images if g.startswith(ATTACK_PREFIX)]
     for group in order:
         if before is not None and group in before.images:
             rows.append((f"{group} - before", before.images[group]))
@@ -203,10 +212,13 @@ def attack_plot(results: dict[str, Any]) -> bytes:
     if any("asr_before" in r for r in results["attacks"].values()):
         series["before"] = [results["attacks"][n].get("asr_before") for n in names]
     series["after"] = [results["attacks"][n]["asr_after"] for n in names]
-    return _bar_chart(f"Attack success rate: {results['plan']['concept']} (lower is better)", names, series, "ASR")
+    title = f"Attack success rate: {results['plan']['concept']} (lower is better)"
+    return _bar_chart(title, names, series, "ASR")
 
 
-def write_report(evaluation: dict[str, Any], output_dir: str | Path, info: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_report(
+    evaluation: dict[str, Any], output_dir: str | Path, info: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """Write every report file into ``output_dir``; returns ``{kind: path}``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,8 @@ class SoftPromptReference:
     latents: torch.Tensor | None = None  # noised latents x_t (denoiser)
     timesteps: torch.Tensor | None = None
     targets: torch.Tensor | None = None  # what the erased model should predict on them
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per cross-attention layer (attention)
+    # per cross-attention layer (attention)
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -158,8 +159,8 @@ def build_soft_prompt_reference(
     n = settings.reference_images
     seeds = [settings.seed * 1000 + 10_000 + i for i in range(n)]  # disjoint from evaluation seeds
     latents = seeded_latents(pipe, seeds, height, width)
-    x0 = pipe([prompt] * n, latents=latents, output_type="latent", height=height, width=width, **sampler).images
-    x0 = x0.float().cpu()
+    x0 = pipe([prompt] * n, latents=latents, output_type="latent", height=height, width=width, **sampler)
+    x0 = x0.images.float().cpu()
     alphas = _alphas(pipe)
     total = len(alphas)
     lo, hi = settings.t_range
@@ -255,14 +256,19 @@ class _Objective:
             return float(self.loss(None))
         n = len(self.reference.latents)
         size = self.settings.batch_size
-        parts = [float(self.loss(torch.arange(s, min(n, s + size)))) * min(size, n - s) for s in range(0, n, size)]
+        parts = [
+            float(self.loss(torch.arange(s, min(n, s + size)))) * min(size, n - s) for s in range(0, n, size)
+        ]
         return sum(parts) / n
 
 
 def _initial_embeddings(pipe: Any, text: str, span: tuple[int, int]) -> torch.Tensor:
     """The input embeddings of ``text``'s tokens ``span`` (float32, detached): where the attack starts."""
-    ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids[0]
+    tokens = pipe.tokenizer(
+        text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )
+    ids = tokens.input_ids[0]
     table = pipe.text_encoder.get_input_embeddings().weight
     return table[ids[span[0] : span[1]].to(table.device)].detach().float().clone()
 

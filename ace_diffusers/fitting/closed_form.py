@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEAdapterNameError, ACETruncationWarning, ACEValueError
-from ..integration.attach import attach_adapter, default_adapter_name, loaded_adapters, validate_adapter_name
+from ..integration.attach import (
+    attach_adapter,
+    check_scale,
+    default_adapter_name,
+    loaded_adapters,
+    validate_adapter_name,
+)
 from ..integration.modules import cross_attention_modules, get_unet, projection_weight
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
@@ -136,6 +142,13 @@ def available_memory() -> int | None:
         return None
 
 
+def check_weight(value: Any, name: str, *, limit: float = 1e6) -> float:
+    """A loss weight: a real, finite number in [0, limit] (checked before any work is done)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= limit:
+        raise ACEValueError(f"{name} must be a number between 0 and {limit:g}, got {value!r}.")
+    return float(value)
+
+
 def check_rank(rank: Any, d_text: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ACEValueError(f"rank must be a positive integer, got {rank!r}.")
@@ -175,6 +188,8 @@ def erase_concept(
         settings: advanced fitter settings (:class:`FitSettings`); ``rank``/``preserve_weight`` win.
     """
     spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+    scale = check_scale(scale)
+    check_weight(preserve_weight, "preserve_weight")
     unet = get_unet(pipe)
     if adapter_name is not None:
         validate_adapter_name(adapter_name)

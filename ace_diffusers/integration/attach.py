@@ -11,9 +11,12 @@ processors. Every function accepts a ``torch.compile``-wrapped UNet too.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.adapter import ACEAdapter
@@ -68,10 +71,39 @@ def single_loaded_adapter(unet: nn.Module, name: str | None) -> str:
     return name
 
 
+MAX_SCALE = 1e4  # far beyond any useful strength; larger values overflow half-precision K/V
+
+
+def check_scale(value: Any) -> float:
+    """``value`` as a float if it is a usable adapter scale (a real, finite number, within ±MAX_SCALE).
+
+    Python numbers, NumPy scalars and 0-d tensors are accepted; strings, booleans and NaN/inf are refused.
+    """
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise ACEValueError(f"Adapter scales must be real numbers such as 1.0 or 0.5, got {value!r}.")
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ACEValueError(
+            f"An adapter scale must be one number, got a tensor of shape {tuple(value.shape)}."
+        )
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ACEValueError(
+            f"Adapter scales must be real numbers such as 1.0 or 0.5, got {value!r}."
+        ) from err
+    if not math.isfinite(number) or abs(number) > MAX_SCALE:
+        raise ACEValueError(
+            f"Adapter scale {number!r} is not usable: it must be finite and within ±{MAX_SCALE:g} "
+            "(1.0 is the fitted strength, 0 switches the adapter off)."
+        )
+    return number
+
+
 def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
     """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
     unet = unwrap_model(unet)
     validate_adapter_name(name)
+    scale = check_scale(scale)
     adapters = loaded_adapters(unet)
     if name in adapters:
         raise ACEAdapterNameError(
@@ -146,8 +178,8 @@ def set_active_adapters(
         scale_of: dict[str, float | None] = {n: None for n in names}
     elif isinstance(scales, Mapping):
         scale_of = {n: scales.get(n) for n in names}
-    elif isinstance(scales, (int, float)):
-        scale_of = {n: float(scales) for n in names}
+    elif isinstance(scales, (int, float)) or getattr(scales, "ndim", None) == 0:  # one for all (NumPy, 0-d)
+        scale_of = {n: check_scale(scales) for n in names}
     else:
         scales = list(scales)
         if len(scales) != len(names):
@@ -155,9 +187,8 @@ def set_active_adapters(
                 f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name."
             )
         scale_of = dict(zip(names, scales, strict=True))
-    for value in scale_of.values():
-        if value is not None and not (isinstance(value, (int, float)) and value == value):
-            raise ACEValueError(f"Adapter scales must be real numbers, got {value!r}.")
+    # every value is checked before any changes, so a bad one leaves all adapters as they were
+    scale_of = {n: None if v is None else check_scale(v) for n, v in scale_of.items()}
     for adapter_name in adapters:
         for delta in adapter_deltas(unet, adapter_name):
             delta.active.fill_(1.0 if adapter_name in scale_of else 0.0)

@@ -232,3 +232,17 @@ def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch)
     assert encoded and all("cat" in prompt for prompt in encoded)
     with pytest.raises(ACEValueError, match="Unknown concept kind"):
         prepare_erasure(pipe, kind="animal")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scale": float("nan")}, "scale"),
+        ({"preserve_weight": -1.0}, "preserve_weight"),
+        ({"preserve_weight": float("inf")}, "preserve_weight"),
+    ],
+)
+def test_unusable_numbers_are_refused_before_any_work(sd_pipe, monkeypatch, kwargs, message):
+    monkeypatch.setattr(closed_form, "fit_adapter", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ACEValueError, match=message):
+        erase_concept(sd_pipe, "Van Gogh", kind="style", **kwargs)

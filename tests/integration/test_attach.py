@@ -63,3 +63,27 @@ def test_active_adapters_and_scales(sd_pipe):
         set_active_adapters(unet, ["c"])
     with pytest.raises(ACEAdapterNameError, match="more than one|2 ACE adapters are loaded"):
         single_loaded_adapter(unet, None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e300, "1", True])
+def test_unusable_scales_are_refused_before_anything_changes(sd_pipe, bad):
+    unet = sd_pipe.unet
+    attach_adapter(unet, random_adapter(unet, seed=1), "a")
+    attach_adapter(unet, random_adapter(unet, seed=2), "b")
+    with pytest.raises(ACEValueError, match="scale"):
+        set_active_adapters(unet, ["a", "b"], [0.5, bad])
+    assert adapter_scale(unet, "a") == 1.0 and active_adapters(unet) == ["a", "b"]  # all-or-nothing
+    with pytest.raises(ACEValueError, match="scale"):
+        attach_adapter(unet, random_adapter(unet, seed=3), "c", scale=bad)
+    assert list(loaded_adapters(unet)) == ["a", "b"]
+
+
+def test_numpy_and_tensor_scales_are_numbers(sd_pipe):
+    import numpy as np
+    import torch
+
+    unet = sd_pipe.unet
+    attach_adapter(unet, random_adapter(unet), "a", scale=torch.tensor(0.5))
+    assert adapter_scale(unet, "a") == 0.5
+    set_active_adapters(unet, "a", np.float32(0.25))
+    assert adapter_scale(unet, "a") == 0.25
