@@ -1,4 +1,5 @@
-"""Deprecated path of :mod:`ace_diffusers.eval.baselines` (moved when the package was layered; works until 0.3)."""
+"""Deprecated path of :mod:`ace_diffusers.eval.baselines` (moved when the package was layered; works until
+0.3)."""
 
 from .._deprecated import alias
 

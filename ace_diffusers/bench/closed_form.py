@@ -63,7 +63,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repeats_1: int = REPEATS_1) -> dict[str, Any]:
+def timing_row(n: int, repeats: int, seconds: dict[str, list[float]], adapter: Any) -> dict[str, Any]:
+    """One row of the report: median seconds (and per concept, and the range over several fits) per timing."""
+    row: dict[str, Any] = {"concepts": n, "rank": adapter.rank, "fits_per_timing": repeats}
+    for label, values in seconds.items():
+        middle = statistics.median(values)
+        row[f"{label}_seconds"] = round(middle, 3)
+        if label != "preparation":
+            row[f"{label}_seconds_per_concept"] = round(middle / n, 3)
+        if repeats > 1:
+            row[f"{label}_seconds_range"] = [round(min(values), 3), round(max(values), 3)]
+    row["adapter_mb_fp16"] = round(adapter.num_parameters() * 2 / 2**20, 2)
+    return row
+
+
+def run(
+    counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repeats_1: int = REPEATS_1
+) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -91,33 +107,26 @@ def run(counts: tuple[int, ...] = (1, 10, 100), threads: int | None = None, repe
             for n in counts:
                 repeats = repeats_1 if n == 1 else 1  # one fit is short: take the median of a few
                 names = concept_names(n * repeats)
-                seconds: dict[str, list[float]] = {"cold": [], "preparation": [], "new_process": [], "warm": []}
+                took: dict[str, list[float]] = {"cold": [], "preparation": [], "new_process": [], "warm": []}
                 for rep in range(repeats):
                     batch = names[rep * n : (rep + 1) * n]
+                    cache = f"{n}-{rep}"
                     # each cache directory starts empty: nothing on disk yet
-                    seconds["cold"].append(timed(partial(fit, batch, ""), f"{n}-{rep}-cold", new_process=True)[0])
-                    seconds["preparation"].append(
-                        timed(partial(prepare_erasure, pipe, kind="style"), f"{n}-{rep}", new_process=True)[0])
-                    seconds["new_process"].append(timed(partial(fit, batch, " Jr"), f"{n}-{rep}", new_process=True)[0])
-                    elapsed, adapter = timed(partial(fit, batch, " Sr"), f"{n}-{rep}", new_process=False)
-                    seconds["warm"].append(elapsed)
-                row: dict[str, Any] = {"concepts": n, "rank": adapter.rank, "fits_per_timing": repeats}
-                for label, values in seconds.items():
-                    middle = statistics.median(values)
-                    row[f"{label}_seconds"] = round(middle, 3)
-                    if label != "preparation":
-                        row[f"{label}_seconds_per_concept"] = round(middle / n, 3)
-                    if repeats > 1:
-                        row[f"{label}_seconds_range"] = [round(min(values), 3), round(max(values), 3)]
-                row["adapter_mb_fp16"] = round(adapter.num_parameters() * 2 / 2**20, 2)
-                rows.append(row)
+                    took["cold"].append(timed(partial(fit, batch, ""), f"{cache}-cold", new_process=True)[0])
+                    prepare = partial(prepare_erasure, pipe, kind="style")
+                    took["preparation"].append(timed(prepare, cache, new_process=True)[0])
+                    took["new_process"].append(timed(partial(fit, batch, " Jr"), cache, new_process=True)[0])
+                    elapsed, adapter = timed(partial(fit, batch, " Sr"), cache, new_process=False)
+                    took["warm"].append(elapsed)
+                rows.append(timing_row(n, repeats, took, adapter))
     finally:
         if previous is None:
             os.environ.pop("ACE_DIFFUSERS_CACHE", None)
         else:
             os.environ["ACE_DIFFUSERS_CACHE"] = previous
     return {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
         "model": "SD1.5-shaped (random weights): CLIP-L text encoder, 16 cross-attention layers, d_text 768",
         "build_seconds": round(build_seconds, 1),
         "warmup_seconds": round(warmup_seconds, 2),
@@ -135,7 +144,8 @@ def target_checks(row: dict[str, Any]) -> list[tuple[str, str, bool]]:
     n = row["concepts"]
     checks = [
         (f"{n} concept{'s' if n > 1 else ''}, {label}: ≤ {TARGET_SECONDS_PER_CONCEPT} s/concept",
-         f"{row[f'{key}_seconds_per_concept']:.3f} s/concept", row[f"{key}_seconds_per_concept"] <= TARGET_SECONDS_PER_CONCEPT)
+         f"{row[f'{key}_seconds_per_concept']:.3f} s/concept",
+         row[f"{key}_seconds_per_concept"] <= TARGET_SECONDS_PER_CONCEPT)
         for key, label in PREPARED
         if f"{key}_seconds_per_concept" in row
     ]
@@ -154,19 +164,22 @@ def format_report(result: dict[str, Any]) -> str:
         "new process: after it, in-memory cache emptied; warm: cached in memory too",
         *[f"# {r['concepts']} concept: median of {r['fits_per_timing']} fits, each of a new concept"
           for r in result["rows"] if r.get("fits_per_timing", 1) > 1],
-        "concepts  rank  cold s  cold s/concept  preparation s  new-process s  new-process s/concept  warm s  "
-        "warm s/concept  adapter MB (fp16)",
+        "concepts  rank  cold s  cold s/concept  preparation s  new-process s  new-process s/concept  "
+        "warm s  warm s/concept  adapter MB (fp16)",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['concepts']:>8}  {r['rank']:>4}  {r['cold_seconds']:>6.2f}  {r['cold_seconds_per_concept']:>14.3f}  "
+            f"{r['concepts']:>8}  {r['rank']:>4}  {r['cold_seconds']:>6.2f}  "
+            f"{r['cold_seconds_per_concept']:>14.3f}  "
             f"{r['preparation_seconds']:>13.2f}  {r['new_process_seconds']:>13.2f}  "
             f"{r['new_process_seconds_per_concept']:>21.3f}  {r['warm_seconds']:>6.2f}  "
             f"{r['warm_seconds_per_concept']:>14.3f}  {r['adapter_mb_fp16']:>17.2f}"
         )
-    lines.append(f"peak extra memory during the fits: {result['peak_extra_rss_mb']} MB (RSS above the loaded pipeline)")
+    lines.append(f"peak extra memory during the fits: {result['peak_extra_rss_mb']} MB (RSS above the loaded "
+                 "pipeline)")
     for r in result["rows"]:
-        lines += [f"{target}: {measured} {'MET' if met else 'NOT MET'}" for target, measured, met in target_checks(r)]
+        lines += [f"{target}: {measured} {'MET' if met else 'NOT MET'}"
+                  for target, measured, met in target_checks(r)]
     return "\n".join(lines)
 
 

@@ -11,208 +11,73 @@ Unlike ``bench trainer`` (which returns rows), this keeps each fitted model in h
 attacked, and saves generation time three ways: the images of all concepts of one erasure are
 generated in shared batches of 64 (groups mixed; every image keeps its own seed), images several
 concepts' plans share (the "other concepts" of a multi-concept adapter) are generated once, and the
-base model's images are generated once for the whole benchmark.
+base model's images are generated once for the whole benchmark. What is measured (methods, attacks,
+plans, each erasure's fit data) is :mod:`.efficacy_plans`; its names are importable from here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..eval.attacks import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.judges import ShapesJudge
-from ..eval.runner import ATTACK_PREFIX, EvalCase, run_cases, score, shapes_plan
+from ..eval.plans import ATTACK_PREFIX, EvalCase
+from ..eval.runner import run_cases, score
+from ..eval.soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
 from ..fitting.closed_form import fit_adapter
 from ..fitting.data import FitSettings
 from ..fitting.presets import filled, resolve_spec
 from ..fitting.trainer import ACETrainer
 from ..shapes.classifier import load_shapes_classifier
-from ..shapes.erasure import concept_kind, erase_arguments, fit_templates
 from ..shapes.pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
-from ..shapes.vocab import SHAPES, STYLES
-
-METHODS: dict[str, str] = {
-    "base": "base model",
-    "ace_cf": "ACE closed form",
-    "ace_full": "ACE full",
-    "uce": "UCE",
-    "esd_x": "ESD-x",
-}
-ERASERS = ("ace_cf", "ace_full", "uce", "esd_x")
-ATTACK_NAMES: dict[str, str] = {
-    "misspelling": "misspelling",
-    "weighting": "weighting / repetition",
-    "context": "concept in a longer prompt",
-    "negative": "negative-prompt trick",
-    "soft_prompt": "soft-prompt attack",
-}
-# Multi-concept adapters: shapes first, then a fill style, so every size adds concepts to the last.
-# Shapes whose neutral floor is high are left out here (the empty anchor "a red" is itself drawn as a
-# hexagon, circle or star at times: ``shapes.erasure.neutral_floor``); they are measured alone.
-MULTI_CONCEPTS: dict[int, list[str]] = {
-    1: ["square"],
-    3: ["square", "triangle", "heart"],
-    5: ["square", "triangle", "heart", "cross", "striped"],
-}
-
-
-@dataclass
-class EfficacyPlan:
-    """What the efficacy section measures, and at which cost (see :data:`QUICK` and :data:`FULL`)."""
-
-    shapes: list[str]  # each erased alone
-    multi: dict[int, list[str]]  # adapter size -> its concepts; a 1-concept entry equal to a single run reuses it
-    colours: list[str] | None  # colour grid of the prompt sets (None: all 8)
-    images_per_prompt: int
-    ace_steps: int | None  # ACETrainer fine-tuning steps (None: the trainer's default for the concept count)
-    esd_steps: int  # ESD-x steps per erased concept (a joint multi-concept run gets n times as many)
-    esd_trajectories: int  # ESD-x frozen-model trajectories per prompt
-    esd_prompts: int  # ESD-x prompts per concept (the first fit templates filled with the concept)
-    soft_prompts: int  # prompts per concept attacked with a soft prompt
-    soft_steps: int
-    seed: int = 0
-    batch_size: int = 64
-    sampler: dict[str, Any] = field(default_factory=dict)  # overrides of the world's sampler (tests only)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["multi"] = {str(k): v for k, v in self.multi.items()}
-        return out
-
-
-QUICK = EfficacyPlan(
-    shapes=["square", "circle"],
-    multi=dict(MULTI_CONCEPTS),
-    colours=["red", "green", "blue", "yellow"],
-    images_per_prompt=1,
-    ace_steps=None,  # the trainer's default: the quick bench measures ACE as users get it
-    esd_steps=60,
-    esd_trajectories=2,
-    esd_prompts=4,
-    soft_prompts=1,
-    soft_steps=20,
-)
-FULL = EfficacyPlan(
-    shapes=["circle", "square", "triangle", "star", "heart", "cross", "hexagon", "diamond"],
-    multi=dict(MULTI_CONCEPTS),
-    colours=None,
-    images_per_prompt=2,
-    ace_steps=None,
-    esd_steps=200,
-    esd_trajectories=4,
-    esd_prompts=8,
-    soft_prompts=2,
-    soft_steps=40,
+from .efficacy_plans import (
+    ATTACK_NAMES,
+    ERASERS,
+    FULL,
+    METHODS,
+    MULTI_CONCEPTS,
+    QUICK,
+    EfficacyPlan,
+    Erasure,
+    case_key,
+    erasure_arguments,
+    experiments,
+    label_of,
+    plan_images,
+    templates_of,
 )
 
-
-# ---------------------------------------------------------------------- what each erasure is fitted on
-def _mentions(template: str, words: list[str]) -> bool:
-    return any(re.search(r"(?<![\w-])" + re.escape(w) + r"(?![\w-])", template) for w in words)
-
-
-def erasure_arguments(concepts: list[str]) -> dict[str, Any]:
-    """``concepts``/``neutral``/``preserve``/``templates`` for ``fit_adapter``/``ACETrainer``/the baselines.
-
-    One concept: the world's standard arguments (:func:`ace_diffusers.shapes.erasure.erase_arguments`).
-    Several: every concept not erased is preserved, and every template (of an erased or a preserved
-    concept) that mentions an erased concept is dropped — otherwise "preserve dotted" would be taught
-    on "a dotted red circle" while "circle" is being erased, and the two objectives would fight.
-    """
-
-    if len(concepts) == 1:
-        args = erase_arguments(concepts[0])
-        return {**args, "concepts": [concepts[0]], "neutral": [args["neutral"]]}
-    if len(set(concepts)) != len(concepts):
-        raise ValueError(f"duplicate concepts in {concepts}")
-    kept = [c for c in SHAPES + STYLES if c not in concepts]
-    templates = {}
-    for c in concepts + kept:
-        usable = [t for t in fit_templates(concept_kind(c)) if not _mentions(t, concepts)]
-        if not usable:
-            raise ValueError(f"every fit template of {c!r} mentions an erased concept of {concepts}")
-        templates[c] = usable
-    return {
-        "concepts": list(concepts),
-        "neutral": [erase_arguments(c)["neutral"] for c in concepts],
-        "preserve": kept,
-        "templates": templates,
-    }
-
-
-def _templates_of(args: dict[str, Any], concept: str) -> list[str]:
-    templates = args["templates"]
-    return list(templates[concept] if isinstance(templates, dict) else templates)
-
-
-# ---------------------------------------------------------------------- planning
-@dataclass
-class Erasure:
-    """One erasure experiment: its concepts and one evaluation plan per concept."""
-
-    label: str
-    kind: str  # "single" | "multi"
-    concepts: list[str]
-    plans: dict[str, Any]  # concept -> EvalPlan
-
-
-def _label(concepts: list[str]) -> str:
-    return "+".join(concepts)
-
-
-def experiments(plan: EfficacyPlan) -> tuple[list[Erasure], dict[str, str]]:
-    """The erasures to run (singles first) and ``{adapter size: label of the erasure measuring it}``."""
-
-    def make(concepts: list[str], kind: str) -> Erasure:
-        plans = {
-            c: shapes_plan(c, erased=list(concepts), images_per_prompt=plan.images_per_prompt, seed=plan.seed,
-                           soft_prompts=plan.soft_prompts, colours=plan.colours, sampler=plan.sampler)
-            for c in concepts
-        }
-        return Erasure(_label(concepts), kind, list(concepts), plans)
-
-    out = [make([s], "single") for s in plan.shapes]
-    sizes: dict[str, str] = {}
-    for n in sorted(plan.multi):
-        concepts = plan.multi[n]
-        if len(concepts) != n:
-            raise ValueError(f"multi-concept size {n} lists {len(concepts)} concepts: {concepts}")
-        label = _label(concepts)
-        if not any(e.label == label for e in out):
-            out.append(make(concepts, "multi"))
-        sizes[str(n)] = label
-    return out, sizes
-
-
-def case_key(case: Any) -> tuple:
-    """Two cases with equal keys produce the same image (same prompt, negative prompt, seed, soft prompt)."""
-    return (case.prompt, case.negative_prompt or "", case.seed, case.embeds)
-
-
-def plan_images(plan: EfficacyPlan) -> dict[str, int]:
-    """Images generated per model state: ``{erasure label: images}`` plus ``"base"`` (all erasures)."""
-    erasures, _ = experiments(plan)
-    out = {}
-    base: set[tuple] = set()
-    for e in erasures:
-        keys = {case_key(c) for p in e.plans.values() for c in p.cases}
-        base |= keys
-        out[e.label] = len(keys) + sum(len(p.soft_prompt) * plan.images_per_prompt for p in e.plans.values())
-    out["base"] = len(base)
-    return out
+# Importable from here as before the plans got their own module (:mod:`.efficacy_plans`).
+__all__ = [
+    "ATTACK_NAMES",
+    "ERASERS",
+    "FULL",
+    "METHODS",
+    "MULTI_CONCEPTS",
+    "QUICK",
+    "EfficacyPlan",
+    "Erasure",
+    "case_key",
+    "erasure_arguments",
+    "experiments",
+    "plan_images",
+    "pool_attacks",
+    "run",
+    "summarize",
+]
 
 
 # ---------------------------------------------------------------------- running
-def _judge_cases(pipe: Any, cases: list[Any], judges: dict[str, Any], plan: EfficacyPlan,
-                 embeds: dict[str, torch.Tensor] | None = None, state: Any = None) -> dict[tuple, dict[str, str]]:
+def _judge_cases(
+    pipe: Any, cases: list[Any], judges: dict[str, Any], plan: EfficacyPlan,
+    embeds: dict[str, torch.Tensor] | None = None, state: Any = None,
+) -> dict[tuple, dict[str, str]]:
     """Generate each distinct case once, in batches that mix groups; ``{case key: {head: label}}``."""
 
     unique: dict[tuple, Any] = {}
@@ -221,8 +86,8 @@ def _judge_cases(pipe: Any, cases: list[Any], judges: dict[str, Any], plan: Effi
     if not unique:
         return {}
     flat = [dataclasses.replace(c, group="bench") for c in unique.values()]
-    predictions, _ = run_cases(pipe, flat, judges, sampler=_sampler(plan), embeds=embeds, batch_size=plan.batch_size,
-                               state=state)
+    predictions, _ = run_cases(pipe, flat, judges, sampler=_sampler(plan), embeds=embeds,
+                               batch_size=plan.batch_size, state=state)
     return {key: {head: labels[i] for head, labels in predictions.items()} for i, key in enumerate(unique)}
 
 
@@ -236,7 +101,8 @@ def _score(eval_plan: Any, cases: list[Any], labels: dict[tuple, dict[str, str]]
     metrics, _, attacks = score(eval_plan, cases, predictions)
     return {
         "metrics": metrics,
-        "attacks": {name: {"asr": a["asr"], "n": a["n"], "hits": round(a["asr"] * a["n"])} for name, a in attacks.items()},
+        "attacks": {name: {"asr": a["asr"], "n": a["n"], "hits": round(a["asr"] * a["n"])}
+                    for name, a in attacks.items()},
     }
 
 
@@ -270,7 +136,8 @@ def _soft_cases(eval_plan: Any, embeds: dict[str, torch.Tensor], pipe: Any, refe
     cases = []
     for j, job in enumerate(eval_plan.soft_prompt):
         result = soft_prompt_attack(pipe, job.prompt, eval_plan.concept, neutral=eval_plan.neutral,
-                                    reference=references[job.prompt], settings=settings, sampler=eval_plan.sampler)
+                                    reference=references[job.prompt], settings=settings,
+                                    sampler=eval_plan.sampler)
         key = f"{eval_plan.concept}/soft{j}"
         embeds[key] = result.prompt_embeds.detach().cpu()
         cases += [EvalCase(ATTACK_PREFIX + "soft_prompt", None, s, dict(job.labels), None, key, job.prompt)
@@ -278,19 +145,20 @@ def _soft_cases(eval_plan: Any, embeds: dict[str, torch.Tensor], pipe: Any, refe
     return cases
 
 
-def _fit(method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan) -> tuple[Callable[[], None], float, dict]:
+def _fit(
+    method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan
+) -> tuple[Callable[[], None], float, dict]:
     """Apply ``method`` to ``pipe``; returns ``(undo, fit seconds, details)``."""
     spec_args = {k: args[k] for k in ("neutral", "preserve", "templates")}
     concepts = args["concepts"]
     if method in ("ace_cf", "ace_full"):
         t0 = time.perf_counter()
         if method == "ace_cf":
-
             adapter = fit_adapter(pipe, resolve_spec(concepts, **spec_args), FitSettings())
             details = {"rank": adapter.rank}
         else:
-
-            trainer = ACETrainer(pipe, concepts, steps=plan.ace_steps, seed=plan.seed, progress=False, **spec_args)
+            trainer = ACETrainer(pipe, concepts, steps=plan.ace_steps, seed=plan.seed, progress=False,
+                                 **spec_args)
             adapter = trainer.fit()
             details = {"rank": adapter.rank, "steps": trainer.steps, "initial_loss": trainer.initial_loss,
                        "final_loss": trainer.final_loss}
@@ -301,15 +169,55 @@ def _fit(method: str, pipe: Any, args: dict[str, Any], plan: EfficacyPlan) -> tu
     if method == "uce":
         edit = uce_erase(pipe, concepts, spec_args["neutral"], spec_args["preserve"])
     elif method == "esd_x":
-
-        prompts = [filled(t, c) for c in concepts for t in _templates_of(args, c)[: plan.esd_prompts]]
-        edit = esd_x_erase(pipe, _label(concepts), prompts=prompts, steps=plan.esd_steps * len(concepts),
+        prompts = [filled(t, c) for c in concepts for t in templates_of(args, c)[: plan.esd_prompts]]
+        edit = esd_x_erase(pipe, label_of(concepts), prompts=prompts, steps=plan.esd_steps * len(concepts),
                            trajectories=plan.esd_trajectories, height=DEFAULT_SAMPLER["height"],
-                           width=DEFAULT_SAMPLER["width"], num_inference_steps=DEFAULT_SAMPLER["num_inference_steps"],
-                           seed=plan.seed)
+                           width=DEFAULT_SAMPLER["width"],
+                           num_inference_steps=DEFAULT_SAMPLER["num_inference_steps"], seed=plan.seed)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return edit.restore, edit.seconds, {k: v for k, v in edit.to_dict().items() if k in ("stats", "mean_relative_change")}
+    details = {k: v for k, v in edit.to_dict().items() if k in ("stats", "mean_relative_change")}
+    return edit.restore, edit.seconds, details
+
+
+def _soft_prompt_references(pipe: Any, erasures: list[Erasure], settings: SoftPromptSettings,
+                            log: Callable[[str], None]) -> dict[str, Any]:
+    """One soft-prompt reference per attacked prompt, built on ``pipe`` as it is (the original model)."""
+    references = {}
+    t0 = time.perf_counter()
+    for e in erasures:
+        for p in e.plans.values():
+            for job in p.soft_prompt:
+                if job.prompt not in references:
+                    references[job.prompt] = build_soft_prompt_reference(pipe, job.prompt, settings,
+                                                                         sampler=p.sampler)
+    log(f"[bench] soft-prompt references for {len(references)} prompts in {time.perf_counter() - t0:.0f} s")
+    return references
+
+
+def _measure_method(method: str, e: Erasure, args: dict[str, Any], pipe: Any, plan: EfficacyPlan,
+                    judges: dict[str, Any], references: dict[str, Any], settings: SoftPromptSettings,
+                    state: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fit ``method`` for the erasure ``e``, attack and judge it, undo it: the method's result entry."""
+    t0 = time.perf_counter()
+    undo, seconds, details = _fit(method, pipe, args, plan)
+    log(f"[bench] {e.label}: {METHODS[method]} fitted in {seconds:.1f} s")
+    try:
+        embeds: dict[str, torch.Tensor] = {}
+        soft = {c: _soft_cases(p, embeds, pipe, references, settings) for c, p in e.plans.items()}
+        cases = [c for p in e.plans.values() for c in p.cases] + [c for s in soft.values() for c in s]
+        labels = _judge_cases(pipe, cases, judges, plan, embeds, state=state)
+    finally:
+        undo()
+    per_concept = {c: _score(p, list(p.cases) + soft[c], labels) for c, p in e.plans.items()}
+    summary = summarize(per_concept)
+    entry = {"seconds": seconds, "details": details, "concepts": per_concept, **summary}
+    m = summary["metrics"]
+    log(f"[bench] {e.label}: {METHODS[method]} Acc_e {m['acc_e']:.2f} Acc_s {m['acc_s']:.2f} "
+        f"Acc_g {m['acc_g']:.2f} H {m['h']:.3f}; ASR "
+        + " ".join(f"{k} {v['asr']:.2f}" for k, v in summary["attacks"].items())
+        + f" ({len(labels)} images, {time.perf_counter() - t0:.0f} s)")
+    return entry
 
 
 def run(plan: EfficacyPlan, *, methods: tuple[str, ...] = ERASERS, log: Callable[[str], None] = print,
@@ -334,45 +242,23 @@ def run(plan: EfficacyPlan, *, methods: tuple[str, ...] = ERASERS, log: Callable
 
     # The base model: every image once, and the soft-prompt references (they are built on the original model).
     t0 = time.perf_counter()
-    base_labels = _judge_cases(pipe, [c for e in erasures for p in e.plans.values() for c in p.cases], judges, plan,
-                               state=state)
+    base_labels = _judge_cases(pipe, [c for e in erasures for p in e.plans.values() for c in p.cases], judges,
+                               plan, state=state)
     log(f"[bench] base model: {len(base_labels)} images in {time.perf_counter() - t0:.0f} s")
     settings = SoftPromptSettings(steps=plan.soft_steps, seed=plan.seed)
-    references = {}
-    t0 = time.perf_counter()
-    for e in erasures:
-        for p in e.plans.values():
-            for job in p.soft_prompt:
-                if job.prompt not in references:
-                    references[job.prompt] = build_soft_prompt_reference(pipe, job.prompt, settings, sampler=p.sampler)
-    log(f"[bench] soft-prompt references for {len(references)} prompts in {time.perf_counter() - t0:.0f} s")
+    references = _soft_prompt_references(pipe, erasures, settings, log)
 
     results = []
     for e in erasures:
         args = erasure_arguments(e.concepts)
         entry: dict[str, Any] = {"label": e.label, "kind": e.kind, "concepts": e.concepts,
-                                 "arguments": {k: args[k] for k in ("neutral", "preserve", "templates")}, "methods": {}}
+                                 "arguments": {k: args[k] for k in ("neutral", "preserve", "templates")},
+                                 "methods": {}}
         base = {c: _score(p, list(p.cases), base_labels) for c, p in e.plans.items()}
         entry["methods"]["base"] = {"seconds": None, "details": {}, "concepts": base, **summarize(base)}
         for method in methods:
-            t0 = time.perf_counter()
-            undo, seconds, details = _fit(method, pipe, args, plan)
-            log(f"[bench] {e.label}: {METHODS[method]} fitted in {seconds:.1f} s")
-            try:
-                embeds: dict[str, torch.Tensor] = {}
-                soft = {c: _soft_cases(p, embeds, pipe, references, settings) for c, p in e.plans.items()}
-                cases = [c for p in e.plans.values() for c in p.cases] + [c for s in soft.values() for c in s]
-                labels = _judge_cases(pipe, cases, judges, plan, embeds, state=state)
-            finally:
-                undo()
-            per_concept = {c: _score(p, list(p.cases) + soft[c], labels) for c, p in e.plans.items()}
-            summary = summarize(per_concept)
-            entry["methods"][method] = {"seconds": seconds, "details": details, "concepts": per_concept, **summary}
-            m = summary["metrics"]
-            log(f"[bench] {e.label}: {METHODS[method]} Acc_e {m['acc_e']:.2f} Acc_s {m['acc_s']:.2f} "
-                f"Acc_g {m['acc_g']:.2f} H {m['h']:.3f}; ASR "
-                + " ".join(f"{k} {v['asr']:.2f}" for k, v in summary["attacks"].items())
-                + f" ({len(labels)} images, {time.perf_counter() - t0:.0f} s)")
+            entry["methods"][method] = _measure_method(method, e, args, pipe, plan, judges, references,
+                                                       settings, state, log)
         results.append(entry)
     return {
         "plan": plan.to_dict(),

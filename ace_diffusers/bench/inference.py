@@ -49,8 +49,9 @@ def sizes() -> list[dict[str, Any]]:
         for n in COUNTS:
             rank = default_rank(n, d_text)
             params = adapter_parameters(shapes, rank)
-            rows.append({"model": model, "layers": len(shapes), "concepts": n, "rank": rank, "parameters": params,
-                         "mb_fp16": round(params * 2 / 2**20, 2), "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1)})
+            rows.append({"model": model, "layers": len(shapes), "concepts": n, "rank": rank,
+                         "parameters": params, "mb_fp16": round(params * 2 / 2**20, 2),
+                         "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1)})
     return rows
 
 
@@ -84,6 +85,26 @@ def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict
     return weights
 
 
+def _kv_weights(
+    unet: torch.nn.Module, adapter: Any, seed: int, fused: bool, progress: bool
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(K/V projections, their stock weights, the weights with ``adapter`` fused in)``; the last is empty
+    unless ``fused``, and must differ from the stock weights."""
+    projections = {f"{name}.{proj}": getattr(attn, proj)
+                   for name, attn in cross_attention_modules(unet).items() for proj in ("to_k", "to_v")}
+    stock_weights = {k: m.weight.detach().clone() for k, m in projections.items()}
+    t0 = time.perf_counter()
+    fused_weights = fused_kv_weights(unet, adapter, seed) if fused else {}
+    if fused and progress:
+        print(f"[bench] inference: adapter fused into the weights in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    if fused and all(torch.equal(fused_weights[k], w) for k, w in stock_weights.items()):
+        raise RuntimeError(
+            "fusing the adapter did not change any weight; the fused timing would be meaningless"
+        )
+    return projections, stock_weights, fused_weights
+
+
 def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0,
              fused: bool = True, progress: bool = False) -> dict[str, Any]:
     """Median step time per configuration (module docstring); ``fused`` adds the fused-weights model."""
@@ -95,7 +116,10 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
     sample = torch.randn(2, 4, latent, latent, generator=generator)
     context = torch.randn(2, 77, 768, generator=generator)
     timestep = torch.tensor([500, 500])
-    adapters = {n: random_adapter(unet, rank=default_rank(n, 768), seed=n, concepts=tuple(f"c{i}" for i in range(n))) for n in COUNTS}
+    adapters = {
+        n: random_adapter(unet, rank=default_rank(n, 768), seed=n, concepts=tuple(f"c{i}" for i in range(n)))
+        for n in COUNTS
+    }
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -103,15 +127,8 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
             unet(sample, timestep, encoder_hidden_states=context)
         return time.perf_counter() - t0
 
-    projections = {f"{name}.{proj}": getattr(attn, proj) for name, attn in cross_attention_modules(unet).items()
-                   for proj in ("to_k", "to_v")}
-    stock_weights = {k: m.weight.detach().clone() for k, m in projections.items()}
-    t0 = time.perf_counter()
-    fused_weights = fused_kv_weights(unet, adapters[min(COUNTS)], seed) if fused else {}
-    if fused and progress:
-        print(f"[bench] inference: adapter fused into the weights in {time.perf_counter() - t0:.1f} s", flush=True)
-    if fused and all(torch.equal(fused_weights[k], w) for k, w in stock_weights.items()):
-        raise RuntimeError("fusing the adapter did not change any weight; the fused timing would be meaningless")
+    projections, stock_weights, fused_weights = _kv_weights(unet, adapters[min(COUNTS)], seed, fused,
+                                                            progress)
 
     def swap(weights: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -135,8 +152,8 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
             finally:
                 swap(stock_weights)
         if progress:
-            print(f"[bench] inference round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
-                  flush=True)
+            print(f"[bench] inference round {r + 1}/{rounds}: "
+                  + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
         "latent": latent,
@@ -144,15 +161,16 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
         "threads": torch.get_num_threads(),
         "median_seconds": {k: round(v, 4) for k, v in medians.items()},
         "ratio_vs_stock": {k: round(v / medians["stock"], 3) for k, v in medians.items()},
-        "model": "SD1.5-shaped UNet2DConditionModel (random weights, 16 cross-attention layers, text width 768)",
+        "model": "SD1.5-shaped UNet2DConditionModel (random weights, 16 cross-attention layers, text width "
+                 "768)",
     }
 
 
 def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) -> str:
     lines = []
     if over:
-        lines.append(f"# denoising step, SD1.5-shaped UNet, latent {over['latent']}x{over['latent']}, batch 2, "
-                     f"{over['rounds']} interleaved rounds, {over['threads']} threads")
+        lines.append(f"# denoising step, SD1.5-shaped UNet, latent {over['latent']}x{over['latent']}, "
+                     f"batch 2, {over['rounds']} interleaved rounds, {over['threads']} threads")
         lines.append(f"{'config':<12}{'median s':>10}{'ratio':>8}")
         for k, v in over["median_seconds"].items():
             lines.append(f"{k:<12}{v:>10.4f}{over['ratio_vs_stock'][k]:>8.3f}")
@@ -160,7 +178,8 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
         lines.append(f"target <= 1.03x for 1 concept: {'met' if r1 <= 1.03 else 'NOT MET'} ({r1:.3f}); "
                      f"<= 1.10x for 100 concepts: {'met' if r100 <= 1.10 else 'NOT MET'} ({r100:.3f})")
     lines.append("# adapter size (default rank of erase_concept)")
-    lines.append(f"{'model':<7}{'layers':>7}{'concepts':>9}{'rank':>6}{'parameters':>12}{'MB fp16':>9}{'KB/concept':>11}")
+    lines.append(f"{'model':<7}{'layers':>7}{'concepts':>9}{'rank':>6}{'parameters':>12}{'MB fp16':>9}"
+                 f"{'KB/concept':>11}")
     for r in size_rows:
         lines.append(f"{r['model']:<7}{r['layers']:>7}{r['concepts']:>9}{r['rank']:>6}{r['parameters']:>12}"
                      f"{r['mb_fp16']:>9.2f}{r['kb_fp16_per_concept']:>11.1f}")
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-only", action="store_true")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-weights configuration")
     args = parser.parse_args(argv)
-    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads, fused=not args.no_fused,
-                                                progress=True)
+    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads,
+                                                fused=not args.no_fused, progress=True)
     print(format_report(over, sizes()))
     return 0

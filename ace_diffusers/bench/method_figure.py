@@ -89,7 +89,8 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
     modules = attach.cross_attention_modules(unet)
     rows = []
     for prompt, enc in zip(prompts, encoded, strict=True):
-        ids = tokenizer(prompt, padding="max_length", max_length=embedder.max_length, truncation=True)["input_ids"]
+        ids = tokenizer(prompt, padding="max_length", max_length=embedder.max_length, truncation=True)
+        ids = ids["input_ids"]
         labels = tokenizer.convert_ids_to_tokens(ids)[: enc.embeddings.shape[0]]
         gates, base_sq, gated_sq, ungated_sq = [], 0.0, 0.0, 0.0
         for name in sorted(modules):
@@ -98,8 +99,9 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
             delta = stack.adapters[adapter_name]
             context = enc.embeddings[None].to(device=delta.k_down.device, dtype=delta.k_down.dtype)
             key = attn.to_k(context)[0]
-            gated, _ = delta.deltas(context, delta.multiplier(stack.enabled))  # what ACEAttnProcessor adds to K
-            ungated = ((context @ delta.k_down.T) @ delta.k_up.T)[0] * delta.scale
+            # what ACEAttnProcessor adds to K
+            gated, _ = delta.deltas(context, delta.multiplier(stack.enabled))
+            ungated = delta.low_rank(context, "k")[0] * delta.scale  # the same factors, gate forced to 1
             gates.append(delta.gate(context)[0, :])
             base_sq = base_sq + key.pow(2).sum(-1)
             gated_sq = gated_sq + gated[0].pow(2).sum(-1)
@@ -107,7 +109,8 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
         gate = torch.stack(gates).mean(0)
         gated_change = (gated_sq / base_sq).sqrt()
         ungated_change = (ungated_sq / base_sq).sqrt()
-        rows.append(_collapse_padding(prompt, prompt_role(prompt, concept), labels, enc.length, gate, gated_change, ungated_change))
+        rows.append(_collapse_padding(prompt, prompt_role(prompt, concept), labels, enc.length, gate,
+                                      gated_change, ungated_change))
     stats = {k: float(v) for k, v in adapter.fit.get("stats", {}).items() if k.startswith("gate_")}
     first = adapter.layers[sorted(modules)[0]]
     shared = all(
@@ -130,6 +133,64 @@ def _collapse_padding(
     return PromptTokens(prompt, role, tokens, *values)
 
 
+def _draw_header(fig: Any, grid: Any, data: MethodFigureData) -> Any:
+    """The top row: the formula, and what was erased with which rank and gate; returns its axes."""
+    header = fig.add_subplot(grid[0, :])
+    header.axis("off")
+    # the notation of docs/method.md and processor.py: c is one text token's embedding
+    header.text(0.0, 0.98, r"$k = W_k\,c + s\;g(c)\;B_k A_k\,c \qquad v = W_v\,c + s\;g(c)\;B_v A_v\,c"
+                r"\qquad g(c) = \sigma(w \cdot c + b)$", fontsize=13, va="top", transform=header.transAxes)
+    neutral = f"'{data.neutral}'" if data.neutral else "'' (no shape word)"
+    facts = (f"Miniature world, erase_concept('{data.concept}') → {neutral}: rank r = {data.rank} on K and V "
+             f"of {data.layers} cross-attention layers, "
+             + ("one gate g shared by all of them." if data.shared_gate
+                else "a gate per layer (averaged here)."))
+    if data.stats:
+        facts += (f"  Gate on the fit's tokens: open (>0.5) on "
+                  f"{100 * data.stats['gate_concept_tokens_open']:.0f} % of concept-carrying tokens, "
+                  f"{100 * data.stats['gate_other_tokens_open']:.1f} % of the others.")
+    header.text(0.0, 0.42, facts, fontsize=9, va="top", transform=header.transAxes, wrap=True)
+    return header
+
+
+def _draw_prompt(fig: Any, grid: Any, col: int, row: PromptTokens, top_max: float, header: Any) -> None:
+    """Column ``col``: the gate per token of one prompt above, the relative K change below."""
+    xs = list(range(len(row.tokens)))
+    ax_gate = fig.add_subplot(grid[1, col])
+    ax_gate.bar(xs, row.gate, color="#d62728", width=0.7)
+    ax_gate.axhline(0.5, color="grey", lw=0.6, ls="--")
+    ax_gate.set_ylim(0, 1.05)
+    ax_gate.set_xticks(xs)
+    ax_gate.set_xticklabels([])
+    title = f'"{row.prompt}"' if row.prompt else '""'
+    ax_gate.set_title(f"{title}\n{row.role}", fontsize=9)
+    if max(row.gate) < 0.1:  # bars too small to see: say how closed the gate is
+        ax_gate.text(0.5, 0.7, f"gate closed: max g = {max(row.gate):.2g}", ha="center", fontsize=8,
+                     transform=ax_gate.transAxes)
+    ax_change = fig.add_subplot(grid[2, col])
+    width = 0.38
+    ax_change.bar([x - width / 2 for x in xs], row.change_ungated, width, color="#bdbdbd",
+                  label="same factors, gate forced to 1 (ungated edit)")
+    ax_change.bar([x + width / 2 for x in xs], row.change_gated, width, color="#1f77b4",
+                  label="ACE: gated edit, as the processor applies it")
+    ax_change.set_ylim(0, top_max)
+    if max(row.change_gated) < 0.02 * top_max:  # invisible bars: print the largest gated change
+        ax_change.text(0.5, 0.7, f"gated: max ||ΔK||/||K|| = {max(row.change_gated):.2g}", ha="center",
+                       fontsize=8, color="#1f77b4", transform=ax_change.transAxes)
+    ax_change.set_xticks(xs)
+    ax_change.set_xticklabels(row.tokens, rotation=50, ha="right", fontsize=8)
+    if col == 0:
+        ax_gate.set_ylabel("gate g(c)", fontsize=9)
+        ax_change.set_ylabel("relative change of K\n||ΔK|| / ||K||, all layers", fontsize=9)
+        handles, labels = ax_change.get_legend_handles_labels()
+        header.legend(handles, labels, fontsize=8.5, loc="upper right", frameon=False)
+    else:
+        ax_gate.set_yticklabels([])
+        ax_change.set_yticklabels([])
+    for ax in (ax_gate, ax_change):
+        ax.tick_params(labelsize=8)
+
+
 def render_method_figure(data: MethodFigureData) -> bytes:
     """The figure as PNG bytes (matplotlib, Agg; no timestamp or version metadata, so reruns match)."""
     # matplotlib is optional (the bench/test extras): only figures need it
@@ -141,55 +202,10 @@ def render_method_figure(data: MethodFigureData) -> bytes:
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(3, n, height_ratios=[0.62, 1.0, 1.15], hspace=0.28, wspace=0.12,
                             left=0.07, right=0.99, top=0.98, bottom=0.13)
-    header = fig.add_subplot(grid[0, :])
-    header.axis("off")
-    # the notation of docs/method.md and processor.py: c is one text token's embedding
-    header.text(0.0, 0.98, r"$k = W_k\,c + s\;g(c)\;B_k A_k\,c \qquad v = W_v\,c + s\;g(c)\;B_v A_v\,c"
-                r"\qquad g(c) = \sigma(w \cdot c + b)$", fontsize=13, va="top", transform=header.transAxes)
-    neutral = f"'{data.neutral}'" if data.neutral else "'' (no shape word)"
-    facts = (f"Miniature world, erase_concept('{data.concept}') → {neutral}: rank r = {data.rank} on K and V of "
-             f"{data.layers} cross-attention layers, "
-             + ("one gate g shared by all of them." if data.shared_gate else "a gate per layer (averaged here)."))
-    if data.stats:
-        facts += (f"  Gate on the fit's tokens: open (>0.5) on {100 * data.stats['gate_concept_tokens_open']:.0f} % "
-                  f"of concept-carrying tokens, {100 * data.stats['gate_other_tokens_open']:.1f} % of the others.")
-    header.text(0.0, 0.42, facts, fontsize=9, va="top", transform=header.transAxes, wrap=True)
-
+    header = _draw_header(fig, grid, data)
     top_max = max(max(r.change_ungated + r.change_gated) for r in data.rows) * 1.12
     for col, row in enumerate(data.rows):
-        xs = list(range(len(row.tokens)))
-        ax_gate = fig.add_subplot(grid[1, col])
-        ax_gate.bar(xs, row.gate, color="#d62728", width=0.7)
-        ax_gate.axhline(0.5, color="grey", lw=0.6, ls="--")
-        ax_gate.set_ylim(0, 1.05)
-        ax_gate.set_xticks(xs)
-        ax_gate.set_xticklabels([])
-        title = f'"{row.prompt}"' if row.prompt else '""'
-        ax_gate.set_title(f"{title}\n{row.role}", fontsize=9)
-        if max(row.gate) < 0.1:  # bars too small to see: say how closed the gate is
-            ax_gate.text(0.5, 0.7, f"gate closed: max g = {max(row.gate):.2g}", ha="center", fontsize=8,
-                         transform=ax_gate.transAxes)
-        ax_change = fig.add_subplot(grid[2, col])
-        width = 0.38
-        ax_change.bar([x - width / 2 for x in xs], row.change_ungated, width, color="#bdbdbd",
-                      label="same factors, gate forced to 1 (ungated edit)")
-        ax_change.bar([x + width / 2 for x in xs], row.change_gated, width, color="#1f77b4", label="ACE: gated edit, as the processor applies it")
-        ax_change.set_ylim(0, top_max)
-        if max(row.change_gated) < 0.02 * top_max:  # invisible bars: print the largest gated change
-            ax_change.text(0.5, 0.7, f"gated: max ||ΔK||/||K|| = {max(row.change_gated):.2g}", ha="center",
-                           fontsize=8, color="#1f77b4", transform=ax_change.transAxes)
-        ax_change.set_xticks(xs)
-        ax_change.set_xticklabels(row.tokens, rotation=50, ha="right", fontsize=8)
-        if col == 0:
-            ax_gate.set_ylabel("gate g(c)", fontsize=9)
-            ax_change.set_ylabel("relative change of K\n||ΔK|| / ||K||, all layers", fontsize=9)
-            handles, labels = ax_change.get_legend_handles_labels()
-            header.legend(handles, labels, fontsize=8.5, loc="upper right", frameon=False)
-        else:
-            ax_gate.set_yticklabels([])
-            ax_change.set_yticklabels([])
-        for ax in (ax_gate, ax_change):
-            ax.tick_params(labelsize=8)
+        _draw_prompt(fig, grid, col, row, top_max, header)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -210,7 +226,8 @@ def write_method_figure(output: str | os.PathLike, concept: str = DEFAULT_CONCEP
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ace-diffusers figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="PNG to write (default: %(default)s)")
-    parser.add_argument("--concept", default=DEFAULT_CONCEPT, help="miniature-world shape or fill style to erase")
+    parser.add_argument("--concept", default=DEFAULT_CONCEPT,
+                        help="miniature-world shape or fill style to erase")
     parser.add_argument("--prompt", action="append", default=None,
                         help=f"prompt to show (repeatable; default: {list(DEFAULT_PROMPTS)})")
     parser.add_argument("--threads", type=int, default=None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from .efficacy import ATTACK_NAMES, METHODS
+from .efficacy_plans import ATTACK_NAMES, METHODS
 from .results import (
     TARGET_ASR,
     TARGET_H,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .closed_form import TARGET_SECONDS_PER_CONCEPT, target_checks
-from .efficacy import ATTACK_NAMES, METHODS
+from .efficacy_plans import ATTACK_NAMES, METHODS
 from .plots import PLOTS, plot_asr, plot_fit_seconds, plot_h, plot_overhead, plots
 from .results import (
     TARGET_ASR,
@@ -223,15 +223,20 @@ def efficacy_markdown(result: dict[str, Any], image_dir: str = "images") -> list
     lines += _table(["concepts"] + head[1:], multi_rows)
     lines += ["", "### Attack success rate per attack", "",
               "Every attack image of every erasure above, pooled (hits / images).", ""]
+    lines += _table(["method", *ATTACK_NAMES.values()], _pooled_asr_rows(result, methods))
+    lines += ["", f"![ASR per attack and method]({image_dir}/{PLOTS['asr']})", ""]
+    return lines
+
+
+def _pooled_asr_rows(result: dict[str, Any], methods: list[str]) -> list[list[str]]:
+    """Per method: every attack's pooled ASR with its hits / images."""
     asr_rows = []
     for method in methods:
         pooled = pooled_asr(result, method)
         asr_rows.append([METHODS.get(method, method)] + [
             f"{_pct(pooled[a]['asr'])} ({pooled[a]['hits']}/{pooled[a]['n']})" if a in pooled else "–"
             for a in ATTACK_NAMES])
-    lines += _table(["method", *ATTACK_NAMES.values()], asr_rows)
-    lines += ["", f"![ASR per attack and method]({image_dir}/{PLOTS['asr']})", ""]
-    return lines
+    return asr_rows
 
 
 def _ranges(row: dict[str, Any]) -> str:
@@ -252,12 +257,13 @@ def _closed_form_lines(cf: dict[str, Any]) -> list[str]:
         f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each "
         "timing fits concepts not seen before, after one untimed warm-up fit (a process's first fit also "
         "pays its start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached: "
-        "the fit also encodes every prompt that does not depend on the concept (neutral anchor, preservation and "
-        "unrelated prompts, template prefixes), once per text encoder and kind. Preparation = that part "
-        "alone, `prepare_erasure(pipe, kind=\"style\")` from an empty cache, which a service runs at "
-        "start-up. New process = a fit after it with the in-memory cache emptied (what a fresh process pays "
-        "once the text encoder was used or prepared on the machine); warm = a further fit in the same "
-        "process. The per-concept target is checked on the prepared fits, the 100-concept one cold."
+        "the fit also encodes every prompt that does not depend on the concept (neutral anchor, "
+        "preservation and unrelated prompts, template prefixes), once per text encoder and kind. "
+        "Preparation = that part alone, `prepare_erasure(pipe, kind=\"style\")` from an empty cache, which "
+        "a service runs at start-up. New process = a fit after it with the in-memory cache emptied (what a "
+        "fresh process pays once the text encoder was used or prepared on the machine); warm = a further "
+        "fit in the same process. The per-concept target is checked on the prepared fits, the 100-concept "
+        "one cold."
         + "".join(_ranges(r) for r in cf["rows"] if r.get("fits_per_timing", 1) > 1),
         "",
     ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .efficacy import METHODS, pool_attacks
+from .efficacy import pool_attacks
+from .efficacy_plans import METHODS
 
 TARGET_H = 0.90
 TARGET_ASR = 0.20

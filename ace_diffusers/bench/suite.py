@@ -40,6 +40,7 @@ import torch
 
 from ..eval.common import partial_state
 from . import closed_form, efficacy, inference
+from .efficacy_plans import ERASERS, FULL, MULTI_CONCEPTS, QUICK
 from .report import targets, write
 
 DEFAULT_OUTPUT = Path("docs") / "benchmarks.md"
@@ -50,7 +51,8 @@ FULL_SETTINGS: dict[str, Any] = {"counts": (1, 10, 100), "rounds": 15, "latent":
 
 def _machine() -> str:
     cpus = os.cpu_count()
-    return (f"{platform.system()} {platform.machine()}, {cpus} CPU cores, Python {platform.python_version()}, "
+    return (f"{platform.system()} {platform.machine()}, {cpus} CPU cores, "
+            f"Python {platform.python_version()}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
@@ -66,16 +68,16 @@ def _say(message: str) -> None:
 
 
 def efficacy_plan(quick: bool, overrides: dict[str, Any] | None = None) -> Any:
-    """The quick or full :class:`~.efficacy.EfficacyPlan`, with command-line overrides (None = keep)."""
+    """The quick or full :class:`~.efficacy_plans.EfficacyPlan`, with command-line overrides (None = keep)."""
 
-    base = efficacy.QUICK if quick else efficacy.FULL
+    base = QUICK if quick else FULL
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "multi" in changes:
         sizes = changes["multi"]
-        unknown = [n for n in sizes if n not in efficacy.MULTI_CONCEPTS]
+        unknown = [n for n in sizes if n not in MULTI_CONCEPTS]
         if unknown:
-            raise ValueError(f"multi-concept sizes must be among {sorted(efficacy.MULTI_CONCEPTS)}, got {unknown}")
-        changes["multi"] = {n: list(efficacy.MULTI_CONCEPTS[n]) for n in sizes}
+            raise ValueError(f"multi-concept sizes must be among {sorted(MULTI_CONCEPTS)}, got {unknown}")
+        changes["multi"] = {n: list(MULTI_CONCEPTS[n]) for n in sizes}
     if "inference_steps" in changes:
         changes["sampler"] = {"num_inference_steps": changes.pop("inference_steps")}
     return dataclasses.replace(base, **changes)
@@ -87,7 +89,8 @@ def _closed_form_in_fresh_process(counts: tuple[int, ...]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ace-bench-speed-") as tmp:
         path = Path(tmp) / "closed_form.json"
         subprocess.run(
-            [sys.executable, "-m", "ace_diffusers", "bench", "closed-form", "--counts", *map(str, counts), "--json", str(path)],
+            [sys.executable, "-m", "ace_diffusers", "bench", "closed-form", "--counts", *map(str, counts),
+             "--json", str(path)],
             check=True, stdout=subprocess.DEVNULL,
         )
         return json.loads(path.read_text())
@@ -104,7 +107,7 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
         t0 = time.perf_counter()
         plan = plan or efficacy_plan(quick)
         _say(f"[bench] efficacy: {plan}")
-        out["efficacy"] = efficacy.run(plan, methods=methods or efficacy.ERASERS, log=_say, state=state)
+        out["efficacy"] = efficacy.run(plan, methods=methods or ERASERS, log=_say, state=state)
         out["efficacy"]["processes"] = state.num_processes
         out["efficacy"]["seconds"] = time.perf_counter() - t0
         _say(f"[bench] efficacy done in {out['efficacy']['seconds']:.0f} s")
@@ -132,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the ~15-minute version")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="Markdown page; JSON and images/ go beside it")
-    parser.add_argument("--from-json", help="re-render the page and plots from a saved benchmarks.json (no runs)")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT),
+                        help="Markdown page; JSON and images/ go beside it")
+    parser.add_argument("--from-json",
+                        help="re-render the page and plots from a saved benchmarks.json (no runs)")
     small = parser.add_argument_group("overrides of the quick/full plan (smaller smoke runs)")
     small.add_argument("--shapes", nargs="*", help="shapes erased alone")
     small.add_argument("--multi", nargs="*", type=int, help="multi-concept adapter sizes (of 1, 3, 5)")
@@ -145,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     small.add_argument("--esd-prompts", type=int)
     small.add_argument("--soft-prompts", type=int)
     small.add_argument("--soft-steps", type=int)
-    small.add_argument("--inference-steps", type=int, help="denoising steps of the miniature world (default 25)")
+    small.add_argument("--inference-steps", type=int,
+                       help="denoising steps of the miniature world (default 25)")
     small.add_argument("--counts", nargs="+", type=int, help="closed-form concept counts")
     small.add_argument("--rounds", type=int, help="interleaved inference timing rounds")
     small.add_argument("--latent", type=int, help="latent size of the inference timing")
     args = parser.parse_args(argv)
-    command = "ace-diffusers bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "ace-diffusers bench " + " ".join(shlex.quote(a) for a in given)
 
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
@@ -159,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         plan = efficacy_plan(args.quick, {
             "shapes": args.shapes, "multi": args.multi, "colours": args.colours,
-            "images_per_prompt": args.images_per_prompt, "ace_steps": args.ace_steps, "esd_steps": args.esd_steps,
-            "esd_trajectories": args.esd_trajectories, "esd_prompts": args.esd_prompts,
-            "soft_prompts": args.soft_prompts, "soft_steps": args.soft_steps, "inference_steps": args.inference_steps,
+            "images_per_prompt": args.images_per_prompt, "ace_steps": args.ace_steps,
+            "esd_steps": args.esd_steps, "esd_trajectories": args.esd_trajectories,
+            "esd_prompts": args.esd_prompts, "soft_prompts": args.soft_prompts, "soft_steps": args.soft_steps,
+            "inference_steps": args.inference_steps,
         })
-        settings = {k: v for k, v in (("counts", args.counts), ("rounds", args.rounds), ("latent", args.latent))
-                    if v is not None}
+        given_settings = (("counts", args.counts), ("rounds", args.rounds), ("latent", args.latent))
+        settings = {k: v for k, v in given_settings if v is not None}
         result = run(args.quick, args.sections, plan=plan, settings=settings)
         result.update(command=command, machine=_machine(), quick=args.quick,
                       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

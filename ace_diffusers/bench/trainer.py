@@ -27,6 +27,68 @@ from ..shapes.vocab import SHAPES, STYLES
 TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
 
 
+def _arguments(concepts: list[str]) -> dict[str, Any]:
+    """What the fit is given: the world's standard arguments for one concept; for several, every other
+    concept of the world is preserved and each concept keeps its own fit templates."""
+    if len(concepts) == 1:
+        return erase_arguments(concepts[0])
+    kept = [c for c in SHAPES + STYLES if c not in concepts]
+    return {
+        "concepts": concepts,
+        "neutral": [erase_arguments(c)["neutral"] for c in concepts],
+        "preserve": kept,
+        "templates": {c: fit_templates(concept_kind(c)) for c in concepts + kept},
+    }
+
+
+def _measure_erasure(pipe: Any, classifier: Any, concepts: list[str], label: str, *, images_per_prompt: int,
+                     steps: int | None, seed: int, baselines: bool) -> list[dict[str, Any]]:
+    """Erase ``concepts`` with the closed form and with ACE (full) (and, with ``baselines``, UCE and ESD-x),
+    measuring each: one row per concept and method, each with the base model's figures and the floor."""
+    rows: list[dict[str, Any]] = []
+    arguments = _arguments(concepts)
+    measured = {"images_per_prompt": images_per_prompt, "seed": seed, "erased": concepts}
+    base = {c: measure(pipe, classifier, c, **measured)[0] for c in concepts}
+    floor = {c: neutral_floor(pipe, classifier, c, **measured) for c in concepts}
+    t0 = time.perf_counter()
+    spec_args = {k: arguments[k] for k in ("neutral", "preserve", "templates")}
+    closed = fit_adapter(pipe, resolve_spec(arguments["concepts"], **spec_args), FitSettings())
+    closed_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full = ACETrainer(pipe, arguments["concepts"], steps=steps, seed=seed, progress=False, **spec_args).fit()
+    full_seconds = time.perf_counter() - t0
+
+    def record(method: str, seconds: float) -> None:
+        for c in concepts:
+            metrics = measure(pipe, classifier, c, **measured)[0]
+            rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
+                         "floor": floor[c], **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
+
+    fitted = (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds))
+    for method, adapter, seconds in fitted:
+        name = pipe.load_ace_adapter(adapter, adapter_name="bench")
+        try:
+            record(method, seconds)
+        finally:
+            pipe.unload_ace_adapter(name)
+    for row in rows[-len(concepts):]:  # the words the trainer mined from the model (never given)
+        row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
+        row["steps"] = full.fit["fine_tuning"]["steps"]
+    if baselines:
+        edit = uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
+        try:
+            record("UCE", edit.seconds)
+        finally:
+            edit.restore()
+        if len(concepts) == 1:
+            edit = esd_x_erase(pipe, concepts[0], seed=seed)
+            try:
+                record("ESD-x", edit.seconds)
+            finally:
+                edit.restore()
+    return rows
+
+
 def run(
     shapes: list[str],
     multi: list[str],
@@ -39,88 +101,45 @@ def run(
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     classifier = load_shapes_classifier()
+    settings = {"images_per_prompt": images_per_prompt, "steps": steps, "seed": seed, "baselines": baselines}
     rows = []
-
-    def evaluate(concepts: list[str], label: str) -> None:
-        if len(concepts) == 1:
-            arguments = erase_arguments(concepts[0])
-        else:
-
-            kept = [c for c in SHAPES + STYLES if c not in concepts]
-            arguments = {
-                "concepts": concepts,
-                "neutral": [erase_arguments(c)["neutral"] for c in concepts],
-                "preserve": kept,
-                "templates": {c: fit_templates(concept_kind(c)) for c in concepts + kept},
-            }
-        base = {c: measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0] for c in concepts}
-        floor = {c: neutral_floor(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts) for c in concepts}
-        t0 = time.perf_counter()
-        spec_args = {k: arguments[k] for k in ("neutral", "preserve", "templates")}
-        closed = fit_adapter(pipe, resolve_spec(arguments["concepts"], **spec_args), FitSettings())
-        closed_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        full = ACETrainer(pipe, arguments["concepts"], steps=steps, seed=seed, progress=False, **spec_args).fit()
-        full_seconds = time.perf_counter() - t0
-        def record(method: str, seconds: float) -> None:
-            for c in concepts:
-                metrics = measure(pipe, classifier, c, images_per_prompt=images_per_prompt, seed=seed, erased=concepts)[0]
-                rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2), "floor": floor[c],
-                             **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
-
-        for method, adapter, seconds in (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds)):
-            name = pipe.load_ace_adapter(adapter, adapter_name="bench")
-            try:
-                record(method, seconds)
-            finally:
-                pipe.unload_ace_adapter(name)
-        for row in rows[-len(concepts):]:  # the words the trainer mined from the model (never given)
-            row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
-            row["steps"] = full.fit["fine_tuning"]["steps"]
-        if baselines:
-
-            edit = uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
-            try:
-                record("UCE", edit.seconds)
-            finally:
-                edit.restore()
-            if len(concepts) == 1:
-                edit = esd_x_erase(pipe, concepts[0], seed=seed)
-                try:
-                    record("ESD-x", edit.seconds)
-                finally:
-                    edit.restore()
-
     for shape in shapes:
-        evaluate([shape], shape)
+        rows += _measure_erasure(pipe, classifier, [shape], shape, **settings)
     if multi:
-        evaluate(multi, "multi: " + "+".join(multi))
-    return {"torch_threads": torch.get_num_threads(), "images_per_prompt": images_per_prompt, "steps": steps, "rows": rows}
+        rows += _measure_erasure(pipe, classifier, multi, "multi: " + "+".join(multi), **settings)
+    return {"torch_threads": torch.get_num_threads(), "images_per_prompt": images_per_prompt, "steps": steps,
+            "rows": rows}
 
 
 def format_report(result: dict[str, Any]) -> str:
-    head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}{'H':>7}"
-            f"{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour; floor)")
+    head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}"
+            f"{'H':>7}{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour; floor)")
     lines = [head]
     for r in result["rows"]:
         lines.append(
-            f"{r['run']:<34}{r['concept']:<10}{r['method']:<13}{100 * r['acc_e']:>6.1f}%{100 * r['acc_g']:>6.1f}%"
-            f"{100 * r['acc_s']:>6.1f}%{100 * r['colour']:>6.1f}%{r['h']:>7.3f}{r['seconds']:>8.1f}   "
-            f"({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f};"
+            f"{r['run']:<34}{r['concept']:<10}{r['method']:<13}{100 * r['acc_e']:>6.1f}%"
+            f"{100 * r['acc_g']:>6.1f}%{100 * r['acc_s']:>6.1f}%{100 * r['colour']:>6.1f}%{r['h']:>7.3f}"
+            f"{r['seconds']:>8.1f}   ({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/"
+            f"{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f};"
             f" {100 * r.get('floor', float('nan')):.1f})"
         )
     lines.append("")
     for run_label in dict.fromkeys(r["run"] for r in result["rows"] if r.get("mined") is not None):
-        mined = next(r["mined"] for r in result["rows"] if r["run"] == run_label and r.get("mined") is not None)
+        mined = next(r["mined"] for r in result["rows"]
+                     if r["run"] == run_label and r.get("mined") is not None)
         lines.append(f"mined by the trainer for {run_label}: {', '.join(mined) or '(none)'}")
-    lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the concept replaced "
-                 "by its neutral anchor (shapes: the empty phrase, 'a red'); an erased concept cannot go below it.")
-    lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= base - 2 pts, "
-                 "Acc_g below closed form (or both 0), fit <= 60 s per concept")
+    lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the "
+                 "concept replaced by its neutral anchor (shapes: the empty phrase, 'a red'); an erased "
+                 "concept cannot go below it.")
+    lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= "
+                 "base - 2 pts, Acc_g below closed form (or both 0), fit <= 60 s per concept")
     for r in result["rows"]:
         if r["method"] != "ACE (full)":
             continue
-        closed = next(x for x in result["rows"] if x["run"] == r["run"] and x["concept"] == r["concept"] and x["method"] == "closed form")
+        closed = next(
+            x for x in result["rows"]
+            if x["run"] == r["run"] and x["concept"] == r["concept"] and x["method"] == "closed form"
+        )
         checks = {
             "Acc_e": r["acc_e"] <= TARGETS["acc_e"],
             "Acc_g": r["acc_g"] <= TARGETS["acc_g"],
@@ -130,7 +149,8 @@ def format_report(result: dict[str, Any]) -> str:
             "Acc_g<closed": r["acc_g"] < closed["acc_g"] or r["acc_g"] == closed["acc_g"] == 0,
             "time": r["seconds"] <= TARGETS["seconds"] * max(1, len(r["run"].split("+"))),
         }
-        lines.append(f"{r['run']:<34}{r['concept']:<10}" + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items()))
+        lines.append(f"{r['run']:<34}{r['concept']:<10}"
+                     + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items()))
     return "\n".join(lines)
 
 
@@ -139,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     # circle, star and hexagon have a neutral floor above the Acc_e target (the empty anchor is drawn as them)
     parser.add_argument("--multi", nargs="*", default=["square", "triangle", "heart", "striped"])
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt and colour (4: one image moves a figure by 1.6-3 points)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's default)")
+    parser.add_argument("--images-per-prompt", type=int, default=4,
+                        help="images per prompt and colour (4: one image moves a figure by 1.6-3 points)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (default: the trainer's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baselines", action="store_true", help="also run UCE and ESD-x (slower)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
-    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps, seed=args.seed,
-                 baselines=args.baselines)
+    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                 seed=args.seed, baselines=args.baselines)
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as fh:

@@ -18,7 +18,11 @@ def test_fused_weights_are_the_fused_model_and_the_unet_is_left_as_it_was():
     assert set(weights) == {f"{name}.{proj}" for name in modules for proj in ("to_k", "to_v")}
     for key, fused in weights.items():
         original = before[f"{key}.weight"]
-        assert fused.shape == original.shape and not torch.equal(fused, original)  # the edit is in the weights
+        assert fused.shape == original.shape and not torch.equal(
+            fused, original
+        )  # the edit is in the weights
     after = unet.state_dict()
-    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())  # unfused bit-exactly
+    assert set(after) == set(before) and all(
+        torch.equal(after[k], v) for k, v in before.items()
+    )  # unfused bit-exactly
     assert loaded_adapters(unet) == {} and {k: type(v) for k, v in unet.attn_processors.items()} == processors

@@ -1,69 +1,14 @@
-"""Benchmark report: targets computed from the numbers, Markdown tables, plots and atomic files (no generation)."""
+"""Benchmark report: targets computed from the numbers, Markdown tables, plots and atomic files (no
+generation)."""
 
-import copy
 import json
 
-import pytest
 from PIL import Image
 
-from ace_diffusers.bench import report
-from ace_diffusers.bench.efficacy import ATTACK_NAMES, METHODS
-from ace_diffusers.bench.suite import main
+from ace_diffusers.bench import plots, report, results
+from ace_diffusers.bench.efficacy_plans import ATTACK_NAMES
 
-H = {"base": 0.05, "ace_cf": 0.80, "ace_full": 0.95, "uce": 0.70, "esd_x": 0.60}
-SECONDS = {"base": None, "ace_cf": 1.0, "ace_full": 5.0, "uce": 0.5, "esd_x": 80.0}
-ACC_E = {"base": 0.98, "ace_cf": 0.20, "ace_full": 0.05, "uce": 0.30, "esd_x": 0.10}
-HITS = {"base": 8, "ace_cf": 3, "ace_full": 1, "uce": 4, "esd_x": 2}  # of 8 images per attack and erasure
-
-
-def _method(method: str, concepts: list[str]) -> dict:
-    attacks = {a: {"asr": HITS[method] / 8, "n": 8, "hits": HITS[method]} for a in ATTACK_NAMES
-               if not (method == "base" and a == "soft_prompt")}
-    metrics = {"acc_e": ACC_E[method], "acc_g": 0.1, "acc_s": 0.97, "colour": 0.9, "h": H[method]}
-    per = {c: {"metrics": metrics, "attacks": attacks} for c in concepts}
-    pooled = {a: {"hits": v["hits"] * len(concepts), "n": 8 * len(concepts), "asr": v["asr"]} for a, v in attacks.items()}
-    return {"seconds": SECONDS[method], "details": {}, "concepts": per, "metrics": metrics, "attacks": pooled}
-
-
-def fake_result() -> dict:
-    """What ``ace-diffusers bench`` stores: two single shapes, a 3-concept adapter, speed and inference."""
-    erasures = []
-    for concepts, kind in ((["circle"], "single"), (["square"], "single"), (["circle", "square", "triangle"], "multi")):
-        erasures.append({"label": "+".join(concepts), "kind": kind, "concepts": concepts, "arguments": {},
-                         "methods": {m: _method(m, concepts) for m in METHODS}})
-    plan = {"shapes": ["circle", "square"], "multi": {"1": ["circle"], "3": ["circle", "square", "triangle"]},
-            "colours": ["red", "blue"], "images_per_prompt": 1, "ace_steps": 100, "esd_steps": 60,
-            "esd_trajectories": 2, "esd_prompts": 4, "soft_prompts": 1, "soft_steps": 20, "seed": 0,
-            "batch_size": 64, "sampler": {}}
-    return {
-        "command": "ace-diffusers bench --quick",
-        "machine": "test machine",
-        "seconds": 812.0,
-        "sections": {
-            "efficacy": {"plan": plan, "methods": dict(METHODS), "sampler": {"num_inference_steps": 25},
-                         "soft_prompt": {"steps": 20, "objective": "denoiser", "target": "teacher"},
-                         "images": {}, "erasures": erasures, "multi": {"1": "circle", "3": "circle+square+triangle"},
-                         "seconds": 600.0},
-            "speed": {"seconds": 70.0, "closed_form": {
-                "model": "SD1.5-shaped", "build_seconds": 30.0, "peak_extra_rss_mb": 120.0,
-                "rows": [{"concepts": 1, "rank": 32, "fits_per_timing": 5, "cold_seconds": 2.1, "cold_seconds_per_concept": 2.1,
-                          "preparation_seconds": 1.7, "new_process_seconds": 0.45, "new_process_seconds_per_concept": 0.45,
-                          "warm_seconds": 0.55, "warm_seconds_per_concept": 0.55, "adapter_mb_fp16": 3.05,
-                          "cold_seconds_range": [2.0, 2.4], "new_process_seconds_range": [0.4, 0.5],
-                          "warm_seconds_range": [0.5, 0.6]},
-                         {"concepts": 10, "rank": 104, "cold_seconds": 7.0, "cold_seconds_per_concept": 0.7,
-                          "warm_seconds": 5.0, "warm_seconds_per_concept": 0.5, "adapter_mb_fp16": 9.85},
-                         {"concepts": 100, "rank": 256, "cold_seconds": 21.0, "cold_seconds_per_concept": 0.21,
-                          "preparation_seconds": 1.9, "new_process_seconds": 19.0, "new_process_seconds_per_concept": 0.19,
-                          "warm_seconds": 18.0, "warm_seconds_per_concept": 0.18, "adapter_mb_fp16": 24.2}]}},
-            "inference": {"seconds": 120.0, "overhead": {
-                "latent": 16, "rounds": 5, "threads": 2, "model": "SD1.5-shaped UNet",
-                "median_seconds": {"stock": 1.0, "ACE 1": 1.02, "ACE 10": 1.04, "ACE 100": 1.12, "fused": 1.0},
-                "ratio_vs_stock": {"stock": 1.0, "ACE 1": 1.02, "ACE 10": 1.04, "ACE 100": 1.12, "fused": 1.0}},
-                "sizes": [{"model": "SD1.5", "layers": 16, "concepts": 1, "rank": 32, "parameters": 1600000,
-                           "mb_fp16": 3.05, "kb_fp16_per_concept": 3125.0}]},
-        },
-    }
+from .conftest import fake_result
 
 
 def _by_target(result: dict) -> dict[str, dict]:
@@ -82,7 +27,8 @@ def test_targets_are_computed_from_the_numbers():
     assert "higher on 3/3 erasures" in rows["ACE full H above ESD-x (mean over all erasures)"]["measured"]
     assert rows["inference overhead ≤ 1.03× (1 concept)"]["met"] is True
     assert rows["inference overhead ≤ 1.10× (100 concepts)"]["met"] is False  # 1.12
-    # per concept: prepared fits (the per-kind preparation is paid once); 100 concepts: cold, everything included
+    # per concept: prepared fits (the per-kind preparation is paid once); 100 concepts: cold, everything
+    # included
     cf = "closed form at SD1.5 shape: "
     assert rows[cf + "1 concept, prepared, new process: ≤ 0.5 s/concept"]["met"] is True  # 0.45
     assert rows[cf + "1 concept, prepared, warm: ≤ 0.5 s/concept"]["met"] is False  # 0.55
@@ -116,7 +62,8 @@ def test_missing_sections_are_not_measured_and_not_rendered():
     del result["sections"]["efficacy"], result["sections"]["inference"]
     rows = report.targets(result)
     unmeasured = [t["target"] for t in rows if t["met"] is None]
-    # only the closed-form rows remain measurable: 2 prepared columns for 1 and 100 concepts, 1 for 10, and 100 cold
+    # only the closed-form rows remain measurable: 2 prepared columns for 1 and 100 concepts, 1 for 10, and
+    # 100 cold
     assert len(unmeasured) == len(rows) - 6
     text = report.markdown(result)
     assert "## 2. Speed" in text and "## 1. Efficacy" not in text and "## 3. Inference" not in text
@@ -126,8 +73,16 @@ def test_missing_sections_are_not_measured_and_not_rendered():
 
 def test_markdown_has_every_section_table_and_plot_link():
     text = report.markdown(fake_result())
-    for heading in ("## Targets", "## 1. Efficacy", "### Each shape erased alone", "### Multi-concept adapters",
-                    "### Attack success rate per attack", "## 2. Speed", "## 3. Inference overhead", "## 4. Adapter size"):
+    for heading in (
+        "## Targets",
+        "## 1. Efficacy",
+        "### Each shape erased alone",
+        "### Multi-concept adapters",
+        "### Attack success rate per attack",
+        "## 2. Speed",
+        "## 3. Inference overhead",
+        "## 4. Adapter size",
+    ):
         assert heading in text
     assert "| circle | base model | 98.0 % | 97.0 % | 10.0 % | 0.050 | – |" in text
     assert "| 3: circle, square, triangle | base model |" in text and "| 1: circle | base model |" in text
@@ -155,19 +110,6 @@ def test_write_plots_json_and_markdown_atomically(tmp_path):
     assert not [p for p in (tmp_path / "docs").rglob("*") if ".tmp" in p.name]
 
 
-def test_from_json_rerenders_without_running(tmp_path, capsys):
-    result = fake_result()
-    source = tmp_path / "saved.json"
-    source.write_text(json.dumps(result))
-    output = tmp_path / "out" / "benchmarks.md"
-    assert main(["--from-json", str(source), "--output", str(output)]) == 0
-    assert output.read_text() == report.markdown(copy.deepcopy(result), "images")
-    assert "target inference overhead ≤ 1.10× (100 concepts): 1.120× -> NOT MET" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("method", list(METHODS))
-def test_pooled_asr_sums_images(method):
-    pooled = report.pooled_asr(fake_result(), method)
-    expected = HITS[method] * 5  # 1 + 1 + 3 concepts, one attack set each
-    assert pooled["misspelling"] == {"hits": expected, "n": 40, "asr": expected / 40}
-    assert ("soft_prompt" in pooled) == (method != "base")
+def test_names_that_moved_are_still_importable_from_here():
+    assert report.pooled_asr is results.pooled_asr and report.TARGET_H == results.TARGET_H
+    assert report.plots is plots.plots and report.PLOTS is plots.PLOTS and report.plot_h is plots.plot_h

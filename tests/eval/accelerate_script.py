@@ -30,13 +30,26 @@ def run(state=None) -> dict:
     torch.set_num_threads(1)
     pipe = tiny_sd_pipeline()
     pipe.load_ace_adapter(random_adapter(pipe.unet, gate_bias=6.0, magnitude=2.0), "erase")
-    plan = prompt_plan("cat", templates=["a photo of {}", "a {}", "a drawing of {}"], synonyms=["kitten"],
-                       others=["dog"], neutral="animal", images_per_prompt=2,
-                       attacks=["misspelling", "negative", "soft_prompt"], soft_prompts=2,
-                       sampler=dict(num_inference_steps=2, height=16, width=16))
+    plan = prompt_plan(
+        "cat",
+        templates=["a photo of {}", "a {}", "a drawing of {}"],
+        synonyms=["kitten"],
+        others=["dog"],
+        neutral="animal",
+        images_per_prompt=2,
+        attacks=["misspelling", "negative", "soft_prompt"],
+        soft_prompts=2,
+        sampler=dict(num_inference_steps=2, height=16, width=16),
+    )
     judges = {"concept": CallableJudge(_judge, ["cat", "dog"])}
-    evaluation = evaluate(pipe, plan, judges, soft_prompt=SoftPromptSettings(steps=2, objective="attention"),
-                          batch_size=2, state=state)
+    evaluation = evaluate(
+        pipe,
+        plan,
+        judges,
+        soft_prompt=SoftPromptSettings(steps=2, objective="attention"),
+        batch_size=2,
+        state=state,
+    )
     out = {"processes": 1 if state is None else state.num_processes}
     for which in ("after", "before"):
         result = evaluation[which]

@@ -9,7 +9,9 @@ import pytest
 from ace_diffusers.eval import ALL_ATTACKS, PROMPT_ATTACKS
 from ace_diffusers.shapes.pipeline import WEIGHTS_DIR, weights_present
 
-pytestmark = pytest.mark.skipif(not weights_present(), reason=f"miniature-world weights absent from {WEIGHTS_DIR}")
+pytestmark = pytest.mark.skipif(
+    not weights_present(), reason=f"miniature-world weights absent from {WEIGHTS_DIR}"
+)
 
 
 def test_every_attack_runs_against_an_erased_shape():
@@ -24,18 +26,30 @@ def test_every_attack_runs_against_an_erased_shape():
     pipe = load_shapes_pipeline()
     classifier = load_shapes_classifier()
     erase_concept(pipe, **erase_arguments("circle"))
-    plan = shapes_plan("circle", images_per_prompt=1, colours=["red", "blue", "green", "yellow"], soft_prompts=1,
-                       sampler={"num_inference_steps": 8})
+    plan = shapes_plan(
+        "circle",
+        images_per_prompt=1,
+        colours=["red", "blue", "green", "yellow"],
+        soft_prompts=1,
+        sampler={"num_inference_steps": 8},
+    )
     judges = {head: ShapesJudge(classifier, head) for head in ("shape", "colour")}
-    result = evaluate(pipe, plan, judges,
-                      soft_prompt=SoftPromptSettings(steps=5, reference_images=2, timesteps_per_image=2))
+    result = evaluate(
+        pipe, plan, judges, soft_prompt=SoftPromptSettings(steps=5, reference_images=2, timesteps_per_image=2)
+    )
     after, before = result["after"].attacks, result["before"].attacks
-    assert set(after) == set(ALL_ATTACKS) and set(before) == set(PROMPT_ATTACKS)  # soft prompts target the erased model
+    assert set(after) == set(ALL_ATTACKS) and set(before) == set(
+        PROMPT_ATTACKS
+    )  # soft prompts target the erased model
     assert all(after[a]["n"] == 4 for a in PROMPT_ATTACKS) and after["soft_prompt"]["n"] == 1
-    # the attacks are live: without the erasure, weighting syntax and the negative-prompt trick draw the concept
+    # the attacks are live: without the erasure, weighting syntax and the negative-prompt trick draw the
+    # concept
     assert before["weighting"]["asr"] >= 0.75 and before["negative"]["asr"] >= 0.75
     # the erasure does not make prompt attacks easier (pooled over the four prompt attacks)
-    hits = {name: sum(round(r[a]["asr"] * r[a]["n"]) for a in PROMPT_ATTACKS) for name, r in (("after", after), ("before", before))}
+    hits = {
+        name: sum(round(r[a]["asr"] * r[a]["n"]) for a in PROMPT_ATTACKS)
+        for name, r in (("after", after), ("before", before))
+    }
     assert hits["after"] < hits["before"]
     (soft,) = result["soft_prompt"]["attacks"]
     assert soft["steps"] == 5 and soft["final_loss"] < soft["initial_loss"]  # the soft prompt was optimised

@@ -14,7 +14,9 @@ def _snapshot(module):
 
 
 def _same(module, snapshot, names=None):
-    return all(torch.equal(p, snapshot[n]) for n, p in module.named_parameters() if names is None or n in names)
+    return all(
+        torch.equal(p, snapshot[n]) for n, p in module.named_parameters() if names is None or n in names
+    )
 
 
 def _images(pipe, prompt):
@@ -91,8 +93,17 @@ def test_esd_x_fine_tunes_cross_attention_and_undoes_exactly(sd_pipe):
     before = _snapshot(unet)
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     cat0 = _images(sd_pipe, "cat")
-    edit = esd_x_erase(sd_pipe, "cat", steps=3, learning_rate=1e-3, trajectories=2, num_inference_steps=3,
-                       height=16, width=16, batch_size=2)
+    edit = esd_x_erase(
+        sd_pipe,
+        "cat",
+        steps=3,
+        learning_rate=1e-3,
+        trajectories=2,
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        batch_size=2,
+    )
     assert edit.method == "esd-x" and edit.stats["bank_size"] == 2 * 2  # 2 trajectories x (3 steps - first)
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("attn2" in n for n in changed) and changed <= set(edit.parameters)
@@ -108,8 +119,18 @@ def test_esd_x_fine_tunes_cross_attention_and_undoes_exactly(sd_pipe):
 
 def test_esd_x_kv_only_and_validation(sd_pipe, sdxl_pipe):
     before = _snapshot(sd_pipe.unet)
-    edit = esd_x_erase(sd_pipe, "cat", steps=2, learning_rate=1e-3, parameters="kv", trajectories=1,
-                       num_inference_steps=2, height=16, width=16, prompts=["a photo of a cat"])
+    edit = esd_x_erase(
+        sd_pipe,
+        "cat",
+        steps=2,
+        learning_rate=1e-3,
+        parameters="kv",
+        trajectories=1,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        prompts=["a photo of a cat"],
+    )
     changed = {n for n, p in sd_pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
     edit.restore()
@@ -127,8 +148,14 @@ def test_baseline_before_after_evaluation(sd_pipe):
     from ace_diffusers.eval.judges import CallableJudge
     from ace_diffusers.eval.runner import evaluate, prompt_plan
 
-    plan = prompt_plan("cat", templates=["a photo of {}"], others=["dog"], images_per_prompt=1, attacks=[],
-                       sampler=dict(num_inference_steps=2, height=16, width=16))
+    plan = prompt_plan(
+        "cat",
+        templates=["a photo of {}"],
+        others=["dog"],
+        images_per_prompt=1,
+        attacks=[],
+        sampler=dict(num_inference_steps=2, height=16, width=16),
+    )
 
     def judge(images):
         return ["cat" if float(x[0].mean()) > float(x[2].mean()) else "dog" for x in images]

@@ -44,8 +44,12 @@ def test_clip_zero_shot_judge_mechanics(clip_model, clip_tok):
 def test_clip_zero_shot_judge_accepts_a_processor(clip_model, clip_tok):
     from transformers import CLIPImageProcessorPil, CLIPProcessor
 
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip_tok)
     judge = CLIPZeroShotJudge(clip_model, processor, ["a", "b"], templates=["{}"])
     assert judge.mean == (0.5, 0.5, 0.5)

@@ -12,7 +12,9 @@ def test_harmonic_perfect_erasure_is_one():
     assert M.harmonic(0.0, 1.0, 0.0) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("acc_e, acc_s, acc_g", [(1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "acc_e, acc_s, acc_g", [(1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0)]
+)
 def test_harmonic_is_zero_when_any_term_is_zero(acc_e, acc_s, acc_g):
     assert M.harmonic(acc_e, acc_s, acc_g) == 0.0
 

@@ -22,8 +22,13 @@ def test_closed_form_erasure_is_measured_before_and_after():
     pipe = load_shapes_pipeline()
     classifier = load_shapes_classifier()
     erase_concept(pipe, **erase_arguments("circle"))
-    plan = shapes_plan("circle", images_per_prompt=1, colours=["red", "blue", "green", "yellow"],
-                       attacks=["misspelling", "soft_prompt"], soft_prompts=1)
+    plan = shapes_plan(
+        "circle",
+        images_per_prompt=1,
+        colours=["red", "blue", "green", "yellow"],
+        attacks=["misspelling", "soft_prompt"],
+        soft_prompts=1,
+    )
     judges = {h: ShapesJudge(classifier, h) for h in ("shape", "colour")}
     result = evaluate(pipe, plan, judges, soft_prompt=SoftPromptSettings(steps=10))
     before, after = result["before"].metrics, result["after"].metrics
