@@ -64,7 +64,7 @@ MAX_MODULE_LINES = 420  # "about 400"
 MAX_FUNCTION_LINES = 60  # code lines, the docstring not counted
 # Longer functions that are one straight computation (splitting them would scatter one formula).
 STRAIGHT_COMPUTATIONS = {
-    "ace_diffusers.fitting.text.encode_with_shared_prefixes",  # prefix pass, then packed tail passes
+    "ace_diffusers.fitting.clip_packing.encode_with_shared_prefixes",  # prefix pass, then packed tail passes
     "ace_diffusers.fitting.solvers.solve_text_map",  # one closed-form solve and its statistics
     "ace_diffusers.fitting.solvers.low_rank_edits",  # one shared sketch, then per-shape SVDs
     "ace_diffusers.fitting.solvers.minimize_lbfgs",  # the two-loop recursion with its line search

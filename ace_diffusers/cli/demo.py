@@ -57,6 +57,19 @@ def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.T
     return {name: imgs[::per_prompt] for name, imgs in images.items()}
 
 
+def _print_table(concept: str, before: dict[str, float], after: dict[str, float]) -> None:
+    print(f"{'metric':<44}{'before':>8}{'after':>8}")
+    names = {
+        "acc_e": f"Acc_e  '{concept}' still drawn (lower=better)",
+        "acc_g": "Acc_g  held-out synonyms still drawn (lower=better)",
+        "acc_s": "Acc_s  other concepts drawn right (higher=better)",
+        "colour": "colour accuracy on other concepts",
+        "h": "H (harmonic mean)",
+    }
+    for key, label in names.items():
+        print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ace-diffusers demo", description=__doc__)
     parser.add_argument(
@@ -100,16 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         f"erased {adapter.concepts} -> {adapter.neutral} (closed form, rank {adapter.rank}) in "
         f"{fit_seconds:.2f} s"
     )
-    print(f"{'metric':<44}{'before':>8}{'after':>8}")
-    names = {
-        "acc_e": f"Acc_e  '{args.concept}' still drawn (lower=better)",
-        "acc_g": "Acc_g  held-out synonyms still drawn (lower=better)",
-        "acc_s": "Acc_s  other concepts drawn right (higher=better)",
-        "colour": "colour accuracy on other concepts",
-        "h": "H (harmonic mean)",
-    }
-    for key, label in names.items():
-        print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%")
+    _print_table(args.concept, before, after)
     columns = 8
     _grid(
         _pick(before_images, args.images_per_prompt),

@@ -137,7 +137,6 @@ class ACEAdapter:
                 raise ACEArchitectureMismatchError(
                     f"UNet cross-attention layer '{name}' has no entry in the adapter: the adapter was "
                     "fitted "
-                    f""
                     f"for a different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an "
                     "adapter fitted for this base model, or fit a new one with erase_concept()."
                 )

@@ -225,7 +225,6 @@ def unfuse_adapter(pipe: Any) -> list[str]:
         warnings.warn(
             f"{len(changed)} fused weights (e.g. {changed[0]}) were changed after fuse_ace_adapter(); the "
             "ACE "
-            f""
             "edit was subtracted from them instead of restoring the originals, so they are not bit-exact.",
             stacklevel=2,
         )
@@ -248,7 +247,6 @@ def check_not_fused(pipe: Any, names: str | Sequence[str]) -> None:
         raise ACEValueError(
             f"ACE adapter(s) {fused} are fused into the weights; activating their gated path would apply "
             "them "
-            f""
             "twice. Call unfuse_ace_adapter() first."
         )
 

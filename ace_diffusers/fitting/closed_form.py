@@ -33,7 +33,7 @@ from ..integration.modules import cross_attention_modules, get_unet, projection_
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
 from .presets import ErasureSpec, resolve_spec
-from .solvers import default_rank, fit_gate, low_rank_edits, solve_text_map
+from .solvers import FitData, default_rank, fit_gate, low_rank_edits, solve_text_map
 from .text import TextEmbedder
 
 
@@ -53,16 +53,7 @@ def fit_adapter(
     with tqdm(total=3, desc="ACE closed form", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("encoding prompts")
         data = collect_fit_data(embedder, spec, settings)
-        if data.concept.shape[1] != d_text:
-            raise ACEValueError(
-                f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
-                f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
-            )
-        if not bool(data.gate_positive.any()):
-            raise ACEValueError(
-                f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
-                f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
-            )
+        _check_fit_data(data, spec, d_text)
         bar.update()
         bar.set_postfix_str("gate and text map")
         negatives = torch.cat([data.concept[~data.gate_positive], data.others])
@@ -104,6 +95,19 @@ def fit_adapter(
         fit=fit,
         base_model=base_model if isinstance(base_model, str) else None,
     )
+
+
+def _check_fit_data(data: FitData, spec: ErasureSpec, d_text: int) -> None:
+    if data.concept.shape[1] != d_text:
+        raise ACEValueError(
+            f"The text encoder produces {data.concept.shape[1]}-d tokens but the UNet cross-attends to "
+            f"{d_text}-d tokens; this pipeline's text encoder and UNet do not belong together."
+        )
+    if not bool(data.gate_positive.any()):
+        raise ACEValueError(
+            f"The text encoder gives identical embeddings for {spec.concepts} and their neutral anchors "
+            f"{spec.neutral}; there is nothing to erase. Check the spelling or choose another anchor."
+        )
 
 
 def estimate_fit_bytes(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> int:
@@ -258,31 +262,11 @@ def prepare_erasure(
         )
     settings = settings or FitSettings()
     embedder = TextEmbedder(pipe)
-    jobs: list[Job] = []
-    prepared_anchors: list[str] = []
-    moments = []  # (neutral jobs, other jobs) of each one-anchor layout whose second moment is kept
-    concept_prefixes: list[Job] = []  # an empty anchor marks no phrase, so its prompts share no prefix
-    for anchor in anchors:
-        base = resolve_spec(
-            PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates
-        )
-        prepared_anchors.append(base.neutral[0])
-        # per-phrase templates: the first concept's also serve the preserved phrases without their own
-        for template_list in dict.fromkeys(
-            tuple(t) for t in [base.templates, *base.phrase_templates.values()]
-        ):
-            spec = dataclasses.replace(base, templates=list(template_list))
-            fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
-            # more concepts take other templates at full length (full_length_template_indices)
-            every_layout = [
-                job
-                for full in (set(range(len(template_list))), set())
-                for job in template_jobs(spec.neutral[0], list(template_list), full, settings)
-            ]
-            jobs += fit.concept_independent + every_layout
-            moments.append((fit.neutral, fit.other))
-            if not spec.neutral[0]:
-                concept_prefixes += fit.concept
+    layouts = [_preparation_layout(anchor, kind, preserve, templates, settings) for anchor in anchors]
+    jobs = [job for layout in layouts for job in layout.jobs]
+    concept_prefixes = [job for layout in layouts for job in layout.concept_prefixes]
+    moments = [pair for layout in layouts for pair in layout.moments]
+    prepared_anchors = [layout.anchor for layout in layouts]
     jobs = list(dict.fromkeys(jobs))
     encoded = dict(
         zip(
@@ -301,9 +285,44 @@ def prepare_erasure(
         )
     root = cache_root()
     return Preparation(
-        kind=base.kind,
+        kind=layouts[0].kind,
         neutral=list(dict.fromkeys(prepared_anchors)),
         prompts=len(jobs),
         cache_dir=str(root) if root is not None else None,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+@dataclass
+class _Layout:
+    """What a fit with one anchor encodes that does not depend on its concepts."""
+
+    anchor: str
+    kind: str
+    jobs: list[Job]
+    moments: list[tuple[list[Job], list[Job]]]  # (neutral jobs, other jobs) whose second moment is kept
+    concept_prefixes: list[Job]  # an empty anchor marks no phrase, so its prompts share no prefix
+
+
+def _preparation_layout(
+    anchor: str | None, kind: str | None, preserve: Any, templates: Any, settings: FitSettings
+) -> _Layout:
+    base = resolve_spec(
+        PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates
+    )
+    layout = _Layout(base.neutral[0], base.kind, [], [], [])
+    # per-phrase templates: the first concept's also serve the preserved phrases without their own
+    for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
+        spec = dataclasses.replace(base, templates=list(template_list))
+        fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
+        # more concepts take other templates at full length (full_length_template_indices)
+        every_layout = [
+            job
+            for full in (set(range(len(template_list))), set())
+            for job in template_jobs(spec.neutral[0], list(template_list), full, settings)
+        ]
+        layout.jobs += fit.concept_independent + every_layout
+        layout.moments.append((fit.neutral, fit.other))
+        if not spec.neutral[0]:
+            layout.concept_prefixes += fit.concept
+    return layout

@@ -9,16 +9,15 @@ pickle) with its prompt in the metadata, written atomically.
 
 The key is a *fingerprint* of the text encoder(s) and tokenizer(s): class, config, vocabulary size,
 special tokens, every parameter's shape and a strided sample of its values (about 4096 per tensor).
-Fine-tuning, a
-fused LoRA and textual inversion all change sampled values or shapes; an edit that touches only
-unsampled entries would not be noticed, so such edits should turn the cache off:
+Fine-tuning, a fused LoRA and textual inversion all change sampled values or shapes; an edit that
+touches only unsampled entries would not be noticed, so such edits should turn the cache off:
 ``ACE_DIFFUSERS_CACHE=off``. ``ACE_DIFFUSERS_CACHE=<dir>`` moves it (default
 ``$XDG_CACHE_HOME/ace_diffusers`` or ``~/.cache/ace_diffusers``).
 
 The templates' shared prefixes (``"a painting in the style of"``) are kept the same way, as each
-encoder layer's keys and values (:func:`ace_diffusers.fitting.text.encode_with_shared_prefixes`), so a new
-process does
-not re-run them for every concept prompt either (~75 KB per prefix token at CLIP-L size). So is the
+encoder layer's keys and values
+(:func:`ace_diffusers.fitting.clip_packing.encode_with_shared_prefixes`), so a new process does not
+re-run them for every concept prompt either (~75 KB per prefix token at CLIP-L size). So is the
 second moment of all of a kind's other tokens (:func:`save_moment`, d x d float32: 2.4 MB at SD1.5's
 768, 16 MB at SDXL's 2048), which the solve needs whole and a new process would otherwise recompute.
 """
@@ -39,7 +38,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .._io import atomic_save_safetensors
-from .text import EncodedPrompt, PrefixStore, TextEmbedder
+from .clip_packing import PrefixStore
+from .text import EncodedPrompt, TextEmbedder
 
 SAMPLES_PER_TENSOR = 4096
 FORMAT = 1

@@ -139,21 +139,7 @@ class ACETrainer:
         rng = random.Random(self.seed)
         embedder = TextEmbedder(self.pipe)
         base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
-        layers = capture_queries(
-            self.unet,
-            embedder,
-            self.spec.neutral[0],
-            self.spec.templates,
-            per_layer=self.queries_per_layer,
-            seed=self.seed,
-        )
-        params = self._parameters(base)
-        mined = (
-            mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
-            if self.mined_synonyms
-            else {}
-        )
-
+        layers, params, mined = self._setup(embedder, base)
         # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
         # every erase batch each: many augmentations must never crowd out the concept itself.
         given_src, given_tgt = self._pairs(embedder, self.spec.concepts)
@@ -179,15 +165,7 @@ class ACETrainer:
                     extra_src = torch.cat([extra_src, found[0]])
                     extra_tgt = torch.cat([extra_tgt, found[1]])
                     adversaries += 1
-            half = self.batch_size // 2 if len(extra_src) else self.batch_size
-            idx_g = torch.randint(len(given_src), (min(half, len(given_src)),))
-            batch_src, batch_tgt = given_src[idx_g], given_tgt[idx_g]
-            if len(extra_src):
-                idx_x = torch.randint(len(extra_src), (min(self.batch_size - half, len(extra_src)),))
-                batch_src, batch_tgt = (
-                    torch.cat([batch_src, extra_src[idx_x]]),
-                    torch.cat([batch_tgt, extra_tgt[idx_x]]),
-                )
+            batch_src, batch_tgt = self._erase_batch(given_src, given_tgt, extra_src, extra_tgt)
             idx_k = torch.randint(len(keep), (min(self.batch_size, len(keep)),))
             loss_erase = alignment_loss(layers, params, batch_src, batch_tgt)
             loss_keep = alignment_loss(layers, params, keep[idx_k], keep[idx_k])
@@ -203,6 +181,43 @@ class ACETrainer:
 
         self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
         return self.adapter
+
+    def _setup(
+        self, embedder: TextEmbedder, base: ACEAdapter
+    ) -> tuple[list[QueryLayer], dict, dict[str, str]]:
+        """The query bank, the trainable factors (from the closed form) and the mined synonyms."""
+        layers = capture_queries(
+            self.unet,
+            embedder,
+            self.spec.neutral[0],
+            self.spec.templates,
+            per_layer=self.queries_per_layer,
+            seed=self.seed,
+        )
+        params = self._parameters(base)
+        mined = (
+            mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
+            if self.mined_synonyms
+            else {}
+        )
+        return layers, params, mined
+
+    def _erase_batch(
+        self,
+        given_src: torch.Tensor,
+        given_tgt: torch.Tensor,
+        extra_src: torch.Tensor,
+        extra_tgt: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half the user's words, half the augmentations (all the user's words when there are none)."""
+        half = self.batch_size // 2 if len(extra_src) else self.batch_size
+        idx_g = torch.randint(len(given_src), (min(half, len(given_src)),))
+        batch_src, batch_tgt = given_src[idx_g], given_tgt[idx_g]
+        if len(extra_src):
+            idx_x = torch.randint(len(extra_src), (min(self.batch_size - half, len(extra_src)),))
+            batch_src = torch.cat([batch_src, extra_src[idx_x]])
+            batch_tgt = torch.cat([batch_tgt, extra_tgt[idx_x]])
+        return batch_src, batch_tgt
 
     def save(self, save_directory: str | os.PathLike) -> Any:
         return self._fitted().save_pretrained(save_directory)
@@ -257,24 +272,8 @@ class ACETrainer:
         concept = self.spec.concepts[concept_index]
         template = rng.choice(self.spec.templates_for(concept))
         prompt = filled(template, concept)
-        start = template.index("{}")
-        tokenizer, encoder = embedder.encoders[0]
-        tokens = tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=embedder.max_length,
-            truncation=True,
-            return_tensors="pt",
-            return_offsets_mapping=True,
-        )
-        offsets = tokens["offset_mapping"][0]
-        span = [
-            t
-            for t in range(len(offsets))
-            if offsets[t][1] > offsets[t][0]
-            and offsets[t][0] < start + len(concept)
-            and offsets[t][1] > start
-        ]
+        tokens, span = _concept_tokens(embedder, prompt, template.index("{}"), concept)
+        encoder = embedder.encoders[0][1]
         if not span or len(embedder.encoders) != 1:
             return None
         with torch.no_grad():
@@ -365,3 +364,22 @@ class ACETrainer:
             fit=fit,
             base_model=base.base_model,
         )
+
+
+def _concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:
+    """The padded tokenisation of ``prompt`` and the positions of the tokens that spell ``concept``."""
+    tokens = embedder.encoders[0][0](
+        prompt,
+        padding="max_length",
+        max_length=embedder.max_length,
+        truncation=True,
+        return_tensors="pt",
+        return_offsets_mapping=True,
+    )
+    offsets = tokens["offset_mapping"][0]
+    span = [
+        t
+        for t in range(len(offsets))
+        if offsets[t][1] > offsets[t][0] and offsets[t][0] < start + len(concept) and offsets[t][1] > start
+    ]
+    return tokens, span

@@ -203,36 +203,11 @@ def _download_error(err: Exception, ctx: _Ctx, filename: str) -> Exception:
         return ACEHubError(
             f"Revision '{ctx.revision}' does not exist in ACE adapter repo '{repo}': pass an existing "
             "branch, "
-            f""
             f"tag or full commit sha (list them with `huggingface_hub.list_repo_refs('{repo}')`), or omit "
             "revision= to use the main branch."
         )
     if isinstance(err, LocalEntryNotFoundError):
-        offline = constants.is_offline_mode()
-        if ctx.local_files_only or offline:
-            reason = (
-                "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "local_files_only=True was passed"
-            )
-            cache = ctx.cache_dir or constants.HF_HUB_CACHE
-            fix = "set HF_HUB_OFFLINE=0 (or unset it)" if offline else "pass local_files_only=False"
-            return ACEHubError(
-                f"ACE adapter {ctx.where} was never downloaded (no complete copy of {filename} in the cache "
-                f"'{cache}') and {reason}, so the Hub cannot be contacted. Run once online to populate the "
-                f"cache: {fix}, or pass the path of a local adapter folder instead (there is no local "
-                f"folder '{ctx.local_path}')."
-            )
-        cause = err.__cause__
-        detail = (
-            f" ({type(cause).__name__}: {str(cause).splitlines()[0][:300]})" if cause and str(cause) else ""
-        )
-        return ACEHubError(
-            f"Could not reach the Hugging Face Hub at {endpoint} to download ACE adapter "
-            f"{ctx.where}{detail}, "
-            f""
-            "and it is not in the local cache. Check your network/proxy settings (and HF_ENDPOINT), then "
-            "retry; "
-            "to use a cached copy explicitly, pass local_files_only=True."
-        )
+        return _cache_miss_error(err, ctx, filename)
     if isinstance(err, EntryNotFoundError):  # remote: the repo exists, the file does not
         where = f" in subfolder '{ctx.sub}'" if ctx.sub else ""
         listing = _list_files_hint(ctx)
@@ -247,6 +222,31 @@ def _download_error(err: Exception, ctx: _Ctx, filename: str) -> Exception:
     if isinstance(err, (OfflineModeIsEnabled, OSError)) or is_network_error(err):
         return ACEHubError(f"Downloading ACE adapter {ctx.where} from {endpoint} failed: {err}")
     return err  # a bug or an unexpected condition: do not hide it behind a friendly message
+
+
+def _cache_miss_error(err: Exception, ctx: _Ctx, filename: str) -> ACEHubError:
+    """Not in the cache: offline (or local files only), or the Hub could not be reached."""
+    endpoint = constants.ENDPOINT
+    offline = constants.is_offline_mode()
+    if ctx.local_files_only or offline:
+        reason = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "local_files_only=True was passed"
+        cache = ctx.cache_dir or constants.HF_HUB_CACHE
+        fix = "set HF_HUB_OFFLINE=0 (or unset it)" if offline else "pass local_files_only=False"
+        return ACEHubError(
+            f"ACE adapter {ctx.where} was never downloaded (no complete copy of {filename} in the cache "
+            f"'{cache}') and {reason}, so the Hub cannot be contacted. Run once online to populate the "
+            f"cache: {fix}, or pass the path of a local adapter folder instead (there is no local "
+            f"folder '{ctx.local_path}')."
+        )
+    cause = err.__cause__
+    detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:300]})" if cause and str(cause) else ""
+    return ACEHubError(
+        f"Could not reach the Hugging Face Hub at {endpoint} to download ACE adapter "
+        f"{ctx.where}{detail}, "
+        "and it is not in the local cache. Check your network/proxy settings (and HF_ENDPOINT), then "
+        "retry; "
+        "to use a cached copy explicitly, pass local_files_only=True."
+    )
 
 
 def _list_files_hint(ctx: _Ctx) -> str:

@@ -150,7 +150,6 @@ def _commit_operations(
         raise ACEAdapterFormatError(
             f"'{folder}' holds {len(images)} images; at most {MAX_IMAGES} are published with an adapter. "
             "Move "
-            f""
             "the extra images out of the folder."
         )
     ops += [

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from ace_diffusers import erase_concept
-from ace_diffusers.fitting import embedding_cache
-from ace_diffusers.fitting import text as text_module
+from ace_diffusers.fitting import clip_packing, embedding_cache
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
 from ace_diffusers.fitting.text import TextEmbedder
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -60,9 +59,9 @@ def test_a_new_process_reuses_the_stored_template_prefixes(cache_dir, monkeypatc
     )  # the style templates whose prefix has >= 2 tokens, per encoder
     EMBEDDINGS.clear()  # what a new process starts with
     passes = []
-    original = text_module.run_clip_layers
+    original = clip_packing.run_clip_layers
     monkeypatch.setattr(
-        text_module, "run_clip_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k)
+        clip_packing, "run_clip_layers", lambda *a, **k: passes.append(a[-1]) or original(*a, **k)
     )
     second = erase_concept(pipe, "Claude Monet", kind="style", load=False)
     assert passes and all(
