@@ -3,7 +3,7 @@
 * Overhead: one UNet denoising step (batch 2, as with classifier-free guidance) of an SD1.5-shaped UNet
   at a small latent size, stock processors vs ACE adapters of the size ``erase_concept`` fits for 1,
   10 and 100 concepts, and an adapter *fused* into the ``to_k``/``to_v`` weights by
-  :func:`ace_diffusers.fuse.fuse_adapter` (then unloaded: stock processors on edited weights, the
+  :func:`ace_diffusers.deploy.fuse.fuse_adapter` (then unloaded: stock processors on edited weights, the
   deployment path with no plugin at inference). A fused model has the stock weight shapes whatever
   the number of concepts, so the 1-concept adapter is fused (baking 100 concepts costs minutes and
   gigabytes here, and would time the same matrices). Configurations are timed *interleaved*, round after

@@ -137,7 +137,7 @@ def _draw_header(fig: Any, grid: Any, data: MethodFigureData) -> Any:
     """The top row: the formula, and what was erased with which rank and gate; returns its axes."""
     header = fig.add_subplot(grid[0, :])
     header.axis("off")
-    # the notation of docs/method.md and processor.py: c is one text token's embedding
+    # the notation of docs/method.md and core/factors.py: c is one text token's embedding
     header.text(0.0, 0.98, r"$k = W_k\,c + s\;g(c)\;B_k A_k\,c \qquad v = W_v\,c + s\;g(c)\;B_v A_v\,c"
                 r"\qquad g(c) = \sigma(w \cdot c + b)$", fontsize=13, va="top", transform=header.transAxes)
     neutral = f"'{data.neutral}'" if data.neutral else "'' (no shape word)"

@@ -6,7 +6,7 @@ import pytest
 
 from ace_diffusers.cli import main
 
-from .conftest import NEEDS_WEIGHTS
+from ..shapes.conftest import NEEDS_WEIGHTS
 
 
 @pytest.mark.slow
