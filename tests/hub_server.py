@@ -329,7 +329,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), headers=headers)
 
     def _send_error(self, err: HubError) -> None:
-        safe = err.message.encode("ascii", "backslashreplace").decode("ascii").replace("\r", " ").replace("\n", " ")
+        safe = (
+            err.message.encode("ascii", "backslashreplace")
+            .decode("ascii")
+            .replace("\r", " ")
+            .replace("\n", " ")
+        )
         headers = {"X-Error-Message": safe, **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
@@ -454,7 +459,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not repo.gated:
             return
         user = self._user
-        if user is not None and (repo.owner in self.server.hub.state.namespaces_of(user) or user in repo.granted):
+        if user is not None and (
+            repo.owner in self.server.hub.state.namespaces_of(user) or user in repo.granted
+        ):
             return
         raise HubError(
             401 if user is None else 403,
@@ -499,7 +506,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = f"{self._endpoint()}/{repo_id}"
         with state.lock:
             if not state.can_write_namespace(self._user, namespace):
-                raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace}")
+                raise HubError(
+                    403, f"You don't have the rights to create a model under the namespace {namespace}"
+                )
             if self._role != "write":
                 raise HubError(403, "This token has read-only permissions; use a token with the 'write' role")
             if repo_id in state.repos:
@@ -510,7 +519,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             first = state.new_commit(repo, None, {".gitattributes": blob}, "initial commit", "", self._user)
             repo.branches["main"] = first.oid
             state.repos[repo_id] = repo
-        self._send_json(200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+        self._send_json(
+            200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]}
+        )
 
     def _delete_repo(self) -> None:
         body = self._json_body()
@@ -558,7 +569,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if blobs:
                     entry.update(size=state.blob_size(sha), blobId=sha)
                 siblings.append(entry)
-            card = _front_matter(state.blob_path(commit.files["README.md"]).read_bytes()) if "README.md" in commit.files else {}
+            card = (
+                _front_matter(state.blob_path(commit.files["README.md"]).read_bytes())
+                if "README.md" in commit.files
+                else {}
+            )
         tags = list(card.get("tags") or []) if isinstance(card.get("tags"), list) else []
         info: dict[str, Any] = {
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
@@ -585,7 +600,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 info["pipeline_tag"] = card["pipeline_tag"]
         self._send_json(200, info)
 
-    def _tree_entries(self, repo: Repo, commit: Commit, prefix: str, recursive: bool, expand: bool) -> list[dict]:
+    def _tree_entries(
+        self, repo: Repo, commit: Commit, prefix: str, recursive: bool, expand: bool
+    ) -> list[dict]:
         state = self.server.hub.state
         prefix = prefix.strip("/")
         base = prefix + "/" if prefix else ""
@@ -604,10 +621,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             dirs = [base + "/".join(rel_parts[: i + 1]) for i in range(len(rel_parts) - 1)]
             if not recursive and dirs:
                 d = dirs[0]
-                entries[d] = {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                entries[d] = {
+                    "type": "directory",
+                    "oid": hashlib.sha1(d.encode()).hexdigest(),
+                    "size": 0,
+                    "path": d,
+                }
                 continue
             for d in dirs:
-                entries[d] = {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                entries[d] = {
+                    "type": "directory",
+                    "oid": hashlib.sha1(d.encode()).hexdigest(),
+                    "size": 0,
+                    "path": d,
+                }
             entry = {"type": "file", "oid": sha, "size": state.blob_size(sha), "path": path}
             if expand:
                 last = self._last_commit_touching(repo, commit, path)
@@ -654,9 +681,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for p in paths[:10_000]:
                 p = p.strip("/")
                 if p in files:
-                    out.append({"type": "file", "oid": files[p], "size": state.blob_size(files[p]), "path": p})
+                    out.append(
+                        {"type": "file", "oid": files[p], "size": state.blob_size(files[p]), "path": p}
+                    )
                 elif any(f.startswith(p + "/") for f in files):
-                    out.append({"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p})
+                    out.append(
+                        {
+                            "type": "directory",
+                            "oid": hashlib.sha1(p.encode()).hexdigest(),
+                            "size": 0,
+                            "path": p,
+                        }
+                    )
         self._send_json(200, out)
 
     def _refs(self, repo_id: str) -> None:
@@ -664,9 +700,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             repo = self._get_repo(repo_id)
             data = {
                 "branches": [
-                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": o} for n, o in sorted(repo.branches.items())
+                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": o}
+                    for n, o in sorted(repo.branches.items())
                 ],
-                "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": o} for n, o in sorted(repo.tags.items())],
+                "tags": [
+                    {"name": n, "ref": f"refs/tags/{n}", "targetCommit": o}
+                    for n, o in sorted(repo.tags.items())
+                ],
                 "converts": [],
             }
             if self._query.get("include_prs", ["0"])[0] in ("1", "true", "True"):
@@ -710,7 +750,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HubError(400, f"Cannot commit to {rev}: not a branch")
             files = repo.commits[oid].files
             answer = [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": files.get(f["path"])}
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": files.get(f["path"]),
+                }
                 for f in (body.get("files") or [])[:10_000]
             ]
         self._send_json(200, {"files": answer, "commitOid": oid})
@@ -741,7 +786,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             author = self._require_write(repo)
             base_oid, branch = state.resolve(repo, rev)
             if branch is None:
-                raise HubError(400, f"Cannot commit to {rev}: it is not a branch (tags and commits are immutable)")
+                raise HubError(
+                    400, f"Cannot commit to {rev}: it is not a branch (tags and commits are immutable)"
+                )
             parent_commit = header.get("parentCommit")
             if parent_commit and not create_pr and parent_commit != base_oid:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
@@ -760,18 +807,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     files[path] = state.put_blob(data)
                 elif key == "deletedFile":
                     if path not in files:
-                        raise HubError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
+                        raise HubError(
+                            404, f"A file with this name doesn't exist: {path}", code="EntryNotFound"
+                        )
                     del files[path]
                 elif key == "deletedFolder":
                     prefix = path.rstrip("/") + "/"
                     doomed = [p for p in files if p.startswith(prefix)]
                     if not doomed:
-                        raise HubError(404, f"A folder with this name doesn't exist: {path}", code="EntryNotFound")
+                        raise HubError(
+                            404, f"A folder with this name doesn't exist: {path}", code="EntryNotFound"
+                        )
                     for p in doomed:
                         del files[p]
                 elif key == "lfsFile":
                     raise HubError(
-                        400, "LFS uploads are not supported by the test hub (preupload always answers 'regular')"
+                        400,
+                        "LFS uploads are not supported by the test hub (preupload always answers 'regular')",
                     )
                 else:
                     raise HubError(400, f"Unknown commit operation: {key!r}")
@@ -781,11 +833,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pr_url = None
             if create_pr:
                 number = max(repo.prs, default=0) + 1
-                commit = state.new_commit(repo, base_oid, files, summary, header.get("description") or "", author)
+                commit = state.new_commit(
+                    repo, base_oid, files, summary, header.get("description") or "", author
+                )
                 repo.prs[number] = commit.oid
                 pr_url = f"{self._endpoint()}/{repo_id}/discussions/{number}"
             else:
-                commit = state.new_commit(repo, base_oid, files, summary, header.get("description") or "", author)
+                commit = state.new_commit(
+                    repo, base_oid, files, summary, header.get("description") or "", author
+                )
                 if branch.startswith("refs/pr/"):
                     repo.prs[int(branch.rsplit("/", 1)[1])] = commit.oid
                 else:
@@ -952,7 +1008,9 @@ class HubServer:
 
     def __init__(self, data_dir: str | os.PathLike | None = None) -> None:
         self._own_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="ace-test-hub-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="ace-test-hub-"))
+        )
         self.requests: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=2000)
         self.unhandled: list[str] = []
         self.errors: list[str] = []
@@ -1065,7 +1123,11 @@ def _patch_offline(monkeypatch: Any, offline: bool) -> None:
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     # diffusers copies the flag into a few modules at import (`from huggingface_hub.constants import ...`)
-    for mod_name in ("diffusers.utils.hub_utils", "diffusers.loaders.lora_base", "diffusers.models.attention_dispatch"):
+    for mod_name in (
+        "diffusers.utils.hub_utils",
+        "diffusers.loaders.lora_base",
+        "diffusers.models.attention_dispatch",
+    ):
         mod = sys.modules.get(mod_name)
         if mod is not None and hasattr(mod, "HF_HUB_OFFLINE"):
             monkeypatch.setattr(mod, "HF_HUB_OFFLINE", offline)
@@ -1086,7 +1148,9 @@ def configure_client(monkeypatch: Any, endpoint: str, cache_dir: Path, home_dir:
     _patch_offline(monkeypatch, False)
 
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     if hasattr(constants, "HF_URL_HOSTS"):
         monkeypatch.setattr(constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {"127.0.0.1"}))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)

@@ -70,7 +70,9 @@ def test_a_killed_saves_staging_folder_is_swept_by_the_next_save(tmp_path):
     import sys
 
     target = tmp_path / "adapter"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     stale = tmp_path / f".adapter.saving-{int(dead.stdout)}-abc"  # that process has exited
     stale.mkdir()
     (stale / "half.bin").write_bytes(b"x" * 100)

@@ -21,4 +21,3 @@ def test_mined_words_never_name_the_concept_its_anchor_or_what_is_kept(sd_pipe):
     banned = {w.lower() for phrase in spec.concepts + spec.preserve + spec.neutral for w in phrase.split()}
     assert len(mined) <= 4 and set(mined.values()) <= {"Van Gogh"}
     assert not set(mined) & banned
-    assert mined == mine_synonyms(embedder, layers, spec, per_concept=4, pool=256)  # deterministic
