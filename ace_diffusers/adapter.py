@@ -1,5 +1,10 @@
-"""Deprecated path of :mod:`ace_diffusers.core.adapter` (moved when the package was layered; works until 0.3)."""
+"""Deprecated path of :mod:`ace_diffusers.core.adapter`.
+
+Moved when the package was layered; this path works until 0.3 (``_deprecated``).
+"""
 
 from ._deprecated import alias
 
-__getattr__ = alias(__name__, "ace_diffusers.core.adapter", "ace_diffusers.core.factors", "ace_diffusers.format")
+__getattr__ = alias(
+    __name__, "ace_diffusers.core.adapter", "ace_diffusers.core.factors", "ace_diffusers.format"
+)

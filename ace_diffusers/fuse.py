@@ -1,5 +1,10 @@
-"""Deprecated path of :mod:`ace_diffusers.deploy.fuse` (moved when the package was layered; works until 0.3)."""
+"""Deprecated path of :mod:`ace_diffusers.deploy.fuse`.
+
+Moved when the package was layered; this path works until 0.3 (``_deprecated``).
+"""
 
 from ._deprecated import alias
 
-__getattr__ = alias(__name__, "ace_diffusers.deploy.fuse", "ace_diffusers.deploy.bake", "ace_diffusers.deploy.fidelity")
+__getattr__ = alias(
+    __name__, "ace_diffusers.deploy.fuse", "ace_diffusers.deploy.bake", "ace_diffusers.deploy.fidelity"
+)

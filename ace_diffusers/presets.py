@@ -1,4 +1,7 @@
-"""Deprecated path of :mod:`ace_diffusers.fitting.presets` (moved when the package was layered; works until 0.3)."""
+"""Deprecated path of :mod:`ace_diffusers.fitting.presets`.
+
+Moved when the package was layered; this path works until 0.3 (``_deprecated``).
+"""
 
 from ._deprecated import alias
 

@@ -1,3 +1,3 @@
-"""The package version, in a module of its own so that every layer can read it without importing the package."""
+"""The package version, in a module of its own: every layer can read it without importing the package."""
 
 __version__ = "0.1.0.dev0"

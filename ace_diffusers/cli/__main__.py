@@ -1,4 +1,5 @@
-"""``python -m ace_diffusers.cli COMMAND ...`` (e.g. under ``accelerate launch -m``): the ``ace-diffusers`` command."""
+"""``python -m ace_diffusers.cli COMMAND ...`` (e.g. under ``accelerate launch -m``): the ``ace-diffusers``
+command."""
 
 import sys
 

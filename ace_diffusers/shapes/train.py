@@ -1,6 +1,6 @@
 """Train the miniature world: one seeded, resumable command.
 
-    HF_HUB_OFFLINE=1 python -m ace_diffusers.shapes.train --seed 0
+    HF_HUB_OFFLINE=1 ace-diffusers shapes train --seed 0
 
 Renders the data set, then trains (1) the shape/colour/style classifier, (2) the AutoencoderKL,
 (3) the UNet2DConditionModel on precomputed VAE latents and precomputed caption embeddings (computed
@@ -25,11 +25,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from .._io import atomic_save_safetensors, atomic_write_text
 from . import vocab
-from .classifier import HEADS, ShapesClassifier
+from .classifier import HEADS, ShapesClassifier, load_shapes_classifier
 from .pipeline import (
     DEFAULT_SAMPLER,
     SCHEDULER_CONFIG,
@@ -54,10 +56,9 @@ def log(msg: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
-    os.replace(tmp, path)
+    atomic_write_text(
+        path, json.dumps(obj, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    )
 
 
 def read_json(path: Path):
@@ -66,9 +67,7 @@ def read_json(path: Path):
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = Path(str(path) + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, tensors)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 100, final_frac: float = 0.1) -> float:
@@ -138,7 +137,11 @@ def random_blur(x: torch.Tensor, g: torch.Generator, max_sigma: float = 0.9) -> 
 
 # ------------------------------------------------------------------------------------ classifier
 def train_classifier(args, data, held, out: Path) -> dict:
-    if args.resume and (out / "classifier.safetensors").exists() and (out / "classifier_config.json").exists():
+    if (
+        args.resume
+        and (out / "classifier.safetensors").exists()
+        and (out / "classifier_config.json").exists()
+    ):
         log("classifier: found, skipping")
         return read_json(out / "classifier_config.json").get("metrics", {})
     t0 = time.time()
@@ -172,13 +175,15 @@ def train_classifier(args, data, held, out: Path) -> dict:
     metrics["train_seconds"] = round(time.time() - t0, 1)
     log(f"classifier: {metrics}")
     save_tensors(out / "classifier.safetensors", model.state_dict())
-    write_json(out / "classifier_config.json", {"width": 32, "heads": HEADS, "metrics": metrics, "steps": args.steps_cls})
+    write_json(
+        out / "classifier_config.json",
+        {"width": 32, "heads": HEADS, "metrics": metrics, "steps": args.steps_cls},
+    )
     return metrics
 
 
 # ------------------------------------------------------------------------------------------- VAE
 def train_vae(args, data, held, work: Path, out: Path):
-    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(**VAE_CONFIG)
     final = work / "vae_final.safetensors"
@@ -226,7 +231,11 @@ def train_vae(args, data, held, work: Path, out: Path):
         Xh = to_float(held["images"][:1000]) * 2 - 1
         rec = vae.decode(vae.encode(Xh).latent_dist.mean).sample
         mse = float(F.mse_loss(rec, Xh))
-    meta = {"heldout_mse": mse, "train_seconds": round(elapsed0 + time.time() - t0, 1), "steps": args.steps_vae}
+    meta = {
+        "heldout_mse": mse,
+        "train_seconds": round(elapsed0 + time.time() - t0, 1),
+        "steps": args.steps_vae,
+    }
     log(f"vae: {meta}")
     save_tensors(final, vae.state_dict())
     write_json(work / "vae_final.json", meta)
@@ -252,7 +261,9 @@ def vae_roundtrip(vae, images_u8: np.ndarray, bs: int = 500) -> torch.Tensor:
     return torch.cat(out)
 
 
-def finetune_classifier_on_reconstructions(args, vae, held, out: Path, n: int = 6000, steps: int = 250) -> dict:
+def finetune_classifier_on_reconstructions(
+    args, vae, held, out: Path, n: int = 6000, steps: int = 250
+) -> dict:
     """Fine-tune the classifier on a 50/50 mix of renders and their VAE reconstructions.
 
     Generated images live in the VAE's output space, where fine stripes/dots are softened; this keeps
@@ -283,7 +294,9 @@ def finetune_classifier_on_reconstructions(args, vae, held, out: Path, n: int = 
         idx = torch.cat([i1, i2])
         x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
         x = random_blur(x, g, max_sigma=0.6)
-        x = (x + torch.randn(x.shape, generator=g) * (torch.rand(len(x), 1, 1, 1, generator=g) * 0.04)).clamp(0, 1)
+        x = (x + torch.randn(x.shape, generator=g) * (torch.rand(len(x), 1, 1, 1, generator=g) * 0.04)).clamp(
+            0, 1
+        )
         logits = model(x)
         loss = sum(F.cross_entropy(logits[k], Y[k][idx]) for k in HEADS)
         opt.zero_grad(set_to_none=True)
@@ -297,7 +310,9 @@ def finetune_classifier_on_reconstructions(args, vae, held, out: Path, n: int = 
     metrics.update({f"heldout_acc_{k}": float((pred[k].numpy() == held[k]).mean()) for k in HEADS})
     rec = vae_roundtrip(vae, held["images"])
     pred = model.predict_indices(rec)
-    metrics.update({f"heldout_reconstruction_acc_{k}": float((pred[k].numpy() == held[k]).mean()) for k in HEADS})
+    metrics.update(
+        {f"heldout_reconstruction_acc_{k}": float((pred[k].numpy() == held[k]).mean()) for k in HEADS}
+    )
     metrics["recon_finetune_seconds"] = round(time.time() - t0, 1)
     log(f"classifier after fine-tuning on reconstructions: {metrics}")
     save_tensors(out / "classifier.safetensors", model.state_dict())
@@ -307,8 +322,9 @@ def finetune_classifier_on_reconstructions(args, vae, held, out: Path, n: int = 
 
 
 # ------------------------------------------------------------------------------------------ UNet
-def train_unet(args, latents: torch.Tensor, emb: torch.Tensor, cap_idx: torch.Tensor, work: Path, snapshot_fn):
-    from diffusers import UNet2DConditionModel
+def train_unet(
+    args, latents: torch.Tensor, emb: torch.Tensor, cap_idx: torch.Tensor, work: Path, snapshot_fn
+):
 
     torch.manual_seed(args.seed + 2)
     unet = UNet2DConditionModel(**UNET_CONFIG)
@@ -328,7 +344,9 @@ def train_unet(args, latents: torch.Tensor, emb: torch.Tensor, cap_idx: torch.Te
     t0 = time.time()
     unet.train()
     params = dict(unet.named_parameters())
-    bar = tqdm(range(start, args.steps_unet), desc="unet", initial=start, total=args.steps_unet, mininterval=5)
+    bar = tqdm(
+        range(start, args.steps_unet), desc="unet", initial=start, total=args.steps_unet, mininterval=5
+    )
     ema_loss = None
     N, ncap = cap_idx.shape
     for step in bar:
@@ -361,21 +379,36 @@ def train_unet(args, latents: torch.Tensor, emb: torch.Tensor, cap_idx: torch.Te
             history.append([step + 1, round(ema_loss, 5), round(elapsed0 + time.time() - t0, 1)])
         if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps_unet:
             elapsed = elapsed0 + time.time() - t0
-            save_ckpt(ck, {"model": unet, "ema": ema}, opt, {"step": step + 1, "elapsed": elapsed, "history": history})
+            save_ckpt(
+                ck,
+                {"model": unet, "ema": ema},
+                opt,
+                {"step": step + 1, "elapsed": elapsed, "history": history},
+            )
             snapshot_fn(ema, step + 1)
             log(f"unet: checkpoint at step {step + 1}, loss {ema_loss:.4f}, {elapsed / 60:.1f} min")
     # buffers (none expected) are copied from the live model
     for k, v in unet.state_dict().items():
         if k not in params:
             ema[k] = v.detach().clone()
-    return ema, {"train_seconds": round(elapsed0 + time.time() - t0, 1), "steps": args.steps_unet, "history": history}
+    return ema, {
+        "train_seconds": round(elapsed0 + time.time() - t0, 1),
+        "steps": args.steps_unet,
+        "history": history,
+    }
 
 
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m ace_diffusers.shapes.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(WEIGHTS_DIR), help="final weights directory (default: bundled weights dir)")
-    p.add_argument("--work", default=str(REPO_ROOT / "runs" / "shapes"), help="checkpoints / scratch directory")
+    p = argparse.ArgumentParser(
+        prog="ace-diffusers shapes train", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--out", default=str(WEIGHTS_DIR), help="final weights directory (default: bundled weights dir)"
+    )
+    p.add_argument(
+        "--work", default=str(REPO_ROOT / "runs" / "shapes"), help="checkpoints / scratch directory"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=30000, help="number of rendered training images")
     p.add_argument("--captions-per-image", type=int, default=2)
@@ -395,14 +428,14 @@ def parse_args(argv):
     p.add_argument(
         "--finalize-from-checkpoint",
         action="store_true",
-        help="stop early: write the final weights from the latest UNet checkpoint in --work (EMA weights), no training",
+        help="stop early: write the final weights from the latest UNet checkpoint in --work (EMA weights), "
+        "no training",
     )
     return p.parse_args(argv)
 
 
 def finalize_from_checkpoint(args, out: Path, work: Path, cmd: str, t_start: float) -> int:
     """Write the final artefacts from the latest UNet checkpoint (used to stop a run early)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     groups, ck = load_ckpt(work / "unet_ckpt")
     lt = load_file(str(work / "latents.safetensors"))
@@ -415,10 +448,19 @@ def finalize_from_checkpoint(args, out: Path, work: Path, cmd: str, t_start: flo
     _write_weights(out, vae, scheduler, unet_cfg, groups["ema"])
     cls_metrics = read_json(out / "classifier_config.json").get("metrics", {})
     vae_meta = read_json(work / "vae_final.json")
-    unet_meta = {"train_seconds": round(ck["elapsed"], 1), "steps": ck["step"], "history": ck.get("history", []),
-                 "planned_steps": args.steps_unet, "stopped_early": ck["step"] < args.steps_unet}
+    unet_meta = {
+        "train_seconds": round(ck["elapsed"], 1),
+        "steps": ck["step"],
+        "history": ck.get("history", []),
+        "planned_steps": args.steps_unet,
+        "stopped_early": ck["step"] < args.steps_unet,
+    }
     lat = lt["latents"]
-    latents_meta = {"scaling_factor": scaling, "channel_mean": lat.mean(dim=(0, 2, 3)).tolist(), "channel_std": lat.std(dim=(0, 2, 3)).tolist()}
+    latents_meta = {
+        "scaling_factor": scaling,
+        "channel_mean": lat.mean(dim=(0, 2, 3)).tolist(),
+        "channel_std": lat.std(dim=(0, 2, 3)).tolist(),
+    }
     meta = _metadata(args, cmd, t_start, cls_metrics, vae_meta, unet_meta, latents_meta, None)
     meta["command"] = cmd.replace(" --finalize-from-checkpoint", "").replace(" --resume", "")
     meta["finalize_command"] = cmd
@@ -485,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    cmd = "python -m ace_diffusers.shapes.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "ace-diffusers shapes train " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"args: {vars(args)}")
     if args.finalize_from_checkpoint:
         return finalize_from_checkpoint(args, out, work, cmd, t_start)
@@ -497,8 +539,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cls_metrics = train_classifier(args, data, held, out)
     vae, vae_meta = train_vae(args, data, held, work, out)
-
-    from .classifier import ShapesClassifier  # noqa: F401  (already imported; keeps loader independent)
 
     # latents and scaling factor
     lat_path = work / "latents.safetensors"
@@ -513,19 +553,23 @@ def main(argv: list[str] | None = None) -> int:
     vae.register_to_config(scaling_factor=scaling)
     chan_mean = latents.mean(dim=(0, 2, 3)).tolist()
     chan_std = latents.std(dim=(0, 2, 3)).tolist()
-    log(f"latents {tuple(latents.shape)} scaling_factor={scaling:.4f} chan mean={np.round(chan_mean, 3)} std={np.round(chan_std, 3)}")
+    log(
+        f"latents {tuple(latents.shape)} scaling_factor={scaling:.4f} chan mean={np.round(chan_mean, 3)} "
+        f"std={np.round(chan_std, 3)}"
+    )
 
     cls_metrics = finetune_classifier_on_reconstructions(args, vae, held, out)
 
     # classifier accuracy on VAE reconstructions (diagnostic of colour fidelity)
-    from .classifier import load_shapes_classifier
 
     clf = load_shapes_classifier(weights_dir=out)
     with torch.no_grad():
         hz = encode_latents(vae, held["images"][:1000])
         rec = ((vae.decode(hz).sample + 1) / 2).clamp(0, 1)
     pr = clf.predict_indices(rec)
-    vae_meta["classifier_acc_on_reconstructions"] = {k: float((pr[k].numpy() == held[k][:1000]).mean()) for k in HEADS}
+    vae_meta["classifier_acc_on_reconstructions"] = {
+        k: float((pr[k].numpy() == held[k][:1000]).mean()) for k in HEADS
+    }
     log(f"classifier on VAE reconstructions: {vae_meta['classifier_acc_on_reconstructions']}")
 
     # caption embeddings, exactly as the pipeline computes them
@@ -535,7 +579,6 @@ def main(argv: list[str] | None = None) -> int:
     uniq = sorted({c for cs in caps for c in cs} | {""})
     pos = {c: i for i, c in enumerate(uniq)}
     cap_idx = torch.tensor([[pos[c] for c in cs] for cs in caps], dtype=torch.long)
-    from diffusers import UNet2DConditionModel
 
     tmp_pipe = build_pipeline(UNet2DConditionModel(**UNET_CONFIG), vae, scheduler, text_encoder, tokenizer)
     te0 = time.time()
@@ -550,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         sc = dict(scheduler.config)
         sc["_class_name"] = type(scheduler).__name__
         write_json(d / "scheduler_config.json", sc)
-        ucfg = dict(UNet2DConditionModel(**UNET_CONFIG).config) if not (d / "unet_config.json").exists() else None
+        ucfg = (
+            dict(UNet2DConditionModel(**UNET_CONFIG).config)
+            if not (d / "unet_config.json").exists()
+            else None
+        )
         if ucfg is not None:
             write_json(d / "unet_config.json", ucfg)
 
@@ -570,10 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     _write_weights(out, vae, scheduler, dict(UNet2DConditionModel(**UNET_CONFIG).config), ema)
     total = time.time() - t_start
     latents_meta = {"scaling_factor": scaling, "channel_mean": chan_mean, "channel_std": chan_std}
-    write_json(out / "train_meta.json", _metadata(args, cmd, t_start, cls_metrics, vae_meta, unet_meta, latents_meta, len(uniq)))
+    write_json(
+        out / "train_meta.json",
+        _metadata(args, cmd, t_start, cls_metrics, vae_meta, unet_meta, latents_meta, len(uniq)),
+    )
     log(f"done in {total / 60:.1f} min; weights in {out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -57,7 +57,7 @@ def _fields(template: str) -> frozenset[str]:
     return frozenset(f for f in ("colour", "shape", "style") if "{" + f + "}" in template)
 
 
-def _article_fix(text: str) -> str:
+def article_fix(text: str) -> str:
     """Turn 'a orange' into 'an orange' etc. (cosmetic, deterministic)."""
     words = text.split(" ")
     out = []
@@ -83,10 +83,10 @@ def make_caption(rng: np.random.Generator, shape: str, colour: str, style: str) 
     sw = SHAPE_WORDS[shape][int(rng.integers(len(SHAPE_WORDS[shape])))]
     stw = STYLE_WORDS[style][int(rng.integers(len(STYLE_WORDS[style])))]
     cw = COLOUR_WORDS[colour][int(rng.integers(len(COLOUR_WORDS[colour])))]
-    return _article_fix(t.format(colour=cw, shape=sw, style=stw))
+    return article_fix(t.format(colour=cw, shape=sw, style=stw))
 
 
 def canonical_prompt(shape: str, colour: str | None = None, style: str | None = None) -> str:
     """The canonical prompt, e.g. 'a red circle' or 'a striped red circle'."""
     parts = [p for p in (style, colour, shape) if p]
-    return _article_fix("a " + " ".join(parts))
+    return article_fix("a " + " ".join(parts))

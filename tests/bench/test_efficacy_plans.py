@@ -29,14 +29,13 @@ def test_quick_plan_contents():
         assert getattr(quick, knob) <= getattr(full, knob), knob
     assert quick.ace_steps is full.ace_steps is None  # both measure ACE at the trainer's defaults
     assert len(quick.colours) == 4 and full.colours is None
-    # images per model state, pinned: changing the quick plan changes its budget (the two-object prompts of
-    # in-context preservation add 14 per erased shape)
+    # images per model state, pinned: changing the quick plan changes its ~15-minute budget
     assert efficacy.plan_images(quick) == {
-        "square": 53,
-        "circle": 54,
-        "square+triangle+heart": 115,
-        "square+triangle+heart+cross+striped": 173,
-        "base": 266,
+        "square": 39,
+        "circle": 40,
+        "square+triangle+heart": 85,
+        "square+triangle+heart+cross+striped": 141,
+        "base": 190,
     }
 
 

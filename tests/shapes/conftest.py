@@ -8,7 +8,7 @@ from ace_diffusers.shapes.pipeline import WEIGHTS_DIR, weights_present
 
 NEEDS_WEIGHTS = pytest.mark.skipif(
     not weights_present(),
-    reason=f"miniature-world weights absent from {WEIGHTS_DIR} (train: python -m ace_diffusers.shapes.train)",
+    reason=f"miniature-world weights absent from {WEIGHTS_DIR} (train: ace-diffusers shapes train)",
 )
 NEEDS_CLASSIFIER = pytest.mark.skipif(
     not (WEIGHTS_DIR / "classifier.safetensors").exists(),

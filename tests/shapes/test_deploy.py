@@ -50,7 +50,8 @@ def test_fused_shapes_pipeline_reloaded_by_plain_diffusers_still_erases(shapes_c
     sets = metric_sets(RELOAD_TEST_SHAPE)
     prompts = sets["erased"].prompts + sets["others"].prompts
     labels = [lab["shape"] for lab in sets["erased"].labels + sets["others"].labels]
-    # the latents ace_diffusers.shapes.pipeline.generate draws (seed 0 per image, as measure(images_per_prompt=1))
+    # the latents ace_diffusers.shapes.pipeline.generate draws (seed 0 per image, as
+    # measure(images_per_prompt=1))
     shape = (pipe.unet.config.in_channels, 8, 8)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(0)) for _ in prompts])
     save_file({"latents": latents}, str(tmp_path / "latents.safetensors"))

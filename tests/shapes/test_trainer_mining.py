@@ -4,12 +4,12 @@ shapes that must be kept are not."""
 
 import pytest
 
-from ace_diffusers.shapes.erasure import erase_arguments
-from ace_diffusers.shapes.vocab import SHAPE_WORDS
 from ace_diffusers.fitting.attention import capture_queries
 from ace_diffusers.fitting.mining import mine_synonyms
 from ace_diffusers.fitting.text import TextEmbedder
 from ace_diffusers.fitting.trainer import ACETrainer
+from ace_diffusers.shapes.erasure import erase_arguments
+from ace_diffusers.shapes.vocab import SHAPE_WORDS
 
 from .conftest import NEEDS_WEIGHTS
 
@@ -19,11 +19,25 @@ from .conftest import NEEDS_WEIGHTS
 def test_mining_finds_the_worlds_held_out_synonyms(shapes_pipe, shape):
     trainer = ACETrainer(shapes_pipe, progress=False, **erase_arguments(shape))
     embedder, spec = TextEmbedder(shapes_pipe), trainer.spec
-    layers = capture_queries(trainer.unet, embedder, spec.neutral[0], spec.templates,
-                             per_layer=trainer.queries_per_layer, seed=trainer.seed)
-    mined = mine_synonyms(embedder, layers, spec, per_concept=trainer.mined_synonyms, pool=trainer.mining_pool)
+    layers = capture_queries(
+        trainer.unet,
+        embedder,
+        spec.neutral[0],
+        spec.templates,
+        per_layer=trainer.queries_per_layer,
+        seed=trainer.seed,
+    )
+    mined = mine_synonyms(
+        embedder, layers, spec, per_concept=trainer.mined_synonyms, pool=trainer.mining_pool
+    )
     held_out = {w for w in SHAPE_WORDS[shape][1:] if " " not in w}  # single words the trainer was not given
     assert held_out & set(mined), (shape, list(mined))
-    kept = {w for other, words in SHAPE_WORDS.items() if other != shape for phrase in words for w in phrase.split()}
+    kept = {
+        w
+        for other, words in SHAPE_WORDS.items()
+        if other != shape
+        for phrase in words
+        for w in phrase.split()
+    }
     assert not kept & set(mined), (shape, list(mined))
     assert set(mined.values()) == {shape} and len(mined) <= trainer.mined_synonyms
