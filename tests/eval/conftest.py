@@ -61,3 +61,19 @@ def colour_judge_function(concept: str, other: str):
         return [concept if r > b else other for r, b in zip(red.tolist(), blue.tolist(), strict=True)]
 
     return judge
+
+
+def cat_plan():
+    """A prompt plan with every group kind: erased, synonyms, others, a prompt attack and a soft prompt."""
+    from ace_diffusers.eval.plans import prompt_plan
+
+    return prompt_plan(
+        "cat",
+        templates=["a photo of {}", "{}"],
+        synonyms=["kitten"],
+        others=["dog", "car"],
+        neutral="animal",
+        images_per_prompt=2,
+        attacks=["misspelling", "soft_prompt"],
+        soft_prompts=1,
+    )

@@ -8,6 +8,8 @@ from ace_diffusers.eval import runner
 from ace_diffusers.eval.plans import ATTACK_PREFIX, EvalCase, prompt_plan, shapes_plan
 from ace_diffusers.shapes.erasure import DEFAULT_NEUTRAL
 
+from .conftest import cat_plan
+
 COLOURS = ["red", "blue"]
 
 
@@ -35,16 +37,7 @@ def test_shapes_plan_structure():
 
 
 def test_prompt_plan_groups_labels_and_soft_prompt_jobs():
-    plan = prompt_plan(
-        "cat",
-        templates=["a photo of {}", "{}"],
-        synonyms=["kitten"],
-        others=["dog", "car"],
-        neutral="animal",
-        images_per_prompt=2,
-        attacks=["misspelling", "soft_prompt"],
-        soft_prompts=1,
-    )
+    plan = cat_plan()
     groups = plan.describe()["groups"]
     assert groups == {"erased": 4, "synonyms": 4, "others": 8, "attack/misspelling": 4}
     assert {c.labels["concept"] for c in plan.cases if c.group == "others"} == {"dog", "car"}

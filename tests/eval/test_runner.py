@@ -14,7 +14,7 @@ from ace_diffusers.eval.runner import evaluate, make_batches, score
 from ace_diffusers.shapes.erasure import measure, metric_sets
 from ace_diffusers.testing import random_adapter
 
-from .conftest import colour_judge_function
+from .conftest import cat_plan, colour_judge_function
 
 TINY = dict(num_inference_steps=2, height=16, width=16)
 COLOURS = ["red", "blue"]
@@ -90,16 +90,7 @@ def test_evaluate_needs_a_judge_for_the_plan_head(sd_pipe):
 
 
 def test_make_batches_split_groups_and_input_kinds():
-    plan = prompt_plan(
-        "cat",
-        templates=["a photo of {}", "{}"],
-        synonyms=["kitten"],
-        others=["dog", "car"],
-        neutral="animal",
-        images_per_prompt=2,
-        attacks=["misspelling", "soft_prompt"],
-        soft_prompts=1,
-    )
+    plan = cat_plan()
     batches = make_batches(plan.cases, 3)
     assert [len(b) for b in batches] == [3, 1, 3, 1, 3, 3, 2, 3, 1]
     assert all(len({plan.cases[i].group for i in b}) == 1 for b in batches)
