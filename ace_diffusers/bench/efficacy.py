@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..eval.baselines import esd_x_erase, uce_erase
-from ..eval.judges import ShapesJudge
+from ..eval.judges import shapes_judges
 from ..eval.plans import ATTACK_PREFIX, EvalCase
 from ..eval.runner import run_cases, score
 from ..eval.soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
@@ -234,7 +234,7 @@ def run(plan: EfficacyPlan, *, methods: tuple[str, ...] = ERASERS, log: Callable
     pipe = pipe if pipe is not None else load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     classifier = classifier if classifier is not None else load_shapes_classifier()
-    judges = {head: ShapesJudge(classifier, head) for head in ("shape", "style", "colour")}
+    judges = shapes_judges(classifier)
     erasures, sizes = experiments(plan)
     counts = plan_images(plan)
     log(f"[bench] efficacy: {len(erasures)} erasures x {len(methods)} methods; images per model state: "

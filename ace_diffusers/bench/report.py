@@ -152,6 +152,37 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return _efficacy_targets(erasures, asr) + _cost_targets(result.get("sections", {}), erasures)
 
 
+CONTEXT_COLUMNS = {
+    "acc_heldout": "Acc_u",
+    "in_context": "in ctx",
+    "in_context_colour": "in ctx colour",
+    "erased_as_none": "→ none",
+    "erased_as_other": "→ other",
+}
+CONTEXT_HELP = {
+    "acc_heldout": "Acc_g on the held-out split: words no training caption contains that the base model "
+    "draws as the shape (lower is better; `ace-diffusers shapes heldout`);",
+    "in_context": "the kept object is still drawn, as its shape, at its position (higher is better; compare "
+    "the base model's row);",
+    "in_context_colour": "... and in its colour (higher is better);",
+    "erased_as_none": "images of the erased concept's prompts that show nothing: the concept went to the "
+    "empty anchor;",
+    "erased_as_other": "images of the erased concept's prompts that show another shape (or, for a style, "
+    "another fill) instead.",
+}
+
+
+def _column_help() -> list[str]:
+    return [
+        "Further columns: generalisation to never-trained words, and where the erasure acts, from two-object "
+        "prompts (the erased concept on the left, a kept object with its own colour and style on the right) "
+        "and from the erased concept's own prompts:",
+        "",
+        *[f"- **{name}** — {CONTEXT_HELP[key]}" for key, name in CONTEXT_COLUMNS.items()],
+        "",
+    ]
+
+
 def _status(met: bool | None) -> str:
     return "not measured" if met is None else ("**met**" if met else "**not met**")
 
@@ -166,8 +197,8 @@ def _efficacy_rows(erasure: dict[str, Any], methods: list[str], first: str) -> l
         m = entry["metrics"]
         attacks = [_pct(entry["attacks"].get(a, {}).get("asr")) for a in ATTACK_NAMES]
         rows.append([first if k == 0 else "", METHODS.get(method, method), _pct(m.get("acc_e")),
-                     _pct(m.get("acc_s")), _pct(m.get("acc_g")), _num(m.get("h")), _secs(entry["seconds"]),
-                     *attacks])
+                     _pct(m.get("acc_s")), _pct(m.get("acc_g")), _num(m.get("h")),
+                     *[_pct(m.get(c)) for c in CONTEXT_COLUMNS], _secs(entry["seconds"]), *attacks])
     return rows
 
 
@@ -191,6 +222,7 @@ def efficacy_markdown(result: dict[str, Any], image_dir: str = "images") -> list
         "in which the classifier sees an erased concept (lower is better); for the base model it is how "
         "often the attack prompt draws the concept when nothing is erased.",
         "",
+        *_column_help(),
         "Settings: ACE closed form = `fit_adapter` defaults; ACE full = "
         + (f"`ACETrainer(steps={plan['ace_steps']})`; " if plan.get("ace_steps") is not None
            else "`ACETrainer` defaults (450 fine-tuning steps, +50 per extra concept); ")
@@ -207,7 +239,7 @@ def efficacy_markdown(result: dict[str, Any], image_dir: str = "images") -> list
         "### Each shape erased alone",
         "",
     ]
-    head = ["erasure", "method", "Acc_e", "Acc_s", "Acc_g", "H", "fit s",
+    head = ["erasure", "method", "Acc_e", "Acc_s", "Acc_g", "H", *CONTEXT_COLUMNS.values(), "fit s",
             *[f"ASR {n}" for n in ATTACK_NAMES.values()]]
     singles = [e for e in eff["erasures"] if e["kind"] == "single"]
     lines += _table(head, [r for e in singles for r in _efficacy_rows(e, methods, e["label"])])

@@ -113,15 +113,20 @@ def run(
 
 def format_report(result: dict[str, Any]) -> str:
     head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}"
-            f"{'H':>7}{'fit s':>8}   (base Acc_e/Acc_g/Acc_s/colour; floor)")
+            f"{'H':>7}{'ctx':>7}{'ctx col':>8}{'->none':>7}{'fit s':>8}   "
+            "(base Acc_e/Acc_g/Acc_s/colour/ctx; floor)")
     lines = [head]
+    nan = float("nan")
     for r in result["rows"]:
         lines.append(
             f"{r['run']:<34}{r['concept']:<10}{r['method']:<13}{100 * r['acc_e']:>6.1f}%"
             f"{100 * r['acc_g']:>6.1f}%{100 * r['acc_s']:>6.1f}%{100 * r['colour']:>6.1f}%{r['h']:>7.3f}"
+            f"{100 * r.get('in_context', nan):>6.1f}%{100 * r.get('in_context_colour', nan):>7.1f}%"
+            f"{100 * r.get('erased_as_none', nan):>6.1f}%"
             f"{r['seconds']:>8.1f}   ({100 * r['base_acc_e']:.1f}/{100 * r['base_acc_g']:.1f}/"
-            f"{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f};"
-            f" {100 * r.get('floor', float('nan')):.1f})"
+            f"{100 * r['base_acc_s']:.1f}/{100 * r['base_colour']:.1f}/"
+            f"{100 * r.get('base_in_context', nan):.1f};"
+            f" {100 * r.get('floor', nan):.1f})"
         )
     lines.append("")
     for run_label in dict.fromkeys(r["run"] for r in result["rows"] if r.get("mined") is not None):
@@ -130,7 +135,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"mined by the trainer for {run_label}: {', '.join(mined) or '(none)'}")
     lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the "
                  "concept replaced by its neutral anchor (shapes: the empty phrase, 'a red'); an erased "
-                 "concept cannot go below it.")
+                 "concept cannot go below it. ctx / ctx col: the kept object of a two-object prompt still "
+                 "drawn (in its colour); ->none: erased-concept images that show nothing.")
     lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= "
                  "base - 2 pts, Acc_g below closed form (or both 0), fit <= 60 s per concept")
     for r in result["rows"]:

@@ -43,8 +43,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ace_diffusers.bench.deploy",
         "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md",
     ),
-    "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 90 min on 2 cores)"),
-    "shapes quality": ("ace_diffusers.shapes.quality", "measure the miniature world's generation quality"),
+    "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 75 min on 2 cores)"),
+    "shapes quality": ("ace_diffusers.shapes.quality", "check the miniature world against its bars"),
+    "shapes heldout": ("ace_diffusers.shapes.heldout", "sweep the text encoder for held-out shape words"),
     "figures": (
         "ace_diffusers.bench.method_figure",
         "regenerate docs/images/method.png (gate and K change, computed)",

@@ -23,30 +23,27 @@ from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import concept_kind, erase_arguments, measure
 from ..shapes.pipeline import load_shapes_pipeline
 
-ROWS = ("erased", "synonyms", "others")
+ROWS = ("erased", "synonyms", "others", "pairs")
 
 
 def _grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], columns: int, path: Path) -> None:
     """Two rows per prompt set (before, after); ``columns`` images each; saved as PNG."""
     scale, pad, label_w = 3, 2, 150
-    tile = 32 * scale
-    rows = [(f"{name} - before", before[name]) for name in ROWS] + [
-        (f"{name} - after", after[name]) for name in ROWS
-    ]
-    order = [0, 3, 1, 4, 2, 5]
-    width = label_w + columns * (tile + pad)
-    height = len(rows) * (tile + pad)
+    tile_h, tile_w = (side * scale for side in next(iter(before.values())).shape[-2:])
+    names = [name for name in ROWS if name in before]
+    rows = [(f"{name} - {when}", images[name]) for name in names for when, images in (("before", before),
+                                                                                     ("after", after))]
+    width = label_w + columns * (tile_w + pad)
+    height = len(rows) * (tile_h + pad)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, index in enumerate(order):
-        label, images = rows[index]
-        y = r * (tile + pad)
-        draw.text((6, y + tile // 2 - 6), label, fill="black")
+    for r, (label, images) in enumerate(rows):
+        y = r * (tile_h + pad)
+        draw.text((6, y + tile_h // 2 - 6), label, fill="black")
         for c in range(min(columns, len(images))):
             array = (images[c].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            canvas.paste(
-                Image.fromarray(array).resize((tile, tile), Image.NEAREST), (label_w + c * (tile + pad), y)
-            )
+            tile = Image.fromarray(array).resize((tile_w, tile_h), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (tile_w + pad), y))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
@@ -65,6 +62,10 @@ def _print_table(concept: str, before: dict[str, float], after: dict[str, float]
         "acc_s": "Acc_s  other concepts drawn right (higher=better)",
         "colour": "colour accuracy on other concepts",
         "h": "H (harmonic mean)",
+        "in_context": "kept object beside it still drawn",
+        "in_context_colour": "... in its colour",
+        "erased_as_none": f"'{concept}' prompts that draw nothing",
+        "erased_as_other": f"'{concept}' prompts that draw something else",
     }
     for key, label in names.items():
         print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)",
     )
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
-    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="4: each figure on >= 32 images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from transformers import AutoProcessor, CLIPModel
 from ..eval.attacks import ALL_ATTACKS
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.common import partial_state
-from ..eval.judges import CLIPZeroShotJudge, ShapesJudge
+from ..eval.judges import CLIPZeroShotJudge, shapes_judges
 from ..eval.plans import EvalPlan, prompt_plan, shapes_plan
 from ..eval.report import write_report
 from ..eval.runner import evaluate
@@ -223,9 +223,7 @@ def _fit_baseline(pipe: Any, args: argparse.Namespace, miniature: bool):
 
 def _judges(kind: str, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
     if kind == "shapes":
-        classifier = load_shapes_classifier()
-        heads = {plan.head, "colour"} | ({"shape"} if plan.head == "style" else set())
-        return {h: ShapesJudge(classifier, h) for h in sorted(heads)}
+        return shapes_judges(load_shapes_classifier())
     model = CLIPModel.from_pretrained(args.clip_model).eval()
     processor = AutoProcessor.from_pretrained(args.clip_model)
     defaults = [plan.concept, *plan.others] + ([plan.neutral] if plan.neutral else [])

@@ -24,7 +24,7 @@ from .attacks import (
     weighted_variants,
 )
 from .common import ace_disabled, distributed_map, partial_state
-from .judges import CallableJudge, CLIPZeroShotJudge, Judge, ShapesJudge
+from .judges import CallableJudge, CLIPZeroShotJudge, Judge, ShapesJudge, shapes_judges
 from .metrics import (
     accuracy,
     attack_success_rate,
@@ -55,6 +55,7 @@ __all__ = [
     "EvalResult",
     "Judge",
     "ShapesJudge",
+    "shapes_judges",
     "SoftPromptReference",
     "SoftPromptResult",
     "SoftPromptSettings",

@@ -1,7 +1,8 @@
 """Judges: whatever turns generated images into labels (``Judge.predict(images) -> list[str]``).
 
-* :class:`ShapesJudge` — one head (``shape``, ``style`` or ``colour``) of the miniature world's bundled
-  classifier;
+* :class:`ShapesJudge` — one head of the miniature world's bundled classifier: ``shape`` (``none``
+  when nothing is drawn), ``style`` or ``colour`` of the image's main object, or the same per slot of
+  a two-object scene (``left_shape`` ... ``right_style``); :func:`shapes_judges` builds them all;
 * :class:`CLIPZeroShotJudge` — zero-shot classification with any ``transformers.CLIPModel`` over label
   prompts (MACE judges objects and celebrities with CLIP/GCD-style classifiers the same way);
 * :class:`CallableJudge` — wrap any function ``images -> labels`` (a NudeNet detector, a style
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ACEValueError
-from ..shapes.classifier import HEADS, load_shapes_classifier
+from ..shapes.classifier import HEADS, SLOT_KEYS, load_shapes_classifier
 
 # CLIP's image normalisation (OpenAI), used when no image processor is given.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,20 +50,26 @@ class ShapesJudge(Judge):
     """One head of the miniature world's classifier (``load_shapes_classifier()`` if none is given)."""
 
     def __init__(self, classifier: Any = None, head: str = "shape") -> None:
-        if head not in HEADS:
-            raise ACEValueError(f"Unknown head {head!r}; choose one of {sorted(HEADS)}.")
+        if head not in HEADS and head not in SLOT_KEYS:
+            raise ACEValueError(f"Unknown head {head!r}; choose one of {sorted(HEADS) + SLOT_KEYS}.")
         if classifier is None:
 
             classifier = load_shapes_classifier()
         self.classifier = classifier
         self.head = head
-        self.labels = list(HEADS[head])
+        self.labels = list(HEADS[head.rsplit("_", 1)[-1]])
 
     def predict(self, images: torch.Tensor) -> list[str]:
         images = _check_images(images)
         if len(images) == 0:
             return []
         return list(self.classifier.predict(images)[self.head])
+
+
+def shapes_judges(classifier: Any = None, heads: Sequence[str] | None = None) -> dict[str, ShapesJudge]:
+    """A :class:`ShapesJudge` per head (all image-level and per-slot heads by default), one classifier."""
+    classifier = classifier if classifier is not None else load_shapes_classifier()
+    return {h: ShapesJudge(classifier, h) for h in (heads or [*HEADS, *SLOT_KEYS])}
 
 
 class CallableJudge(Judge):

@@ -16,10 +16,10 @@ Notation (MACE, Lu et al. 2024):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 from ..errors import ACEValueError
+from ..stats import wilson_interval  # noqa: F401  (re-exported: eval.metrics.wilson_interval)
 
 
 def _fraction(value: float, name: str) -> float:
@@ -86,19 +86,3 @@ def erasure_metrics(
     acc_g = recognition_rate(synonyms, concept)
     acc_s = accuracy(others, other_labels)
     return {"acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "h": harmonic(acc_e, acc_s, acc_g)}
-
-
-def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95 % by default); ``(0, 1)`` when ``total`` is 0.
-
-    Benchmarks here use a few dozen images per set, so every rate comes with its uncertainty.
-    """
-    if total < 0 or successes < 0 or successes > total:
-        raise ACEValueError(f"Need 0 <= successes <= total, got {successes}/{total}.")
-    if total == 0:
-        return 0.0, 1.0
-    p = successes / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)

@@ -7,7 +7,8 @@ same prompts and seeds as ``shapes.erasure.measure``); :func:`prompt_plan` build
 prompt templates.
 
 Groups: ``erased`` (the concept's canonical name: Acc_e), ``synonyms`` (Acc_g), ``others`` (Acc_s),
-and ``attack/<name>`` (ASR).
+``pairs`` (the miniature world's two-object prompts: the erased concept beside a kept object) and
+``attack/<name>`` (ASR).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..shapes.vocab import SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES
 from .attacks import ALL_ATTACKS, PROMPT_ATTACKS, prompt_attacks
 
 CORE_GROUPS = ("erased", "synonyms", "others")
+SHAPES_GROUPS = (*CORE_GROUPS, "heldout", "pairs")
 ATTACK_PREFIX = "attack/"
 DEFAULT_SAMPLER: dict[str, Any] = dict(num_inference_steps=30, guidance_scale=7.5)
 
@@ -65,6 +67,7 @@ class EvalPlan:
     sampler: dict[str, Any] = field(default_factory=dict)
     soft_prompt: list[SoftPromptJob] = field(default_factory=list)
     extra_metrics: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (group, head)
+    presence_head: str | None = None  # a head whose ``none`` label means nothing was drawn
     images_per_prompt: int = 1
 
     def groups(self) -> list[str]:
@@ -154,7 +157,7 @@ def shapes_plan(
     kind = concept_kind(concept)
     sets = metric_sets(concept, erased, colours)
     cases: list[EvalCase] = []
-    for name in CORE_GROUPS:
+    for name in (g for g in SHAPES_GROUPS if g in sets):
         pset = sets[name]
         cases += _expand(name, pset.prompts, pset.labels, images_per_prompt, seed)
     gone = set(erased or [concept]) | {concept}
@@ -176,7 +179,14 @@ def shapes_plan(
         erased=sorted(gone, key=lambda c: (c != concept, c)),
         sampler={**SHAPES_SAMPLER, **(sampler or {})},
         soft_prompt=jobs,
-        extra_metrics={"colour": ("others", "colour")},
+        extra_metrics={
+            "colour": ("others", "colour"),
+            "acc_heldout": ("heldout", kind),
+            "in_context": ("pairs", "right_shape"),
+            "in_context_colour": ("pairs", "right_colour"),
+            "in_context_style": ("pairs", "right_style"),
+        },
+        presence_head="shape",
         images_per_prompt=images_per_prompt,
     )
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .plans import ATTACK_PREFIX, CORE_GROUPS
+from .plans import ATTACK_PREFIX, SHAPES_GROUPS
 from .runner import EvalResult
 
 METRIC_NAMES = {
@@ -24,6 +24,12 @@ METRIC_NAMES = {
     "acc_s": "Acc_s (other concepts correct, higher is better)",
     "colour": "colour accuracy on other concepts (higher is better)",
     "h": "H (harmonic mean, higher is better)",
+    "acc_heldout": "Acc_g on never-trained words (held-out split, lower is better)",
+    "in_context": "the other object of a two-object prompt still drawn (higher is better)",
+    "in_context_colour": "... in its colour (higher is better)",
+    "in_context_style": "... in its style (higher is better)",
+    "erased_as_none": "erased-concept images that show nothing",
+    "erased_as_other": "erased-concept images that show something else",
 }
 
 
@@ -156,7 +162,7 @@ def grid_rows(evaluation: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     after: EvalResult = evaluation["after"]
     before: EvalResult | None = evaluation["before"]
     rows = []
-    order = [g for g in CORE_GROUPS if g in after.images]
+    order = [g for g in SHAPES_GROUPS if g in after.images]
     order += [g for g in after.images if g.startswith(ATTACK_PREFIX)]
     for group in order:
         if before is not None and group in before.images:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ACEValueError
+from ..shapes.erasure import where_it_goes
 from . import metrics as M
 from .common import as_context, distributed_map, seeded_latents
 from .judges import Judge
@@ -173,10 +174,12 @@ def score(
                 entry["accuracy"][head] = M.accuracy(
                     [preds[i] for i in rows], [cases[i].labels[head] for i in rows]
                 )
-        hits = 0
-        if plan.head in predictions:
-            hits = sum(predictions[plan.head][i] == cases[i].labels[plan.head] for i in idx)
-        entry["interval"] = list(M.wilson_interval(hits, len(idx)))
+        # the interval of the plan's head, or of the group's first label (a pair's kept object)
+        first = next(iter(cases[idx[0]].labels), "")
+        key = plan.head if any(plan.head in cases[i].labels for i in idx) else first
+        rows = [i for i in idx if key in cases[i].labels]
+        hits = sum(predictions[key][i] == cases[i].labels[key] for i in rows) if key in predictions else 0
+        entry["interval"] = list(M.wilson_interval(hits, len(rows) if key in predictions else len(idx)))
         groups[group] = entry
     head = plan.head
     metrics: dict[str, float] = {}
@@ -192,6 +195,10 @@ def score(
                 metrics[name] = groups[group]["accuracy"][h]
         if "acc_g" in metrics:
             metrics["h"] = M.harmonic(acc_e, acc_s, metrics["acc_g"])
+        if plan.presence_head in predictions:
+            rows = [i for i, c in enumerate(cases) if c.group == "erased"]
+            presence = [predictions[plan.presence_head][i] for i in rows]
+            metrics.update(where_it_goes(presence, [predictions[head][i] for i in rows], plan.concept))
     attacks: dict[str, dict[str, Any]] = {}
     concepts = set(plan.erased or [plan.concept])
     for group, entry in groups.items():

@@ -7,7 +7,12 @@ out and measure generalisation (MACE's Acc_g). Metrics, all from the bundled cla
 * ``acc_g``  — the same for prompts using its trained synonyms (lower is better);
 * ``acc_s``  — images of the *other* concepts that show the right shape/style (higher is better);
 * ``colour`` — colour accuracy on those other-concept images (higher is better);
-* ``h``      — harmonic mean 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)).
+* ``h``      — harmonic mean 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g));
+* ``acc_heldout`` — like ``acc_g``, for words no training caption contains (the held-out split);
+* ``in_context`` (and ``in_context_colour`` / ``in_context_style``) — two-object prompts pairing the
+  erased concept (left) with another object (right): how often the right object is still drawn right;
+* ``erased_as_none`` / ``erased_as_other`` — where the erased concept goes: the share of its canonical
+  prompts' images that show nothing, or something else.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from typing import Any
 
 import torch
 
+from .heldout import heldout_words
 from .pipeline import generate
-from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix
+from .vocab import COLOURS, NONE, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix, pair_prompt
 
-# Anchors: an erased shape becomes "no particular shape" (the empty phrase: the model then draws
-# whatever it draws without a shape word); an erased fill style becomes plain (solid) fill.
+# Anchors: an erased shape becomes "no particular shape" (the empty phrase: "a red" draws an empty,
+# red-tinted canvas); an erased fill style becomes plain (solid) fill.
 DEFAULT_NEUTRAL = {"shape": "", "style": "plain"}
 
 
@@ -71,6 +77,9 @@ def erase_arguments(concept: str, neutral: str | None = None) -> dict[str, Any]:
     }
 
 
+PAIR_PROMPTS = 16  # two-object prompts per erased concept (x 2 images = 32 per cell)
+
+
 @dataclass
 class PromptSet:
     name: str
@@ -107,6 +116,9 @@ def metric_sets(
         sets["others"] = PromptSet(
             "others", [prompt(s, c) for s, c in others], [{"shape": s, "colour": c} for s, c in others]
         )
+        sets["pairs"] = pair_set(concept, gone, colours)
+        if heldout_words().get(concept):
+            sets["heldout"] = heldout_set(concept, colours)
         return sets
 
     def style_prompt(style_word: str, colour: str, shape: str) -> str:
@@ -131,7 +143,59 @@ def metric_sets(
         [style_prompt(st, c, s) for st, c, s in others],
         [{"style": st, "colour": c, "shape": s} for st, c, s in others],
     )
+    sets["pairs"] = pair_set(concept, gone, colours)
     return sets
+
+
+def heldout_set(concept: str, colours: list[str] | None = None) -> PromptSet:
+    """``a {colour} {word}`` for the shape's held-out words (never trained; the base model draws them as
+    the shape): Acc_g on words the erasure was never given and the world never saw."""
+    colours = colours or COLOURS
+    words = heldout_words().get(concept, [])
+    return PromptSet(
+        "heldout",
+        [article_fix(f"a {c} {w}") for w in words for c in colours],
+        [{"shape": concept, "colour": c} for _ in words for c in colours],
+    )
+
+
+def pair_set(concept: str, gone: set[str], colours: list[str] | None = None) -> PromptSet:
+    """Two-object prompts: the erased concept on the left, a kept object (shape, colour, style) right.
+
+    Labels are per slot: ``left_<head>`` is the erased concept, ``right_shape`` / ``right_colour`` /
+    ``right_style`` the object that must survive the erasure.
+    """
+    colours = colours or COLOURS
+    kind = concept_kind(concept)
+    kept = [s for s in SHAPES if s not in gone]
+    kept_styles = [st for st in STYLES if st not in gone]
+    prompts, labels = [], []
+    for i in range(PAIR_PROMPTS):
+        colour, other_colour = colours[i % len(colours)], colours[(i + 3) % len(colours)]
+        shape, style = kept[i % len(kept)], kept_styles[i % len(kept_styles)]
+        right = article_fix(f"a {style} {other_colour} {shape}")
+        if kind == "shape":
+            left, left_label = article_fix(f"a {colour} {concept}"), {"left_shape": concept}
+        else:
+            left_shape = kept[(i + 1) % len(kept)]
+            left, left_label = article_fix(f"a {concept} {colour} {left_shape}"), {"left_style": concept}
+        prompts.append(pair_prompt(left, right))
+        labels.append(
+            {"right_shape": shape, "right_colour": other_colour, "right_style": style, **left_label}
+        )
+    return PromptSet("pairs", prompts, labels)
+
+
+def where_it_goes(shapes: list[str], heads: list[str], concept: str) -> dict[str, float]:
+    """Shares of images of the erased concept's prompts that show nothing, or another value of its head.
+
+    ``shapes``: image-level shape labels; ``heads``: the labels of the concept's head (the same list for
+    a shape concept, styles for a style concept).
+    """
+    n = max(1, len(shapes))
+    none = sum(s == NONE for s in shapes) / n
+    other = sum(s != NONE and h != concept for s, h in zip(shapes, heads, strict=True)) / n
+    return {"erased_as_none": none, "erased_as_other": other}
 
 
 def measure(
@@ -159,9 +223,10 @@ def measure(
         images[name] = imgs
         hits[name] = {
             key: sum(p == lab[key] for p, lab in zip(pred[key], labels, strict=True)) / len(labels)
-            for key in ("shape", "colour", "style")
-            if key in labels[0]
+            for key in labels[0]
         }
+        if name == "erased":
+            hits["where"] = where_it_goes(pred["shape"], pred[kind], concept)
     acc_e = hits["erased"][kind]
     acc_g = hits["synonyms"][kind]
     acc_s = hits["others"][kind]
@@ -171,7 +236,16 @@ def measure(
         "acc_s": acc_s,
         "colour": hits["others"]["colour"],
         "h": harmonic(acc_e, acc_s, acc_g),
+        **hits["where"],
     }
+    if "heldout" in hits:
+        metrics["acc_heldout"] = hits["heldout"][kind]
+    if "pairs" in hits:
+        metrics.update(
+            in_context=hits["pairs"]["right_shape"],
+            in_context_colour=hits["pairs"]["right_colour"],
+            in_context_style=hits["pairs"]["right_style"],
+        )
     return metrics, images
 
 

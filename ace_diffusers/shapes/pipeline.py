@@ -19,19 +19,19 @@ from transformers import AutoTokenizer, BertModel
 from transformers.utils import logging as hf_logging
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-TOKENIZER_MAX_LENGTH = 16
+TOKENIZER_MAX_LENGTH = 24
 
 # Sampler settings used by everything downstream (quality command, tests, erasure benchmarks).
-DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=6.0, height=32, width=32)
+DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=4.0, height=32, width=64)
 
 # Architectures (also written to weights/*.json by the training command).
 UNET_CONFIG: dict = dict(
-    sample_size=8,
+    sample_size=(8, 16),
     in_channels=4,
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(64, 128, 128),
     layers_per_block=1,
     cross_attention_dim=384,
     attention_head_dim=4,  # used by diffusers as the number of heads
@@ -57,7 +57,8 @@ SCHEDULER_CONFIG: dict = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
@@ -77,7 +78,7 @@ def text_encoder_dir() -> str:
 
 
 def load_text_encoder(device="cpu", torch_dtype=torch.float32):
-    """Frozen BERT text encoder + tokenizer (``model_max_length`` = 16)."""
+    """Frozen BERT text encoder + tokenizer (``model_max_length`` = TOKENIZER_MAX_LENGTH)."""
 
     path = text_encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TOKENIZER_MAX_LENGTH)
@@ -163,8 +164,7 @@ def load_shapes_pipeline(
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     if not weights_present(d):
         raise FileNotFoundError(
-            f"miniature-world weights not found in {d}; train them with `python -m "
-            f"ace_diffusers.shapes.train`"
+            f"miniature-world weights not found in {d}; train them with `ace-diffusers shapes train`"
         )
     unet = _load_model(
         UNet2DConditionModel, _read_json(d / "unet_config.json"), d / "unet.safetensors", device, torch_dtype
@@ -197,7 +197,7 @@ def generate(
     batch_size: int = 64,
     **sampler,
 ) -> torch.Tensor:
-    """Generate images (float tensor in [0,1], shape (N,3,32,32)) for ``prompts``, in batches.
+    """Generate images (float tensor in [0,1], shape (N,3,32,64)) for ``prompts``, in batches.
 
     ``seeds``: one integer seed per prompt (image ``i`` is then reproducible on its own), or a single
     int (seeds ``s, s+1, ...``).  Alternatively pass a ``generator``.  Other keyword arguments override

@@ -1,275 +1,188 @@
-"""Measure how well the miniature-world pipeline draws what it is asked for.
+"""Measure how well the miniature-world pipeline draws what it is asked for, against the world's bars.
 
     HF_HUB_OFFLINE=1 ace-diffusers shapes quality
 
-Generates ``--n-per-prompt`` images (fixed seeds) per prompt with ``DEFAULT_SAMPLER`` and classifies
-them with the bundled classifier:
+Generates images with fixed seeds and ``DEFAULT_SAMPLER`` and judges them with the bundled classifier.
+Each *cell* (one bar) rests on at least 32 images (64 for the neutral prompts) and is printed with its
+95 % Wilson interval:
 
-* canonical prompts ``a {colour} {shape}`` (all 64)      -> shape and colour accuracy
-* trained shape synonyms ``a {colour} {synonym}``         -> shape accuracy
-* style prompts ``a {style} {colour} {shape}``            -> style accuracy (canonical and synonym style
-words)
+* **neutral** — ``""``, the package's default anchor of kind ``object`` in that kind's templates, and
+  every anchor prompt a shape erasure targets (the world's fitting templates with the shape left out):
+  the classifier must see *nothing* (``none``) >= 90 %;
+* **shapes** — ``a {colour} {shape}``: each shape's canonical word >= 95 %;
+* **synonyms** — ``a {colour} {synonym}``: each trained synonym >= 85 %;
+* **colour** — the canonical prompts judged for colour: each colour >= 90 %;
+* **style** — ``a {style} {colour} {shape}``: each style >= 85 %;
+* **pairs** — ``a {colour} {shape} and a {colour} {shape}``: each named object at its position >= 85 %.
 
-Prints a table and (unless ``--no-docs``) writes it into ``docs/miniature_world.md`` between
-``<!-- quality:start -->`` and ``<!-- quality:end -->``.
+Prints the table and (unless ``--no-docs``) writes it into ``docs/miniature_world.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import json
+from dataclasses import dataclass, field
 
 import torch
 
+from ..fitting.presets import fill_phrase, load_presets
+from ..stats import wilson_interval
 from .classifier import load_shapes_classifier
-from .pipeline import DEFAULT_SAMPLER, WEIGHTS_DIR, generate, load_shapes_pipeline
-from .render import save_grid
-from .vocab import COLOURS, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix
+from .erasure import DEFAULT_NEUTRAL, fit_templates
+from .pipeline import DEFAULT_SAMPLER, generate, load_shapes_pipeline
+from .quality_report import format_table, write_docs
+from .vocab import COLOURS, NONE, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix, pair_prompt
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = REPO_ROOT / "docs" / "miniature_world.md"
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+BARS = {"neutral": 0.90, "shape": 0.95, "synonym": 0.85, "colour": 0.90, "style": 0.85, "pair": 0.85}
+NEUTRAL_IMAGES = 64
+CELL_IMAGES = 32
 
 
-def prompt_sets() -> dict[str, list[tuple[str, dict[str, str]]]]:
-    """Named lists of (prompt, expected labels)."""
-    canonical = [(article_fix(f"a {c} {s}"), {"shape": s, "colour": c}) for s in SHAPES for c in COLOURS]
-    synonyms, style, style_syn = [], [], []
-    j = 0
+@dataclass
+class Cell:
+    """One bar: images of ``prompts`` (each with expected labels) judged on ``head``; ``bar`` or None."""
+
+    group: str
+    name: str
+    head: str
+    bar: float | None
+    items: list[tuple[str, str]] = field(default_factory=list)  # (prompt, expected label)
+    hits: int = 0
+    n: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.hits / max(1, self.n)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.hits, self.n)
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.bar is None else self.accuracy >= self.bar
+
+
+def neutral_prompts() -> list[str]:
+    """``""``, the object kind's default anchor in its templates, and the world's shape anchor prompts,
+    each exactly as the fitter writes it (``fill_phrase``)."""
+    preset = load_presets()["kinds"]["object"]
+    prompts = [""] + [fill_phrase(t, preset["neutral"])[0] for t in preset["templates"]]
+    prompts += [fill_phrase(t, DEFAULT_NEUTRAL["shape"])[0] for t in fit_templates("shape")]
+    return list(dict.fromkeys(prompts))
+
+
+def quality_cells() -> list[Cell]:
+    """Every bar of ``docs/miniature_world.md`` with the prompts (and per-prompt images) it rests on."""
+    cells = [Cell("neutral", repr(p), "shape", BARS["neutral"], [(p, NONE)]) for p in neutral_prompts()]
+    for s in SHAPES:
+        cells.append(
+            Cell("shape", s, "shape", BARS["shape"], [(article_fix(f"a {c} {s}"), s) for c in COLOURS])
+        )
     for s in SHAPES:
         for w in SHAPE_WORDS[s][1:]:
-            c = COLOURS[j % len(COLOURS)]
-            j += 1
-            synonyms.append((article_fix(f"a {c} {w}"), {"shape": s, "colour": c}))
-    j = 0
-    for st in STYLES:
-        for s in SHAPES:
-            c = COLOURS[j % len(COLOURS)]
-            j += 1
-            style.append((article_fix(f"a {st} {c} {s}"), {"shape": s, "colour": c, "style": st}))
-            for w in STYLE_WORDS[st][1:]:
-                c2 = COLOURS[(j + 3) % len(COLOURS)]
-                style_syn.append((article_fix(f"a {w} {c2} {s}"), {"shape": s, "colour": c2, "style": st}))
-    return {"canonical": canonical, "shape synonyms": synonyms, "style": style, "style synonyms": style_syn}
-
-
-ROWS = [
-    # (set, label, target)
-    ("canonical", "shape", 0.90),
-    ("canonical", "colour", 0.90),
-    ("shape synonyms", "shape", 0.80),
-    ("style", "style", 0.80),
-    ("style synonyms", "style", None),
-    ("style", "shape", None),
-    ("style", "colour", None),
-]
-
-
-def evaluate(
-    pipe, classifier, n_per_prompt: int = 8, seed: int = 0, batch_size: int = 64, sets=None, **sampler
-):
-    """Returns {set_name: {"n": images, "acc": {label: accuracy}, "per_prompt": [...]}}."""
-
-    results = {}
-    for name, items in (sets or prompt_sets()).items():
-        prompts = [p for p, _ in items for _ in range(n_per_prompt)]
-        seeds = [seed + k for _ in items for k in range(n_per_prompt)]
-        imgs = generate(pipe, prompts, seeds=seeds, batch_size=batch_size, **sampler)
-        pred = classifier.predict(imgs)
-        labels = sorted({k for _, exp in items for k in exp})
-        correct = {k: 0 for k in labels}
-        per_prompt = []
-        for i, (p, exp) in enumerate(items):
-            sl = slice(i * n_per_prompt, (i + 1) * n_per_prompt)
-            row = {"prompt": p, "expected": exp}
-            for k in labels:
-                c = sum(v == exp[k] for v in pred[k][sl])
-                correct[k] += c
-                row[k] = c / n_per_prompt
-            per_prompt.append(row)
-        n = len(prompts)
-        results[name] = {
-            "n": n,
-            "n_prompts": len(items),
-            "acc": {k: correct[k] / n for k in labels},
-            "per_prompt": per_prompt,
-            "images": imgs,
-        }
-    return results
-
-
-def _mean(per_prompt, label: str, value: str) -> float:
-    vals = [r[label] for r in per_prompt if r["expected"].get(label) == value]
-    return sum(vals) / max(1, len(vals))
-
-
-def format_table(results, command: str, sampler: dict, n_per_prompt: int, seconds: float) -> str:
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"Sampler: `{sampler}`; {n_per_prompt} images per prompt (seeds 0..{n_per_prompt - 1}); "
-        f"classifier: bundled `load_shapes_classifier()`; took {seconds:.0f} s.",
-        "",
-        "| prompt set | prompts | images | measured | accuracy | target |",
-        "|---|---:|---:|---|---:|---:|",
-    ]
-    for name, label, target in ROWS:
-        if name not in results or label not in results[name]["acc"]:
-            continue
-        r = results[name]
-        acc = r["acc"][label]
-        tgt = "—" if target is None else f"≥ {target:.0%}"
-        ok = "" if target is None else (" ✅" if acc >= target else " ❌")
-        lines.append(f"| {name} | {r['n_prompts']} | {r['n']} | {label} | {acc:.1%}{ok} | {tgt} |")
-    if "canonical" in results:
-        pp = results["canonical"]["per_prompt"]
-        lines += ["", "Canonical prompts, accuracy by colour (colour head) and by shape (shape head):", ""]
-        lines.append("| " + " | ".join(COLOURS) + " |")
-        lines.append("|" + "---:|" * len(COLOURS))
-        lines.append("| " + " | ".join(f"{_mean(pp, 'colour', c):.0%}" for c in COLOURS) + " |")
-        lines.append("")
-        lines.append("| " + " | ".join(SHAPES) + " |")
-        lines.append("|" + "---:|" * len(SHAPES))
-        lines.append("| " + " | ".join(f"{_mean(pp, 'shape', s):.0%}" for s in SHAPES) + " |")
-    return "\n".join(lines)
-
-
-def _replace_block(text: str, start: str, end: str, body: str, heading: str) -> str:
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        pre, rest = text.split(start, 1)
-        _, post = rest.split(end, 1)
-        return pre + block + post
-    return text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
-
-
-def training_summary(weights_dir: Path | None = None) -> str | None:
-    """Markdown summary of ``weights/train_meta.json`` (written by the training command)."""
-
-    path = Path(weights_dir or WEIGHTS_DIR) / "train_meta.json"
-    if not path.exists():
-        return None
-    m = json.loads(path.read_text())
-    a = m["args"]
-    ts = m["train_seconds"]
-    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-    cls_path = path.parent / "classifier_config.json"
-    cls = json.loads(cls_path.read_text())["metrics"] if cls_path.exists() else m["classifier"]
-    rec = {k.rsplit("_", 1)[-1]: v for k, v in cls.items() if k.startswith("heldout_reconstruction_acc_")}
-    total_s = m.get("train_seconds_total") or sum(v for v in ts.values() if v)
-    total_s += 0 if "classifier_recon_finetune" in ts else cls.get("recon_finetune_seconds", 0)
-    lines = [
-        f"Recorded in `weights/train_meta.json`: command `{m['command'].strip()}` (seed {m['seed']}, "
-        f"{a['n_train']} rendered images, {a['captions_per_image']} captions each, "
-        f"{m['n_unique_captions']} unique captions, torch threads {m['torch_threads']}).",
-        "",
-        "| stage | steps x batch | wall time | result |",
-        "|---|---|---:|---|",
-        f"| classifier | {a['steps_cls']} x 128 | {ts['classifier'] / 60:.1f} min | held-out renders: shape "
-        f"{cls['heldout_acc_shape']:.1%}, "
-        f"colour {cls['heldout_acc_colour']:.1%}, style {cls['heldout_acc_style']:.1%}; then fine-tuned on a "
-        f"50/50 mix of renders and "
-        "VAE reconstructions; on held-out reconstructions: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in rec.items())
-        + " |",
-        f"| VAE | {a['steps_vae']} x {a['batch_vae']} | {ts['vae'] / 60:.1f} min | held-out MSE "
-        f"{m['vae']['heldout_mse']:.4f} (images in [-1,1]) |",
-        f"| UNet | {m['unet']['steps']} x {a['batch_unet']} | {ts['unet'] / 60:.1f} min | lr {a['lr_unet']} "
-        f"(warm-up + cosine), "
-        f"min-SNR-{a['min_snr']:g} weighting, EMA {a['ema_decay']}; final loss "
-        f"{m['unet']['history'][-1][1] if m['unet']['history'] else 'n/a'} |",
-        "",
-        f"Total training time (sum of stages): {total_s / 60:.1f} min "
-        f"(2-core CPU, shared with other jobs).  Latent scaling factor "
-        f"{m['latents']['scaling_factor']:.4f}.  "
-        f"Bundled weights: {size / 1e6:.1f} MB.",
-    ]
-    if m["unet"].get("stopped_early"):
-        lines.append(
-            f"The UNet run was planned for {m['unet']['planned_steps']} steps but stopped at step "
-            f"{m['unet']['steps']} "
-            f"(EMA weights of that checkpoint, written with `{m.get('finalize_command', '').strip()}`) "
-            f"because of the time budget."
+            cells.append(
+                Cell(
+                    "synonym", w, "shape", BARS["synonym"], [(article_fix(f"a {c} {w}"), s) for c in COLOURS]
+                )
+            )
+    for c in COLOURS:
+        cells.append(
+            Cell("colour", c, "colour", BARS["colour"], [(article_fix(f"a {c} {s}"), c) for s in SHAPES])
         )
-    return "\n".join(lines)
+    for st in STYLES:
+        items = [(article_fix(f"a {st} {COLOURS[i]} {s}"), st) for i, s in enumerate(SHAPES)]
+        cells.append(Cell("style", st, "style", BARS["style"], items))
+        for w in STYLE_WORDS[st][1:]:
+            items = [(article_fix(f"a {w} {COLOURS[-1 - i]} {s}"), st) for i, s in enumerate(SHAPES)]
+            cells.append(Cell("style synonym", w, "style", None, items))
+    pairs = [(SHAPES[i], COLOURS[i], SHAPES[(i + 3) % 8], COLOURS[(i + 5) % 8]) for i in range(8)]
+    pairs += [(SHAPES[i], COLOURS[(i + 2) % 8], SHAPES[(i + 6) % 8], COLOURS[(i + 7) % 8]) for i in range(8)]
+    prompts = [
+        pair_prompt(article_fix(f"a {c1} {s1}"), article_fix(f"a {c2} {s2}")) for s1, c1, s2, c2 in pairs
+    ]
+    for slot, k in (("left", 0), ("right", 2)):
+        cells.append(
+            Cell(
+                "pair",
+                f"{slot} shape",
+                f"{slot}_shape",
+                BARS["pair"],
+                [(p, q[k]) for p, q in zip(prompts, pairs, strict=True)],
+            )
+        )
+        cells.append(
+            Cell(
+                "pair",
+                f"{slot} colour",
+                f"{slot}_colour",
+                None,
+                [(p, q[k + 1]) for p, q in zip(prompts, pairs, strict=True)],
+            )
+        )
+    return cells
 
 
-def write_docs(table: str, path: Path = DOCS) -> None:
-    text = path.read_text() if path.exists() else "# The miniature world\n"
-    text = _replace_block(text, START, END, table, "Quality")
-    summary = training_summary()
-    if summary:
-        text = _replace_block(text, "<!-- training:start -->", "<!-- training:end -->", summary, "Training")
-    path.write_text(text)
+def images_per_prompt(cell: Cell) -> int:
+    want = NEUTRAL_IMAGES if cell.group == "neutral" else CELL_IMAGES
+    return -(-want // len(cell.items))
+
+
+@torch.no_grad()
+def evaluate(pipe, classifier, cells: list[Cell], seed: int = 0, batch_size: int = 128, **sampler) -> dict:
+    """Judge every cell (in place); each distinct prompt is generated once. Returns {prompt: images}."""
+    needed: dict[str, int] = {}
+    for cell in cells:
+        for prompt, _ in cell.items:
+            needed[prompt] = max(needed.get(prompt, 0), images_per_prompt(cell))
+    prompts = [p for p, k in needed.items() for _ in range(k)]
+    seeds = [seed + i for p, k in needed.items() for i in range(k)]
+    images = generate(pipe, prompts, seeds=seeds, batch_size=batch_size, **{**DEFAULT_SAMPLER, **sampler})
+    pred = classifier.predict(images)
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        rows.setdefault(p, []).append(i)
+    for cell in cells:
+        k = images_per_prompt(cell)
+        for prompt, expected in cell.items:
+            labels = [pred[cell.head][i] for i in rows[prompt][:k]]
+            cell.hits += sum(label == expected for label in labels)
+            cell.n += len(labels)
+    return {p: images[idx] for p, idx in rows.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="ace-diffusers shapes quality", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("--n-per-prompt", type=int, default=8)
+    p = argparse.ArgumentParser(prog="ace-diffusers shapes quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--weights-dir", default=None, help="weights directory (default: bundled)")
-    p.add_argument(
-        "--steps", type=int, default=None, help="override num_inference_steps (not for the docs table)"
-    )
-    p.add_argument(
-        "--guidance", type=float, default=None, help="override guidance_scale (not for the docs table)"
-    )
-    p.add_argument("--sets", default=None, help="comma-separated subset of prompt sets")
+    p.add_argument("--guidance", type=float, default=None, help="override guidance_scale (not for the docs)")
+    p.add_argument("--groups", default=None, help="comma-separated subset of cell groups (not for the docs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/miniature_world.md")
-    p.add_argument("--grid", default=None, help="save a PNG grid of the canonical images here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
     sampler = dict(DEFAULT_SAMPLER)
-    if args.steps is not None:
-        sampler["num_inference_steps"] = args.steps
     if args.guidance is not None:
         sampler["guidance_scale"] = args.guidance
     t0 = time.time()
     pipe = load_shapes_pipeline(weights_dir=args.weights_dir)
-    clf = load_shapes_classifier(weights_dir=args.weights_dir)
-    sets = prompt_sets()
-    if args.sets:
-        keep = [s.strip() for s in args.sets.split(",")]
-        sets = {k: v for k, v in sets.items() if k in keep}
-    results = evaluate(pipe, clf, args.n_per_prompt, args.seed, args.batch_size, sets=sets, **sampler)
-    seconds = time.time() - t0
+    classifier = load_shapes_classifier(weights_dir=args.weights_dir)
+    cells = quality_cells()
+    if args.groups:
+        keep = {g.strip() for g in args.groups.split(",")}
+        cells = [c for c in cells if c.group in keep]
+    evaluate(pipe, classifier, cells, args.seed, args.batch_size, **sampler)
     cmd = "HF_HUB_OFFLINE=1 ace-diffusers shapes quality " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    table = format_table(results, cmd.strip(), sampler, args.n_per_prompt, seconds)
+    table = format_table(cells, cmd.strip(), sampler, time.time() - t0)
     print(table)
-    if args.grid and "canonical" in results:
-        ims = (
-            (results["canonical"]["images"][:: args.n_per_prompt][:64] * 255)
-            .round()
-            .byte()
-            .permute(0, 2, 3, 1)
-            .numpy()
-        )
-        save_grid(ims, args.grid, ncol=8)
-    custom = (
-        args.steps is not None
-        or args.guidance is not None
-        or args.sets
-        or args.weights_dir
-        or args.n_per_prompt < 8
-    )
-    if not args.no_docs:
-        if custom:
-            print("(non-default settings: docs not updated)")
-        else:
-            write_docs(table)
-            print(f"wrote {DOCS}")
-    return 0
+    custom = args.guidance is not None or args.groups or args.weights_dir or args.seed
+    if not args.no_docs and not custom:
+        print(f"wrote {write_docs(table)}")
+    elif not args.no_docs:
+        print("(non-default settings: docs not updated)")
+    return 0 if all(c.passed is not False for c in cells) else 1

@@ -1,7 +1,10 @@
-"""Procedural renderer of the miniature world: 32x32 RGB images of coloured, styled shapes.
+"""Procedural renderer of the miniature world (version 2): 32x64 scenes with up to two objects.
 
-Shapes are drawn at 4x resolution with PIL and downsampled with an antialiasing filter.  Everything
-is deterministic given a ``numpy.random.Generator`` (or an integer seed).
+A scene has two 32x32 slots, left and right. Each slot is empty or holds one coloured, styled shape;
+the background is light grey with a little brightness variety, and a blank scene may be tinted with a
+colour or faintly patterned (what "a red" or "something striped" draws). Shapes are drawn at 4x
+resolution with PIL and downsampled with an antialiasing filter. Everything is deterministic given a
+``numpy.random.Generator`` (or an integer seed).
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .vocab import COLOURS, SHAPES, STYLES, make_caption
+from .vocab import COLOURS, SHAPES, SLOTS, STYLES, blank_caption, object_phrase, pair_caption
 
-SIZE = 32
+SIZE = 32  # one slot; the canvas is SIZE x 2*SIZE
+HEIGHT, WIDTH = SIZE, 2 * SIZE
 SCALE = 4
 BACKGROUND = (240, 240, 240)
 PATTERN = (255, 255, 255)
+TINT_ALPHA = 0.22  # how strongly a blank scene's colour tints the canvas
+BLANK_PATTERN_ALPHA = 0.35  # contrast of a blank scene's faint stripes / dots
+P_SCENE = {"blank": 0.2, "single": 0.45, "pair": 0.35}  # what a random training scene holds
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 25, 30),
@@ -81,24 +88,45 @@ def _unit_polygon(shape: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RenderSpec:
+    """One object in one slot: centre / radius in slot pixels, rotation in degrees, pattern phase."""
+
     shape: str
     colour: str
     style: str
-    cx: float  # centre, in 32-px units
+    cx: float
     cy: float
-    radius: float  # in 32-px units
-    angle: float  # degrees
-    phase: float  # pattern phase in [0,1)
+    radius: float
+    angle: float
+    phase: float
     rgb: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A scene: one object (or None) per slot, the background grey level, and a blank scene's tint."""
+
+    left: RenderSpec | None
+    right: RenderSpec | None
+    background: int = 240
+    tint: str | None = None
+    pattern: str | None = None
+
+    @property
+    def objects(self) -> list[RenderSpec]:
+        return [o for o in (self.left, self.right) if o is not None]
+
+    def slot(self, name: str) -> RenderSpec | None:
+        return self.left if name == "left" else self.right
 
 
 def sample_spec(
     rng: np.random.Generator, shape: str | None = None, colour: str | None = None, style: str | None = None
 ) -> RenderSpec:
+    """A random object filling most of one 32x32 slot (labels fixed where given)."""
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
     colour = colour or COLOURS[int(rng.integers(len(COLOURS)))]
     style = style or STYLES[int(rng.integers(len(STYLES)))]
-    radius = float(rng.uniform(9.0, 14.0))
+    radius = float(rng.uniform(9.0, 13.5))
     lo, hi = radius + 1.0, SIZE - radius - 1.0
     cx = float(rng.uniform(lo, hi)) if hi > lo else SIZE / 2
     cy = float(rng.uniform(lo, hi)) if hi > lo else SIZE / 2
@@ -109,40 +137,85 @@ def sample_spec(
     return RenderSpec(shape, colour, style, cx, cy, radius, angle, phase, rgb)
 
 
-def render_spec(spec: RenderSpec) -> np.ndarray:
-    """Render one spec to a uint8 array (32, 32, 3)."""
+def sample_scene(rng: np.random.Generator, kind: str | None = None) -> SceneSpec:
+    """A random scene of ``kind`` 'blank', 'single' (either slot) or 'pair' (random by P_SCENE)."""
+    if kind is None:
+        kind = list(P_SCENE)[int(rng.choice(len(P_SCENE), p=list(P_SCENE.values())))]
+    background = int(rng.integers(232, 249))
+    if kind == "blank":
+        tint = COLOURS[int(rng.integers(len(COLOURS)))] if rng.random() < 0.5 else None
+        pattern = ["striped", "dotted"][int(rng.integers(2))] if rng.random() < 0.3 else None
+        return SceneSpec(None, None, background, tint, pattern)
+    if kind == "single":
+        obj = sample_spec(rng)
+        return SceneSpec(obj, None, background) if rng.random() < 0.5 else SceneSpec(None, obj, background)
+    if kind == "pair":
+        return SceneSpec(sample_spec(rng), sample_spec(rng), background)
+    raise ValueError(f"unknown scene kind {kind!r}; use 'blank', 'single' or 'pair'")
+
+
+def scene_caption(rng: np.random.Generator, scene: SceneSpec) -> str:
+    """A random training caption of what ``scene`` shows (see :mod:`ace_diffusers.shapes.vocab`)."""
+    objects = scene.objects
+    if not objects:
+        return blank_caption(rng, scene.tint, scene.pattern)
+    if len(objects) == 1:
+        return object_phrase(rng, objects[0].shape, objects[0].colour, objects[0].style)
+    return pair_caption(rng, *[(o.shape, o.colour, o.style) for o in objects])
+
+
+def _pattern_mask(style: str, u: np.ndarray, v: np.ndarray, phase: float) -> np.ndarray:
+    if style == "striped":
+        return ((v / (4.0 * SCALE) + phase) % 1.0) < 0.45
+    if style == "dotted":
+        period = 4.5 * SCALE
+        fu = (u / period + phase) % 1.0 - 0.5
+        fv = (v / period + phase) % 1.0 - 0.5
+        return (fu * fu + fv * fv) < 0.27**2
+    raise ValueError(f"unknown style {style!r}")
+
+
+def _draw_object(img: Image.Image, spec: RenderSpec, x0: int) -> None:
+    """Draw ``spec`` onto the 4x canvas ``img`` in the slot starting at column ``x0`` (slot pixels)."""
     S = SIZE * SCALE
     th = math.radians(spec.angle)
     rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-    pts = _unit_polygon(spec.shape) @ rot.T * (spec.radius * SCALE) + np.array([spec.cx, spec.cy]) * SCALE
+    centre = np.array([spec.cx, spec.cy]) * SCALE
+    pts = _unit_polygon(spec.shape) @ rot.T * (spec.radius * SCALE) + centre
     poly = [tuple(map(float, p)) for p in pts]
-
     mask = Image.new("L", (S, S), 0)
     ImageDraw.Draw(mask).polygon(poly, fill=255)
-
     fill = np.empty((S, S, 3), np.uint8)
     fill[:] = spec.rgb
     if spec.style != "solid":
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
-        # pattern coordinates rotate with the shape
-        u = (xx - spec.cx * SCALE) * math.cos(th) + (yy - spec.cy * SCALE) * math.sin(th)
-        v = -(xx - spec.cx * SCALE) * math.sin(th) + (yy - spec.cy * SCALE) * math.cos(th)
-        if spec.style == "striped":
-            period = 4.0 * SCALE
-            pat = ((v / period + spec.phase) % 1.0) < 0.45
-        elif spec.style == "dotted":
-            period = 4.5 * SCALE
-            fu = (u / period + spec.phase) % 1.0 - 0.5
-            fv = (v / period + spec.phase) % 1.0 - 0.5
-            pat = (fu * fu + fv * fv) < 0.27**2
-        else:
-            raise ValueError(f"unknown style {spec.style!r}")
-        fill[pat] = PATTERN
+        u = (xx - centre[0]) * math.cos(th) + (yy - centre[1]) * math.sin(th)
+        v = -(xx - centre[0]) * math.sin(th) + (yy - centre[1]) * math.cos(th)
+        fill[_pattern_mask(spec.style, u, v, spec.phase)] = PATTERN
+    img.paste(Image.fromarray(fill), (x0 * SCALE, 0), mask)
+    ImageDraw.Draw(img).polygon([(x + x0 * SCALE, y) for x, y in poly], outline=spec.rgb, width=SCALE)
 
-    img = Image.new("RGB", (S, S), BACKGROUND)
-    img.paste(Image.fromarray(fill), (0, 0), mask)
-    ImageDraw.Draw(img).polygon(poly, outline=spec.rgb, width=SCALE)
-    img = img.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+def _canvas(scene: SceneSpec) -> np.ndarray:
+    """The 4x background of ``scene``: grey, tinted by its colour, faintly patterned by its style."""
+    h, w = HEIGHT * SCALE, WIDTH * SCALE
+    canvas = np.full((h, w, 3), float(scene.background), np.float32)
+    if scene.tint:
+        canvas = (1 - TINT_ALPHA) * canvas + TINT_ALPHA * np.array(COLOUR_RGB[scene.tint], np.float32)
+    if scene.pattern:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        mark = _pattern_mask(scene.pattern, xx, yy, 0.0)
+        canvas[mark] = (1 - BLANK_PATTERN_ALPHA) * canvas[mark] + BLANK_PATTERN_ALPHA * 180.0
+    return canvas.round().clip(0, 255).astype(np.uint8)
+
+
+def render_scene(scene: SceneSpec) -> np.ndarray:
+    """Render a scene to a uint8 array (32, 64, 3)."""
+    img = Image.fromarray(_canvas(scene))
+    for x0, obj in ((0, scene.left), (SIZE, scene.right)):
+        if obj is not None:
+            _draw_object(img, obj, x0)
+    img = img.resize((WIDTH, HEIGHT), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -151,35 +224,60 @@ def render(
     shape: str | None = None,
     colour: str | None = None,
     style: str | None = None,
-) -> tuple[np.ndarray, RenderSpec]:
-    """Render one random image (optionally with fixed labels).  Returns (uint8 HxWx3, spec)."""
+    slot: str = "left",
+) -> tuple[np.ndarray, SceneSpec]:
+    """One object (random where not given) in ``slot``, the other slot empty: (uint8 32x64x3, scene)."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    spec = sample_spec(rng, shape, colour, style)
-    return render_spec(spec), spec
+    obj = sample_spec(rng, shape, colour, style)
+    scene = SceneSpec(obj, None) if slot == "left" else SceneSpec(None, obj)
+    return render_scene(scene), scene
 
 
-def render_dataset(n: int, seed: int, captions: int = 0) -> dict:
-    """Render ``n`` images with uniformly random labels.
+def slot_labels(scene: SceneSpec) -> dict[str, int]:
+    """Integer labels per slot: ``left_shape`` (``len(SHAPES)`` = none), ``left_colour``, ... (-1 = none)."""
+    out = {}
+    for name in SLOTS:
+        obj = scene.slot(name)
+        out[f"{name}_shape"] = SHAPES.index(obj.shape) if obj else len(SHAPES)
+        out[f"{name}_colour"] = COLOURS.index(obj.colour) if obj else -1
+        out[f"{name}_style"] = STYLES.index(obj.style) if obj else -1
+    return out
 
-    Returns dict with ``images`` uint8 (n,32,32,3), integer label arrays ``shape``/``colour``/``style``
-    and, if ``captions > 0``, ``captions``: a list of ``n`` lists of ``captions`` random captions.
+
+LABEL_KEYS = [f"{slot}_{head}" for slot in SLOTS for head in ("shape", "colour", "style")]
+
+
+def render_dataset(n: int, seed: int, captions: int = 0, kind: str | None = None) -> dict:
+    """Render ``n`` random scenes.
+
+    Returns ``images`` uint8 (n, 32, 64, 3), integer label arrays named by ``LABEL_KEYS`` (shape index
+    ``len(SHAPES)`` and colour/style -1 mark an empty slot) and, if ``captions > 0``, ``captions``: a
+    list of ``n`` lists of ``captions`` random captions.
     """
     rng = np.random.default_rng(seed)
-    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
-    labels = {k: np.empty(n, np.int64) for k in ("shape", "colour", "style")}
+    images = np.empty((n, HEIGHT, WIDTH, 3), np.uint8)
+    labels = {k: np.empty(n, np.int64) for k in LABEL_KEYS}
     caps: list[list[str]] = []
     for i in range(n):
-        img, spec = render(rng)
-        images[i] = img
-        labels["shape"][i] = SHAPES.index(spec.shape)
-        labels["colour"][i] = COLOURS.index(spec.colour)
-        labels["style"][i] = STYLES.index(spec.style)
+        scene = sample_scene(rng, kind)
+        images[i] = render_scene(scene)
+        for k, v in slot_labels(scene).items():
+            labels[k][i] = v
         if captions:
-            caps.append([make_caption(rng, spec.shape, spec.colour, spec.style) for _ in range(captions)])
+            caps.append([scene_caption(rng, scene) for _ in range(captions)])
     out = {"images": images, **labels}
     if captions:
         out["captions"] = caps
+    return out
+
+
+def slot_crops(data: dict) -> dict:
+    """Both 32x32 slots of every scene as separate images with ``shape``/``colour``/``style`` labels."""
+    images = data["images"]
+    out = {"images": np.concatenate([images[:, :, :SIZE], images[:, :, SIZE:]])}
+    for head in ("shape", "colour", "style"):
+        out[head] = np.concatenate([data[f"{slot}_{head}"] for slot in SLOTS])
     return out
 
 

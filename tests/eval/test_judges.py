@@ -70,3 +70,14 @@ def test_callable_judge():
     assert judge(_images(2)) == ["x", "x"]
     with pytest.raises(ACEValueError):
         CallableJudge(lambda imgs: ["x"], ["x"]).predict(_images(2))
+
+
+def test_slot_judges_read_each_half_of_a_scene(random_classifier):
+    from ace_diffusers.eval.judges import shapes_judges
+
+    judges = shapes_judges(random_classifier)
+    assert {"shape", "left_shape", "right_colour"} <= set(judges)
+    scenes = torch.rand(4, 3, 32, 64, generator=torch.Generator().manual_seed(1))
+    right = judges["right_shape"].predict(scenes)
+    assert right == judges["left_shape"].predict(torch.cat([scenes[..., 32:], scenes[..., 32:]], -1))
+    assert judges["right_shape"].labels == HEADS["shape"] and "none" in HEADS["shape"]

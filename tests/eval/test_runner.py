@@ -7,7 +7,7 @@ from PIL import Image
 from ace_diffusers.errors import ACEValueError
 from ace_diffusers.eval.attacks import SoftPromptSettings
 from ace_diffusers.eval.common import ace_disabled
-from ace_diffusers.eval.judges import CallableJudge, ShapesJudge
+from ace_diffusers.eval.judges import CallableJudge, ShapesJudge, shapes_judges
 from ace_diffusers.eval.plans import EvalCase, prompt_plan, shapes_plan
 from ace_diffusers.eval.report import write_report
 from ace_diffusers.eval.runner import evaluate, make_batches, score
@@ -16,12 +16,12 @@ from ace_diffusers.testing import random_adapter
 
 from .conftest import cat_plan, colour_judge_function
 
-TINY = dict(num_inference_steps=2, height=16, width=16)
+TINY = dict(num_inference_steps=2, height=16, width=32)
 COLOURS = ["red", "blue"]
 
 
 def _shape_judges(classifier):
-    return {"shape": ShapesJudge(classifier, "shape"), "colour": ShapesJudge(classifier, "colour")}
+    return shapes_judges(classifier)
 
 
 def test_shapes_plan_reproduces_measure_exactly(sd_pipe, random_classifier):
@@ -31,7 +31,10 @@ def test_shapes_plan_reproduces_measure_exactly(sd_pipe, random_classifier):
     plan = shapes_plan("circle", images_per_prompt=2, attacks=[], sampler=TINY, colours=COLOURS)
     result = evaluate(sd_pipe, plan, _shape_judges(random_classifier), before=False)
     assert result["after"].metrics == expected
-    assert list(result["after"].metrics) == ["acc_e", "acc_g", "acc_s", "colour", "h"]
+    assert list(result["after"].metrics) == [
+        "acc_e", "acc_g", "acc_s", "colour", "in_context", "in_context_colour", "in_context_style", "h",
+        "erased_as_none", "erased_as_other",
+    ]
 
 
 def test_evaluate_before_and_after_with_attacks_and_report(sd_pipe, tmp_path):
@@ -123,3 +126,18 @@ def test_score_computes_the_metrics_and_attack_rates():
     assert attacks == {
         "misspelling": {"asr": 0.5, "n": 2, "interval": groups["attack/misspelling"]["interval"]}
     }
+
+
+def test_score_reports_where_the_erased_concept_goes_and_in_context_preservation():
+    plan = shapes_plan("circle", images_per_prompt=1, attacks=[], colours=COLOURS)
+    n = len(plan.cases)
+    shape = ["square"] * n
+    erased = [i for i, c in enumerate(plan.cases) if c.group == "erased"]
+    shape[erased[0]] = "none"  # one erased image shows nothing, the other a square
+    preds = {"shape": shape, "colour": ["red"] * n}
+    preds.update({k: [c.labels.get(k, "x") for c in plan.cases] for k in ("right_shape", "right_colour")})
+    preds["right_style"] = ["solid"] * n
+    metrics, groups, _ = score(plan, plan.cases, preds)
+    assert metrics["erased_as_none"] == 0.5 and metrics["erased_as_other"] == 0.5 and metrics["acc_e"] == 0
+    assert metrics["in_context"] == 1.0 and metrics["in_context_colour"] == 1.0
+    assert 0 < metrics["in_context_style"] < 1 and groups["pairs"]["interval"][1] == 1.0

@@ -52,7 +52,7 @@ def test_fused_shapes_pipeline_reloaded_by_plain_diffusers_still_erases(shapes_c
     labels = [lab["shape"] for lab in sets["erased"].labels + sets["others"].labels]
     # the latents ace_diffusers.shapes.pipeline.generate draws (seed 0 per image, as
     # measure(images_per_prompt=1))
-    shape = (pipe.unet.config.in_channels, 8, 8)
+    shape = (pipe.unet.config.in_channels, 8, 16)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(0)) for _ in prompts])
     save_file({"latents": latents}, str(tmp_path / "latents.safetensors"))
     request = {
@@ -67,7 +67,7 @@ def test_fused_shapes_pipeline_reloaded_by_plain_diffusers_still_erases(shapes_c
     )
     assert out.split() == ["StableDiffusionPipeline", str(TOKENIZER_MAX_LENGTH)]
     images = load_file(str(tmp_path / "images.safetensors"))["images"]
-    assert images.shape == (len(prompts), 3, 32, 32)
+    assert images.shape == (len(prompts), 3, 32, 64)
 
     predicted = shapes_classifier.predict(images)["shape"]
     n_erased = len(sets["erased"].prompts)

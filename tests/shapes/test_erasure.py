@@ -1,15 +1,50 @@
-"""Miniature-world erasure measurements that the benchmarks read their figures against."""
+"""Miniature-world erasure experiments: prompt sets, the context set, where the erased concept goes."""
 
-from ace_diffusers.shapes.erasure import neutral_floor
+import pytest
+
+from ace_diffusers.shapes.erasure import (
+    PAIR_PROMPTS,
+    pair_set,
+    erase_arguments,
+    metric_sets,
+    neutral_floor,
+    where_it_goes,
+)
+from ace_diffusers.shapes.vocab import NONE, SHAPES
 
 from .conftest import NEEDS_CLASSIFIER, NEEDS_WEIGHTS
 
 
+def test_erasure_is_given_the_canonical_word_only():
+    args = erase_arguments("circle")
+    assert args["concepts"] == "circle" and args["neutral"] == ""
+    assert "circle" not in args["preserve"] and all("disc" not in t for t in args["templates"])
+
+
+@pytest.mark.parametrize("concept", ["circle", "striped"])
+def test_pair_prompts_pair_the_concept_with_a_kept_object(concept):
+    pset = pair_set(concept, {concept})
+    assert len(pset.prompts) == PAIR_PROMPTS
+    for prompt, labels in zip(pset.prompts, pset.labels, strict=True):
+        left, right = prompt.split(" and ")
+        assert concept in left and concept not in right
+        assert labels["right_shape"] in SHAPES and labels["right_shape"] in right
+        assert labels["right_colour"] in right and labels["right_style"] in right
+    assert set(metric_sets(concept)) == {"erased", "synonyms", "others", "pairs"}
+
+
+def test_where_the_erased_concept_goes():
+    shapes = ["circle", NONE, "square", NONE]
+    assert where_it_goes(shapes, shapes, "circle") == {"erased_as_none": 0.5, "erased_as_other": 0.25}
+    styles = ["striped", "solid", "solid", "dotted"]
+    assert where_it_goes(shapes, styles, "striped") == {"erased_as_none": 0.5, "erased_as_other": 0.25}
+
+
 @NEEDS_WEIGHTS
 @NEEDS_CLASSIFIER
-def test_neutral_floor_is_what_the_anchor_itself_draws(shapes_pipe, shapes_classifier):
-    # the empty anchor "a red" is mostly drawn as a hexagon, hardly ever as a square
-    assert neutral_floor(shapes_pipe, shapes_classifier, "hexagon", images_per_prompt=1) >= 0.5
-    assert neutral_floor(shapes_pipe, shapes_classifier, "square", images_per_prompt=1) <= 0.125
+def test_a_perfect_shape_erasure_draws_nothing(shapes_pipe, shapes_classifier):
+    # the anchor prompts ("a red", "a blue" ...) draw an empty canvas, not the erased shape
+    for shape in ("hexagon", "circle"):
+        assert neutral_floor(shapes_pipe, shapes_classifier, shape, images_per_prompt=1) <= 0.125
     # a perfect style erasure draws plain (solid) fill, never stripes
     assert neutral_floor(shapes_pipe, shapes_classifier, "striped", images_per_prompt=1) <= 0.125

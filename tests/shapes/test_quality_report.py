@@ -1,0 +1,26 @@
+"""The quality Markdown: the table shows every cell's interval and bar; blocks are replaced in place."""
+
+from ace_diffusers.shapes.quality import Cell
+from ace_diffusers.shapes.quality_report import QUALITY, format_table, replace_block, training_summary
+
+
+def test_table_rows_show_interval_bar_and_verdict():
+    cells = [Cell("shape", "circle", "shape", 0.95, [("a red circle", "circle")], hits=31, n=32)]
+    cells.append(Cell("style synonym", "stripy", "style", None, [("a stripy red circle", "striped")], 20, 32))
+    table = format_table(cells, "cmd", {"guidance_scale": 4.0}, 12.0)
+    assert "**1 of 1 bars hold.**" in table and "96.9%" in table and "✅" in table
+    assert "| style synonym | stripy |" in table and "| — |" in table
+
+
+def test_blocks_are_replaced_between_markers_or_appended():
+    text = f"# World\n\n{QUALITY[0]}\nold\n{QUALITY[1]}\ntail\n"
+    assert (
+        replace_block(text, QUALITY, "new", "Quality")
+        == f"# World\n\n{QUALITY[0]}\nnew\n{QUALITY[1]}\ntail\n"
+    )
+    appended = replace_block("# World\n", QUALITY, "new", "Quality")
+    assert appended.endswith(f"## Quality\n\n{QUALITY[0]}\nnew\n{QUALITY[1]}\n")
+
+
+def test_training_summary_reads_the_bundled_metadata(tmp_path):
+    assert training_summary(tmp_path) is None
