@@ -31,7 +31,7 @@ from ..format import (
     read_config,
 )
 from ..hub.card import build_model_card
-from ..hub.download import resolve_adapter_dir
+from ..hub.download import clean_subfolder, resolve_adapter_dir
 from ..hub.push import push_adapter_folder
 from ..version import __version__
 from .factors import LayerFactors
@@ -181,7 +181,7 @@ class ACEAdapter:
         local_files_only: bool = False,
     ) -> ACEAdapter:
         """Load from a local folder or a Hub repo id (downloaded through ``huggingface_hub``)."""
-        local = Path(pretrained) / (subfolder or "")
+        local = Path(pretrained) / clean_subfolder(subfolder)
         if local.is_dir():
             return cls.from_folder(local)
         folder = resolve_adapter_dir(

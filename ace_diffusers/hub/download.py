@@ -16,6 +16,7 @@ exception stays available as ``__cause__``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -76,7 +77,7 @@ def resolve_adapter_dir(
         ACEHubError: the repo, revision or token is wrong, the Hub is unreachable, the adapter was
             never downloaded while offline, or ``src`` is neither a folder nor a valid repo id.
     """
-    sub = _clean_subfolder(subfolder)
+    sub = clean_subfolder(subfolder)
     local = Path(src).expanduser()
     if local.is_dir():
         return check_local_folder(local / sub, parent=local) if sub else check_local_folder(local)
@@ -123,11 +124,17 @@ def resolve_adapter_dir(
     return config_path.parent
 
 
-def _clean_subfolder(subfolder: str | None) -> str:
+def clean_subfolder(subfolder: str | os.PathLike | None) -> str:
+    """``subfolder`` as a relative POSIX path inside the folder / repo, or a typed error when it would
+    leave it (``..``, an absolute path, a drive letter) — checked before anything is joined or fetched."""
     if not subfolder:
         return ""
-    parts = PurePosixPath(str(subfolder).replace("\\", "/")).parts
-    parts = tuple(p for p in parts if p not in ("", "/", "."))
+    text = str(subfolder).replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        raise ACEValueError(
+            f"subfolder={subfolder!r} is absolute; pass a folder relative to the adapter folder/repo."
+        )
+    parts = tuple(p for p in PurePosixPath(text).parts if p not in ("", "."))
     if any(p == ".." for p in parts):
         raise ACEValueError(f"subfolder={subfolder!r} must stay inside the adapter folder/repo (no '..').")
     return "/".join(parts)

@@ -32,7 +32,7 @@ from ..stats import wilson_interval
 from .classifier import load_shapes_classifier
 from .erasure import DEFAULT_NEUTRAL, fit_templates
 from .pipeline import DEFAULT_SAMPLER, generate, load_shapes_pipeline
-from .quality_report import format_table, write_docs
+from .quality_report import format_table, write_docs, write_figure
 from .vocab import COLOURS, NONE, SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES, article_fix, pair_prompt
 
 BARS = {"neutral": 0.90, "shape": 0.95, "synonym": 0.85, "colour": 0.90, "style": 0.85, "pair": 0.85}
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.groups:
         keep = {g.strip() for g in args.groups.split(",")}
         cells = [c for c in cells if c.group in keep]
-    evaluate(pipe, classifier, cells, args.seed, args.batch_size, **sampler)
+    images = evaluate(pipe, classifier, cells, args.seed, args.batch_size, **sampler)
     cmd = "HF_HUB_OFFLINE=1 ace-diffusers shapes quality " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     custom = args.guidance is not None or args.groups or args.weights_dir or args.seed
     if not args.no_docs and not custom:
-        print(f"wrote {write_docs(table)}")
+        print(f"wrote {write_docs(table)} and {write_figure(cells, images)}")
     elif not args.no_docs:
         print("(non-default settings: docs not updated)")
     return 0 if all(c.passed is not False for c in cells) else 1

@@ -6,17 +6,23 @@ Both blocks sit between HTML comment markers and are rewritten by the commands t
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+import torch
+from PIL import Image, ImageDraw
+
+from .._io import atomic_write_bytes, atomic_write_text
 from .pipeline import WEIGHTS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "miniature_world.md"
 QUALITY = ("<!-- quality:start -->", "<!-- quality:end -->")
 TRAINING = ("<!-- training:start -->", "<!-- training:end -->")
+FIGURE = REPO_ROOT / "docs" / "images" / "miniature_world.png"
+FIGURE_GROUPS = ("neutral", "shape", "synonym", "style", "pair")
 
 
 def format_table(cells: list[Any], command: str, sampler: dict, seconds: float) -> str:
@@ -101,4 +107,32 @@ def write_docs(table: str, path: Path = DOCS) -> Path:
     if summary:
         text = replace_block(text, TRAINING, summary, "Training")
     atomic_write_text(path, text)
+    return path
+
+
+def figure_png(cells: list[Any], images: dict[str, torch.Tensor], columns: int = 8, scale: int = 3) -> bytes:
+    """A PNG with one labelled row per group of :data:`FIGURE_GROUPS`: the first image of its first
+    ``columns`` prompts, as generated for the table."""
+    rows = []
+    for group in FIGURE_GROUPS:
+        prompts = list(dict.fromkeys(p for c in cells if c.group == group for p, _ in c.items))[:columns]
+        if prompts:
+            rows.append((group, [images[p][0] for p in prompts]))
+    h, w = (side * scale for side in next(iter(images.values())).shape[-2:])
+    label, pad = 80, 2
+    canvas = Image.new("RGB", (label + columns * (w + pad), len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (group, tiles) in enumerate(rows):
+        y = r * (h + pad)
+        draw.text((4, y + h // 2 - 6), group, fill="black")
+        for c, tile in enumerate(tiles):
+            array = (tile.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            canvas.paste(Image.fromarray(array).resize((w, h), Image.NEAREST), (label + c * (w + pad), y))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_figure(cells: list[Any], images: dict[str, torch.Tensor], path: Path = FIGURE) -> Path:
+    atomic_write_bytes(path, figure_png(cells, images))
     return path

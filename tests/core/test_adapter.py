@@ -110,3 +110,13 @@ def _edit_tensors(folder, nan=False, extra=False, drop=False):
     if drop:
         del tensors[first]
     save_file(tensors, str(folder / WEIGHTS_NAME))
+
+
+@pytest.mark.parametrize("subfolder", ["../outside", "a/../../outside", "/etc", "C:/temp"])
+def test_a_subfolder_may_not_leave_the_adapter_folder(adapter, tmp_path, subfolder):
+    from ace_diffusers.errors import ACEValueError
+
+    adapter.save_pretrained(tmp_path / "outside")  # a real adapter the traversal would reach
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(ACEValueError, match="subfolder"):
+        ACEAdapter.from_pretrained(tmp_path / "repo", subfolder=subfolder)

@@ -24,3 +24,20 @@ def test_blocks_are_replaced_between_markers_or_appended():
 
 def test_training_summary_reads_the_bundled_metadata(tmp_path):
     assert training_summary(tmp_path) is None
+
+
+def test_the_figure_has_a_row_per_group():
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ace_diffusers.shapes.quality_report import figure_png
+
+    cells = [
+        Cell("neutral", "''", "shape", 0.9, [("", "none")]),
+        Cell("pair", "left shape", "left_shape", 0.85, [("a red circle and a blue square", "circle")]),
+    ]
+    images = {p: torch.rand(2, 3, 32, 64) for c in cells for p, _ in c.items}
+    png = Image.open(io.BytesIO(figure_png(cells, images)))
+    assert png.size == (80 + 8 * (192 + 2), 2 * (96 + 2))
