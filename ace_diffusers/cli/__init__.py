@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ace_diffusers.bench.deploy",
         "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md",
     ),
-    "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 75 min on 2 cores)"),
+    "shapes train": ("ace_diffusers.shapes.train", "re-train the miniature world (about 100 min on 2 cores)"),
     "shapes quality": ("ace_diffusers.shapes.quality", "check the miniature world against its bars"),
     "shapes heldout": ("ace_diffusers.shapes.heldout", "sweep the text encoder for held-out shape words"),
     "figures": (

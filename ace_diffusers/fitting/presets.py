@@ -180,9 +180,14 @@ def resolve_spec(
 
     lowered = {c.lower() for c in concept_list}
     preserve_list = _as_list(preserve, "preserved concept")
-    if preserve_list is None:
-        preserve_list = list(preset["preserve"])
-    preserve_list = [p for p in preserve_list if p.lower() not in lowered]
+    named = [p for p in preserve_list or [] if p.lower() in lowered]
+    if named:
+        raise ACEValueError(
+            f"preserve names a concept being erased ({named[0]!r}): keeping it unchanged would fight the "
+            "erasure; remove it from preserve."
+        )
+    if preserve_list is None:  # the kind's defaults may name the concept: those entries are left out
+        preserve_list = [p for p in preset["preserve"] if p.lower() not in lowered]
 
     return ErasureSpec(
         concepts=concept_list,

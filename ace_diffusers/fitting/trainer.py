@@ -36,7 +36,7 @@ from ..core.factors import LayerFactors
 from ..errors import ACEValueError
 from ..integration.modules import get_unet
 from .attention import QueryLayer, alignment_loss, attention_output, capture_queries, detached, encode_full
-from .closed_form import fit_adapter
+from .closed_form import check_rank, fit_adapter
 from .data import FitSettings
 from .mining import mine_synonyms
 from .presets import filled, normalize_prompt, resolve_spec
@@ -107,9 +107,16 @@ class ACETrainer:
         self.pipe = pipe
         self.unet = get_unet(pipe)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
+        if isinstance(synonyms, str):  # one synonym, not a list of its letters
+            synonyms = [synonyms]
+        if synonyms is not None and not isinstance(synonyms, (list, tuple)):
+            raise ACEValueError(f"synonyms must be a list of strings, got {type(synonyms).__name__}.")
         self.synonyms = [s for s in (synonyms or []) if isinstance(s, str) and s.strip()]
         if synonyms is not None and len(self.synonyms) != len(synonyms):
             raise ACEValueError("synonyms must be a list of non-empty strings.")
+        if rank is not None:  # refused now, not after the query bank is built
+            width = self.unet.config.cross_attention_dim
+            check_rank(rank, max(width) if isinstance(width, (list, tuple)) else int(width))
         self.rank = rank
         self.steps = (
             default_steps(len(self.spec.concepts))

@@ -61,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--captions-per-image", type=int, default=2)
     p.add_argument("--steps-cls", type=int, default=1200)
     p.add_argument("--steps-vae", type=int, default=1500)
-    p.add_argument("--steps-unet", type=int, default=5000)
+    p.add_argument("--steps-unet", type=int, default=7000)
     p.add_argument("--batch-vae", type=int, default=32)
     p.add_argument("--batch-cls", type=int, default=128)
     p.add_argument("--batch-unet", type=int, default=96)

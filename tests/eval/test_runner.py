@@ -7,7 +7,7 @@ from PIL import Image
 from ace_diffusers.errors import ACEValueError
 from ace_diffusers.eval.attacks import SoftPromptSettings
 from ace_diffusers.eval.common import ace_disabled
-from ace_diffusers.eval.judges import CallableJudge, ShapesJudge, shapes_judges
+from ace_diffusers.eval.judges import CallableJudge, shapes_judges
 from ace_diffusers.eval.plans import EvalCase, prompt_plan, shapes_plan
 from ace_diffusers.eval.report import write_report
 from ace_diffusers.eval.runner import evaluate, make_batches, score

@@ -57,6 +57,7 @@ def test_the_one_template_filler():
         ({"concepts": ["a", "b", "c"], "neutral": ["x", "y"]}, "one anchor for all"),
         ({"concepts": "x", "templates": ["no slot"]}, "exactly once"),
         ({"concepts": "x", "templates": []}, "At least one prompt template"),
+        ({"concepts": "cat", "preserve": ["dog", "Cat"]}, "preserve names a concept being erased"),
     ],
 )
 def test_bad_specs_say_what_to_change(kwargs, message):
@@ -75,3 +76,10 @@ def test_every_kind_has_templates_an_anchor_and_a_preservation_set():
     for name, preset in kinds.items():
         assert preset["templates"] and all(t.count("{}") == 1 for t in preset["templates"]), name
         assert isinstance(preset["neutral"], str) and isinstance(preset["preserve"], list), name
+
+
+def test_a_kinds_default_preserve_list_leaves_the_concept_out():
+    from ace_diffusers.fitting.presets import resolve_spec
+
+    spec = resolve_spec("cat", kind="object")
+    assert spec.preserve and "cat" not in spec.preserve

@@ -85,12 +85,19 @@ def test_save_and_push_need_a_fit(pipe, tmp_path):
         (dict(batch_size=0), "batch_size must be an integer"),
         (dict(time_budget=-3), "time_budget must be a positive number"),
         (dict(synonyms=["ok", ""]), "synonyms must be a list"),
+        (dict(synonyms=7), "synonyms must be a list of strings"),
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(rank=10_000), "exceeds the text width"),
         (dict(kind="nope"), "Unknown concept kind"),
     ],
 )
 def test_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ACEValueError, match=message):
         small_trainer(pipe, **kwargs)
+
+
+def test_one_synonym_is_one_word_not_its_letters(pipe):
+    assert small_trainer(pipe, synonyms="Vincent").synonyms == ["Vincent"]
 
 
 def test_default_steps_grow_with_the_number_of_concepts(pipe):

@@ -4,10 +4,10 @@ import pytest
 
 from ace_diffusers.shapes.erasure import (
     PAIR_PROMPTS,
-    pair_set,
     erase_arguments,
     metric_sets,
     neutral_floor,
+    pair_set,
     where_it_goes,
 )
 from ace_diffusers.shapes.vocab import NONE, SHAPES
