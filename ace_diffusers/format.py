@@ -52,10 +52,12 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ACEAdapterFormatError(
             f"'{path}' is not valid JSON ({err}); re-download or re-save the adapter."
         ) from err
+    except RecursionError as err:  # absurdly nested JSON
+        raise ACEAdapterFormatError(f"'{path}' nests JSON too deeply to be an adapter config.") from err
     if not isinstance(config, dict):
         raise ACEAdapterFormatError(f"'{path}' must hold a JSON object, not {type(config).__name__}.")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ACEAdapterFormatError(
             f"'{path}' has no integer 'format_version'; it is not an ACE adapter config."
         )
@@ -67,7 +69,32 @@ def read_config(path: Path) -> dict[str, Any]:
     concepts = config.get("concepts")
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
         raise ACEAdapterFormatError(f"'{path}': 'concepts' must be a list of strings.")
+    for key, (kinds, what) in OPTIONAL_FIELDS.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ACEAdapterFormatError(
+                f"'{path}': '{key}' must be {what}, got {type(value).__name__}; re-download or re-save "
+                "the adapter."
+            )
+    if isinstance(config.get("neutral"), list) and not all(isinstance(n, str) for n in config["neutral"]):
+        raise ACEAdapterFormatError(f"'{path}': 'neutral' must be a list of strings.")
+    if not isinstance((config.get("fingerprint") or {}).get("layers", {}), dict):
+        raise ACEAdapterFormatError(f"'{path}': 'fingerprint.layers' must be a JSON object.")
     return config
+
+
+# Optional config fields: the JSON types each may have (``null`` / absent is always allowed).
+OPTIONAL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "neutral": ((list,), "a list of strings"),
+    "kind": ((str,), "a string"),
+    "method": ((str,), "a string"),
+    "base_model": ((str,), "a string"),
+    "created_with": ((str,), "a string"),
+    "rank": ((int,), "an integer"),
+    "fit": ((dict,), "a JSON object"),
+    "extra": ((dict,), "a JSON object"),
+    "fingerprint": ((dict,), "a JSON object"),
+}
 
 
 def group_layer_tensors(

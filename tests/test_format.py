@@ -28,6 +28,11 @@ def test_a_valid_config_reads_back(tmp_path):
     assert read_config(write(tmp_path, config)) == config
 
 
+def test_null_optional_fields_are_fine(tmp_path):
+    config = {"format_version": 1, "concepts": ["x"], "fingerprint": None, "extra": None, "rank": 4}
+    assert read_config(write(tmp_path, config)) == config
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -36,6 +41,15 @@ def test_a_valid_config_reads_back(tmp_path):
         ({"concepts": ["x"]}, "format_version"),
         ({"format_version": FORMAT_VERSION + 1, "concepts": []}, "Upgrade ace-diffusers"),
         ({"format_version": 1, "concepts": "Van Gogh"}, "list of strings"),
+        ({"format_version": True, "concepts": []}, "format_version"),
+        ({"format_version": -5, "concepts": []}, "format_version"),
+        ({"format_version": 1, "concepts": [], "fingerprint": []}, "'fingerprint' must be a JSON object"),
+        ({"format_version": 1, "concepts": [], "extra": "abc"}, "'extra' must be a JSON object"),
+        ({"format_version": 1, "concepts": [], "fit": [1, 2]}, "'fit' must be a JSON object"),
+        ({"format_version": 1, "concepts": [], "rank": True}, "'rank' must be an integer"),
+        ({"format_version": 1, "concepts": [], "neutral": [1]}, "'neutral' must be a list of strings"),
+        ({"format_version": 1, "concepts": [], "fingerprint": {"layers": 3}}, "fingerprint.layers"),
+        ("[" * 100_000 + "]" * 100_000, "nests JSON too deeply"),
     ],
 )
 def test_bad_configs_say_what_is_wrong(tmp_path, content, message):

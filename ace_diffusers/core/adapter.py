@@ -224,7 +224,7 @@ class ACEAdapter:
             base_model=config.get("base_model"),
             extra=config.get("extra"),
         )
-        recorded = config.get("fingerprint", {}).get("layers")
+        recorded = (config.get("fingerprint") or {}).get("layers")
         if recorded is not None and recorded != adapter.fingerprint["layers"]:
             raise ACEAdapterFormatError(
                 f"'{folder}': the tensors do not match the architecture fingerprint recorded in "

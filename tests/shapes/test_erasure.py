@@ -1,4 +1,4 @@
-"""Miniature-world erasure experiments: prompt sets, the context set, where the erased concept goes."""
+"""Miniature-world erasure experiments: prompt sets, the pair set, where the erased concept goes."""
 
 import pytest
 
