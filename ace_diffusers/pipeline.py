@@ -13,6 +13,7 @@ the functions below (``ace_diffusers.load_adapter(pipe, ...)``) and can run
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from diffusers import DiffusionPipeline
 
 from .core.adapter import ACEAdapter
 from .deploy.export import export_lora
-from .deploy.fuse import check_not_fused, fuse_adapter, unfuse_adapter
+from .deploy.fuse import check_not_fused, fuse_adapter, fused_state, unfuse_adapter
 from .errors import ACEAdapterNameError, ACECompatibilityError
 from .fitting.closed_form import erase_concept, prepare_erasure
 from .integration import attach
@@ -76,8 +77,19 @@ def enable_adapters(pipe: Any) -> None:
 
 
 def disable_adapters(pipe: Any) -> None:
-    """Temporarily switch every ACE adapter off (outputs become bit-identical to the base model)."""
-    attach.set_enabled(get_unet(pipe), False)
+    """Temporarily switch every ACE adapter off (outputs become bit-identical to the base model).
+
+    Fused adapters live in the UNet's weights and stay in effect: a warning says so at run time.
+    """
+    unet = get_unet(pipe)
+    state = fused_state(unet)
+    if state is not None and state.adapters:
+        warnings.warn(
+            f"disable_ace_adapters() leaves the fused adapter(s) {list(state.adapters)} in effect: their "
+            "edit is in the UNet's weights. Call unfuse_ace_adapter() to undo it.",
+            stacklevel=2,
+        )
+    attach.set_enabled(unet, False)
 
 
 def get_active_adapters(pipe: Any) -> list[str]:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,18 @@ def test_weights_changed_after_fuse_are_kept_on_unfuse(erased):
     with torch.no_grad():
         attn.to_k.weight.copy_(before[key])
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_disabling_adapters_warns_that_fused_ones_stay_in_effect(erased):
+    pipe = erased[0]
+    pipe.fuse_ace_adapter("van_gogh")
+    try:
+        with pytest.warns(UserWarning, match="leaves the fused adapter"):
+            pipe.disable_ace_adapters()
+    finally:
+        pipe.enable_ace_adapters()
+        pipe.unfuse_ace_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing fused: no warning
+        pipe.disable_ace_adapters()
+        pipe.enable_ace_adapters()
