@@ -77,6 +77,7 @@ def erase_arguments(concept: str, neutral: str | None = None) -> dict[str, Any]:
     }
 
 
+HELDOUT_WORDS = 4  # held-out words per shape in the metric sets (each in half the colours)
 PAIR_PROMPTS = 16  # two-object prompts per erased concept (x 2 images = 32 per cell)
 
 
@@ -151,11 +152,12 @@ def heldout_set(concept: str, colours: list[str] | None = None) -> PromptSet:
     """``a {colour} {word}`` for the shape's held-out words (never trained; the base model draws them as
     the shape): Acc_g on words the erasure was never given and the world never saw."""
     colours = colours or COLOURS
-    words = heldout_words().get(concept, [])
+    words = heldout_words().get(concept, [])[:HELDOUT_WORDS]
+    grid = [(w, c) for i, w in enumerate(words) for c in colours[i % 2 :: 2]]
     return PromptSet(
         "heldout",
-        [article_fix(f"a {c} {w}") for w in words for c in colours],
-        [{"shape": concept, "colour": c} for _ in words for c in colours],
+        [article_fix(f"a {c} {w}") for w, c in grid],
+        [{"shape": concept, "colour": c} for _, c in grid],
     )
 
 

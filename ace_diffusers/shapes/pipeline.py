@@ -22,7 +22,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOKENIZER_MAX_LENGTH = 24
 
 # Sampler settings used by everything downstream (quality command, tests, erasure benchmarks).
-DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=4.0, height=32, width=64)
+DEFAULT_SAMPLER: dict = dict(num_inference_steps=25, guidance_scale=1.5, height=32, width=64)
 
 # Architectures (also written to weights/*.json by the training command).
 UNET_CONFIG: dict = dict(

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--weights-dir", default=None, help="weights directory (default: bundled)")
     p.add_argument("--guidance", type=float, default=None, help="override guidance_scale (not for the docs)")
+    p.add_argument("--rescale", type=float, default=None, help="override guidance_rescale (not for the docs)")
     p.add_argument("--groups", default=None, help="comma-separated subset of cell groups (not for the docs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/miniature_world.md")
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = dict(DEFAULT_SAMPLER)
     if args.guidance is not None:
         sampler["guidance_scale"] = args.guidance
+    if args.rescale is not None:
+        sampler["guidance_rescale"] = args.rescale
     t0 = time.time()
     pipe = load_shapes_pipeline(weights_dir=args.weights_dir)
     classifier = load_shapes_classifier(weights_dir=args.weights_dir)
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = format_table(cells, cmd.strip(), sampler, time.time() - t0)
     print(table)
-    custom = args.guidance is not None or args.groups or args.weights_dir or args.seed
+    overrides = (args.guidance, args.rescale, args.groups, args.weights_dir)
+    custom = any(v is not None for v in overrides) or args.seed
     if not args.no_docs and not custom:
         print(f"wrote {write_docs(table)} and {write_figure(cells, images)}")
     elif not args.no_docs:

@@ -29,13 +29,14 @@ def test_quick_plan_contents():
         assert getattr(quick, knob) <= getattr(full, knob), knob
     assert quick.ace_steps is full.ace_steps is None  # both measure ACE at the trainer's defaults
     assert len(quick.colours) == 4 and full.colours is None
-    # images per model state, pinned: changing the quick plan changes its ~15-minute budget
+    # images per model state, pinned: changing the quick plan changes its budget (world v2 adds the
+    # two-object and held-out-word prompts)
     assert efficacy.plan_images(quick) == {
-        "square": 39,
-        "circle": 40,
-        "square+triangle+heart": 85,
-        "square+triangle+heart+cross+striped": 141,
-        "base": 190,
+        "square": 63,
+        "circle": 64,
+        "square+triangle+heart": 155,
+        "square+triangle+heart+cross+striped": 191,
+        "base": 324,
     }
 
 

@@ -50,10 +50,11 @@ def _result():
 
 def test_rows_are_percentages_with_the_base_model_and_floor():
     lines = format_report(_result()).splitlines()
-    assert lines[0].startswith("run") and lines[0].endswith("(base Acc_e/Acc_g/Acc_s/colour; floor)")
+    assert lines[0].startswith("run") and lines[0].endswith("(base Acc_e/Acc_g/Acc_s/colour/ctx; floor)")
     row = lines[2]
     assert row.startswith("circle") and "ACE (full)" in row
-    assert "   5.0%  10.0%  95.0%  96.0%  0.800     3.0   (100.0/90.0/95.0/96.0; 5.0)" in row
+    assert "   5.0%  10.0%  95.0%  96.0%  0.800   nan%    nan%   nan%" in row  # no pair figures in this row
+    assert "     3.0   (100.0/90.0/95.0/96.0/nan; 5.0)" in row
     assert len(lines[1]) == len(lines[2])  # fixed-width columns
 
 

@@ -1,5 +1,7 @@
 """An adapter saved by the previous release (the flat package, format version 1) loads in this one and gives
-bit-identical images.
+the images that release gave: bit-identical on the machine that recorded them, within 1e-5 on other CPUs
+(their float kernels round differently, by about 2e-6 here) — four thousand times below the adapter's
+own effect on the concept prompt.
 
 ``tests/data/adapter_v1`` was written by ace-diffusers at commit 2c9ba47 (before the layered layout):
 ``erase_concept(tiny_sd_pipeline(seed=0), "Van Gogh", kind="style")`` saved with ``save_pretrained``, and
@@ -28,7 +30,7 @@ def test_the_previous_release_adapter_loads_unchanged():
     assert adapter.config["fingerprint"] == config["fingerprint"]
 
 
-def test_the_previous_release_adapter_gives_bit_identical_images():
+def test_the_previous_release_adapter_gives_the_same_images():
     if torch.get_num_threads() != 1:
         pytest.skip("the reference images were generated with one torch thread (tests/conftest.py sets it)")
     expected = load_file(str(DATA / "expected_images.safetensors"))
@@ -39,4 +41,4 @@ def test_the_previous_release_adapter_gives_bit_identical_images():
         image = pipe(
             prompt, num_inference_steps=2, generator=generator, output_type="pt", height=32, width=32
         ).images
-        assert torch.equal(image, expected[f"prompt{i}"]), prompt
+        torch.testing.assert_close(image, expected[f"prompt{i}"], atol=1e-5, rtol=0, msg=prompt)

@@ -86,7 +86,8 @@ def test_plan_description_and_case_serialisation():
 
 def test_shapes_plan_without_attacks_and_on_a_style():
     plan = shapes_plan("circle", images_per_prompt=1, attacks=[], colours=COLOURS)
-    assert set(plan.groups()) == {"erased", "synonyms", "others", "pairs"} and plan.soft_prompt == []
+    assert set(plan.groups()) == {"erased", "synonyms", "others", "heldout", "pairs"}
+    assert plan.soft_prompt == []
     assert plan.extra_metrics["colour"] == ("others", "colour") and plan.erased == ["circle"]
     assert plan.extra_metrics["in_context"] == ("pairs", "right_shape") and plan.presence_head == "shape"
     pairs = [c for c in plan.cases if c.group == "pairs"]

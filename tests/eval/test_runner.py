@@ -32,8 +32,8 @@ def test_shapes_plan_reproduces_measure_exactly(sd_pipe, random_classifier):
     result = evaluate(sd_pipe, plan, _shape_judges(random_classifier), before=False)
     assert result["after"].metrics == expected
     assert list(result["after"].metrics) == [
-        "acc_e", "acc_g", "acc_s", "colour", "in_context", "in_context_colour", "in_context_style", "h",
-        "erased_as_none", "erased_as_other",
+        "acc_e", "acc_g", "acc_s", "colour", "acc_heldout", "in_context", "in_context_colour",
+        "in_context_style", "h", "erased_as_none", "erased_as_other",
     ]
 
 
