@@ -22,6 +22,7 @@ from ..fitting.closed_form import erase_concept
 from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import concept_kind, erase_arguments, measure
 from ..shapes.pipeline import load_shapes_pipeline
+from ..stats import wilson_interval
 
 ROWS = ("erased", "synonyms", "others", "pairs")
 
@@ -54,8 +55,21 @@ def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.T
     return {name: imgs[::per_prompt] for name, imgs in images.items()}
 
 
-def _print_table(concept: str, before: dict[str, float], after: dict[str, float]) -> None:
-    print(f"{'metric':<44}{'before':>8}{'after':>8}")
+# the image set each rate is counted on (H is a mean of rates: no interval)
+METRIC_SETS = {"acc_e": "erased", "acc_g": "synonyms", "acc_s": "others", "colour": "others",
+               "in_context": "pairs", "in_context_colour": "pairs", "erased_as_none": "erased",
+               "erased_as_other": "erased"}
+
+
+def _interval(rate: float, n: int) -> str:
+    lo, hi = wilson_interval(round(rate * n), n)
+    return f"{100 * lo:.0f}–{100 * hi:.0f}% of {n}"
+
+
+def _print_table(
+    concept: str, before: dict[str, float], after: dict[str, float], sizes: dict[str, int]
+) -> None:
+    print(f"{'metric':<44}{'before':>8}{'after':>8}   95 % interval after (images)")
     names = {
         "acc_e": f"Acc_e  '{concept}' still drawn (lower=better)",
         "acc_g": "Acc_g  held-out synonyms still drawn (lower=better)",
@@ -68,7 +82,8 @@ def _print_table(concept: str, before: dict[str, float], after: dict[str, float]
         "erased_as_other": f"'{concept}' prompts that draw something else",
     }
     for key, label in names.items():
-        print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%")
+        interval = _interval(after[key], sizes[METRIC_SETS[key]]) if key in METRIC_SETS else ""
+        print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%   {interval}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"erased {adapter.concepts} -> {adapter.neutral} (closed form, rank {adapter.rank}) in "
         f"{fit_seconds:.2f} s"
     )
-    _print_table(args.concept, before, after)
+    _print_table(args.concept, before, after, {name: len(images) for name, images in after_images.items()})
     columns = 8
     _grid(
         _pick(before_images, args.images_per_prompt),

@@ -23,7 +23,15 @@ def test_blocks_are_replaced_between_markers_or_appended():
 
 
 def test_training_summary_reads_the_bundled_metadata(tmp_path):
-    assert training_summary(tmp_path) is None
+    assert training_summary(tmp_path) is None  # no train_meta.json: no summary
+    import json
+
+    from ace_diffusers.shapes.pipeline import WEIGHTS_DIR
+
+    meta = json.loads((WEIGHTS_DIR / "train_meta.json").read_text())
+    summary = training_summary()
+    assert f"| UNet | {meta['unet']['steps']} x {meta['args']['batch_unet']} |" in summary
+    assert f"command `{meta['command'].strip()}`" in summary and "zero terminal SNR" in summary
 
 
 def test_the_figure_has_a_row_per_group():
