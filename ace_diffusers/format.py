@@ -6,7 +6,7 @@ An ACE adapter on disk is a folder with two files (and a model card when pushed 
                               "<layer>.v_down", "<layer>.v_up", "<layer>.gate_weight" (d_text,),
                               "<layer>.gate_bias" (1,)
     ace_config.json           format version, concepts, neutral anchors, kind, rank, fit settings,
-                              base model, architecture fingerprint
+                              base model, architecture fingerprint, weights checksum
 
 safetensors and JSON only: loading an adapter from a stranger never executes code. This module knows the
 layout but not the :class:`~ace_diffusers.core.adapter.ACEAdapter` class, so the Hub code can check a
@@ -94,6 +94,7 @@ OPTIONAL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "fit": ((dict,), "a JSON object"),
     "extra": ((dict,), "a JSON object"),
     "fingerprint": ((dict,), "a JSON object"),
+    "weights_sha256": ((str,), "a hex string"),
 }
 
 
@@ -123,3 +124,18 @@ def fingerprint_of(shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, Any]
     layers = {name: list(shape) for name, shape in sorted(shapes.items())}
     digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
     return {"layers": layers, "hash": digest}
+
+
+def weights_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Written to ``ace_config.json`` as ``weights_sha256`` and checked on load, so a weights file whose
+    data bytes were altered under an intact safetensors header is refused instead of loaded. Configs
+    written before the field existed carry none and load as before.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -29,12 +29,13 @@ from ..format import (
     fingerprint_of,
     group_layer_tensors,
     read_config,
+    weights_checksum,
 )
 from ..hub.card import build_model_card
 from ..hub.download import clean_subfolder, resolve_adapter_dir
 from ..hub.push import push_adapter_folder
 from ..version import __version__
-from .factors import LayerFactors
+from .factors import LayerFactors, all_finite
 
 
 class ACEAdapter:
@@ -89,6 +90,7 @@ class ACEAdapter:
             "fit": self.fit,
             "base_model": self.base_model,
             "fingerprint": self.fingerprint,
+            "weights_sha256": weights_checksum(self.state_dict()),
             "created_with": f"ace-diffusers {__version__}",
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -231,6 +233,12 @@ class ACEAdapter:
                 f"{CONFIG_NAME}; "
                 "the two files come from different adapters. Re-download or re-save the adapter."
             )
+        recorded_sum = config.get("weights_sha256")
+        if recorded_sum is not None and recorded_sum != weights_checksum(tensors):
+            raise ACEAdapterFormatError(
+                f"'{weights_path}' does not match the weights checksum recorded in {CONFIG_NAME}: its data "
+                "was altered or corrupted after saving. Re-download or re-save the adapter."
+            )
         return adapter
 
     def push_to_hub(
@@ -266,14 +274,6 @@ class ACEAdapter:
 
 
 # ---------------------------------------------------------------------- helpers
-def _all_finite(t: torch.Tensor) -> bool:
-    """One float64 sum on the CPU (NaN/Inf reach it; a narrower float cannot overflow it), else "
-    "elementwise."""
-    if t.device.type == "cpu" and t.dtype != torch.float64:
-        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
-    return bool(torch.isfinite(t).all())
-
-
 def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
     for name, f in layers.items():
         for key, t in f.tensors().items():
@@ -281,7 +281,7 @@ def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
                 raise ACEAdapterFormatError(
                     f"Layer '{name}': tensor '{key}' must be a floating-point tensor."
                 )
-            if not _all_finite(t):
+            if not all_finite(t):
                 raise ACEAdapterFormatError(
                     f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."
                 )

@@ -25,6 +25,14 @@ from ..format import TENSOR_KEYS
 PROJECTIONS = ("k", "v")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one float64 sum on the CPU (a narrower float cannot overflow it), else
+    elementwise."""
+    if t.device.type == "cpu" and t.dtype != torch.float64:
+        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(t).all())
+
+
 def gate_values(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``sigmoid(context · weight + bias)``: one gate value per token, shape ``context.shape[:-1]``."""
     return torch.sigmoid(context @ weight + bias)

@@ -28,6 +28,7 @@ from ..integration.attach import (
     loaded_adapters,
     single_loaded_adapter,
 )
+from ..integration.consistency import changing_state
 from ..integration.modules import cross_attention_modules, get_unet, projection_weight
 from .bake import BakedEdit, BakeSettings, bake
 from .fidelity import fidelity
@@ -169,23 +170,24 @@ def fuse_adapter(
         delta = next(iter(adapter_deltas(unet, name)))
         planned[name] = FusedAdapter(baked=baked, report=report, active_before=float(delta.active))
 
-    if state is None:
-        state = FusedState()
-        unet.__dict__[FUSED_ATTR] = state
-    for layer, attn in modules.items():
-        for proj, linear in zip(PROJECTIONS, (attn.to_k, attn.to_v), strict=True):
-            weight = projection_weight(linear)
-            key = (layer, proj)
-            if key not in state.originals:
-                state.originals[key] = weight.detach().to("cpu", copy=True)
-            new = weight.detach().cpu()
-            for record in planned.values():
-                new = _add_delta(new, record.baked.layers[layer].delta_weight(proj))
-            weight.data.copy_(new.to(weight.device))
-    for name, record in planned.items():
-        for delta in adapter_deltas(unet, name):
-            delta.active.fill_(0.0)
-        state.adapters[name] = record
+    with changing_state(unet):  # no forward of another thread sees half-fused weights
+        if state is None:
+            state = FusedState()
+            unet.__dict__[FUSED_ATTR] = state
+        for layer, attn in modules.items():
+            for proj, linear in zip(PROJECTIONS, (attn.to_k, attn.to_v), strict=True):
+                weight = projection_weight(linear)
+                key = (layer, proj)
+                if key not in state.originals:
+                    state.originals[key] = weight.detach().to("cpu", copy=True)
+                new = weight.detach().cpu()
+                for record in planned.values():
+                    new = _add_delta(new, record.baked.layers[layer].delta_weight(proj))
+                weight.data.copy_(new.to(weight.device))
+        for name, record in planned.items():
+            for delta in adapter_deltas(unet, name):
+                delta.active.fill_(0.0)
+            state.adapters[name] = record
     return {name: record.report for name, record in planned.items()}
 
 
@@ -206,6 +208,27 @@ def unfuse_adapter(pipe: Any) -> list[str]:
     state = fused_state(unet)
     if state is None or not state.adapters:
         raise ACEValueError("No ACE adapter is fused into this pipeline's weights; nothing to unfuse.")
+    with changing_state(unet):  # weights back and gated path on, in one step for other threads
+        changed = _restore_weights(unet, state)
+        loaded = loaded_adapters(unet)
+        for name, record in state.adapters.items():
+            if name in loaded:
+                for delta in adapter_deltas(unet, name):
+                    delta.active.fill_(record.active_before)
+    if changed:
+        warnings.warn(
+            f"{len(changed)} fused weights (e.g. {changed[0]}) were changed after fuse_ace_adapter(); the "
+            "ACE "
+            "edit was subtracted from them instead of restoring the originals, so they are not bit-exact.",
+            stacklevel=2,
+        )
+    names = list(state.adapters)
+    del unet.__dict__[FUSED_ATTR]
+    return names
+
+
+def _restore_weights(unet: nn.Module, state: FusedState) -> list[str]:
+    """Put the original K/V weights back; returns the weights changed since fusing (ACE part subtracted)."""
     modules = cross_attention_modules(unet)
     changed = []
     for (layer, proj), original in state.originals.items():
@@ -221,21 +244,7 @@ def unfuse_adapter(pipe: Any) -> list[str]:
             changed.append(f"{layer}.to_{proj}")
             applied = expected.double() - original.double()
             weight.data.copy_((current.double() - applied).to(weight.dtype).to(weight.device))
-    if changed:
-        warnings.warn(
-            f"{len(changed)} fused weights (e.g. {changed[0]}) were changed after fuse_ace_adapter(); the "
-            "ACE "
-            "edit was subtracted from them instead of restoring the originals, so they are not bit-exact.",
-            stacklevel=2,
-        )
-    loaded = loaded_adapters(unet)
-    for name, record in state.adapters.items():
-        if name in loaded:
-            for delta in adapter_deltas(unet, name):
-                delta.active.fill_(record.active_before)
-    names = list(state.adapters)
-    del unet.__dict__[FUSED_ATTR]
-    return names
+    return changed
 
 
 def check_not_fused(pipe: Any, names: str | Sequence[str]) -> None:

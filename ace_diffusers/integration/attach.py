@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from ..core.adapter import ACEAdapter
+from ..core.factors import LayerFactors, all_finite
 from ..core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACELayerDelta, get_stack
-from ..errors import ACEAdapterNameError, ACECompatibilityError, ACEValueError
+from ..errors import ACEAdapterFormatError, ACEAdapterNameError, ACECompatibilityError, ACEValueError
 from . import compat
+from .consistency import changing_state
 from .modules import attention_modules, cross_attention_modules, layer_shapes, projection_weight, unwrap_model
 
 _ADAPTERS_ATTR = "_ace_adapters"
@@ -99,54 +101,93 @@ def check_scale(value: Any) -> float:
     return number
 
 
+MAX_DELTA_RATIO = 100.0  # an edit 100x larger than the projection it edits is no erasure but damage
+MAX_GATE = 1e4  # fitted gate weights and biases are tens; the sigmoid saturates long before this
+
+
+def check_factors_fit_layer(layer: str, factors: LayerFactors, attn: nn.Module) -> None:
+    """Refuse factors that cannot give finite, meaningful outputs on ``attn`` in its dtype.
+
+    Run *after* the cast to the layer's dtype, so values beyond float16's range (65504) are caught as
+    what they become there (inf). Bounds: ``‖B A‖_F ≤ MAX_DELTA_RATIO · ‖W‖_F`` for K and V (a fitted
+    erasure moves the concept's directions, so it is at most about as large as ``W``), and gate weights
+    and bias within ``MAX_GATE``.
+    """
+    dtype = projection_weight(attn.to_k).dtype
+    for key, t in factors.tensors().items():
+        if not all_finite(t):
+            raise ACEAdapterFormatError(
+                f"Layer '{layer}': tensor '{key}' is not finite in {dtype} (NaN, Inf, or values beyond "
+                f"the range of {dtype}). Load the pipeline in float32 (or bfloat16), or use another adapter."
+            )
+    for projection, proj in (("k", attn.to_k), ("v", attn.to_v)):
+        edit = float(torch.linalg.matrix_norm(factors.delta_weight(projection).detach().float()))
+        limit = MAX_DELTA_RATIO * float(torch.linalg.matrix_norm(projection_weight(proj).detach().float()))
+        if not edit <= limit:
+            raise ACEAdapterFormatError(
+                f"Layer '{layer}': the {projection.upper()} edit has norm {edit:.3g}, over "
+                f"{MAX_DELTA_RATIO:g}x the projection it edits ({limit / MAX_DELTA_RATIO:.3g}); the adapter "
+                "file is corrupted or was made for another model. Re-download it or fit a new one."
+            )
+    gate = max(float(factors.gate_weight.float().abs().max()), float(factors.gate_bias.float().abs().max()))
+    if not gate <= MAX_GATE:
+        raise ACEAdapterFormatError(
+            f"Layer '{layer}': gate values reach {gate:.3g}, beyond {MAX_GATE:g}; the adapter file is "
+            "corrupted. Re-download it or fit a new one."
+        )
+
+
 def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
     """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
-    unet = unwrap_model(unet)
-    validate_adapter_name(name)
-    scale = check_scale(scale)
-    adapters = loaded_adapters(unet)
-    if name in adapters:
-        raise ACEAdapterNameError(
-            f"An ACE adapter named '{name}' is already loaded; pass another adapter_name or unload it first "
-            f"(loaded: {list(adapters)})."
-        )
-    modules = cross_attention_modules(unet)
-    if not modules:
-        raise ACECompatibilityError(
-            "This UNet has no cross-attention layers, so it cannot carry an ACE adapter."
-        )
-    adapter.check_compatible(layer_shapes(unet))
-    compat.check_can_carry(attention_modules(unet))
+    with changing_state(unet):
+        unet = unwrap_model(unet)
+        validate_adapter_name(name)
+        scale = check_scale(scale)
+        adapters = loaded_adapters(unet)
+        if name in adapters:
+            raise ACEAdapterNameError(
+                f"An ACE adapter named '{name}' is already loaded; pass another adapter_name or unload it "
+                f"first (loaded: {list(adapters)})."
+            )
+        modules = cross_attention_modules(unet)
+        if not modules:
+            raise ACECompatibilityError(
+                "This UNet has no cross-attention layers, so it cannot carry an ACE adapter."
+            )
+        adapter.check_compatible(layer_shapes(unet))
+        compat.check_can_carry(attention_modules(unet))
 
-    deltas = {}
-    for layer, attn in modules.items():
-        ref = projection_weight(attn.to_k)
-        factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
-        deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
+        deltas = {}
+        for layer, attn in modules.items():
+            ref = projection_weight(attn.to_k)
+            factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
+            check_factors_fit_layer(layer, factors, attn)
+            deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
 
-    compat.install(unet, attention_modules(unet))
-    for layer, attn in modules.items():
-        stack = get_stack(attn)
-        if stack is None:
-            stack = ACEAdapterStack(projection_weight(attn.to_k))
-            attn.add_module(ACE_STACK_ATTR, stack)
-        stack.adapters[name] = deltas[layer]
-    adapters[name] = adapter
+        compat.install(unet, attention_modules(unet))
+        for layer, attn in modules.items():
+            stack = get_stack(attn)
+            if stack is None:
+                stack = ACEAdapterStack(projection_weight(attn.to_k))
+                attn.add_module(ACE_STACK_ATTR, stack)
+            stack.adapters[name] = deltas[layer]
+        adapters[name] = adapter
 
 
 def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
-    unet = unwrap_model(unet)
-    adapters = loaded_adapters(unet)
-    if name not in adapters:
-        raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(adapters)}).")
-    for attn in cross_attention_modules(unet).values():
-        stack = get_stack(attn)
-        if stack is not None and name in stack.adapters:
-            del stack.adapters[name]
-    adapter = adapters.pop(name)
-    if not adapters:
-        _uninstall(unet)
-    return adapter
+    with changing_state(unet):
+        unet = unwrap_model(unet)
+        adapters = loaded_adapters(unet)
+        if name not in adapters:
+            raise ACEAdapterNameError(f"No ACE adapter named '{name}' is loaded (loaded: {list(adapters)}).")
+        for attn in cross_attention_modules(unet).values():
+            stack = get_stack(attn)
+            if stack is not None and name in stack.adapters:
+                del stack.adapters[name]
+        adapter = adapters.pop(name)
+        if not adapters:
+            _uninstall(unet)
+        return adapter
 
 
 def adapter_deltas(unet: nn.Module, name: str) -> Iterable[ACELayerDelta]:
@@ -165,20 +206,15 @@ def adapter_stacks(unet: nn.Module) -> Iterable[ACEAdapterStack]:
             yield stack
 
 
-def set_active_adapters(
-    unet: nn.Module, names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
-) -> None:
-    """Make exactly ``names`` active (others stay loaded but contribute nothing), with optional scales."""
-    names = [names] if isinstance(names, str) else list(names)
-    adapters = loaded_adapters(unet)
-    unknown = [n for n in names if n not in adapters]
-    if unknown:
-        raise ACEAdapterNameError(f"Unknown ACE adapter(s) {unknown}; loaded: {list(adapters)}.")
+def _requested_scales(
+    names: list[str], scales: float | list[float] | Mapping[str, float] | None
+) -> dict[str, float | None]:
+    """``{name: checked scale or None (keep)}``; every value is checked before anything changes."""
     if scales is None:
-        scale_of: dict[str, float | None] = {n: None for n in names}
+        scale_of: dict[str, Any] = {n: None for n in names}
     elif isinstance(scales, Mapping):
         scale_of = {n: scales.get(n) for n in names}
-    elif isinstance(scales, (int, float)) or getattr(scales, "ndim", None) == 0:  # one for all (NumPy, 0-d)
+    elif isinstance(scales, (int, float)) or getattr(scales, "ndim", None) == 0:  # one for all
         scale_of = {n: check_scale(scales) for n in names}
     else:
         scales = list(scales)
@@ -187,18 +223,32 @@ def set_active_adapters(
                 f"Got {len(names)} adapter names but {len(scales)} scales; pass one scale per name."
             )
         scale_of = dict(zip(names, scales, strict=True))
-    # every value is checked before any changes, so a bad one leaves all adapters as they were
-    scale_of = {n: None if v is None else check_scale(v) for n, v in scale_of.items()}
-    for adapter_name in adapters:
-        for delta in adapter_deltas(unet, adapter_name):
-            delta.active.fill_(1.0 if adapter_name in scale_of else 0.0)
-            if scale_of.get(adapter_name) is not None:
-                delta.scale.fill_(float(scale_of[adapter_name]))
+    return {n: None if v is None else check_scale(v) for n, v in scale_of.items()}
 
+
+def set_active_adapters(
+    unet: nn.Module, names: str | list[str], scales: float | list[float] | Mapping[str, float] | None = None
+) -> None:
+    """Make exactly ``names`` active (others stay loaded but contribute nothing), with optional scales.
+
+    All-or-nothing, and atomic for concurrent forwards (see :mod:`.consistency`)."""
+    names = [names] if isinstance(names, str) else list(names)
+    scale_of = _requested_scales(names, scales)
+    with changing_state(unet):
+        adapters = loaded_adapters(unet)
+        unknown = [n for n in names if n not in adapters]
+        if unknown:
+            raise ACEAdapterNameError(f"Unknown ACE adapter(s) {unknown}; loaded: {list(adapters)}.")
+        for adapter_name in adapters:
+            for delta in adapter_deltas(unet, adapter_name):
+                delta.active.fill_(1.0 if adapter_name in scale_of else 0.0)
+                if scale_of.get(adapter_name) is not None:
+                    delta.scale.fill_(float(scale_of[adapter_name]))
 
 def set_enabled(unet: nn.Module, enabled: bool) -> None:
-    for stack in adapter_stacks(unet):
-        stack.enabled.fill_(1.0 if enabled else 0.0)
+    with changing_state(unet):
+        for stack in adapter_stacks(unet):
+            stack.enabled.fill_(1.0 if enabled else 0.0)
 
 
 def active_adapters(unet: nn.Module) -> list[str]:

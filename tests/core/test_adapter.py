@@ -91,6 +91,32 @@ def test_broken_folders_raise_format_errors(adapter, tmp_path, corrupt, message)
         ACEAdapter.from_pretrained(tmp_path)
 
 
+def _flip_data_bytes(folder):
+    """Change tensor bytes, keep the safetensors header intact (a bit flip on disk, or tampering)."""
+    raw = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header + 5] ^= 0x01
+    (folder / WEIGHTS_NAME).write_bytes(bytes(raw))
+
+
+def test_altered_weight_bytes_fail_the_checksum(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert len(config["weights_sha256"]) == 64
+    ACEAdapter.from_pretrained(tmp_path)  # intact: loads
+    _flip_data_bytes(tmp_path)
+    with pytest.raises(ACEAdapterFormatError, match="checksum"):
+        ACEAdapter.from_pretrained(tmp_path)
+
+
+def test_configs_without_a_checksum_still_load(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["weights_sha256"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    assert ACEAdapter.from_pretrained(tmp_path).state_dict().keys() == adapter.state_dict().keys()
+
+
 def _edit_config(folder, **changes):
     config = json.loads((folder / CONFIG_NAME).read_text())
     config.update(changes)

@@ -1,10 +1,13 @@
 """Model-level attaching: all-or-nothing, undoable, names and scales checked before anything changes."""
 
 import pytest
+import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from ace_diffusers.core.adapter import ACEAdapter
+from ace_diffusers.core.factors import LayerFactors
 from ace_diffusers.core.processor import ACEAttnProcessor, get_stack
-from ace_diffusers.errors import ACEAdapterNameError, ACEValueError
+from ace_diffusers.errors import ACEAdapterFormatError, ACEAdapterNameError, ACEValueError
 from ace_diffusers.integration.attach import (
     active_adapters,
     adapter_deltas,
@@ -87,3 +90,48 @@ def test_numpy_and_tensor_scales_are_numbers(sd_pipe):
     assert adapter_scale(unet, "a") == 0.5
     set_active_adapters(unet, "a", np.float32(0.25))
     assert adapter_scale(unet, "a") == 0.25
+
+
+def _scaled(adapter, key, factor):
+    layers = {}
+    for name, f in adapter.layers.items():
+        tensors = f.tensors()
+        tensors[key] = tensors[key] * factor
+        layers[name] = LayerFactors(**tensors)
+    return ACEAdapter(layers, concepts=adapter.concepts)
+
+
+@pytest.mark.parametrize(
+    "key, factor, message",
+    [
+        ("k_up", 1e36, "over 100x the projection"),  # finite in float32, absurd: NaN images before
+        ("v_down", 1e6, "over 100x the projection"),
+        ("gate_weight", 1e30, "gate values"),
+        ("gate_bias", float("inf"), "NaN or Inf"),
+    ],
+)
+def test_absurd_factors_are_refused_before_attaching(sd_pipe, key, factor, message):
+    unet = sd_pipe.unet
+    adapter = random_adapter(unet, gate_bias=1.0) if key == "gate_bias" else random_adapter(unet)
+    if key == "gate_bias":
+        with pytest.raises(ACEAdapterFormatError, match=message):
+            _scaled(adapter, key, factor)
+        return
+    before = {name: m.processor for name, m in attention_modules(unet).items()}
+    with pytest.raises(ACEAdapterFormatError, match=message):
+        attach_adapter(unet, _scaled(adapter, key, factor), "bad")
+    assert loaded_adapters(unet) == {} and before == {n: m.processor for n, m in attention_modules(unet).items()}
+
+
+def test_values_beyond_float16_are_caught_after_the_cast(sd_pipe):
+    unet = sd_pipe.unet.to(torch.float16)
+    adapter = random_adapter(unet)
+    big = {}
+    for name, f in adapter.layers.items():  # k_up 1e5 overflows float16; k_down 1e-5 keeps B A normal
+        t = f.tensors()
+        t["k_up"], t["k_down"] = t["k_up"] * 1e5, t["k_down"] * 1e-5
+        big[name] = LayerFactors(**t)
+    with pytest.raises(ACEAdapterFormatError, match="not finite in torch.float16"):
+        attach_adapter(unet, ACEAdapter(big, concepts=["x"]), "big")
+    assert loaded_adapters(unet) == {}
+    attach_adapter(unet.to(torch.float32), ACEAdapter(big, concepts=["x"]), "fine_in_float32")
