@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Adapters record it as ``weights_sha256`` in their config and the embedding cache in each file's
+    metadata; both check it on load, so data bytes altered under an intact safetensors header are refused
+    (adapters) or recomputed (cache) instead of used.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

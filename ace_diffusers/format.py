@@ -125,17 +125,3 @@ def fingerprint_of(shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, Any]
     digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
     return {"layers": layers, "hash": digest}
 
-
-def weights_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
-
-    Written to ``ace_config.json`` as ``weights_sha256`` and checked on load, so a weights file whose
-    data bytes were altered under an intact safetensors header is refused instead of loaded. Configs
-    written before the field existed carry none and load as before.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

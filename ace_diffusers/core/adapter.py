@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .._io import atomic_save_safetensors, atomic_write_text, staged_directory
+from .._io import atomic_save_safetensors, atomic_write_text, staged_directory, tensors_checksum
 from ..errors import ACEAdapterFormatError, ACEArchitectureMismatchError
 from ..format import (
     CONFIG_NAME,
@@ -29,7 +29,6 @@ from ..format import (
     fingerprint_of,
     group_layer_tensors,
     read_config,
-    weights_checksum,
 )
 from ..hub.card import build_model_card
 from ..hub.download import clean_subfolder, resolve_adapter_dir
@@ -90,7 +89,7 @@ class ACEAdapter:
             "fit": self.fit,
             "base_model": self.base_model,
             "fingerprint": self.fingerprint,
-            "weights_sha256": weights_checksum(self.state_dict()),
+            "weights_sha256": tensors_checksum(self.state_dict()),
             "created_with": f"ace-diffusers {__version__}",
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -234,7 +233,7 @@ class ACEAdapter:
                 "the two files come from different adapters. Re-download or re-save the adapter."
             )
         recorded_sum = config.get("weights_sha256")
-        if recorded_sum is not None and recorded_sum != weights_checksum(tensors):
+        if recorded_sum is not None and recorded_sum != tensors_checksum(tensors):
             raise ACEAdapterFormatError(
                 f"'{weights_path}' does not match the weights checksum recorded in {CONFIG_NAME}: its data "
                 "was altered or corrupted after saving. Re-download or re-save the adapter."

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .._io import atomic_save_safetensors
+from .._io import atomic_save_safetensors, tensors_checksum
 from .clip_packing import PrefixStore
 from .text import EncodedPrompt, TextEmbedder
 
 SAMPLES_PER_TENSOR = 4096
-FORMAT = 1
+FORMAT = 2  # 2: every file carries a checksum of its tensors
 Job = tuple  # (prompt, phrase's character span or None, padding tokens kept after EOS or None for all)
 
 
@@ -84,10 +84,29 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32]
 
 
-def _warn_unreadable(path: Path, error: Exception) -> None:
-    warnings.warn(
-        f"Ignoring an unreadable embedding cache file {path} ({error}); it will be rewritten.", stacklevel=4
-    )
+def _warn_unreadable(bad: list[tuple[Path, Exception]]) -> None:
+    """One warning for every file a load skipped (each is recomputed and rewritten by the fit)."""
+    if bad:
+        path, error = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        warnings.warn(
+            f"Ignoring an unreadable or altered embedding cache file {path} ({error}){more}; it is "
+            "recomputed and rewritten. Set ACE_DIFFUSERS_CACHE=off to bypass the cache.",
+            stacklevel=4,
+        )
+
+
+def _read_verified(fh: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of an open cache file, checked against the checksum in its metadata."""
+    tensors = {name: fh.get_tensor(name) for name in names}
+    recorded = (fh.metadata() or {}).get("sha256")
+    if recorded != tensors_checksum(tensors):
+        raise ValueError("its contents do not match the checksum written with it")
+    return tensors
+
+
+def _with_checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {**meta, "sha256": tensors_checksum(tensors)}
 
 
 def _warn_unwritable(root: Path, error: Exception) -> None:
@@ -107,6 +126,7 @@ def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu")
     out: dict[Job, EncodedPrompt] = {}
     if root is None:
         return out
+    bad: list[tuple[Path, Exception]] = []
     for job in jobs:
         path = _file(root, embedder_key, job)
         if not path.is_file():
@@ -117,14 +137,16 @@ def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu")
                 if json.loads(meta["job"]) != json.loads(json.dumps(list(job))):
                     continue  # a hash collision: never serve another prompt's embeddings
                 span = json.loads(meta["span"])
+                embeddings = _read_verified(fh, ["embeddings"])["embeddings"]
+                length = int(meta["length"])
+                if embeddings.ndim != 2 or not 0 < length <= embeddings.shape[0]:
+                    raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} for {length} tokens")
                 out[job] = EncodedPrompt(
-                    job[0],
-                    fh.get_tensor("embeddings").to(device),
-                    tuple(span) if span is not None else None,
-                    int(meta["length"]),
+                    job[0], embeddings.to(device), tuple(span) if span is not None else None, length
                 )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            _warn_unreadable(path, error)
+            bad.append((path, error))
+    _warn_unreadable(bad)
     return out
 
 
@@ -144,7 +166,8 @@ def save(embedder_key: str, encoded: dict[Job, EncodedPrompt]) -> int:
                 "length": str(enc.length),
                 "format": str(FORMAT),
             }
-            atomic_save_safetensors(path, {"embeddings": enc.embeddings.detach().float()}, meta)
+            tensors = {"embeddings": enc.embeddings.detach().float().cpu().contiguous()}
+            atomic_save_safetensors(path, tensors, _with_checksum(meta, tensors))
             written += 1
     except OSError as error:
         _warn_unwritable(root, error)
@@ -164,6 +187,7 @@ def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixSto
     folder = None if root is None else root / "prefixes" / embedder_key
     if folder is None or not folder.is_dir():
         return stores
+    bad: list[tuple[Path, Exception]] = []
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as fh:
@@ -172,12 +196,14 @@ def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixSto
                 if not 0 <= index < n_encoders or path != _prefix_file(root, embedder_key, index, prefix):
                     continue
                 ref = like[index]
-                keys = fh.get_tensor("keys").to(ref.device, ref.dtype)
-                values = fh.get_tensor("values").to(ref.device, ref.dtype)
-                output = fh.get_tensor("output").to(ref.device, ref.dtype)
+                t = _read_verified(fh, ["keys", "values", "output"])
+                if t["keys"].shape != t["values"].shape or t["keys"].ndim < 2:
+                    raise ValueError(f"keys {tuple(t['keys'].shape)} and values {tuple(t['values'].shape)}")
+                keys, values, output = (t[n].to(ref.device, ref.dtype) for n in ("keys", "values", "output"))
             stores[index][prefix] = (output, list(zip(keys.unbind(0), values.unbind(0), strict=True)))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            _warn_unreadable(path, error)
+            bad.append((path, error))
+    _warn_unreadable(bad)
     return stores
 
 
@@ -197,14 +223,14 @@ def save_prefixes(embedder_key: str, new: list[PrefixStore]) -> int:
                     "values": torch.stack([v for _, v in layer_kv]).detach().cpu().contiguous(),
                 }
                 meta = {"encoder": str(index), "prefix": json.dumps(list(prefix)), "format": str(FORMAT)}
-                atomic_save_safetensors(path, tensors, meta)
+                atomic_save_safetensors(path, tensors, _with_checksum(meta, tensors))
                 written += 1
     except OSError as error:
         _warn_unwritable(root, error)
     return written
 
 
-MOMENT_FORMAT = 1  # bump when the tokens that make up the moment change
+MOMENT_FORMAT = 2  # bump when the tokens that make up the moment change (2: with a checksum)
 
 
 def _moment_file(root: Path, key: str, jobs: list) -> Path:
@@ -226,9 +252,9 @@ def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
                 json.dumps(jobs)
             ):
                 return None  # another format, or a hash collision: never serve another job set's moment
-            return fh.get_tensor("moment")
+            return _read_verified(fh, ["moment"])["moment"]
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-        _warn_unreadable(path, error)
+        _warn_unreadable([(path, error)])
         return None
 
 
@@ -239,11 +265,10 @@ def save_moment(embedder_key: str, jobs: list, moment: torch.Tensor) -> bool:
     if root is None:
         return False
     try:
-        atomic_save_safetensors(
-            _moment_file(root, embedder_key, jobs),
-            {"moment": moment.detach().float()},
-            {"jobs": json.dumps(jobs), "format": str(MOMENT_FORMAT)},
-        )
+        tensors = {"moment": moment.detach().float().cpu().contiguous()}
+        meta = {"jobs": json.dumps(jobs), "format": str(MOMENT_FORMAT)}
+        path = _moment_file(root, embedder_key, jobs)
+        atomic_save_safetensors(path, tensors, _with_checksum(meta, tensors))
     except OSError as error:
         _warn_unwritable(root, error)
         return False

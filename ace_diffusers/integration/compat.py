@@ -19,7 +19,11 @@ module guards the UNet so that never happens:
   set, so a refusal changes nothing), ``fuse_qkv_projections`` and
   ``set_use_memory_efficient_attention_xformers``
   (refused up front, before diffusers fuses weights or touches a module) and ``set_default_attn_processor``
-  (works: keeps ACE, records ``AttnProcessor`` as the base).
+  (works: keeps ACE, records ``AttnProcessor`` as the base) and ``save_pretrained`` (works, and warns
+  that the saved weights are not erased while an unfused adapter is in effect).
+* After the last adapter leaves, each module keeps a small ``set_processor`` filter that turns an ACE
+  processor into the stock one it stands for, so restoring a stale ``attn_processors`` snapshot leaves
+  no ACE processor behind.
 
 Everything is stored in the instances' ``__dict__`` (never on diffusers classes), installed with the first
 adapter and removed with the last one. See ``docs/compatibility.md`` for the per-call table.
@@ -28,6 +32,7 @@ adapter and removed with the last one. See ``docs/compatibility.md`` for the per
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 from diffusers.models.attention_processor import (
@@ -47,6 +52,7 @@ from ..core.processor import (
     ACEAttnProcessor,
     ACEIPAdapterAttnProcessor,
     ACESlicedAttnProcessor,
+    get_stack,
 )
 from ..errors import ACECompatibilityError
 from .modules import attention_modules
@@ -159,6 +165,53 @@ class _SetProcessorGuard:
             type(self.attn).set_processor(self.attn, installed)
 
 
+class _StockOnly:
+    """Instance-level ``Attention.set_processor`` after the last ACE adapter left: an ACE processor set
+    again (a stale ``unet.attn_processors`` snapshot restored after unloading) becomes the stock processor
+    it stands for, so no ACE processor outlives the adapters. Any other processor passes through."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    def __call__(self, processor: Any) -> None:
+        type(self.attn).set_processor(self.attn, stock_equivalent(processor))
+
+
+def stock_equivalent(processor: Any) -> Any:
+    """The diffusers processor an ACE processor stands in for (other processors unchanged)."""
+    if isinstance(processor, ACEIPAdapterAttnProcessor):
+        return processor.diffusers_processor()
+    if isinstance(processor, ACESlicedAttnProcessor) and processor.slice_size:
+        return SlicedAttnProcessor(processor.slice_size)
+    if isinstance(processor, ACEAttnProcessor):
+        return AttnProcessor2_0()
+    return processor
+
+
+def adapters_in_effect(unet: nn.Module) -> list[str]:
+    """Loaded adapters whose gated path changes outputs now (active, scaled, enabled; fused ones are off)."""
+    names: dict[str, None] = {}
+    for attn in attention_modules(unet).values():
+        stack = get_stack(attn) if attn.is_cross_attention else None
+        for name, delta in (stack.adapters.items() if stack is not None else ()):
+            if float(delta.multiplier(stack.enabled)) != 0.0:
+                names[name] = None
+    return list(names)
+
+
+def _unet_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    live = adapters_in_effect(self)
+    if live:
+        warnings.warn(
+            f"Saving a UNet whose ACE adapter(s) {live} are loaded but not fused: the saved weights are the "
+            "original, un-erased model. To ship the erasure, fuse it first (pipe.fuse_ace_adapter()), or "
+            "save / push the adapter itself (ACEAdapter.save_pretrained, push_to_hub) for "
+            "pipe.load_ace_adapter().",
+            stacklevel=3,
+        )
+    return type(self).save_pretrained(self, *args, **kwargs)
+
+
 def _unet_set_attn_processor(self: nn.Module, processor: Any) -> None:
     # check every module first, so that a refusal leaves the whole UNet unchanged
     for name, attn in attention_modules(self).items():
@@ -203,6 +256,7 @@ _UNET_GUARDS = {
     "fuse_qkv_projections": _unet_fuse_qkv_projections,
     "set_use_memory_efficient_attention_xformers": _unet_set_use_memory_efficient_attention_xformers,
     "set_default_attn_processor": _unet_set_default_attn_processor,
+    "save_pretrained": _unet_save_pretrained,
 }
 
 
@@ -234,7 +288,7 @@ def uninstall(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
     for method in unet.__dict__.pop(_GUARDS_ATTR, []):
         unet.__dict__.pop(method, None)
     for attn in modules.values():
-        attn.__dict__.pop("set_processor", None)
+        attn.__dict__["set_processor"] = _StockOnly(attn)
         base = attn.__dict__.pop(_BASE_ATTR, None)
         if isinstance(attn.processor, ACE_PROCESSORS):
             type(attn).set_processor(attn, base if base is not None else AttnProcessor2_0())

@@ -1,6 +1,7 @@
 """The on-disk cache of preset prompt embeddings: reused across processes, keyed by the encoder's weights."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -102,9 +103,41 @@ def test_unreadable_cache_files_are_reencoded_with_a_warning(cache_dir):
     for path in cached_files(cache_dir):
         path.write_bytes(b"not a safetensors file")
     EMBEDDINGS.clear()
-    with pytest.warns(UserWarning, match="unreadable embedding cache"):
+    with pytest.warns(UserWarning, match="unreadable or altered embedding cache"):
         again = erase_concept(pipe, "Van Gogh", kind="style", load=False)
     assert relative_gap(again, first) < 1e-3
+
+
+def _rewrite_tensors(path, change):
+    """Rewrite a cache file with its metadata (and so its recorded checksum) unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file({k: change(t) for k, t in tensors.items()}, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [torch.zeros_like, lambda t: t.reshape(-1)[:3].clone()],
+    ids=["values-replaced", "wrong-shape"],
+)
+def test_altered_cache_entries_are_recomputed_replaced_and_warned_once(cache_dir, change):
+    pipe = tiny_sd_pipeline()
+    first = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    for path in cached_files(cache_dir):
+        _rewrite_tensors(path, change)
+    EMBEDDINGS.clear()
+    with pytest.warns(UserWarning, match="altered embedding cache") as caught:
+        again = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    assert len([w for w in caught if "embedding cache" in str(w.message)]) <= 3  # one per kind of file
+    assert relative_gap(again, first) < 1e-3  # the same adapter, not one fitted on zeros
+    EMBEDDINGS.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the entries were replaced: a third fit reads them silently
+        third = erase_concept(pipe, "Van Gogh", kind="style", load=False)
+    assert relative_gap(third, first) < 1e-3
 
 
 @pytest.mark.parametrize("setting", ["off", "0"])

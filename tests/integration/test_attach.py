@@ -120,7 +120,8 @@ def test_absurd_factors_are_refused_before_attaching(sd_pipe, key, factor, messa
     before = {name: m.processor for name, m in attention_modules(unet).items()}
     with pytest.raises(ACEAdapterFormatError, match=message):
         attach_adapter(unet, _scaled(adapter, key, factor), "bad")
-    assert loaded_adapters(unet) == {} and before == {n: m.processor for n, m in attention_modules(unet).items()}
+    assert loaded_adapters(unet) == {}
+    assert before == {n: m.processor for n, m in attention_modules(unet).items()}
 
 
 def test_values_beyond_float16_are_caught_after_the_cast(sd_pipe):

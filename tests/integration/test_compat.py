@@ -441,7 +441,38 @@ def test_user_set_attn_processor(sd_pipe):
     sd_pipe.unload_ace_adapter()
     assert {type(p) for p in processors(sd_pipe).values()} == {Custom, AttnProcessor2_0}
     assert "set_attn_processor" not in sd_pipe.unet.__dict__  # guards leave with the last adapter
-    assert not any("set_processor" in a.__dict__ for a in attention_modules(sd_pipe.unet).values())
+    doors = [a.__dict__.get("set_processor") for a in attention_modules(sd_pipe.unet).values()]
+    assert all(type(d).__name__ == "_StockOnly" for d in doors)  # only the stale-snapshot filter stays
+    sd_pipe.unet.set_attn_processor(Custom())  # which lets any processor through
+    assert {type(p) for p in processors(sd_pipe).values()} == {Custom}
+
+
+def test_a_stale_processor_snapshot_restored_after_unloading_leaves_no_ace_processor(sd_pipe):
+    sd_pipe.enable_attention_slicing(2)
+    stock = generate(sd_pipe)
+    sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
+    snapshot = sd_pipe.unet.attn_processors  # ACE processors, taken while the adapter is loaded
+    assert any(isinstance(p, ACEAttnProcessor) for p in snapshot.values())
+    sd_pipe.unload_ace_adapter()
+    sd_pipe.unet.set_attn_processor(snapshot)
+    kinds = {type(p) for p in processors(sd_pipe).values()}
+    assert kinds == {SlicedAttnProcessor}, kinds
+    assert torch.equal(generate(sd_pipe), stock)
+
+
+def test_saving_a_unet_with_an_unfused_adapter_warns_that_it_is_not_erased(sd_pipe, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sd_pipe.unet.save_pretrained(tmp_path / "plain")  # no adapter: silent
+    name = sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet))
+    with pytest.warns(UserWarning, match=rf"\['{name}'\] are loaded but not fused.*fuse_ace_adapter"):
+        sd_pipe.save_pretrained(tmp_path / "pipe")  # the pipeline's save reaches the UNet's
+    sd_pipe.set_ace_adapters(name, 0.0)  # switched off: the saved model is what the pipeline draws
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sd_pipe.unet.save_pretrained(tmp_path / "off")
 
 
 def test_guards_follow_a_deepcopied_unet(sd_pipe):
