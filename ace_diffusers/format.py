@@ -33,8 +33,25 @@ TENSOR_KEYS = ("k_down", "k_up", "v_down", "v_up", "gate_weight", "gate_bias")
 WEIGHTS_METADATA = {"format": "pt", "ace_format_version": str(FORMAT_VERSION)}
 
 
+def check_not_special(path: Path) -> None:
+    """Refuse an adapter file that exists but is no regular file (a link to a device, a FIFO, a folder):
+    reading ``/dev/zero`` or a pipe would never end."""
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        target = path.resolve() if path.is_symlink() else path
+        what = "a broken link"
+        if target.is_dir():
+            what = "a folder"
+        elif target.exists():
+            what = "a device, pipe or socket"
+        raise ACEAdapterFormatError(
+            f"'{path}' is {what} ({target}), not a regular file; an ACE adapter file must be a regular "
+            "file. Re-save or re-download the adapter."
+        )
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Read and validate ``ace_config.json`` (size, JSON, version, required keys)."""
+    check_not_special(path)
     if not path.is_file():
         raise ACEAdapterFormatError(
             f"'{path.parent}' is not an ACE adapter: it has no {CONFIG_NAME}. ACE adapters are folders with "

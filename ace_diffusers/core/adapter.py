@@ -26,6 +26,7 @@ from ..format import (
     FORMAT_VERSION,
     WEIGHTS_METADATA,
     WEIGHTS_NAME,
+    check_not_special,
     fingerprint_of,
     group_layer_tensors,
     read_config,
@@ -200,6 +201,7 @@ class ACEAdapter:
         folder = Path(folder)
         config = read_config(folder / CONFIG_NAME)
         weights_path = folder / WEIGHTS_NAME
+        check_not_special(weights_path)
         if not weights_path.is_file():
             raise ACEAdapterFormatError(
                 f"'{folder}' has {CONFIG_NAME} but no {WEIGHTS_NAME}: the adapter is incomplete. "

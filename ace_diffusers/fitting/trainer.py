@@ -181,6 +181,12 @@ class ACETrainer:
             loss.backward()
             optimizer.step()
             self.history.append(float(loss.detach()))
+            if not math.isfinite(self.history[-1]):
+                raise ACEValueError(
+                    f"Training diverged at step {step + 1} of {self.steps} (loss {self.history[-1]}): "
+                    f"learning_rate={self.learning_rate:g} is too large for this model. Try 2e-3 (the "
+                    "default) or lower; the closed-form adapter is unaffected."
+                )
             bar.set_postfix(erase=f"{loss_erase.item():.4f}", keep=f"{loss_keep.item():.4f}")
         bar.close()
         with torch.no_grad():

@@ -146,3 +146,22 @@ def test_a_subfolder_may_not_leave_the_adapter_folder(adapter, tmp_path, subfold
     (tmp_path / "repo").mkdir()
     with pytest.raises(ACEValueError, match="subfolder"):
         ACEAdapter.from_pretrained(tmp_path / "repo", subfolder=subfolder)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
+@pytest.mark.parametrize(
+    "target, expected",
+    [("/dev/zero", "a device, pipe or socket"), ("folder", "a folder"), ("missing", "a broken link")],
+)
+def test_an_adapter_file_that_is_no_regular_file_says_what_it_is(adapter, tmp_path, name, target, expected):
+    adapter.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / name
+    path.unlink()
+    if target == "folder":
+        (tmp_path / "elsewhere").mkdir()
+        target = tmp_path / "elsewhere"
+    elif target == "missing":
+        target = tmp_path / "gone"
+    path.symlink_to(target)
+    with pytest.raises(ACEAdapterFormatError, match=f"is {expected}.*not a regular file"):
+        ACEAdapter.from_pretrained(tmp_path / "a")

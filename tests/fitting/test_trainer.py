@@ -108,3 +108,10 @@ def test_default_steps_grow_with_the_number_of_concepts(pipe):
     assert four.steps == default_steps(4) == 600
     assert default_steps(10_000) == MAX_DEFAULT_STEPS
     assert ACETrainer(pipe, ["Van Gogh", "Claude Monet"], kind="style", steps=7, progress=False).steps == 7
+
+
+def test_a_diverging_fit_says_so(pipe):
+    trainer = small_trainer(pipe, learning_rate=1e30)
+    with pytest.raises(ACEValueError, match="Training diverged at step .*learning_rate=1e\\+30"):
+        trainer.fit()
+    assert trainer.adapter is None
