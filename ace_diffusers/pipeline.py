@@ -20,6 +20,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from .core.adapter import ACEAdapter
+from .deploy.conversions import install_conversion_hooks, remove_conversion_hooks
 from .deploy.export import export_lora
 from .deploy.fuse import check_not_fused, fuse_adapter, fused_state, unfuse_adapter
 from .errors import ACEAdapterNameError, ACECompatibilityError
@@ -170,12 +171,15 @@ def install_pipeline_methods() -> list[str]:
         method = _method(function, name)
         setattr(DiffusionPipeline, name, method)
         _installed[name] = method
+    install_conversion_hooks()
     return sorted(_installed)
 
 
 def remove_pipeline_methods() -> None:
-    """Undo :func:`install_pipeline_methods`: ``DiffusionPipeline`` is as diffusers defined it."""
+    """Undo :func:`install_pipeline_methods`: ``DiffusionPipeline`` (and ``UNetMotionModel.from_unet2d``,
+    see :mod:`ace_diffusers.deploy.conversions`) are as diffusers defined them."""
     for name, method in list(_installed.items()):
         if DiffusionPipeline.__dict__.get(name) is method:
             delattr(DiffusionPipeline, name)
         del _installed[name]
+    remove_conversion_hooks()
