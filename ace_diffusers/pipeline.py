@@ -25,7 +25,7 @@ from .deploy.export import export_lora
 from .deploy.fuse import check_not_fused, fuse_adapter, fused_state, unfuse_adapter
 from .errors import ACEAdapterNameError, ACECompatibilityError
 from .fitting.closed_form import erase_concept, prepare_erasure
-from .integration import attach
+from .integration import attach, carriers
 from .integration.modules import get_unet
 
 
@@ -47,7 +47,7 @@ def load_adapter(
     elif hub_kwargs:
         raise TypeError(f"Hub arguments {sorted(hub_kwargs)} only apply when loading from a path or repo id.")
     name = adapter_name if adapter_name is not None else attach.default_adapter_name(unet, adapter)
-    attach.attach_adapter(unet, adapter, name, scale=scale)
+    carriers.attach_everywhere(pipe, adapter, name, scale=scale)
     return name
 
 
@@ -61,7 +61,7 @@ def unload_adapter(pipe: Any, adapter_name: str | list[str] | None = None) -> No
     else:
         names = list(adapter_name)
     for name in names:
-        attach.detach_adapter(unet, name)
+        carriers.detach_everywhere(pipe, name)
 
 
 def set_adapters(
@@ -69,12 +69,12 @@ def set_adapters(
 ) -> None:
     """Activate exactly ``adapter_names`` (others stay loaded, inactive), optionally setting their scales."""
     check_not_fused(pipe, adapter_names)  # a fused adapter's gated path must stay off
-    attach.set_active_adapters(get_unet(pipe), adapter_names, scales)
+    carriers.set_active_everywhere(pipe, adapter_names, scales)
 
 
 def enable_adapters(pipe: Any) -> None:
     """Switch all active ACE adapters back on after :func:`disable_adapters`."""
-    attach.set_enabled(get_unet(pipe), True)
+    carriers.set_enabled_everywhere(pipe, True)
 
 
 def disable_adapters(pipe: Any) -> None:
@@ -90,7 +90,7 @@ def disable_adapters(pipe: Any) -> None:
             "edit is in the UNet's weights. Call unfuse_ace_adapter() to undo it.",
             stacklevel=2,
         )
-    attach.set_enabled(unet, False)
+    carriers.set_enabled_everywhere(pipe, False)
 
 
 def get_active_adapters(pipe: Any) -> list[str]:

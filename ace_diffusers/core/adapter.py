@@ -106,6 +106,21 @@ class ACEAdapter:
         layers = {name: f.to(*args, **kwargs) for name, f in self.layers.items()}
         return self._with_layers(layers)
 
+    def restricted(self, layer_shapes: Mapping[str, tuple[int, int, int]]) -> ACEAdapter:
+        """The same edit on a subset of the layers: those of a model that shares some of the UNet's
+        layers (a ControlNet copies its down and mid blocks). Every requested layer must be in the
+        adapter with the same shape."""
+        missing = sorted(set(layer_shapes) - set(self.layers))
+        if missing:
+            raise ACEArchitectureMismatchError(
+                f"Layer '{missing[0]}' (and {len(missing) - 1} more) has no entry in the adapter: this model "
+                "does not share its cross-attention layers with the UNet the adapter was fitted for."
+            )
+        part = {name: self.layers[name] for name in sorted(layer_shapes)}
+        adapter = self._with_layers(part)
+        adapter.check_compatible(layer_shapes)
+        return adapter
+
     def _with_layers(self, layers: Mapping[str, LayerFactors]) -> ACEAdapter:
         return ACEAdapter(
             layers,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS
-from ..errors import ACEAdapterNameError, ACEValueError
+from ..errors import ACEAdapterNameError, ACECompatibilityError, ACEValueError
 from ..integration.attach import (
     active_adapters,
     adapter_deltas,
@@ -28,6 +28,7 @@ from ..integration.attach import (
     loaded_adapters,
     single_loaded_adapter,
 )
+from ..integration.carriers import controlnets
 from ..integration.consistency import changing_state
 from ..integration.modules import cross_attention_modules, get_unet, projection_weight
 from .bake import BakedEdit, BakeSettings, bake
@@ -157,6 +158,14 @@ def fuse_adapter(
     unet = get_unet(pipe)
     state = fused_state(unet)
     names = _names_to_fuse(unet, adapter_name, state)
+    carried = [n for net in controlnets(pipe) for n in names if n in loaded_adapters(net)]
+    if carried:
+        raise ACECompatibilityError(
+            f"Adapter(s) {sorted(set(carried))} also erase this pipeline's ControlNet, and fusing writes "
+            "only "
+            "the UNet's weights: a fused checkpoint would ship an un-erased ControlNet. Keep the adapter "
+            "loaded (not fused) on ControlNet pipelines, or fuse on the pipeline without the ControlNet."
+        )
     modules = cross_attention_modules(unet)
     loaded = loaded_adapters(unet)
 

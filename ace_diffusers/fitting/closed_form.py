@@ -23,12 +23,12 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEAdapterNameError, ACETruncationWarning, ACEValueError
 from ..integration.attach import (
-    attach_adapter,
     check_scale,
     default_adapter_name,
     loaded_adapters,
     validate_adapter_name,
 )
+from ..integration.carriers import attach_everywhere
 from ..integration.modules import cross_attention_modules, get_unet, projection_weight
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
@@ -211,7 +211,7 @@ def erase_concept(
     adapter = fit_adapter(pipe, spec, settings, progress=progress)
     if load:
         name = adapter_name or default_adapter_name(unet, adapter)
-        attach_adapter(unet, adapter, name, scale=scale)
+        attach_everywhere(pipe, adapter, name, scale=scale)
     return adapter
 
 
