@@ -12,12 +12,13 @@ beside the stack and use it; ``cli`` runs them all.
 
 from __future__ import annotations
 
-from .core.adapter import ACEAdapter
-from .core.factors import LayerFactors
-from .core.processor import ACEAttnProcessor
-from .deploy.bake import BakeSettings
-from .deploy.export import export_lora, save_lora, to_diffusers_lora
-from .deploy.fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ._verbs import install_pipeline_methods, remove_pipeline_methods
 from .errors import (
     ACEAdapterFormatError,
     ACEAdapterNameError,
@@ -28,25 +29,100 @@ from .errors import (
     ACETruncationWarning,
     ACEValueError,
 )
-from .fitting.closed_form import Preparation, erase_concept, prepare_erasure
-from .fitting.data import FitSettings
-from .fitting.trainer import ACETrainer
-from .pipeline import (
-    disable_adapters,
-    enable_adapters,
-    get_active_adapters,
-    get_adapter,
-    get_list_adapters,
-    install_pipeline_methods,
-    load_adapter,
-    push_adapter,
-    remove_pipeline_methods,
-    set_adapters,
-    unload_adapter,
-)
 from .version import __version__  # noqa: F401  (ace_diffusers.__version__)
 
-install_pipeline_methods()
+# Public names and the module each lives in. They are imported on first use (PEP 562), so that
+# ``import ace_diffusers`` -- and with it ``ace-diffusers --help`` -- does not load torch and diffusers.
+_LAZY: dict[str, str] = {
+    "ACEAdapter": ".core.adapter",
+    "LayerFactors": ".core.factors",
+    "ACEAttnProcessor": ".core.processor",
+    "BakeSettings": ".deploy.bake",
+    **dict.fromkeys(["export_lora", "save_lora", "to_diffusers_lora"], ".deploy.export"),
+    **dict.fromkeys(
+        ["fuse_adapter", "fused_reports", "get_fused_adapters", "unfuse_adapter"], ".deploy.fuse"
+    ),
+    **dict.fromkeys(["Preparation", "erase_concept", "prepare_erasure"], ".fitting.closed_form"),
+    "FitSettings": ".fitting.data",
+    "ACETrainer": ".fitting.trainer",
+    **dict.fromkeys(
+        [
+            "disable_adapters",
+            "enable_adapters",
+            "get_active_adapters",
+            "get_adapter",
+            "get_list_adapters",
+            "load_adapter",
+            "push_adapter",
+            "set_adapters",
+            "unload_adapter",
+        ],
+        ".pipeline",
+    ),
+}
+
+
+if TYPE_CHECKING:  # the same names, statically visible to type checkers and the API docs
+    from .core.adapter import ACEAdapter
+    from .core.factors import LayerFactors
+    from .core.processor import ACEAttnProcessor
+    from .deploy.bake import BakeSettings
+    from .deploy.export import export_lora, save_lora, to_diffusers_lora
+    from .deploy.fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
+    from .fitting.closed_form import Preparation, erase_concept, prepare_erasure
+    from .fitting.data import FitSettings
+    from .fitting.trainer import ACETrainer
+    from .pipeline import (
+        disable_adapters,
+        enable_adapters,
+        get_active_adapters,
+        get_adapter,
+        get_list_adapters,
+        load_adapter,
+        push_adapter,
+        set_adapters,
+        unload_adapter,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ace_diffusers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _AfterDiffusersLoads(importlib.abc.MetaPathFinder):
+    """Installs the pipeline methods right after ``import diffusers`` runs (once, then leaves)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "diffusers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            install_pipeline_methods()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+# ``import ace_diffusers`` gives every pipeline the ACE verbs: at once when diffusers is loaded already,
+# otherwise as soon as it is (a pipeline cannot exist before that).
+if "diffusers" in sys.modules:
+    install_pipeline_methods()
+elif not any(isinstance(f, _AfterDiffusersLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterDiffusersLoads())
 
 __all__ = [
     "ACEAdapter",

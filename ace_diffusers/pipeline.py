@@ -1,13 +1,8 @@
-"""Pipeline verbs: the functional API, and the methods ``import ace_diffusers`` adds to diffusers pipelines.
+"""Pipeline verbs: the functional API behind the methods ``import ace_diffusers`` adds to diffusers
+pipelines (:mod:`ace_diffusers._verbs` installs them and says why and how to undo it).
 
-Attach mechanism (and why): at import we add a handful of methods (``load_ace_adapter``,
-``erase_concept``, ...) to ``diffusers.DiffusionPipeline`` itself — the same object every SD/SDXL,
-img2img and inpaint pipeline inherits from. We never swap a pipeline's ``__class__`` nor subclass it,
-so ``pipe.save_pretrained`` still records the original ``_class_name`` and the folder reloads with
-plain ``DiffusionPipeline.from_pretrained``. The patch is undoable (:func:`remove_pipeline_methods`)
-and never overwrites an attribute diffusers already defines. Users who prefer no class changes call
-the functions below (``ace_diffusers.load_adapter(pipe, ...)``) and can run
-``ace_diffusers.remove_pipeline_methods()``.
+Every function takes the pipeline first: ``ace_diffusers.load_adapter(pipe, ...)`` is
+``pipe.load_ace_adapter(...)`` for users who prefer no class changes.
 """
 
 from __future__ import annotations
@@ -17,13 +12,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from diffusers import DiffusionPipeline
-
+from ._verbs import install_pipeline_methods, remove_pipeline_methods
 from .core.adapter import ACEAdapter
-from .deploy.conversions import install_conversion_hooks, remove_conversion_hooks
 from .deploy.export import export_lora
 from .deploy.fuse import check_not_fused, fuse_adapter, fused_state, unfuse_adapter
-from .errors import ACEAdapterNameError, ACECompatibilityError
+from .errors import ACEAdapterNameError
 from .fitting.closed_form import erase_concept, prepare_erasure
 from .integration import attach, carriers
 from .integration.modules import get_unet
@@ -122,64 +115,22 @@ def push_adapter(pipe: Any, repo_id: str, adapter_name: str | None = None, **pus
     return get_adapter(pipe, adapter_name).push_to_hub(repo_id, **push_kwargs)
 
 
-# ---------------------------------------------------------------------- methods on pipelines
-def _method(function: Any, name: str) -> Any:
-    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return function(self, *args, **kwargs)
-
-    method.__name__ = name
-    method.__qualname__ = f"DiffusionPipeline.{name}"
-    method.__doc__ = function.__doc__
-    method.__wrapped__ = function
-    return method
-
-
-def _pipeline_methods() -> dict[str, Any]:
-    methods = {
-        "load_ace_adapter": load_adapter,
-        "unload_ace_adapter": unload_adapter,
-        "set_ace_adapters": set_adapters,
-        "enable_ace_adapters": enable_adapters,
-        "disable_ace_adapters": disable_adapters,
-        "get_active_ace_adapters": get_active_adapters,
-        "get_list_ace_adapters": get_list_adapters,
-        "get_ace_adapter": get_adapter,
-        "push_ace_adapter": push_adapter,
-        "erase_concept": erase_concept,
-        "prepare_erasure": prepare_erasure,
-        "fuse_ace_adapter": fuse_adapter,
-        "unfuse_ace_adapter": unfuse_adapter,
-        "export_ace_lora": export_lora,
-    }
-    return methods
-
-
-_installed: dict[str, Any] = {}
-
-
-def install_pipeline_methods() -> list[str]:
-    """Add the ``*_ace_*`` verbs, ``erase_concept`` and ``prepare_erasure`` to ``DiffusionPipeline`` "
-    "(idempotent)."""
-    for name, function in _pipeline_methods().items():
-        if name in _installed:
-            continue
-        if hasattr(DiffusionPipeline, name):
-            raise ACECompatibilityError(
-                f"diffusers.DiffusionPipeline already defines '{name}'; refusing to overwrite it. Use the "
-                f"functional API (ace_diffusers.{function.__name__}) instead."
-            )
-        method = _method(function, name)
-        setattr(DiffusionPipeline, name, method)
-        _installed[name] = method
-    install_conversion_hooks()
-    return sorted(_installed)
-
-
-def remove_pipeline_methods() -> None:
-    """Undo :func:`install_pipeline_methods`: ``DiffusionPipeline`` (and ``UNetMotionModel.from_unet2d``,
-    see :mod:`ace_diffusers.deploy.conversions`) are as diffusers defined them."""
-    for name, method in list(_installed.items()):
-        if DiffusionPipeline.__dict__.get(name) is method:
-            delattr(DiffusionPipeline, name)
-        del _installed[name]
-    remove_conversion_hooks()
+# what the pipeline methods call (``_verbs.PIPELINE_METHODS``), and the install switches
+__all__ = [
+    "disable_adapters",
+    "enable_adapters",
+    "erase_concept",
+    "export_lora",
+    "fuse_adapter",
+    "get_active_adapters",
+    "get_adapter",
+    "get_list_adapters",
+    "install_pipeline_methods",
+    "load_adapter",
+    "prepare_erasure",
+    "push_adapter",
+    "remove_pipeline_methods",
+    "set_adapters",
+    "unfuse_adapter",
+    "unload_adapter",
+]

@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from ..version import __version__
+
 # name -> (module, help). Modules are imported only when their command runs (fast --help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
@@ -55,13 +57,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: ace-diffusers COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
+    lines = [
+        "usage: ace-diffusers COMMAND [options]   (COMMAND --help for its options)",
+        "       ace-diffusers --version",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"ace-diffusers {__version__}")
+        return 0
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     for words in (2, 1):
         name = " ".join(argv[:words])

@@ -6,20 +6,17 @@ copies the weights through ``state_dict()``. ACE's tensors are non-persistent bu
 enter a saved checkpoint; the copy therefore left them behind and
 ``AnimateDiffPipeline.from_pipe(erased_pipe, motion_adapter=...)`` made un-erased videos, silently.
 
-:func:`install_conversion_hooks` wraps that one classmethod (the only diffusers class attribute
-ace-diffusers replaces; ``ace_diffusers.remove_pipeline_methods()`` restores it). The wrapper calls
-diffusers' own conversion, then attaches the source's adapters to the new model under the same names,
-with the same scales, active set and on/off switch. The motion UNet's spatial cross-attention layers
-have the names and shapes of the source's, so every adapter fits; its motion modules attend over time,
-not to the text, and carry nothing. Adapters fused into the source's weights arrive fused (the weights
-are copied) and stay unfusable on the new model.
+``import ace_diffusers`` wraps that one classmethod (the only diffusers class attribute ace-diffusers
+replaces; see :mod:`ace_diffusers._verbs`, and ``ace_diffusers.remove_pipeline_methods()`` restores it).
+The wrapper calls diffusers' own conversion, then :func:`carry_adapters` attaches the source's adapters
+to the new model under the same names, with the same scales, active set and on/off switch. The motion
+UNet's spatial cross-attention layers have the names and shapes of the source's, so every adapter fits;
+its motion modules attend over time, not to the text, and carry nothing. Adapters fused into the
+source's weights arrive fused (the weights are copied) and stay unfusable on the new model.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from diffusers import UNetMotionModel
 from torch import nn
 
 from ..integration.attach import (
@@ -33,8 +30,6 @@ from ..integration.attach import (
 )
 from ..integration.modules import unwrap_model
 from .fuse import FUSED_ATTR, FusedState, fused_state
-
-_ORIGINAL: dict[str, Any] = {}
 
 
 def carry_adapters(source: nn.Module, target: nn.Module) -> list[str]:
@@ -56,23 +51,3 @@ def carry_adapters(source: nn.Module, target: nn.Module) -> list[str]:
     if state is not None:  # the fused weights came with the copy; so does the record that undoes them
         target.__dict__[FUSED_ATTR] = FusedState(dict(state.originals), dict(state.adapters))
     return list(adapters)
-
-
-def _from_unet2d(cls: type, unet: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    model = _ORIGINAL["from_unet2d"].__func__(cls, unet, *args, **kwargs)
-    carry_adapters(unet, model)
-    return model
-
-
-def install_conversion_hooks() -> None:
-    """Wrap ``UNetMotionModel.from_unet2d`` so motion UNets built from an erased UNet stay erased."""
-    if "from_unet2d" not in _ORIGINAL:
-        _ORIGINAL["from_unet2d"] = UNetMotionModel.__dict__["from_unet2d"]
-        UNetMotionModel.from_unet2d = classmethod(_from_unet2d)
-
-
-def remove_conversion_hooks() -> None:
-    """Put diffusers' own ``UNetMotionModel.from_unet2d`` back."""
-    original = _ORIGINAL.pop("from_unet2d", None)
-    if original is not None:
-        UNetMotionModel.from_unet2d = original

@@ -63,7 +63,7 @@ def test_remove_pipeline_methods_restores_diffusers_conversion():
         assert UNetMotionModel.from_unet2d.__func__.__module__.startswith("diffusers")
     finally:
         ace_diffusers.install_pipeline_methods()
-    assert UNetMotionModel.from_unet2d.__func__.__module__ == "ace_diffusers.deploy.conversions"
+    assert UNetMotionModel.from_unet2d.__func__.__module__ == "ace_diffusers._verbs"
 
 
 def test_fused_adapters_arrive_fused_and_can_be_unfused(sd_pipe):
