@@ -27,7 +27,6 @@ temporary directory for the run, so the user's cache is not touched.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .. import helptext
 from ..fitting.closed_form import erase_concept, prepare_erasure
 from ..fitting.embedding_cache import EMBEDDINGS
 from ..testing import sd15_shaped_pipeline
@@ -184,7 +184,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench closed-form", description=__doc__)
+    parser = helptext.parser("bench closed-form", __doc__)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")

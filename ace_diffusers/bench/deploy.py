@@ -18,7 +18,6 @@ markers, so the page's figures are never typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import helptext
 from .._io import atomic_write_json, atomic_write_text
 from ..deploy.export import save_lora
 from ..deploy.fuse import fused
@@ -286,7 +286,7 @@ def write_section(path: str | os.PathLike, body: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench deploy", description=__doc__.split("\n\n")[0])
+    parser = helptext.parser("bench deploy", __doc__, first_paragraph=True)
     parser.add_argument(
         "--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, 1 image per prompt"
     )

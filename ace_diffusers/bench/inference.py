@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from .. import helptext
 from ..deploy.fuse import fuse_adapter, unfuse_adapter
 from ..fitting.solvers import default_rank
 from ..integration.attach import attach_adapter, detach_adapter
@@ -187,7 +187,7 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench inference", description=__doc__)
+    parser = helptext.parser("bench inference", __doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)

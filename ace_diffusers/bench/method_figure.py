@@ -9,7 +9,6 @@ randomness except the closed form's fixed-seed range finder, so the figure is re
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import helptext
 from .._io import atomic_write_bytes
 from ..core.processor import get_stack
 from ..fitting.closed_form import erase_concept
@@ -224,7 +224,7 @@ def write_method_figure(output: str | os.PathLike, concept: str = DEFAULT_CONCEP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers figures", description=__doc__.split("\n\n")[0])
+    parser = helptext.parser("figures", __doc__, first_paragraph=True)
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="PNG to write (default: %(default)s)")
     parser.add_argument("--concept", default=DEFAULT_CONCEPT,
                         help="miniature-world shape or fill style to erase")

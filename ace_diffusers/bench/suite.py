@@ -22,7 +22,6 @@ across processes; timings are taken by the main process alone). Needs the ``benc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .. import helptext
 from ..eval.common import partial_state
 from . import closed_form, efficacy, inference
 from .efficacy_plans import ERASERS, FULL, MULTI_CONCEPTS, QUICK
@@ -131,8 +131,7 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("bench", __doc__)
     parser.add_argument("--quick", action="store_true", help="the ~15-minute version")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT),

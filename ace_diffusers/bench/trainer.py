@@ -7,13 +7,13 @@ measured by generating images with fixed seeds and classifying them with the bun
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
 import torch
 
+from .. import helptext
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..fitting.closed_form import fit_adapter
 from ..fitting.data import FitSettings
@@ -161,7 +161,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers bench trainer", description=__doc__)
+    parser = helptext.parser("bench trainer", __doc__)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     # circle, star and hexagon have a neutral floor above the Acc_e target (the empty anchor is drawn as them)
     parser.add_argument("--multi", nargs="*", default=["square", "triangle", "heart", "striped"])

@@ -4,11 +4,15 @@ Loads the miniature SD pipeline and its classifier (offline, bundled weights), m
 classifier's accuracy on the concept (canonical word), its held-out synonyms and the other concepts,
 erases the concept with ``erase_concept`` given only the canonical word, measures again, and writes
 a before/after image grid.
+
+Examples::
+
+    ace-diffusers demo
+    ace-diffusers demo --concept striped --output striped.png
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import time
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .. import helptext
 from .._io import atomic_write_bytes
 from ..fitting.closed_form import erase_concept
 from ..shapes.classifier import load_shapes_classifier
@@ -87,7 +92,7 @@ def _print_table(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ace-diffusers demo", description=__doc__)
+    parser = helptext.parser("demo", __doc__)
     parser.add_argument(
         "--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)"
     )

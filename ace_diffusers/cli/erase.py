@@ -1,4 +1,10 @@
-"""``ace-diffusers erase``: fit an erasure adapter for a model and save (and optionally publish) it."""
+"""``ace-diffusers erase``: fit an erasure adapter for a model and save (and optionally publish) it.
+
+Examples::
+
+    ace-diffusers erase --model shapes --concept circle --output ./erase-circle
+    ace-diffusers erase --model ./sd15 --concept "Van Gogh" --kind style --output ./erase-van-gogh
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
+from .. import helptext
 from ..fitting.trainer import ACETrainer
 from ..shapes.pipeline import load_shapes_pipeline
 
@@ -23,7 +30,7 @@ def load_model(model: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ace-diffusers erase", description=__doc__)
+    parser = helptext.parser("erase", __doc__)
     parser.add_argument(
         "--model",
         required=True,

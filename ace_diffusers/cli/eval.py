@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, CLIPModel
 
+from .. import helptext
 from ..eval.attacks import ALL_ATTACKS
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.common import partial_state
@@ -41,8 +42,7 @@ from .erase import MINIATURE_NAMES, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ace-diffusers eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = helptext.parser("eval", __doc__)
     p.add_argument("--model", required=True,
                    help="'shapes' (the bundled miniature world), a local pipeline folder or a Hub id")
     what = p.add_mutually_exclusive_group()

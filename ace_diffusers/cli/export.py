@@ -1,14 +1,23 @@
-"""``ace-diffusers export``: write an ACE adapter as a plain LoRA file (diffusers/PEFT or kohya format)."""
+"""``ace-diffusers export``: write an ACE adapter as a plain LoRA file (diffusers/PEFT or kohya format).
+
+diffusers' load_lora_weights (and kohya-format readers such as ComfyUI's LoRA loader) load the file
+without ace-diffusers. The gate is lost: see docs/deploy.md.
+
+Examples::
+
+    ace-diffusers export --adapter ./erase-circle --output circle-lora.safetensors
+    ace-diffusers export --adapter ./erase-van-gogh --format kohya --output van-gogh-kohya.safetensors
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+from .. import helptext
 from ..core.adapter import ACEAdapter
 from ..deploy.bake import BakeSettings
 from ..deploy.export import DTYPES, FORMATS, MODES, save_lora
@@ -33,12 +42,7 @@ def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ace-diffusers export",
-        description="Export an ACE adapter as a plain LoRA safetensors file that diffusers' "
-        "load_lora_weights "
-        "(and kohya-format readers) load without ace-diffusers. The gate is lost: see docs/deploy.md.",
-    )
+    parser = helptext.parser("export", __doc__)
     parser.add_argument("--adapter", required=True, help="ACE adapter folder or Hub repo id")
     parser.add_argument("--output", required=True, help="output .safetensors file")
     parser.add_argument("--format", choices=FORMATS, default="diffusers-lora")

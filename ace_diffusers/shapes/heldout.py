@@ -15,7 +15,6 @@ These words are for evaluation only: nothing in the package's stack reads the wo
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import helptext
 from .._io import atomic_write_json, atomic_write_text
 from ..stats import wilson_interval
 from . import vocab
@@ -121,7 +121,7 @@ def heldout_words() -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ace-diffusers shapes heldout", description=__doc__.split("\n\n")[0])
+    p = helptext.parser("shapes heldout", __doc__, first_paragraph=True)
     p.add_argument("--per-shape", type=int, default=10, help="nearest candidate words tried per shape")
     p.add_argument("--images", type=int, default=32, help="images per candidate word (over the 8 colours)")
     p.add_argument("--seed", type=int, default=0)

@@ -20,13 +20,13 @@ Prints the table and (unless ``--no-docs``) writes it into ``docs/miniature_worl
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import helptext
 from ..fitting.presets import fill_phrase, load_presets
 from ..stats import wilson_interval
 from .classifier import load_shapes_classifier
@@ -154,7 +154,7 @@ def evaluate(pipe, classifier, cells: list[Cell], seed: int = 0, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ace-diffusers shapes quality", description=__doc__.split("\n\n")[0])
+    p = helptext.parser("shapes quality", __doc__, first_paragraph=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--weights-dir", default=None, help="weights directory (default: bundled)")

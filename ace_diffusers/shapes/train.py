@@ -12,7 +12,6 @@ JSON only, so ``--resume`` continues an interrupted run. Final artefacts go to
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from .. import helptext
 from . import vocab
 from .checkpoints import load_ckpt, read_json, save_tensors, write_json
 from .pipeline import (
@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="ace-diffusers shapes train", description=__doc__.split("\n\n")[0])
+    p = helptext.parser("shapes train", __doc__, first_paragraph=True)
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="final weights directory (default: bundled)")
     p.add_argument(
         "--work", default=str(REPO_ROOT / "runs" / "shapes"), help="checkpoints / scratch directory"
