@@ -31,7 +31,7 @@ from ..format import (
     group_layer_tensors,
     read_config,
 )
-from ..hub.card import build_model_card
+from ..hub.card import base_model_license, build_model_card
 from ..hub.download import clean_subfolder, resolve_adapter_dir
 from ..hub.push import push_adapter_folder
 from ..version import __version__
@@ -268,15 +268,30 @@ class ACEAdapter:
         create_pr: bool = False,
         eval_markdown: str | None = None,
         image_path: str | os.PathLike | None = None,
+        license: str | None = None,
+        eval_results: Mapping[str, float] | None = None,
     ) -> str:
-        """Publish this adapter (weights, config and a model card) to ``repo_id`` on the Hub."""
+        """Publish this adapter (weights, config and a model card) to ``repo_id`` on the Hub.
+
+        ``license``: the card's Hub license id; default the base model card's license when the base
+        model is on the Hub and its card names one. ``eval_results``: ``{metric: value}`` for the card's
+        ``model-index``; ``eval_markdown`` a Markdown report shown in the card.
+        """
+        if license is None:
+            license = base_model_license(self.base_model, token=token)
         with tempfile.TemporaryDirectory(prefix="ace-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / "adapter")
             image_relpath = None
             if image_path is not None:
                 image_relpath = Path(image_path).name
                 shutil.copy2(image_path, folder / image_relpath)
-            card = build_model_card(self.config, eval_markdown=eval_markdown, image_relpath=image_relpath)
+            card = build_model_card(
+                self.config,
+                eval_markdown=eval_markdown,
+                image_relpath=image_relpath,
+                license=license,
+                eval_results=eval_results,
+            )
             return push_adapter_folder(
                 folder,
                 repo_id,

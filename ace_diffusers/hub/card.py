@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..format import CONFIG_NAME, WEIGHTS_NAME
 from .common import LIBRARY_NAME, is_repo_id
@@ -17,7 +17,7 @@ from .common import LIBRARY_NAME, is_repo_id
 #: Written into the usage snippet of a card built without a repo id; ``push_adapter_folder``
 #: replaces it with the repo the card is pushed to.
 REPO_ID_PLACEHOLDER = "<repo_id>"
-BASE_TAGS = ("concept-erasure", "ace", "diffusers", "stable-diffusion")
+BASE_TAGS = ("text-to-image", "diffusers", "ace", "concept-erasure", "stable-diffusion")
 
 
 def build_model_card(
@@ -26,6 +26,8 @@ def build_model_card(
     eval_markdown: str | None = None,
     image_relpath: str | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
+    eval_results: Mapping[str, float] | None = None,
 ) -> ModelCard:
     """Build the Hub model card (``README.md``) for an adapter from its ``ace_config.json`` content.
 
@@ -36,8 +38,13 @@ def build_model_card(
         image_relpath: path, relative to the repo root, of a sample image to show.
         repo_id: the repo the card is for, used in the usage snippet; when ``None`` the snippet holds
             :data:`REPO_ID_PLACEHOLDER`, which :func:`push_adapter_folder` fills in.
+        license: the Hub license id (``"creativeml-openrail-m"``, ``"mit"``, ...); an adapter is
+            a derivative of its base model, so :meth:`ACEAdapter.push_to_hub` passes the base model's
+            license when it can read it and none is given. Omitted when unknown.
+        eval_results: ``{metric: value}`` (e.g. ``{"Acc_e": 0.03, "H": 0.91}``), written as the card's
+            ``model-index`` so the Hub shows them as evaluation results.
 
-    The metadata has ``library_name: ace-diffusers``, ``base_model`` (with
+    The metadata has ``library_name: ace-diffusers``, ``pipeline_tag: text-to-image``, ``base_model`` (with
     ``base_model_relation: adapter``; only when the config's base model is a Hub model id, since the
     Hub rejects local paths there), discovery tags and machine-readable ``erased_concepts`` /
     ``neutral_anchors``.
@@ -56,9 +63,49 @@ def build_model_card(
         extra["neutral_anchors"] = neutral
     if base_model:
         extra["base_model_relation"] = "adapter"
-    data = ModelCardData(library_name=LIBRARY_NAME, base_model=base_model, tags=tags, **extra)
+    data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        pipeline_tag="text-to-image",
+        license=license,
+        base_model=base_model,
+        tags=tags,
+        **_model_index(concepts, eval_results),
+        **extra,
+    )
     text = _card_text(config, concepts, neutral, repo_id or REPO_ID_PLACEHOLDER, eval_markdown, image_relpath)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def base_model_license(base_model: str | None, *, token: str | bool | None = None) -> str | None:
+    """The ``license`` of the base model's Hub card, or ``None`` (not a Hub id, offline, no card, none)."""
+    repo = _hub_model_id(base_model)
+    if repo is None:
+        return None
+    try:
+        value = ModelCard.load(repo, token=token).data.license
+    except Exception:  # noqa: BLE001 - best effort: a card without a license is still a valid card
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _model_index(concepts: list[str], eval_results: Mapping[str, float] | None) -> dict[str, Any]:
+    """``model_name`` + ``eval_results`` for ``ModelCardData`` (its ``model-index``), or nothing."""
+    if not eval_results:
+        return {}
+    name = ", ".join(concepts[:5]) or "concepts"
+    results = [
+        EvalResult(
+            task_type="text-to-image",
+            task_name="Concept erasure",
+            dataset_type="ace-diffusers/erasure-eval",
+            dataset_name=f"Erasure evaluation of {name}",
+            metric_type=str(metric),
+            metric_name=str(metric),
+            metric_value=float(value),
+        )
+        for metric, value in eval_results.items()
+    ]
+    return {"model_name": f"ACE erasure of {name}", "eval_results": results}
 
 
 def _hub_model_id(value: Any) -> str | None:

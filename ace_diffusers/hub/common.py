@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,22 @@ from ..errors import ACEAdapterFormatError, ACEHubError, ACEValueError
 from ..format import CONFIG_NAME, WEIGHTS_NAME
 
 LIBRARY_NAME = "ace-diffusers"
+# The Hub counts a repo's downloads by requests to its query files; for a library it has no rule for
+# (ace-diffusers) that is ``config.json``. Every pushed adapter carries this tiny file and every
+# load_ace_adapter() from the Hub fetches it (once per load; a repo without it still loads), so the
+# counter shows real use. It names the adapter files; nothing reads it to load an adapter.
+COUNT_FILE = "config.json"
+
+
+def count_file_content(config: dict) -> bytes:
+    """The ``config.json`` pushed beside an adapter (what it is, which files hold it)."""
+    body = {
+        "library_name": LIBRARY_NAME,
+        "ace_format_version": config.get("format_version"),
+        "adapter_config": "ace_config.json",
+        "adapter_weights": "ace_adapter.safetensors",
+    }
+    return (json.dumps(body, indent=2) + "\n").encode("utf-8")
 ADAPTER_FILES_HINT = (
     f"ACE adapters contain {CONFIG_NAME} and {WEIGHTS_NAME} (written by ACEAdapter.save_pretrained() "
     "or ACEAdapter.push_to_hub())"

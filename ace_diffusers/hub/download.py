@@ -37,6 +37,7 @@ from ..format import CONFIG_NAME, WEIGHTS_NAME
 from ..version import __version__
 from .common import (
     ADAPTER_FILES_HINT,
+    COUNT_FILE,
     LIBRARY_NAME,
     LOGIN_HINT,
     SHA_RE,
@@ -116,12 +117,22 @@ def resolve_adapter_dir(
         weights_path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit or revision, **common))
     except Exception as err:
         raise _download_error(err, ctx, WEIGHTS_NAME) from err
+    _touch_count_file(repo_id, commit or revision, common)
     if weights_path.parent != config_path.parent:  # only without a standard cache layout
         raise ACEHubError(
             f"ACE adapter '{repo_id}' changed while it was being downloaded ({CONFIG_NAME} and "
             f"{WEIGHTS_NAME} come from different commits). Retry, or pin revision= to a commit sha."
         )
     return config_path.parent
+
+
+def _touch_count_file(repo_id: str, revision: str | None, common: dict[str, Any]) -> None:
+    """Fetch the repo's download-count file (:data:`COUNT_FILE`), so the Hub counts this load; a repo
+    without it (pushed by an older version, or by hand), offline mode or any failure changes nothing."""
+    try:
+        hf_hub_download(repo_id, COUNT_FILE, revision=revision, **common)
+    except Exception:  # noqa: BLE001 - best effort: loading never depends on the counter
+        return
 
 
 def clean_subfolder(subfolder: str | os.PathLike | None) -> str:

@@ -22,10 +22,12 @@ from ..format import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..version import __version__
 from .card import REPO_ID_PLACEHOLDER, build_model_card
 from .common import (
+    COUNT_FILE,
     LIBRARY_NAME,
     LOGIN_HINT,
     SHA_RE,
     check_local_folder,
+    count_file_content,
     http_error,
     is_network_error,
     token_available,
@@ -52,7 +54,8 @@ def push_adapter_folder(
 
     Creates the repo if needed (``private`` applies only to a new repo), creates ``revision`` as a
     branch from ``main`` when it names a branch that does not exist yet, and commits
-    ``ace_config.json``, ``ace_adapter.safetensors``, ``README.md`` and any images in the folder
+    ``ace_config.json``, ``ace_adapter.safetensors``, ``README.md``, the download-count file
+    ``config.json`` (:data:`~ace_diffusers.hub.common.COUNT_FILE`) and any images in the folder
     (:data:`IMAGE_SUFFIXES`). The README is ``model_card`` if given, else the folder's own
     ``README.md``, else a card built from the config; a :data:`REPO_ID_PLACEHOLDER` in it is replaced
     by the repo id. The folder itself is not modified. With ``create_pr=True`` the commit opens a
@@ -140,6 +143,7 @@ def _commit_operations(
         CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=str(folder / CONFIG_NAME)),
         CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=str(folder / WEIGHTS_NAME)),
         CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")),
+        CommitOperationAdd(path_in_repo=COUNT_FILE, path_or_fileobj=count_file_content(dict(config))),
     ]
     images = sorted(
         p

@@ -48,3 +48,41 @@ def test_default_model_card_when_none_is_given(hub_server, tmp_path):
     card = ModelCard.load(repo)
     assert card.data.library_name == "ace-diffusers" and card.data.base_model is None
     assert f'pipe.load_ace_adapter("{repo}")' in card.text
+
+
+def test_card_follows_hub_conventions_and_the_hub_counts_loads(hub_server, tmp_path):
+    from ace_diffusers.core.adapter import ACEAdapter
+
+    from .conftest import small_adapter
+
+    base = hub_server.repo_id("base-model")
+    HfApi().create_repo(base, token=hub_server.token)
+    HfApi().upload_file(
+        path_or_fileobj=b"---\nlicense: creativeml-openrail-m\n---\n# base\n",
+        path_in_repo="README.md",
+        repo_id=base,
+        token=hub_server.token,
+    )
+    adapter = small_adapter()
+    adapter.base_model = base
+    repo = hub_server.repo_id("conventions")
+    adapter.push_to_hub(repo, token=hub_server.token, eval_results={"Acc_e": 0.03, "H": 0.91})
+
+    card = ModelCard.load(repo)  # parsed by the Hub client, as the Hub does
+    assert card.data.license == "creativeml-openrail-m"  # inherited from the base model's card
+    assert card.data.pipeline_tag == "text-to-image"
+    assert {"text-to-image", "diffusers", "ace", "concept-erasure"} <= set(card.data.tags)
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"Acc_e": 0.03, "H": 0.91} and card.data.eval_results[0].task_type == "text-to-image"
+    assert "config.json" in HfApi().list_repo_files(repo)
+
+    before = sum(1 for _, path, _ in hub_server.server.requests if path.endswith("/config.json"))
+    ACEAdapter.from_pretrained(repo, cache_dir=tmp_path / "cache")
+    after = sum(1 for _, path, _ in hub_server.server.requests if path.endswith("/config.json"))
+    assert after > before  # each load requests the file the Hub counts downloads by
+
+
+def test_an_explicit_license_wins_and_unknown_means_none(tmp_path):
+    card = build_model_card(CONFIG, license="mit")
+    assert card.data.license == "mit"
+    assert build_model_card(CONFIG).data.license is None

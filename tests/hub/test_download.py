@@ -25,7 +25,7 @@ def test_push_then_download_by_repo_id_is_byte_identical(hub_server, tmp_path):
     url = push_adapter_folder(folder, repo, token=hub_server.token)
     assert url.startswith(f"{hub_server.endpoint}/{repo}/commit/")
     assert sorted(HfApi().list_repo_files(repo)) == sorted(
-        [".gitattributes", "README.md", CONFIG_NAME, WEIGHTS_NAME]
+        [".gitattributes", "README.md", "config.json", CONFIG_NAME, WEIGHTS_NAME]
     )
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [CONFIG_NAME, WEIGHTS_NAME]
