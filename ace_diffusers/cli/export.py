@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from .. import helptext
 from ..core.adapter import ACEAdapter
 from ..deploy.bake import BakeSettings
-from ..deploy.export import DTYPES, FORMATS, MODES, save_lora
+from ..deploy.export import CLI_DEFAULT_FORMAT, DTYPES, MODES, TOOL_FORMATS, save_lora
 from ..errors import ACEError, ACEValueError
 from ..integration.modules import layer_shapes
 
@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = helptext.parser("export", __doc__)
     parser.add_argument("--adapter", required=True, help="ACE adapter folder or Hub repo id")
     parser.add_argument("--output", required=True, help="output .safetensors file")
-    parser.add_argument("--format", choices=FORMATS, default="diffusers-lora")
+    parser.add_argument(
+        "--format",
+        choices=list(TOOL_FORMATS),
+        default=CLI_DEFAULT_FORMAT,
+        help="the tool that will load the file (comfyui, a1111, kohya: kohya keys; diffusers: PEFT keys); "
+        f"default {CLI_DEFAULT_FORMAT}, which all of them load",
+    )
     parser.add_argument(
         "--mode",
         choices=MODES,

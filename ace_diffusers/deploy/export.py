@@ -10,7 +10,7 @@ A LoRA has no gate, so something is lost (see ``docs/deploy.md``). Two modes:
 * ``"ungated"``: the adapter's own factors ``s·B``, ``A``, applied to *every* token (gate dropped). No
   text encoder needed, but unrelated prompts are edited as much as the concept (usually much worse).
 
-Key formats (read by diffusers' ``load_lora_weights``; learned from ``diffusers.loaders``):
+Key formats (``format=`` names the layout or the tool that loads it, :data:`TOOL_FORMATS`):
 
 * ``diffusers-lora``: ``unet.<layer>.to_k.lora_A.weight`` (r, d_text) and ``...lora_B.weight``
   (d_k, r), same for ``to_v``; the LoRA config (``r``, ``lora_alpha = r``, so scaling 1) goes into the
@@ -18,7 +18,13 @@ Key formats (read by diffusers' ``load_lora_weights``; learned from ``diffusers.
 * ``kohya``: ``lora_unet_<layer with '_' for '.'>_to_k.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` (= r, so scaling 1). Block names are the diffusers ones (what kohya uses for SD 1.x/2.x
   UNets); SDXL kohya files from kohya's own trainer use SGM block names instead, which diffusers also
-  reads, but other tools may expect them.
+  reads, but other tools may expect them. ComfyUI and AUTOMATIC1111 read this layout (and no PEFT
+  key of an SD UNet), so it is the command line's default.
+
+diffusers' ``pipe.load_lora_weights`` logs "No LoRA keys associated to CLIPTextModel" for every
+UNet-only LoRA (its text-encoder step finds nothing); ``pipe.unet.load_lora_adapter(path,
+prefix="unet", adapter_name=...)`` loads a ``diffusers-lora`` export without that step and without the
+message.
 """
 
 from __future__ import annotations
@@ -40,7 +46,17 @@ from ..version import __version__
 from .bake import BakedEdit, BakeSettings, bake
 from .fuse import fused_state
 
-FORMATS = ("diffusers-lora", "kohya")
+FORMATS = ("diffusers-lora", "kohya")  # the two key layouts written
+# ``format=`` may name the tool instead of the layout. Which layout each tool reads (from each tool's
+# published key rules; docs/deploy.md has the table and how each was verified):
+TOOL_FORMATS: dict[str, str] = {
+    "diffusers": "diffusers-lora",  # diffusers/PEFT: unet.<module>.lora_A/lora_B (reads kohya too)
+    "diffusers-lora": "diffusers-lora",
+    "kohya": "kohya",  # kohya-ss sd-scripts: lora_unet_<module with _>.lora_down/lora_up/alpha
+    "comfyui": "kohya",  # ComfyUI's LoRA loader matches no PEFT key of an SD UNet, every kohya one
+    "a1111": "kohya",  # AUTOMATIC1111 webui: converts lora_unet_down_blocks_... names to its own
+}
+CLI_DEFAULT_FORMAT = "kohya"  # the layout every one of these tools loads
 MODES = ("baked", "ungated")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -112,8 +128,11 @@ def lora_state_dict(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, safetensors metadata)`` of the exported LoRA (module docstring for formats/modes)."""
-    if format not in FORMATS:
-        raise ACEValueError(f"Unknown LoRA format {format!r}; choose one of {list(FORMATS)}.")
+    if format not in TOOL_FORMATS:
+        raise ACEValueError(
+            f"Unknown LoRA format {format!r}; name the tool that will load it, one of {list(TOOL_FORMATS)}."
+        )
+    format = TOOL_FORMATS[format]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ACEValueError(f"rank must be a positive integer or None, got {rank!r}.")
     factors, baked = _plain_factors(

@@ -30,7 +30,8 @@ def test_cli_export(fitted, tmp_path, capsys):
     expected = lora_state_dict(adapter, format="kohya", baked=baked)[0]
     written = load_file(str(out))
     assert set(written) == set(expected)
-    assert all(torch.allclose(written[k], expected[k], atol=1e-6) for k in expected)
+    # float rounding only: the token embeddings may come from batches of another size (cache)
+    assert all(torch.allclose(written[k], expected[k], atol=1e-5, rtol=1e-4) for k in expected)
     # no recorded base model and no --base: a clear error; --mode ungated needs no base
     assert (
         cli_main(
