@@ -11,6 +11,7 @@ Examples::
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
 
@@ -41,7 +42,7 @@ def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
     return DiffusionPipeline.from_pretrained(base, **skip)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = helptext.parser("export", __doc__)
     parser.add_argument("--adapter", required=True, help="ACE adapter folder or Hub repo id")
     parser.add_argument("--output", required=True, help="output .safetensors file")
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         help="baked mode: weight of non-concept tokens in the least-squares fit",
     )
     parser.add_argument("--ridge", type=float, default=BakeSettings.ridge, help="baked mode: relative ridge")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     try:
