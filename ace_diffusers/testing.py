@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .core.adapter import ACEAdapter
 from .core.factors import LayerFactors
-from .errors import ACECompatibilityError
 from .integration.modules import layer_shapes
 
 CLIP_VOCAB_SIZE = 49408
@@ -35,17 +33,8 @@ BOS_ID, EOS_ID = 49406, 49407
 
 
 def _clip_bpe_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("open-clip-torch")
-    except importlib.metadata.PackageNotFoundError as err:
-        raise ACECompatibilityError(
-            "The offline CLIP tokenizer needs the BPE vocabulary shipped in the open-clip-torch wheel: run "
-            "`pip install --no-deps open-clip-torch` (its dependencies are not needed)."
-        ) from err
-    for file in dist.files or []:
-        if str(file).endswith("bpe_simple_vocab_16e6.txt.gz"):
-            return Path(dist.locate_file(file))
-    raise ACECompatibilityError("open-clip-torch is installed but has no bpe_simple_vocab_16e6.txt.gz.")
+    """CLIP's BPE vocabulary, bundled with its licence (``data/clip_bpe_simple_vocab_16e6.LICENSE.txt``)."""
+    return Path(__file__).resolve().parent / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
 
 
 def _bytes_to_unicode() -> list[str]:

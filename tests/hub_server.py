@@ -81,6 +81,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import yaml  # PyYAML: installed with huggingface_hub, which parses card metadata with it
+
 MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_COMMIT_LINES = 20_000
 MAX_TREE_DEPTH = 64
@@ -923,46 +925,19 @@ def _check_repo_path(path: str) -> None:
 
 
 def _front_matter(readme: bytes) -> dict[str, Any]:
-    """Parse the small YAML subset model cards use at top level: ``key: scalar`` and ``key:`` + ``- item``.
-
-    Nested mappings are skipped. Good enough for ``model_info().card_data/tags/library_name``.
-    """
+    """The model card's YAML front matter (``model_info().card_data/tags/library_name``), parsed with
+    PyYAML's safe loader as the Hub parses it; a README without valid front matter has none."""
     text = readme.decode("utf-8", errors="replace")
     if not text.startswith("---"):
         return {}
     end = text.find("\n---", 3)
     if end < 0:
         return {}
-    out: dict[str, Any] = {}
-    key: str | None = None
-    for line in text[3:end].splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line.startswith("- ") and key is not None and isinstance(out.get(key), list):
-            out[key].append(_scalar(line[2:]))
-            continue
-        if line[:1] in (" ", "\t"):
-            continue  # nested mapping content: skipped
-        k, sep, v = line.partition(":")
-        if not sep:
-            continue
-        key = k.strip()
-        out[key] = _scalar(v) if v.strip() else []
-    return out
-
-
-def _scalar(v: str) -> Any:
-    v = v.strip()
-    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-        return v[1:-1]
-    if v in ("true", "false"):
-        return v == "true"
-    if v in ("null", "~"):
-        return None
     try:
-        return int(v)
-    except ValueError:
-        return v
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 class _ThreadingServer(http.server.ThreadingHTTPServer):

@@ -44,3 +44,16 @@ def test_sdxl_shaped_unet_has_sdxl_cross_attention():
         unet = sdxl_shaped_unet()
     shapes = layer_shapes(unet)
     assert len(shapes) == 70 and {s[0] for s in shapes.values()} == {2048}
+
+
+def test_the_clip_vocabulary_ships_with_the_package_and_its_licence():
+    from pathlib import Path
+
+    import ace_diffusers
+    from ace_diffusers.testing import clip_tokenizer
+
+    data = Path(ace_diffusers.__file__).parent / "data"
+    assert (data / "clip_bpe_simple_vocab_16e6.txt.gz").is_file()
+    assert "MIT License" in (data / "clip_bpe_simple_vocab_16e6.LICENSE.txt").read_text()
+    tokenizer = clip_tokenizer()
+    assert len(tokenizer) == 49408 and tokenizer("a photo of a cat")["input_ids"][:2] == [49406, 320]

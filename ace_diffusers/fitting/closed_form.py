@@ -188,7 +188,13 @@ def erase_concept(
         preserve: concepts that must stay intact; default from ``kind``.
         rank: rank of the K/V edit per layer; default ``min(24 + 8 * len(concepts), 256, d_text)``.
         adapter_name: name in the pipeline; default derived from the first concept.
+        templates: prompt templates with ``{}`` for the concept (one list, or one list per concept);
+            default the kind's templates.
+        scale: strength the adapter is loaded at (1.0 = as fitted, 0 = off).
+        preserve_weight: how strongly the preservation prompts are held in place against the erasure
+            (0 to 1e6; default 0.05).
         load: set False to only fit (the pipeline is not changed).
+        progress: show a progress bar (default: only for 20 or more concepts).
         settings: advanced fitter settings (:class:`FitSettings`); ``rank``/``preserve_weight`` win.
     """
     spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
