@@ -153,3 +153,46 @@ def test_processor_math_properties(d_text, heads, rank, tokens, scale, seed):
     delta.scale.fill_(1.0)
     k1, _ = stack.add_delta(context, key, attn.to_v(context))
     torch.testing.assert_close(ks - key, scale * (k1 - key), rtol=1e-4, atol=1e-4)  # linear in the scale
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+CONFIG_FIELDS = [
+    "format_version", "concepts", "neutral", "kind", "rank", "method", "fit", "base_model",
+    "fingerprint", "created_with", "extra", "weights_sha256",
+]  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(CONFIG_FIELDS), value=JSON, drop=st.booleans())
+def test_any_config_field_value_loads_or_raises_a_format_error(
+    saved_adapter, tmp_path_factory, field, value, drop
+):
+    folder = tmp_path_factory.mktemp("fuzzed-config")
+    (folder / WEIGHTS_NAME).write_bytes((saved_adapter / WEIGHTS_NAME).read_bytes())
+    config = json.loads((saved_adapter / CONFIG_NAME).read_text())
+    if drop:
+        config.pop(field, None)
+    else:
+        config[field] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    try:
+        ACEAdapter.from_pretrained(folder)
+    except ACEAdapterFormatError:
+        pass
+
+
+@settings(max_examples=120, deadline=None)
+@given(value=JSON | st.floats() | st.complex_numbers(max_magnitude=2))
+def test_any_scale_value_is_a_number_or_a_typed_error(value):
+    from ace_diffusers.errors import ACEValueError
+    from ace_diffusers.integration.attach import MAX_SCALE, check_scale
+
+    try:
+        number = check_scale(value)
+    except ACEValueError:
+        return
+    assert isinstance(number, float) and abs(number) <= MAX_SCALE
