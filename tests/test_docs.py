@@ -41,6 +41,11 @@ def test_site_builds_strictly(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    roles = re.findall(r":(?:class|func|meth|mod|data|attr|exc):`", api)
+    assert not roles, f"the API page shows {len(roles)} reStructuredText roles"
+    assert 'href="#ace_diffusers.ACEAdapter"' in api  # roles became links
+    assert not (tmp_path / "site" / "_ext").exists()
 
 
 @pytest.mark.slow
