@@ -3,8 +3,8 @@
 The package's docstrings use Sphinx roles (``:class:`~ace_diffusers.core.adapter.ACEAdapter```) and
 double-backtick literals, which mkdocstrings would print literally. At docs build time this turns a role
 whose target is rendered on ``docs/api.md`` into a cross-reference link
-(``[ACEAdapter][ace_diffusers.ACEAdapter]``), any other role into inline code, and ````x```` into ```x```. The source stays as it is (the roles are
-what ``help()`` and IDEs show).
+(``[ACEAdapter][ace_diffusers.ACEAdapter]``), any other role into inline code, and ````x```` into
+```x```. The source stays as it is (the roles are what ``help()`` and IDEs show).
 """
 
 from __future__ import annotations
