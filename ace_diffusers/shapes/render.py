@@ -24,6 +24,10 @@ BACKGROUND = (240, 240, 240)
 PATTERN = (255, 255, 255)
 TINT_ALPHA = 0.22  # how strongly a blank scene's colour tints the canvas
 BLANK_PATTERN_ALPHA = 0.35  # contrast of a blank scene's faint stripes / dots
+# Pattern periods in slot pixels: at least 1.5 latent pixels (the VAE downsamples 4x), so the UNet can
+# draw them (a 4-pixel period, one latent pixel, left stripes and dots to chance in world v2.0).
+STRIPE_PERIOD = 6.0
+DOT_PERIOD = 6.5
 P_SCENE = {"blank": 0.2, "single": 0.45, "pair": 0.35}  # what a random training scene holds
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -166,12 +170,12 @@ def scene_caption(rng: np.random.Generator, scene: SceneSpec) -> str:
 
 def _pattern_mask(style: str, u: np.ndarray, v: np.ndarray, phase: float) -> np.ndarray:
     if style == "striped":
-        return ((v / (4.0 * SCALE) + phase) % 1.0) < 0.45
+        return ((v / (STRIPE_PERIOD * SCALE) + phase) % 1.0) < 0.5
     if style == "dotted":
-        period = 4.5 * SCALE
+        period = DOT_PERIOD * SCALE
         fu = (u / period + phase) % 1.0 - 0.5
         fv = (v / period + phase) % 1.0 - 0.5
-        return (fu * fu + fv * fv) < 0.27**2
+        return (fu * fu + fv * fv) < 0.3**2
     raise ValueError(f"unknown style {style!r}")
 
 

@@ -61,6 +61,12 @@ TEMPLATES: list[str] = [
     "a picture of a {shape}",
     "an image of a {shape}",
     "{shape}, {style}",
+    "a close-up picture of a {colour} {shape}",
+    "a {colour} {shape} in the middle of a room",
+    "a painting of a {style} {colour} {shape}",
+    "a close-up picture of a {shape}",
+    "a {shape} in the middle of a room",
+    "a painting of a {shape}",
 ]
 
 # Two objects: {a} is drawn on the left, {b} on the right; each is an object phrase with its article.
@@ -84,10 +90,11 @@ NEUTRAL_PHRASES: list[str] = [
 NEUTRAL_NOUNS: list[str] = ["object", "thing", "something"]
 
 P_COLOUR = 0.85  # probability that an object caption mentions the colour
-P_STYLE = 0.55  # probability that an object caption mentions the style
+P_STYLE = 0.7  # probability that an object caption mentions the style
 P_BLANK_EMPTY = 0.45  # a plain blank scene's caption is the empty prompt ...
 P_BLANK_PHRASE = 0.35  # ... or a neutral phrase; otherwise a neutral noun ("an object")
 P_BLANK_ATTRIBUTE_EMPTY = 0.15  # a tinted / patterned one's is the empty prompt, else its attributes
+P_BLANK_SOLID = 0.35  # a tinted, unpatterned one's attributes name its plain fill ("a solid red")
 
 
 def article_fix(text: str) -> str:
@@ -155,12 +162,13 @@ def blank_caption(rng: np.random.Generator, tint: str | None, pattern: str | Non
         return article_fix(_template(rng, {"shape"}).format(shape=_pick(rng, NEUTRAL_NOUNS)))
     if rng.random() < P_BLANK_ATTRIBUTE_EMPTY:
         return ""
-    want = {"shape"} | ({"colour"} if tint else set()) | ({"style"} if pattern else set())
+    fill = pattern or ("solid" if rng.random() < P_BLANK_SOLID else None)
+    want = {"shape"} | ({"colour"} if tint else set()) | ({"style"} if fill else set())
     noun = _pick(rng, NEUTRAL_NOUNS) if rng.random() < 0.4 else ""
     text = _template(rng, want).format(
         shape=noun,
         colour=tint or "",
-        style=_pick(rng, STYLE_WORDS[pattern]) if pattern else "",
+        style=_pick(rng, STYLE_WORDS[fill]) if fill else "",
     )
     return article_fix(text)
 
