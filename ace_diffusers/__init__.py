@@ -42,7 +42,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         ["fuse_adapter", "fused_reports", "get_fused_adapters", "unfuse_adapter"], ".deploy.fuse"
     ),
-    **dict.fromkeys(["Preparation", "erase_concept", "prepare_erasure"], ".fitting.closed_form"),
+    **dict.fromkeys(["Preparation", "prepare_erasure"], ".fitting.closed_form"),
+    "erase_concept": ".fitting.erase",
     "FitSettings": ".fitting.data",
     "ACETrainer": ".fitting.trainer",
     **dict.fromkeys(
@@ -69,8 +70,9 @@ if TYPE_CHECKING:  # the same names, statically visible to type checkers and the
     from .deploy.bake import BakeSettings
     from .deploy.export import export_lora, save_lora, to_diffusers_lora
     from .deploy.fuse import fuse_adapter, fused_reports, get_fused_adapters, unfuse_adapter
-    from .fitting.closed_form import Preparation, erase_concept, prepare_erasure
+    from .fitting.closed_form import Preparation, prepare_erasure
     from .fitting.data import FitSettings
+    from .fitting.erase import erase_concept
     from .fitting.trainer import ACETrainer
     from .pipeline import (
         disable_adapters,

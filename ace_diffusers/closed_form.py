@@ -8,6 +8,7 @@ from ._deprecated import alias
 __getattr__ = alias(
     __name__,
     "ace_diffusers.fitting.closed_form",
+    "ace_diffusers.fitting.erase",
     "ace_diffusers.fitting.data",
     "ace_diffusers.fitting.solvers",
 )

@@ -17,7 +17,8 @@ from .core.adapter import ACEAdapter
 from .deploy.export import export_lora
 from .deploy.fuse import check_not_fused, fuse_adapter, fused_state, unfuse_adapter
 from .errors import ACEAdapterNameError
-from .fitting.closed_form import erase_concept, prepare_erasure
+from .fitting.closed_form import prepare_erasure
+from .fitting.erase import erase_concept
 from .integration import attach, carriers
 from .integration.modules import get_unet
 

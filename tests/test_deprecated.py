@@ -20,7 +20,7 @@ MOVED = [
     ("ace_diffusers.text", "TextEmbedder", "ace_diffusers.fitting.text"),
     ("ace_diffusers.presets", "resolve_spec", "ace_diffusers.fitting.presets"),
     ("ace_diffusers.embedding_cache", "cache_root", "ace_diffusers.fitting.embedding_cache"),
-    ("ace_diffusers.closed_form", "erase_concept", "ace_diffusers.fitting.closed_form"),
+    ("ace_diffusers.closed_form", "erase_concept", "ace_diffusers.fitting.erase"),
     ("ace_diffusers.closed_form", "FitSettings", "ace_diffusers.fitting.data"),
     ("ace_diffusers.closed_form", "fit_gate", "ace_diffusers.fitting.solvers"),
     ("ace_diffusers.trainer", "ACETrainer", "ace_diffusers.fitting.trainer"),

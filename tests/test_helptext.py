@@ -10,7 +10,7 @@ from ace_diffusers.helptext import plain
 
 def test_roles_and_literals_become_plain_text():
     text = (
-        "Use ``erase_concept`` (:func:`~ace_diffusers.fitting.closed_form.erase_concept`), "
+        "Use ``erase_concept`` (:func:`~ace_diffusers.fitting.erase.erase_concept`), "
         ":mod:`a.b`.\n\nMore."
     )
     assert plain(text) == "Use erase_concept (erase_concept), a.b.\n\nMore."

@@ -40,8 +40,10 @@ from typing import Any
 import torch
 
 from .. import helptext
-from ..fitting.closed_form import erase_concept, prepare_erasure
+from ..fitting.closed_form import prepare_erasure
 from ..fitting.embedding_cache import EMBEDDINGS
+from ..fitting.erase import erase_concept
+from ..fitting.neighbours import clear_query_banks
 from ..testing import sd15_shaped_pipeline
 
 FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas"]
@@ -96,6 +98,7 @@ def run(
         os.environ["ACE_DIFFUSERS_CACHE"] = os.path.join(tmp, cache)
         if new_process:
             EMBEDDINGS.clear()
+            clear_query_banks()
         t0 = time.perf_counter()
         out = action()
         return time.perf_counter() - t0, out

@@ -35,7 +35,7 @@ from .. import helptext
 from .._io import atomic_write_json, atomic_write_text
 from ..deploy.export import save_lora
 from ..deploy.fuse import fused
-from ..fitting.closed_form import erase_concept
+from ..fitting.erase import erase_concept
 from ..integration.attach import loaded_adapters
 from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import erase_arguments, measure
@@ -263,26 +263,35 @@ def format_section(result: Mapping[str, Any], command: str, machine_info: str, t
     return "\n".join(lines)
 
 
-def replace_section(text: str, body: str, *, heading: str = "Measured on the miniature world") -> str:
-    """``text`` with the generated section replaced by ``body`` (appended under ``heading`` if absent)."""
-    block = f"{START}\n{body}\n{END}"
-    starts, ends = text.count(START), text.count(END)
+def replace_section(
+    text: str,
+    body: str,
+    *,
+    heading: str = "Measured on the miniature world",
+    markers: tuple[str, str] = (START, END),
+) -> str:
+    """``text`` with the generated section (between ``markers``) replaced by ``body`` (appended under
+    ``heading`` if absent)."""
+    start, end = markers
+    block = f"{start}\n{body}\n{end}"
+    starts, ends = text.count(start), text.count(end)
     if starts == ends == 0:
         return text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
-    if starts != 1 or ends != 1 or text.index(START) > text.index(END):
+    if starts != 1 or ends != 1 or text.index(start) > text.index(end):
         raise ValueError(
-            f"expected one {START} before one {END}; found {starts} and {ends}: fix the page by hand"
+            f"expected one {start} before one {end}; found {starts} and {ends}: fix the page by hand"
         )
-    pre, rest = text.split(START, 1)
-    _, post = rest.split(END, 1)
+    pre, rest = text.split(start, 1)
+    _, post = rest.split(end, 1)
     return pre + block + post
 
 
-def write_section(path: str | os.PathLike, body: str) -> Path:
-    """Replace the generated section of ``path`` atomically: a crash never leaves half a page."""
+def write_section(path: str | os.PathLike, body: str, **where: Any) -> Path:
+    """Replace the generated section of ``path`` atomically (``where``: :func:`replace_section`'s
+    ``heading`` / ``markers``): a crash never leaves half a page."""
 
     path = Path(path)
-    return atomic_write_text(path, replace_section(path.read_text(encoding="utf-8"), body))
+    return atomic_write_text(path, replace_section(path.read_text(encoding="utf-8"), body, **where))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 from .. import helptext
 from .._io import atomic_write_bytes
 from ..core.processor import get_stack
-from ..fitting.closed_form import erase_concept
+from ..fitting.erase import erase_concept
 from ..fitting.text import TextEmbedder
 from ..integration import attach
 from ..integration.modules import get_unet
@@ -61,8 +61,9 @@ class MethodFigureData:
     rows: list[PromptTokens]
 
 
-def prompt_role(prompt: str, concept: str) -> str:
-    """What a prompt is relative to the erased miniature-world concept (for the panel title)."""
+def prompt_role(prompt: str, concept: str, mined: tuple[str, ...] | list[str] = ()) -> str:
+    """What a prompt is relative to the erased miniature-world concept (for the panel title); ``mined``:
+    the words the fit mined from the model."""
 
     words = SHAPE_WORDS if concept in SHAPE_WORDS else STYLE_WORDS
     padded = f" {prompt.lower()} "
@@ -70,6 +71,8 @@ def prompt_role(prompt: str, concept: str) -> str:
         return "empty prompt (guidance)"
     if f" {concept} " in padded:
         return "erased word"
+    if any(f" {w} " in padded for w in mined):
+        return "synonym mined from the model"
     if any(f" {w} " in padded for w in words[concept][1:]):
         return "held-out synonym"
     if any(f" {w} " in padded for other, ws in words.items() if other != concept for w in ws):
@@ -83,6 +86,7 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
 
     unet = get_unet(pipe)
     adapter = attach.loaded_adapters(unet)[adapter_name]
+    mined = adapter.fit.get("mined_neighbours", {}).get(concept, [])
     embedder = TextEmbedder(pipe)
     tokenizer = embedder.encoders[0][0]
     encoded = embedder.encode(list(prompts), extra_pad_tokens=None)  # every position the UNet reads
@@ -109,7 +113,7 @@ def method_figure_data(pipe: Any, adapter_name: str, concept: str, prompts: list
         gate = torch.stack(gates).mean(0)
         gated_change = (gated_sq / base_sq).sqrt()
         ungated_change = (ungated_sq / base_sq).sqrt()
-        rows.append(_collapse_padding(prompt, prompt_role(prompt, concept), labels, enc.length, gate,
+        rows.append(_collapse_padding(prompt, prompt_role(prompt, concept, mined), labels, enc.length, gate,
                                       gated_change, ungated_change))
     stats = {k: float(v) for k, v in adapter.fit.get("stats", {}).items() if k.startswith("gate_")}
     first = adapter.layers[sorted(modules)[0]]

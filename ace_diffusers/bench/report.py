@@ -27,6 +27,7 @@ from .results import (
     method_keys,
     pooled_asr,
 )
+from .trainer_report import kept_section
 
 # Importable from here as before the plots and the result readers got their own modules.
 __all__ = [
@@ -413,5 +414,7 @@ def write(result: dict[str, Any], output: str | Path) -> dict[str, Path]:
     for name, data in plots(result).items():
         paths[name] = atomic_write_bytes(output.parent / "images" / name, data)
     paths["json"] = atomic_write_json(output.with_suffix(".json"), result)
-    paths["markdown"] = atomic_write_text(output, markdown(result, "images", paths["json"].name))
+    page = markdown(result, "images", paths["json"].name) + kept_section(output)
+    paths["markdown"] = atomic_write_text(output, page)
     return paths
+

@@ -8,21 +8,27 @@ measured by generating images with fixed seeds and classifying them with the bun
 from __future__ import annotations
 
 import json
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import helptext
+from .._io import atomic_write_json
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..fitting.closed_form import fit_adapter
 from ..fitting.data import FitSettings
 from ..fitting.presets import resolve_spec
 from ..fitting.trainer import ACETrainer
 from ..shapes.classifier import load_shapes_classifier
-from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure, neutral_floor
+from ..shapes.erasure import concept_kind, erase_arguments, fit_templates, measure, metric_sets, neutral_floor
 from ..shapes.pipeline import load_shapes_pipeline
 from ..shapes.vocab import SHAPES, STYLES
+from . import trainer_report
+from .deploy import write_section
 
 TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
 
@@ -41,52 +47,100 @@ def _arguments(concepts: list[str]) -> dict[str, Any]:
     }
 
 
-def _measure_erasure(pipe: Any, classifier: Any, concepts: list[str], label: str, *, images_per_prompt: int,
-                     steps: int | None, seed: int, baselines: bool) -> list[dict[str, Any]]:
+@dataclass
+class _Erasure:
+    """What every row of one erasure shares: the world, the concepts, the base model's figures."""
+
+    pipe: Any
+    classifier: Any
+    label: str
+    concepts: list[str]
+    measured: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ipp = self.measured["images_per_prompt"]
+        self.base = {c: measure(self.pipe, self.classifier, c, **self.measured)[0] for c in self.concepts}
+        self.floor = {c: neutral_floor(self.pipe, self.classifier, c, **self.measured) for c in self.concepts}
+        self.counts = {
+            c: {name: len(ps.prompts) * ipp for name, ps in metric_sets(c, self.concepts).items()}
+            for c in self.concepts
+        }
+
+    def record(self, method: str, seconds: float) -> None:
+        """Measure the pipeline as it is now: one row per concept."""
+        for c in self.concepts:
+            metrics = measure(self.pipe, self.classifier, c, **self.measured)[0]
+            base = {f"base_{k}": v for k, v in self.base[c].items()}
+            self.rows.append(
+                {
+                    "run": self.label,
+                    "concept": c,
+                    "method": method,
+                    "seconds": round(seconds, 2),
+                    "floor": self.floor[c],
+                    "counts": self.counts[c],
+                    **base,
+                    **metrics,
+                }
+            )
+            shown = "  ".join(
+                f"{k} {100 * metrics[k]:.1f}%"
+                for k in ("acc_e", "acc_g", "acc_s", "in_context")
+                if k in metrics
+            )
+            print(f"{self.label:<34}{c:<10}{method:<13}{shown}  fit {seconds:.1f} s", flush=True)
+
+    def record_edit(self, method: str, edit: Any) -> None:
+        """Measure a baseline's weight edit, then undo it."""
+        try:
+            self.record(method, edit.seconds)
+        finally:
+            edit.restore()
+
+
+def _measure_erasure(
+    pipe: Any,
+    classifier: Any,
+    concepts: list[str],
+    label: str,
+    *,
+    images_per_prompt: int,
+    steps: int | None,
+    seed: int,
+    baselines: bool,
+) -> list[dict[str, Any]]:
     """Erase ``concepts`` with the closed form and with ACE (full) (and, with ``baselines``, UCE and ESD-x),
     measuring each: one row per concept and method, each with the base model's figures and the floor."""
-    rows: list[dict[str, Any]] = []
     arguments = _arguments(concepts)
     measured = {"images_per_prompt": images_per_prompt, "seed": seed, "erased": concepts}
-    base = {c: measure(pipe, classifier, c, **measured)[0] for c in concepts}
-    floor = {c: neutral_floor(pipe, classifier, c, **measured) for c in concepts}
-    t0 = time.perf_counter()
+    erasure = _Erasure(pipe, classifier, label, concepts, measured)
     spec_args = {k: arguments[k] for k in ("neutral", "preserve", "templates")}
+    t0 = time.perf_counter()
     closed = fit_adapter(pipe, resolve_spec(arguments["concepts"], **spec_args), FitSettings())
     closed_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     full = ACETrainer(pipe, arguments["concepts"], steps=steps, seed=seed, progress=False, **spec_args).fit()
     full_seconds = time.perf_counter() - t0
-
-    def record(method: str, seconds: float) -> None:
-        for c in concepts:
-            metrics = measure(pipe, classifier, c, **measured)[0]
-            rows.append({"run": label, "concept": c, "method": method, "seconds": round(seconds, 2),
-                         "floor": floor[c], **{f"base_{k}": v for k, v in base[c].items()}, **metrics})
-
-    fitted = (("closed form", closed, closed_seconds), ("ACE (full)", full, full_seconds))
-    for method, adapter, seconds in fitted:
+    for method, adapter, seconds in (
+        ("closed form", closed, closed_seconds),
+        ("ACE (full)", full, full_seconds),
+    ):
         name = pipe.load_ace_adapter(adapter, adapter_name="bench")
         try:
-            record(method, seconds)
+            erasure.record(method, seconds)
         finally:
             pipe.unload_ace_adapter(name)
-    for row in rows[-len(concepts):]:  # the words the trainer mined from the model (never given)
+    for row in erasure.rows[-len(concepts) :]:  # the words the trainer mined from the model (never given)
         row["mined"] = list(full.fit["fine_tuning"]["mined_synonyms"])
         row["steps"] = full.fit["fine_tuning"]["steps"]
     if baselines:
-        edit = uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
-        try:
-            record("UCE", edit.seconds)
-        finally:
-            edit.restore()
+        erasure.record_edit(
+            "UCE", uce_erase(pipe, arguments["concepts"], spec_args["neutral"], spec_args["preserve"])
+        )
         if len(concepts) == 1:
-            edit = esd_x_erase(pipe, concepts[0], seed=seed)
-            try:
-                record("ESD-x", edit.seconds)
-            finally:
-                edit.restore()
-    return rows
+            erasure.record_edit("ESD-x", esd_x_erase(pipe, concepts[0], seed=seed))
+    return erasure.rows
 
 
 def run(
@@ -107,14 +161,20 @@ def run(
         rows += _measure_erasure(pipe, classifier, [shape], shape, **settings)
     if multi:
         rows += _measure_erasure(pipe, classifier, multi, "multi: " + "+".join(multi), **settings)
-    return {"torch_threads": torch.get_num_threads(), "images_per_prompt": images_per_prompt, "steps": steps,
-            "rows": rows}
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "images_per_prompt": images_per_prompt,
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
-    head = (f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}"
-            f"{'H':>7}{'ctx':>7}{'ctx col':>8}{'->none':>7}{'fit s':>8}   "
-            "(base Acc_e/Acc_g/Acc_s/colour/ctx; floor)")
+    head = (
+        f"{'run':<34}{'concept':<10}{'method':<13}{'Acc_e':>7}{'Acc_g':>7}{'Acc_s':>7}{'colour':>7}"
+        f"{'H':>7}{'ctx':>7}{'ctx col':>8}{'->none':>7}{'fit s':>8}   "
+        "(base Acc_e/Acc_g/Acc_s/colour/ctx; floor)"
+    )
     lines = [head]
     nan = float("nan")
     for r in result["rows"]:
@@ -130,20 +190,26 @@ def format_report(result: dict[str, Any]) -> str:
         )
     lines.append("")
     for run_label in dict.fromkeys(r["run"] for r in result["rows"] if r.get("mined") is not None):
-        mined = next(r["mined"] for r in result["rows"]
-                     if r["run"] == run_label and r.get("mined") is not None)
+        mined = next(
+            r["mined"] for r in result["rows"] if r["run"] == run_label and r.get("mined") is not None
+        )
         lines.append(f"mined by the trainer for {run_label}: {', '.join(mined) or '(none)'}")
-    lines.append("floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the "
-                 "concept replaced by its neutral anchor (shapes: the empty phrase, 'a red'); an erased "
-                 "concept cannot go below it. ctx / ctx col: the kept object of a two-object prompt still "
-                 "drawn (in its colour); ->none: erased-concept images that show nothing.")
-    lines.append("targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= "
-                 "base - 2 pts, Acc_g below closed form (or both 0), fit <= 60 s per concept")
+    lines.append(
+        "floor: Acc_e of a perfect erasure, i.e. the base model on the same prompts with the "
+        "concept replaced by its neutral anchor (shapes: the empty phrase, 'a red'); an erased "
+        "concept cannot go below it. ctx / ctx col: the kept object of a two-object prompt still "
+        "drawn (in its colour); ->none: erased-concept images that show nothing."
+    )
+    lines.append(
+        "targets for ACE (full): Acc_e <= 10%, Acc_g <= 15%, Acc_s >= base - 2 pts, colour >= "
+        "base - 2 pts, Acc_g below closed form (or both 0), fit <= 60 s per concept"
+    )
     for r in result["rows"]:
         if r["method"] != "ACE (full)":
             continue
         closed = next(
-            x for x in result["rows"]
+            x
+            for x in result["rows"]
             if x["run"] == r["run"] and x["concept"] == r["concept"] and x["method"] == "closed form"
         )
         checks = {
@@ -155,28 +221,89 @@ def format_report(result: dict[str, Any]) -> str:
             "Acc_g<closed": r["acc_g"] < closed["acc_g"] or r["acc_g"] == closed["acc_g"] == 0,
             "time": r["seconds"] <= TARGETS["seconds"] * max(1, len(r["run"].split("+"))),
         }
-        lines.append(f"{r['run']:<34}{r['concept']:<10}"
-                     + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items()))
+        lines.append(
+            f"{r['run']:<34}{r['concept']:<10}"
+            + "  ".join(f"{k}:{'met' if v else 'NOT MET'}" for k, v in checks.items())
+        )
     return "\n".join(lines)
+
+
+def merged(paths: list[str]) -> dict[str, Any]:
+    """One result from runs saved with ``--json`` (the same settings; their rows in the order given)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    if len({(r["images_per_prompt"], r["steps"]) for r in runs}) != 1:
+        raise SystemExit("bench trainer --from-json: the runs used different --images-per-prompt or --steps")
+    return {
+        **runs[0],
+        "rows": [row for r in runs for row in r["rows"]],
+        "seconds": sum(r.get("seconds", 0) for r in runs),
+        "command": " + ".join(r.get("command", "?") for r in runs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = helptext.parser("bench trainer", __doc__)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    # circle, star and hexagon have a neutral floor above the Acc_e target (the empty anchor is drawn as them)
-    parser.add_argument("--multi", nargs="*", default=["square", "triangle", "heart", "striped"])
-    parser.add_argument("--images-per-prompt", type=int, default=4,
-                        help="images per prompt and colour (4: one image moves a figure by 1.6-3 points)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="fine-tuning steps (default: the trainer's default)")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=list(SHAPES) + list(STYLES),
+        help="concepts erased one at a time (default: the 8 shapes and the 3 fill styles)",
+    )
+    parser.add_argument(
+        "--multi",
+        nargs="*",
+        default=["circle", "star", "hexagon", "diamond"],
+        help="concepts of the one multi-concept adapter (none: skip it)",
+    )
+    parser.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=4,
+        help="images per prompt and colour (4: every cell rests on >= 32 images)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baselines", action="store_true", help="also run UCE and ESD-x (slower)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
+    parser.add_argument(
+        "--docs", default="docs/benchmarks.md", help="page whose trainer section is rewritten"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not update the page")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="write the report from runs saved with --json (e.g. shapes split over processes)",
+    )
     args = parser.parse_args(argv)
-    result = run(args.shapes, args.multi, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                 seed=args.seed, baselines=args.baselines)
-    print(format_report(result))
+    if args.from_json:
+        _report(merged(args.from_json), args)
+        return 0
+    started = time.perf_counter()
+    result = run(
+        args.shapes,
+        args.multi,
+        images_per_prompt=args.images_per_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        baselines=args.baselines,
+    )
+    result.update(
+        seconds=round(time.perf_counter() - started, 1),
+        command="ace-diffusers bench trainer " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        atomic_write_json(args.json, result)
+    _report(result, args)
     return 0
+
+
+def _report(result: dict[str, Any], args: Any) -> None:
+    """Print the report and (unless ``--no-docs``) rewrite the trainer section of the page."""
+    print(format_report(result))
+    if not args.no_docs:
+        body = trainer_report.markdown(result)
+        write_section(args.docs, body, markers=trainer_report.SECTION, heading=trainer_report.HEADING)
+        print(f"wrote the trainer section of {args.docs}")

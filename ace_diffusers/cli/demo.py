@@ -2,8 +2,9 @@
 
 Loads the miniature SD pipeline and its classifier (offline, bundled weights), measures the
 classifier's accuracy on the concept (canonical word), its held-out synonyms and the other concepts,
-erases the concept with ``erase_concept`` given only the canonical word, measures again, and writes
-a before/after image grid.
+erases the concept given only the canonical word — with the closed form (``erase_concept``, seconds)
+and with fine-tuning (``erase_concept(..., method="ace")``) — measures each, prints one table and
+writes one before / closed-form / fine-tuned image grid.
 
 Examples::
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from .. import helptext
 from .._io import atomic_write_bytes
-from ..fitting.closed_form import erase_concept
+from ..fitting.erase import erase_concept
 from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import concept_kind, erase_arguments, measure
 from ..shapes.pipeline import load_shapes_pipeline
@@ -32,13 +33,13 @@ from ..stats import wilson_interval
 ROWS = ("erased", "synonyms", "others", "pairs")
 
 
-def _grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], columns: int, path: Path) -> None:
-    """Two rows per prompt set (before, after); ``columns`` images each; saved as PNG."""
-    scale, pad, label_w = 3, 2, 150
-    tile_h, tile_w = (side * scale for side in next(iter(before.values())).shape[-2:])
-    names = [name for name in ROWS if name in before]
-    rows = [(f"{name} - {when}", images[name]) for name in names for when, images in (("before", before),
-                                                                                     ("after", after))]
+def _grid(columns_of: list[tuple[str, dict[str, torch.Tensor]]], columns: int, path: Path) -> None:
+    """One row per prompt set and model (``columns_of``: (label, images per set)); saved as PNG."""
+    scale, pad, label_w = 3, 2, 170
+    first = columns_of[0][1]
+    tile_h, tile_w = (side * scale for side in next(iter(first.values())).shape[-2:])
+    names = [name for name in ROWS if name in first]
+    rows = [(f"{name} - {when}", images[name]) for name in names for when, images in columns_of]
     width = label_w + columns * (tile_w + pad)
     height = len(rows) * (tile_h + pad)
     canvas = Image.new("RGB", (width, height), "white")
@@ -61,9 +62,17 @@ def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.T
 
 
 # the image set each rate is counted on (H is a mean of rates: no interval)
-METRIC_SETS = {"acc_e": "erased", "acc_g": "synonyms", "acc_s": "others", "colour": "others",
-               "in_context": "pairs", "in_context_colour": "pairs", "erased_as_none": "erased",
-               "erased_as_other": "erased"}
+METRIC_SETS = {
+    "acc_e": "erased",
+    "acc_g": "synonyms",
+    "acc_heldout": "heldout",
+    "acc_s": "others",
+    "colour": "others",
+    "in_context": "pairs",
+    "in_context_colour": "pairs",
+    "erased_as_none": "erased",
+    "erased_as_other": "erased",
+}
 
 
 def _interval(rate: float, n: int) -> str:
@@ -71,24 +80,34 @@ def _interval(rate: float, n: int) -> str:
     return f"{100 * lo:.0f}–{100 * hi:.0f}% of {n}"
 
 
+LABELS = {
+    "acc_e": "Acc_e  '{concept}' still drawn (lower=better)",
+    "acc_g": "Acc_g  held-out synonyms still drawn (lower=better)",
+    "acc_heldout": "Acc_g  words no caption has (lower=better)",
+    "acc_s": "Acc_s  other concepts drawn right (higher=better)",
+    "colour": "colour accuracy on other concepts",
+    "in_context": "kept object beside it still drawn",
+    "in_context_colour": "... in its colour",
+    "h": "H (harmonic mean)",
+    "erased_as_none": "'{concept}' prompts that draw nothing",
+}
+
+
 def _print_table(
-    concept: str, before: dict[str, float], after: dict[str, float], sizes: dict[str, int]
+    concept: str, runs: list[tuple[str, dict[str, float], float | None]], sizes: dict[str, int]
 ) -> None:
-    print(f"{'metric':<44}{'before':>8}{'after':>8}   95 % interval after (images)")
-    names = {
-        "acc_e": f"Acc_e  '{concept}' still drawn (lower=better)",
-        "acc_g": "Acc_g  held-out synonyms still drawn (lower=better)",
-        "acc_s": "Acc_s  other concepts drawn right (higher=better)",
-        "colour": "colour accuracy on other concepts",
-        "h": "H (harmonic mean)",
-        "in_context": "kept object beside it still drawn",
-        "in_context_colour": "... in its colour",
-        "erased_as_none": f"'{concept}' prompts that draw nothing",
-        "erased_as_other": f"'{concept}' prompts that draw something else",
-    }
-    for key, label in names.items():
-        interval = _interval(after[key], sizes[METRIC_SETS[key]]) if key in METRIC_SETS else ""
-        print(f"{label:<44}{100 * before[key]:>7.1f}%{100 * after[key]:>7.1f}%   {interval}")
+    """One row per metric, one column per model; the 95 % interval of the last column."""
+    print(f"{'metric':<52}" + "".join(f"{label:>13}" for label, _, _ in runs) + "   95 % interval, last")
+    for key, label in LABELS.items():
+        if any(key not in metrics for _, metrics, _ in runs):
+            continue
+        last = runs[-1][1][key]
+        size = sizes.get(METRIC_SETS.get(key, ""), 0)
+        interval = _interval(last, size) if size else ""
+        values = "".join(f"{100 * metrics[key]:>12.1f}%" for _, metrics, _ in runs)
+        print(f"{label.format(concept=concept):<52}{values}   {interval}")
+    seconds = "".join(f"{'—' if s is None else f'{s:.1f}':>13}" for _, _, s in runs)
+    print(f"{'fit seconds':<52}{seconds}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="4: each figure on >= 32 images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -120,27 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     classifier = load_shapes_classifier()
     print(f"loaded the miniature world in {time.perf_counter() - started:.1f} s")
 
-    before, before_images = measure(
-        pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed
-    )
-    t0 = time.perf_counter()
-    adapter = erase_concept(pipe, **erase_arguments(args.concept, args.neutral))
-    fit_seconds = time.perf_counter() - t0
-    after, after_images = measure(
-        pipe, classifier, args.concept, images_per_prompt=args.images_per_prompt, seed=args.seed
-    )
-
+    measured = {"images_per_prompt": args.images_per_prompt, "seed": args.seed}
+    before, before_images = measure(pipe, classifier, args.concept, **measured)
+    runs, grids = [("before", before, None)], [("before", _pick(before_images, args.images_per_prompt))]
+    arguments = erase_arguments(args.concept, args.neutral)
+    for label, method in (("closed form", "closed-form"), ("fine-tuned", "ace")):
+        t0 = time.perf_counter()
+        tuning = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
+        extra = {"fine_tuning": tuning, "progress": False} if method == "ace" else {}
+        adapter = erase_concept(pipe, **arguments, method=method, adapter_name="demo", **extra)
+        seconds = time.perf_counter() - t0
+        after, after_images = measure(pipe, classifier, args.concept, **measured)
+        pipe.unload_ace_adapter("demo")
+        print(
+            f"{label}: erased {adapter.concepts} -> {adapter.neutral} (rank {adapter.rank}) "
+            f"in {seconds:.1f} s"
+        )
+        runs.append((label, after, seconds))
+        grids.append((label, _pick(after_images, args.images_per_prompt)))
+    _print_table(args.concept, runs, {name: len(images) for name, images in after_images.items()})
+    _grid(grids, 8, Path(args.output))
     print(
-        f"erased {adapter.concepts} -> {adapter.neutral} (closed form, rank {adapter.rank}) in "
-        f"{fit_seconds:.2f} s"
+        f"before / closed form / fine-tuned grid written to {args.output}  "
+        f"(total {time.perf_counter() - started:.1f} s)"
     )
-    _print_table(args.concept, before, after, {name: len(images) for name, images in after_images.items()})
-    columns = 8
-    _grid(
-        _pick(before_images, args.images_per_prompt),
-        _pick(after_images, args.images_per_prompt),
-        columns,
-        Path(args.output),
-    )
-    print(f"before/after grid written to {args.output}  (total {time.perf_counter() - started:.1f} s)")
     return 0

@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import ACEValueError
-from ..fitting.closed_form import erase_concept
+from ..fitting.erase import erase_concept
 from ..fitting.trainer import ACETrainer
 from ..integration.carriers import attach_everywhere
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..core.factors import LayerFactors
 from ..integration.modules import cross_attention_modules, projection_weight
+from .embedding_cache import EMBEDDINGS
 from .presets import filled
 from .text import TextEmbedder
 
@@ -35,9 +36,12 @@ class QueryLayer:
     queries: torch.Tensor  # (n_queries, heads, head_dim)
 
 
-def encode_full(embedder: TextEmbedder, prompts: list[str]) -> torch.Tensor:
-    """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees "
-    "them."""
+def encode_full(embedder: TextEmbedder, prompts: list[str], *, persistent: bool = False) -> torch.Tensor:
+    """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees
+    them; ``persistent``: prompts that do not depend on the concept, kept in the embedding cache."""
+    if persistent:
+        jobs = [(p, None, None) for p in prompts]
+        return torch.stack([e.embeddings for e in EMBEDDINGS.encode(embedder, jobs, persistent=jobs)])
     return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
 
 
@@ -78,7 +82,7 @@ def capture_queries(
     hooks = [attn.register_forward_pre_hook(hook(name), with_kwargs=True) for name, attn in modules.items()]
     try:
         prompts = [""] + [filled(t, neutral) for t in templates[:3]]
-        context = encode_full(embedder, prompts)
+        context = encode_full(embedder, prompts, persistent=True)
         config = unet.config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
         size = min(size, 16)

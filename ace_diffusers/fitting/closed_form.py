@@ -21,26 +21,29 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
-from ..errors import ACEAdapterNameError, ACETruncationWarning, ACEValueError
-from ..integration.attach import (
-    check_scale,
-    default_adapter_name,
-    loaded_adapters,
-    validate_adapter_name,
-)
-from ..integration.carriers import attach_everywhere
+from ..errors import ACETruncationWarning, ACEValueError
 from ..integration.modules import cross_attention_modules, get_unet, projection_weight
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
+from .neighbours import mine_neighbours, mining_record
 from .presets import ErasureSpec, resolve_spec
 from .solvers import FitData, default_rank, fit_gate, low_rank_edits, solve_text_map
 from .text import TextEmbedder
 
 
 def fit_adapter(
-    pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None = None
+    pipe: Any,
+    spec: ErasureSpec,
+    settings: FitSettings,
+    *,
+    progress: bool | None = None,
+    neighbours: dict[str, str] | None = None,
 ) -> ACEAdapter:
-    """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline)."""
+    """Run the whole closed-form fit on ``pipe`` (nothing is loaded into the pipeline).
+
+    ``neighbours`` (``{word: its concept}``) are erased with the concepts; ``None`` mines them from the
+    model (``settings.neighbours`` per concept, :mod:`.neighbours`).
+    """
     started = time.perf_counter()
     unet = get_unet(pipe)
     modules = cross_attention_modules(unet)
@@ -50,39 +53,31 @@ def fit_adapter(
     check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
     check_fit_size(embedder, spec, settings, d_text)
-    with tqdm(total=3, desc="ACE closed form", disable=not progress, leave=False) as bar:
+    with tqdm(total=4, desc="ACE closed form", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("mining neighbours")
+        if neighbours is None:
+            neighbours = mine_neighbours(
+                unet, embedder, spec, per_concept=settings.neighbours, pool=settings.mining_pool
+            )
+        bar.update()
         bar.set_postfix_str("encoding prompts")
-        data = collect_fit_data(embedder, spec, settings)
+        data = collect_fit_data(embedder, spec, settings, neighbours)
         _check_fit_data(data, spec, d_text)
         bar.update()
         bar.set_postfix_str("gate and text map")
-        negatives = torch.cat([data.concept[~data.gate_positive], data.others])
-        gate_w, gate_b, gate_stats = fit_gate(
-            data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge
-        )
-        h, root, edit_stats = solve_text_map(
-            data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
-        )
+        gate_w, gate_b, h, root, stats = _gate_and_map(data, settings)
         bar.update()
         bar.set_postfix_str("low-rank edits")
-        weights = [
-            projection_weight(getattr(modules[n], proj)).detach().cpu()
-            for n in names
-            for proj in ("to_k", "to_v")
-        ]
-        factors = low_rank_edits(weights, h.float(), root.float(), rank)
+        layers = _layer_factors(modules, h, root, rank, gate_w, gate_b)
         bar.update()
-    layers = {}
-    for i, name in enumerate(names):
-        (k_down, k_up), (v_down, v_up) = factors[2 * i], factors[2 * i + 1]
-        layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
 
     fit = {
         "settings": {**settings.to_dict(), "rank": rank},
         "templates": spec.templates,
         **({"phrase_templates": spec.phrase_templates} if spec.phrase_templates else {}),
         "preserve": spec.preserve,
-        "stats": {**gate_stats, **edit_stats},
+        "mined_neighbours": mining_record(spec, neighbours, settings.neighbours),
+        "stats": stats,
         "seconds": round(time.perf_counter() - started, 3),
     }
     base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
@@ -95,6 +90,36 @@ def fit_adapter(
         fit=fit,
         base_model=base_model if isinstance(base_model, str) else None,
     )
+
+
+def _layer_factors(
+    modules: dict, h: torch.Tensor, root: torch.Tensor, rank: int, gate_w: torch.Tensor, gate_b: torch.Tensor
+) -> dict[str, LayerFactors]:
+    """Every layer's best rank-``rank`` K/V edit of the shared text map, with the shared gate."""
+    names = sorted(modules)
+    weights = [
+        projection_weight(getattr(modules[n], proj)).detach().cpu()
+        for n in names
+        for proj in ("to_k", "to_v")
+    ]
+    factors = low_rank_edits(weights, h.float(), root.float(), rank)
+    layers = {}
+    for i, name in enumerate(names):
+        (k_down, k_up), (v_down, v_up) = factors[2 * i], factors[2 * i + 1]
+        layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
+    return layers
+
+
+def _gate_and_map(data: FitData, settings: FitSettings) -> tuple:
+    """``(gate weight, gate bias, h, L, stats)``: the gate, then the text map with it fixed."""
+    negatives = torch.cat([data.concept[~data.gate_positive], data.others])
+    gate_w, gate_b, gate_stats = fit_gate(
+        data.concept[data.gate_positive], negatives, ridge=settings.gate_ridge
+    )
+    h, root, edit_stats = solve_text_map(
+        data, gate_w, gate_b, preserve_weight=settings.preserve_weight, ridge=settings.ridge
+    )
+    return gate_w, gate_b, h, root, {**gate_stats, **edit_stats}
 
 
 def _check_fit_data(data: FitData, spec: ErasureSpec, d_text: int) -> None:
@@ -160,65 +185,6 @@ def check_rank(rank: Any, d_text: int) -> None:
         raise ACEValueError(
             f"rank {rank} exceeds the text width {d_text} of this UNet's cross-attention; use <= {d_text}."
         )
-
-
-def erase_concept(
-    pipe: Any,
-    concepts: str | list[str],
-    *,
-    neutral: str | list[str] | None = None,
-    kind: str | None = None,
-    preserve: str | list[str] | None = None,
-    rank: int | None = None,
-    adapter_name: str | None = None,
-    templates: list[str] | dict[str, list[str]] | None = None,
-    scale: float = 1.0,
-    preserve_weight: float = 0.05,
-    load: bool = True,
-    progress: bool | None = None,
-    settings: FitSettings | None = None,
-) -> ACEAdapter:
-    """Erase ``concepts`` from ``pipe`` in closed form: fit an :class:`ACEAdapter`, load it, return it.
-
-    Args:
-        concepts: one phrase or a list (hundreds fit in one adapter).
-        neutral: what the concept should turn into; default from ``kind`` (e.g. ``"art"`` for styles).
-        kind: ``"object"``, ``"style"``, ``"celebrity"``, ``"explicit"`` or ``None`` (custom) — picks
-            templates, anchor and preservation set (``ace_diffusers/data/presets.json``).
-        preserve: concepts that must stay intact; default from ``kind``.
-        rank: rank of the K/V edit per layer; default ``min(24 + 8 * len(concepts), 256, d_text)``.
-        adapter_name: name in the pipeline; default derived from the first concept.
-        templates: prompt templates with ``{}`` for the concept (one list, or one list per concept);
-            default the kind's templates.
-        scale: strength the adapter is loaded at (1.0 = as fitted, 0 = off).
-        preserve_weight: how strongly the preservation prompts are held in place against the erasure
-            (0 to 1e6; default 0.05).
-        load: set False to only fit (the pipeline is not changed).
-        progress: show a progress bar (default: only for 20 or more concepts).
-        settings: advanced fitter settings (:class:`FitSettings`); ``rank``/``preserve_weight`` win.
-    """
-    spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
-    scale = check_scale(scale)
-    check_weight(preserve_weight, "preserve_weight")
-    unet = get_unet(pipe)
-    if adapter_name is not None:
-        validate_adapter_name(adapter_name)
-        if adapter_name in loaded_adapters(unet):
-            raise ACEAdapterNameError(
-                f"An ACE adapter named '{adapter_name}' is already loaded; choose another adapter_name."
-            )
-    if progress is None:
-        progress = len(spec.concepts) >= 20
-    settings = dataclasses.replace(settings or FitSettings(), preserve_weight=preserve_weight)
-    if rank is not None:
-        settings.rank = rank
-    # The fit reads text embeddings and the base to_k/to_v weights only, so adapters already loaded
-    # (ACE or PEFT LoRA) do not influence it.
-    adapter = fit_adapter(pipe, spec, settings, progress=progress)
-    if load:
-        name = adapter_name or default_adapter_name(unet, adapter)
-        attach_everywhere(pipe, adapter, name, scale=scale)
-    return adapter
 
 
 PREPARATION_PLACEHOLDER = "ace-diffusers preparation placeholder"  # stands in for the concepts to come
@@ -289,6 +255,18 @@ def prepare_erasure(
             other_jobs,
             [encoded[j] for j in other_jobs],
         )
+    if settings.neighbours > 0:  # one mining run keeps its query bank and its anchors' prompts
+        for layout in layouts:
+            spec = resolve_spec(
+                PREPARATION_PLACEHOLDER,
+                neutral=layout.anchor,
+                kind=kind,
+                preserve=preserve,
+                templates=templates,
+            )
+            mine_neighbours(
+                get_unet(pipe), embedder, spec, per_concept=settings.neighbours, pool=settings.mining_pool
+            )
     root = cache_root()
     return Preparation(
         kind=layouts[0].kind,
@@ -320,7 +298,11 @@ def _preparation_layout(
     # per-phrase templates: the first concept's also serve the preserved phrases without their own
     for template_list in dict.fromkeys(tuple(t) for t in [base.templates, *base.phrase_templates.values()]):
         spec = dataclasses.replace(base, templates=list(template_list))
-        fit = fit_jobs(spec, settings)  # the layout of a fit of one concept (plus the kind's own terms)
+        # the layout of a fit of one concept (plus the kind's own terms) and, when mining, its neighbours
+        mined = (
+            {PREPARATION_PLACEHOLDER + " neighbour": spec.concepts[0]} if settings.neighbours > 0 else None
+        )
+        fit = fit_jobs(spec, settings, mined)
         # more concepts take other templates at full length (full_length_template_indices)
         every_layout = [
             job

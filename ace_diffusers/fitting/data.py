@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ACEValueError
 from .embedding_cache import EMBEDDINGS, Job
-from .presets import ErasureSpec, fill_phrase, load_presets
+from .presets import ErasureSpec, fill_phrase, filled, load_presets
 from .solvers import FitData
 from .text import EncodedPrompt, TextEmbedder
 
@@ -38,6 +38,12 @@ class FitSettings:
     preserve_pad_tokens: int = (
         12  # ... and after each preservation prompt's: far padding must stay unedited too
     )
+    context_prompts: int = 4  # per concept: prompts pairing it with a preserved phrase ("X and Y") ...
+    context_budget: int = 16  # ... while the total stays within this many (none beyond 16 concepts)
+    neighbours: int = 8  # words mined from the model per concept and erased with it (0: none; .neighbours)
+    neighbour_templates: int = 4  # ... each in this many of its concept's templates
+    neighbour_weight: float = 0.5  # ... its tokens weighing this much in the edit (the user's weigh 1)
+    mining_pool: int = 1024  # ... chosen from this many vocabulary words nearest the concept's
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,6 +67,7 @@ class FitJobs:
     neutral: list[Job]
     other: list[Job]
     preset: list[Job]
+    neighbour_jobs: int = 0  # the last this many concept (and neutral) jobs are mined neighbours'
 
     @property
     def concept_independent(self) -> list[Job]:
@@ -68,8 +75,9 @@ class FitJobs:
         return self.neutral + self.other + self.preset
 
 
-def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
-    """The encoder jobs of a fit of ``spec``.
+def fit_jobs(spec: ErasureSpec, settings: FitSettings, neighbours: dict[str, str] | None = None) -> FitJobs:
+    """The encoder jobs of a fit of ``spec``, with ``neighbours`` (``{mined word: its concept}``) after
+    the concepts, each in its concept's first ``neighbour_templates`` templates with few padding tokens.
 
     The first four generic prompts keep all their padding tokens; which four does not depend on the
     concepts (one that names a concept is left out, not replaced), so :func:`prepare_erasure` knows them.
@@ -89,6 +97,18 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
         concept_jobs += jobs
         preset_jobs += jobs if concept in expanded else []
         neutral_jobs += template_jobs(anchor, templates, full, settings)
+        if concept not in expanded:
+            count = min(settings.context_prompts, settings.context_budget // len(spec.concepts))
+            paired = context_templates(spec, concept, count)
+            concept_jobs += template_jobs(concept, paired, set(), settings)
+            neutral_jobs += template_jobs(anchor, paired, set(), settings)
+    anchor_of = dict(zip(spec.concepts, spec.neutral, strict=True))
+    neighbour_jobs = 0
+    for word, concept in (neighbours or {}).items():
+        templates = spec.templates_for(concept)[: settings.neighbour_templates]
+        concept_jobs += template_jobs(word, templates, set(), settings)
+        neutral_jobs += template_jobs(anchor_of[concept], templates, set(), settings)
+        neighbour_jobs += len(templates)
     unrelated = set(spec.unrelated_prompts())
     other_jobs = [
         (p, None, None if i < 4 else settings.extra_pad_tokens)
@@ -99,12 +119,35 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings) -> FitJobs:
         (p, span, settings.preserve_pad_tokens)
         for p, span in spec.preserve_prompt_spans(settings.preserve_templates)
     ]
-    return FitJobs(concept_jobs, neutral_jobs, other_jobs, preset_jobs)
+    return FitJobs(concept_jobs, neutral_jobs, other_jobs, preset_jobs, neighbour_jobs)
 
 
-def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings) -> FitData:
-    """Encode concept/neutral/preservation prompts and align concept tokens with neutral tokens."""
-    jobs = fit_jobs(spec, settings)
+CONTEXT_JOINS = ("{} and {}", "{} with {}")  # how a prompt pairs the concept with something kept
+
+
+def context_templates(spec: ErasureSpec, concept: str, count: int) -> list[str]:
+    """Templates that pair ``concept`` with a preserved phrase: ``"a red {} and a blue square"``.
+
+    In the concept's prompt every token after it (causal CLIP) or every token (a bidirectional
+    encoder) carries some of it, including the tokens of the *other* thing the prompt asks for. Fitted
+    onto the same prompt with the anchor, those tokens learn to keep that other thing as it is.
+    """
+    kept, templates, out = spec.pairing, spec.templates_for(concept), []
+    for i in range(min(count, len(kept) * len(CONTEXT_JOINS))):
+        phrase = kept[i % len(kept)]
+        if spec.names_concept(phrase):  # left out, not replaced: the other prompts stay the same
+            continue
+        other = filled(spec.templates_for(phrase)[(i + 1) % len(spec.templates_for(phrase))], phrase)
+        out.append(CONTEXT_JOINS[i % len(CONTEXT_JOINS)].format(templates[i % len(templates)], other))
+    return out
+
+
+def collect_fit_data(
+    embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, neighbours: dict[str, str] | None = None
+) -> FitData:
+    """Encode concept/neutral/preservation prompts (and the mined ``neighbours``' prompts: :func:`fit_jobs`)
+    and align concept tokens with neutral tokens."""
+    jobs = fit_jobs(spec, settings, neighbours)
     concept_jobs, neutral_jobs, other_jobs = jobs.concept, jobs.neutral, jobs.other
     # one call (few, large batches); what does not depend on the concepts is also cached on disk
     encoded = EMBEDDINGS.encode(
@@ -114,11 +157,15 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
     neutral_enc = encoded[len(concept_jobs) : len(concept_jobs) + len(neutral_jobs)]
     other_enc = encoded[len(concept_jobs) + len(neutral_jobs) :]
 
-    concept_rows, target_rows, positive = [], [], []
-    for c_enc, n_enc in zip(concept_enc, neutral_enc, strict=True):
+    concept_rows, target_rows, positive, weights = [], [], [], []
+    first_neighbour = len(concept_jobs) - jobs.neighbour_jobs
+    for index, (c_enc, n_enc) in enumerate(zip(concept_enc, neutral_enc, strict=True)):
         pairs = align_tokens(c_enc, n_enc)
         if not pairs:
             continue
+        weights.append(
+            torch.full((len(pairs),), settings.neighbour_weight if index >= first_neighbour else 1.0)
+        )
         ci = torch.tensor([i for i, _ in pairs])
         nj = torch.tensor([j for _, j in pairs])
         c, n = c_enc.embeddings[ci], n_enc.embeddings[nj]
@@ -138,6 +185,7 @@ def collect_fit_data(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSet
         gate_positive=torch.cat(positive).cpu(),
         others=others,
         others_moment=moment,
+        weights=torch.cat(weights) if jobs.neighbour_jobs else None,
     )
 
 

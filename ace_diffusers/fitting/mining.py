@@ -103,7 +103,18 @@ def _in_context(
     """Stage 3: shortlisted words that move attention towards ``anchors[0]`` (the concept) from
     ``anchors[1]`` (its neutral) and sit nearest the concept among all anchors, best first."""
     phrases = anchors + shortlist
-    context = encode_full(embedder, [normalize_prompt(filled(t, p)) for p in phrases for t in templates])
+
+    def prompts(group: list[str]) -> list[str]:
+        return [normalize_prompt(filled(t, p)) for p in group for t in templates]
+
+    # the anchors but the concept (its neutral, what is kept) are the same for every concept: cached
+    context = torch.cat(
+        [
+            encode_full(embedder, prompts(anchors[:1])),
+            encode_full(embedder, prompts(anchors[1:]), persistent=True),
+            encode_full(embedder, prompts(shortlist)),
+        ]
+    )
     signature = torch.cat([attention_output(layer, context, None).flatten(1) for layer in layers], dim=1)
     signature = signature.view(len(phrases), len(templates), -1).flatten(1)
     target, neutral = signature[0], signature[1]

@@ -44,6 +44,7 @@ class ErasureSpec:
     expanded: list[str] = field(
         default_factory=list
     )  # concepts the kind adds to every fit (explicit's terms)
+    pairing: list[str] = field(default_factory=list)  # what paired prompts pair a concept with (.data)
 
     def templates_for(self, phrase: str) -> list[str]:
         """Templates for one concept or preserved phrase (per-phrase override, else the shared list).
@@ -186,6 +187,9 @@ def resolve_spec(
             f"preserve names a concept being erased ({named[0]!r}): keeping it unchanged would fight the "
             "erasure; remove it from preserve."
         )
+    # paired prompts use the kind's list as it stands (the same prompts in every fit of the kind, so
+    # they are prepared ahead); entries naming a concept are left out there, not replaced
+    pairing = list(preserve_list) if preserve_list is not None else list(preset["preserve"])
     if preserve_list is None:  # the kind's defaults may name the concept: those entries are left out
         preserve_list = [p for p in preset["preserve"] if p.lower() not in lowered]
 
@@ -198,6 +202,7 @@ def resolve_spec(
         negatives=list(presets["generic_negatives"]),
         phrase_templates=phrase_templates,
         expanded=expanded,
+        pairing=pairing,
     )
 
 

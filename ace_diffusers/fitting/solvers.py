@@ -7,9 +7,10 @@ embeddings :mod:`.data` collects. Notation: ``c_i`` concept tokens, ``n_i`` the 
 1. **Gate** (:func:`fit_gate`): a class-balanced logistic regression separating the tokens that carry
    the concept from everything else, sharpened so it is ~1 / ~0 on the two sides; shared by all layers.
 2. **Edit** (:func:`solve_text_map`): with the gate fixed,
-   ``min_Δ 1/N Σ ||g_i Δ c_i − W (n_i − c_i)||² + λ_p/N_p Σ ||Δ p_j||² + λ ||Δ||²`` has the minimiser
-   ``Δ* = W G``, ``G = R M⁻¹``, ``R = 1/N Σ g_i (n_i − c_i) c_iᵀ``,
-   ``M = 1/N Σ g_i² c_i c_iᵀ + λ_p/N_p Σ p_j p_jᵀ + λ I``.
+   ``min_Δ 1/N Σ w_i ||g_i Δ c_i − W (n_i − c_i)||² + λ_p/N_p Σ ||Δ p_j||² + λ ||Δ||²`` (``N = Σ w_i``;
+   ``w_i`` = 1 for the user's concepts, less for mined neighbours) has the minimiser
+   ``Δ* = W G``, ``G = R M⁻¹``, ``R = 1/N Σ w_i g_i (n_i − c_i) c_iᵀ``,
+   ``M = 1/N Σ w_i g_i² c_i c_iᵀ + λ_p/N_p Σ p_j p_jᵀ + λ I``.
 3. **Rank** (:func:`low_rank_edits`): the objective is ``||(Δ − Δ*) L||²`` up to a constant with
    ``M = L Lᵀ``, so the best rank-r edit is the top-r SVD ``U S Vᵀ`` of ``Δ* L``: ``B = U S``, ``A = Vᵀ L⁻¹``.
 """
@@ -34,6 +35,7 @@ class FitData:
     gate_positive: torch.Tensor  # (N,) bool: c_i carries the concept
     others: torch.Tensor  # (N_p, d) tokens of neutral, preservation and unrelated prompts
     others_moment: torch.Tensor | None = None  # (d, d) float64 ``others.T @ others / N_p``, if already known
+    weights: torch.Tensor | None = None  # (N,) w_i of each concept token in the edit (None: all 1)
 
 
 def minimize_lbfgs(
@@ -158,7 +160,11 @@ def solve_text_map(
     """
     c, n, p = data.concept.float(), data.target.float(), data.others.float()
     g = gate_values(c, gate_w.float(), gate_b.float())
-    count, d = c.shape
+    tokens, d = c.shape
+    count = tokens
+    if data.weights is not None:  # w_i on every term of token i: scale c_i and n_i by √w_i, N by Σ w_i
+        root_w = data.weights.float().clamp_min(0).sqrt().unsqueeze(1)
+        c, n, count = c * root_w, n * root_w, float(data.weights.sum())
     weighted = c * g.unsqueeze(1)
     pulled = (n - c) * g.unsqueeze(1)  # A
     m_other = data.others_moment if data.others_moment is not None else (p.T @ p / len(p)).double()
@@ -169,7 +175,7 @@ def solve_text_map(
     m.add_(m_other, alpha=preserve_weight).diagonal().add_(ridge * energy)
     root = torch.linalg.cholesky(m)  # the ridge keeps M positive definite
     del m
-    if count < d:  # N right-hand sides
+    if tokens < d:  # N right-hand sides
         pushed = torch.linalg.solve_triangular(root, c.T.double(), upper=False)  # L⁻¹ Cᵀ
         h = (pulled.T @ pushed.T.float()).double() / count
         rows = torch.linalg.solve_triangular(root.T, pushed, upper=True).T.float()  # C M⁻¹: G = Aᵀ rows / N
@@ -196,7 +202,7 @@ def solve_text_map(
     stats = {
         "text_residual": max(residual_sq, 0.0) ** 0.5 / max(wanted_sq**0.5, 1e-12),
         "preserve_drift": preserve_sq**0.5 / max(float(p.norm()), 1e-12),
-        "concept_tokens": int(count),
+        "concept_tokens": int(tokens),
         "other_tokens": int(len(p)),
     }
     return h, root, stats

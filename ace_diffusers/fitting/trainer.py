@@ -145,8 +145,10 @@ class ACETrainer:
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
         embedder = TextEmbedder(self.pipe)
-        base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
-        layers, params, mined = self._setup(embedder, base)
+        layers, mined = self._setup(embedder)
+        # the closed-form start erases the same mined words (no second mining)
+        base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank), neighbours=mined)
+        params = self._parameters(base)
         # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
         # every erase batch each: many augmentations must never crowd out the concept itself.
         given_src, given_tgt = self._pairs(embedder, self.spec.concepts)
@@ -195,10 +197,8 @@ class ACETrainer:
         self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
         return self.adapter
 
-    def _setup(
-        self, embedder: TextEmbedder, base: ACEAdapter
-    ) -> tuple[list[QueryLayer], dict, dict[str, str]]:
-        """The query bank, the trainable factors (from the closed form) and the mined synonyms."""
+    def _setup(self, embedder: TextEmbedder) -> tuple[list[QueryLayer], dict[str, str]]:
+        """The query bank and the mined synonyms."""
         layers = capture_queries(
             self.unet,
             embedder,
@@ -207,13 +207,12 @@ class ACETrainer:
             per_layer=self.queries_per_layer,
             seed=self.seed,
         )
-        params = self._parameters(base)
         mined = (
             mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
             if self.mined_synonyms
             else {}
         )
-        return layers, params, mined
+        return layers, mined
 
     def _erase_batch(
         self,

@@ -1,5 +1,7 @@
 """``ace-diffusers bench trainer``: the report of closed form vs full ACE (formatting only, no generation)."""
 
+import json
+
 import pytest
 
 from ace_diffusers.bench import trainer
@@ -94,3 +96,28 @@ def test_fit_arguments_of_several_concepts_preserve_the_rest_of_the_world():
 def test_main_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         trainer.main(["--images-per-prompt", "many"])
+
+
+def test_runs_split_over_processes_make_one_report(tmp_path, capsys):
+    parts = []
+    for i, rows in enumerate((_result()["rows"][:3], _result()["rows"][3:])):
+        part = {
+            "rows": rows,
+            "images_per_prompt": 4,
+            "steps": None,
+            "torch_threads": 1,
+            "seconds": 10.0,
+            "command": f"ace-diffusers bench trainer part {i}",
+        }
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part), encoding="utf-8")
+    merged = trainer.merged([str(p) for p in parts])
+    assert len(merged["rows"]) == 5 and merged["seconds"] == 20.0 and " + " in merged["command"]
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n", encoding="utf-8")
+    assert trainer.main(["--from-json", *map(str, parts), "--docs", str(page)]) == 0
+    assert "multi: square+star" in page.read_text(encoding="utf-8")
+    other = {"rows": [], "images_per_prompt": 2, "steps": None}
+    parts[1].write_text(json.dumps(other), encoding="utf-8")
+    with pytest.raises(SystemExit, match="different"):
+        trainer.merged([str(p) for p in parts])

@@ -18,7 +18,7 @@ def test_every_attack_runs_against_an_erased_shape():
     from ace_diffusers.eval.attacks import SoftPromptSettings
     from ace_diffusers.eval.judges import ShapesJudge
     from ace_diffusers.eval.runner import evaluate, shapes_plan
-    from ace_diffusers.fitting.closed_form import erase_concept
+    from ace_diffusers.fitting.erase import erase_concept
     from ace_diffusers.shapes.classifier import load_shapes_classifier
     from ace_diffusers.shapes.erasure import erase_arguments
     from ace_diffusers.shapes.pipeline import load_shapes_pipeline

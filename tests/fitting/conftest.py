@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ace_diffusers.core.processor import get_stack
-from ace_diffusers.fitting.data import align_tokens
+from ace_diffusers.fitting.data import FitSettings, align_tokens
 from ace_diffusers.fitting.presets import fill_template
 from ace_diffusers.fitting.text import TextEmbedder
 from ace_diffusers.integration.modules import cross_attention_modules
@@ -18,6 +18,10 @@ TEXT_DIM = 256
 CONCEPT_GAP_LEFT = 0.35  # sqrt(sum ||K_edit(c) - K(n)||^2 / sum ||K(c) - K(n)||^2) over layers, K and V
 PRESERVE_CHANGE = 0.03  # sqrt(sum ||K_edit(p) - K(p)||^2 / sum ||K(p)||^2) on preservation prompts
 UNRELATED_GATE = 0.05  # max gate value on any token of an unrelated prompt
+# The core map: no mined neighbours and no paired prompts. In a random encoder those are random words and
+# contexts that share the edit's capacity with the concept (test_neighbours and test_data cover them; the
+# miniature world measures what they bring).
+CORE = FitSettings(neighbours=0, context_prompts=0)
 
 
 def keys_values(attn, context):

@@ -10,12 +10,14 @@ from ace_diffusers.fitting import closed_form, embedding_cache
 from ace_diffusers.fitting import text as text_module
 from ace_diffusers.fitting.data import FitSettings, full_length_template_indices
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
+from ace_diffusers.fitting.neighbours import clear_query_banks
 from ace_diffusers.fitting.presets import load_presets
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from ..conftest import generate, record_encoded_prompts, relative_gap
 from .conftest import (
     CONCEPT_GAP_LEFT,
+    CORE,
     PRESERVE_CHANGE,
     TEXT_DIM,
     UNRELATED_GATE,
@@ -28,7 +30,7 @@ from .conftest import (
 @pytest.fixture(scope="module")
 def erased_pipe():
     pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
-    adapter = erase_concept(pipe, "Van Gogh", kind="style")
+    adapter = erase_concept(pipe, "Van Gogh", kind="style", settings=CORE)
     return pipe, adapter
 
 
@@ -67,7 +69,9 @@ def test_unrelated_prompts_gate_closed_and_images_unchanged(erased_pipe):
 
 def test_two_concepts_in_one_adapter_erase_both_and_preserve_a_third():
     pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
-    adapter = erase_concept(pipe, ["Van Gogh", "Claude Monet"], kind="style", adapter_name="two")
+    adapter = erase_concept(
+        pipe, ["Van Gogh", "Claude Monet"], kind="style", adapter_name="two", settings=CORE
+    )
     assert adapter.concepts == ["Van Gogh", "Claude Monet"] and pipe.get_list_ace_adapters() == ["two"]
     assert concept_gap_left(pipe, "an artwork by {}", "Van Gogh", "art") < CONCEPT_GAP_LEFT
     assert concept_gap_left(pipe, "an artwork by {}", "Claude Monet", "art") < CONCEPT_GAP_LEFT
@@ -76,7 +80,7 @@ def test_two_concepts_in_one_adapter_erase_both_and_preserve_a_third():
 
 def test_sdxl_uses_both_text_encoders():
     pipe = tiny_sdxl_pipeline(text_dim=TEXT_DIM)
-    adapter = erase_concept(pipe, "Van Gogh", kind="style")
+    adapter = erase_concept(pipe, "Van Gogh", kind="style", settings=CORE)
     d_text = next(iter(adapter.layers.values())).shape[0]
     assert d_text == TEXT_DIM  # both encoders' tokens, concatenated
     assert concept_gap_left(pipe, "a painting in the style of {}", "Van Gogh", "art") < CONCEPT_GAP_LEFT
@@ -153,17 +157,24 @@ def test_empty_anchors_in_a_list_are_allowed(sd_pipe):
 @pytest.mark.parametrize("new_process", [False, True], ids=["same-process", "new-process"])
 def test_prepare_erasure_leaves_a_fit_only_the_concepts_own_prompts(cache_dir, monkeypatch, new_process):
     pipe = tiny_sd_pipeline()
+    recorded = record_encoded_prompts(monkeypatch)
     preparation = pipe.prepare_erasure(kind="style")
     assert preparation.kind == "style" and preparation.neutral == ["art"]
     assert preparation.cache_dir == str(cache_dir) and preparation.prompts > 40
     assert pipe.get_list_ace_adapters() == []  # nothing fitted or loaded
+    during_preparation = list(recorded)
     if new_process:
         EMBEDDINGS.clear()
-    encoded = record_encoded_prompts(monkeypatch)
+        clear_query_banks()
     moments = []
     monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
     prepared = erase_concept(pipe, "Van Gogh", kind="style", load=False)
-    assert encoded and all("Van Gogh" in prompt for prompt in encoded)
+    encoded = recorded[len(during_preparation) :]
+    assert [p for p in encoded if "Van Gogh" in p]
+    # what preparation encoded (prompts of templates, the empty prompt) is never encoded again; the
+    # neighbour miner's probes of single vocabulary words may recur
+    again = {p for p in encoded if " " in p or not p} & set(during_preparation)
+    assert not again, sorted(again)[:5]
     assert not moments  # the other tokens' second moment was prepared too: read, not recomputed
     EMBEDDINGS.clear()
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
@@ -178,14 +189,15 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cac
         *(full_length_template_indices(i, len(concepts), 6, FitSettings()) for i in range(len(concepts)))
     )
     assert full == set(range(6))  # between them, these concepts take every template at full length
-    preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"])
+    plain = FitSettings(neighbours=0)  # the layouts alone (mining's preparation: the test above)
+    preparation = prepare_erasure(pipe, kind="style", neutral=["art", "a painting"], settings=plain)
     assert preparation.neutral == ["art", "a painting"]
     EMBEDDINGS.clear()
     encoded = record_encoded_prompts(monkeypatch)
     moments = []
     monkeypatch.setattr(embedding_cache, "save_moment", lambda *a: moments.append(a))
-    erase_concept(pipe, concepts, kind="style", load=False)
-    erase_concept(pipe, "Van Gogh", kind="style", neutral="a painting", load=False)
+    erase_concept(pipe, concepts, kind="style", load=False, settings=plain)
+    erase_concept(pipe, "Van Gogh", kind="style", neutral="a painting", load=False, settings=plain)
     assert encoded and all(any(c in prompt for c in [*concepts, "Van Gogh"]) for prompt in encoded)
     assert len(moments) == 1  # only the 12-concept layout's second moment was formed
 
@@ -202,7 +214,8 @@ def test_prepare_erasure_covers_fits_of_many_concepts_and_each_listed_anchor(cac
 )
 def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, concept, kwargs):
     pipe = tiny_sd_pipeline()
-    preparation = prepare_erasure(pipe, **kwargs)
+    plain = FitSettings(neighbours=0)  # the closed form's own prompts (with mining: the test above)
+    preparation = prepare_erasure(pipe, settings=plain, **kwargs)
     assert preparation.neutral == [load_presets()["kinds"][kwargs["kind"] or "custom"]["neutral"]]
     EMBEDDINGS.clear()  # a new process
     new_prefixes = []
@@ -216,7 +229,7 @@ def test_prepare_erasure_covers_every_kind_of_call(cache_dir, monkeypatch, conce
 
     monkeypatch.setattr(text_module, "encode_with_shared_prefixes", spy)
     encoded = record_encoded_prompts(monkeypatch)
-    adapter = erase_concept(pipe, concept, load=False, **kwargs)
+    adapter = erase_concept(pipe, concept, load=False, settings=plain, **kwargs)
     assert adapter.concepts[0] == concept
     assert encoded and all(concept in prompt for prompt in encoded)  # only the concept's own prompts
     assert not new_prefixes  # and no template prefix either
@@ -226,9 +239,10 @@ def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch)
     monkeypatch.setenv("ACE_DIFFUSERS_CACHE", "off")
     EMBEDDINGS.clear()
     pipe = tiny_sd_pipeline()
-    assert prepare_erasure(pipe, kind="object").cache_dir is None
+    plain = FitSettings(neighbours=0)
+    assert prepare_erasure(pipe, kind="object", settings=plain).cache_dir is None
     encoded = record_encoded_prompts(monkeypatch)
-    erase_concept(pipe, "cat", kind="object", load=False)
+    erase_concept(pipe, "cat", kind="object", load=False, settings=plain)
     assert encoded and all("cat" in prompt for prompt in encoded)
     with pytest.raises(ACEValueError, match="Unknown concept kind"):
         prepare_erasure(pipe, kind="animal")

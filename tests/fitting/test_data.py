@@ -5,7 +5,14 @@ import torch
 from ace_diffusers import (
     erase_concept,
 )
-from ace_diffusers.fitting.data import FitSettings, align_tokens, full_length_template_indices
+from ace_diffusers.fitting.data import (
+    FitSettings,
+    align_tokens,
+    context_templates,
+    fit_jobs,
+    full_length_template_indices,
+)
+from ace_diffusers.fitting.presets import resolve_spec
 from ace_diffusers.testing import tiny_sd_pipeline
 
 from .conftest import CONCEPT_GAP_LEFT, TEXT_DIM, UNRELATED_GATE, concept_gap_left, max_gate
@@ -40,3 +47,22 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
     for name in unsampled:
         assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
     assert max_gate(pipe, "a photo of a cat") < UNRELATED_GATE
+
+
+def test_paired_prompts_put_a_kept_phrase_beside_the_concept_the_same_in_every_fit_of_a_kind():
+    spec = resolve_spec("Van Gogh", kind="style")
+    paired = context_templates(spec, "Van Gogh", 4)
+    assert len(paired) == 4 and all(t.count("{}") == 1 for t in paired)
+    assert any(" and " in t for t in paired) and any(" with " in t for t in paired)
+    assert all(any(p in t for p in spec.preserve) for t in paired)
+    # a kept phrase that is itself erased is left out, not replaced: the others keep their prompts
+    monet = context_templates(resolve_spec("Claude Monet", kind="style"), "Claude Monet", 4)
+    assert not any("Claude Monet" in t for t in monet)
+    same = [t.replace("{}", "") for t in paired[1:]]
+    assert same == [t.replace("{}", "") for t in monet]
+    # jobs: a few per concept, none beyond the budget
+    settings = FitSettings()
+    one = fit_jobs(spec, settings)
+    many = fit_jobs(resolve_spec([f"painter {i}" for i in range(17)], kind="style"), settings)
+    assert sum(" and " in j[0] or " with " in j[0] for j in one.concept) == settings.context_prompts
+    assert not any(" with " in j[0] for j in many.concept)

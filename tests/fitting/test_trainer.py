@@ -48,7 +48,7 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
 
 def test_zero_steps_returns_the_closed_form_solution(pipe):
     adapter = small_trainer(pipe, steps=0, mined_synonyms=0).fit()
-    closed = fit_adapter(pipe, resolve_spec("Van Gogh", kind="style"), FitSettings())
+    closed = fit_adapter(pipe, resolve_spec("Van Gogh", kind="style"), FitSettings(neighbours=0))
     for key, tensor in closed.state_dict().items():
         torch.testing.assert_close(adapter.state_dict()[key], tensor)
 

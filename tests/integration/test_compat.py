@@ -31,7 +31,7 @@ from ace_diffusers.core.processor import (
     get_stack,
 )
 from ace_diffusers.errors import ACECompatibilityError
-from ace_diffusers.fitting.closed_form import erase_concept
+from ace_diffusers.fitting.erase import erase_concept
 from ace_diffusers.integration.compat import base_processor
 from ace_diffusers.integration.modules import attention_modules, cross_attention_modules
 from ace_diffusers.testing import random_adapter, tiny_sd_pipeline

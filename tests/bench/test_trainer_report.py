@@ -1,0 +1,67 @@
+"""The trainer section of the benchmark page: an interval beside every rate, issue #22's bars checked cell
+by cell, and the suite's page keeps the section when it rewrites itself."""
+
+from ace_diffusers.bench import trainer_report
+from ace_diffusers.bench.deploy import write_section
+
+COUNTS = {"erased": 32, "synonyms": 48, "heldout": 32, "others": 112, "pairs": 64}
+BASE = {
+    "base_acc_e": 1.0,
+    "base_acc_g": 1.0,
+    "base_acc_s": 1.0,
+    "base_acc_heldout": 0.9,
+    "base_in_context": 1.0,
+}
+
+
+def row(method, **rates):
+    values = {
+        "acc_e": 0.0,
+        "acc_g": 0.0,
+        "acc_heldout": 0.0,
+        "acc_s": 1.0,
+        "in_context": 1.0,
+        "erased_as_none": 1.0,
+        **rates,
+    }
+    return {
+        "run": "circle",
+        "concept": "circle",
+        "method": method,
+        "seconds": 1.5,
+        "counts": COUNTS,
+        **BASE,
+        **values,
+    }
+
+
+RESULT = {
+    "images_per_prompt": 4,
+    "torch_threads": 2,
+    "seconds": 10.0,
+    "rows": [row("closed form", acc_g=0.5), row("ACE (full)"), row("UCE", acc_e=0.2)],
+}
+
+
+def test_bars_name_the_failing_cells():
+    assert trainer_report.bar_failures(row("ACE (full)")) == []
+    failed = trainer_report.bar_failures(row("closed form", acc_g=0.5, in_context=0.9))
+    assert any(f.startswith("acc_g 50.0%") for f in failed) and any("in_context" in f for f in failed)
+    assert trainer_report.bar_failures(row("ACE (full)", acc_e=0.0625)) == ["acc_e 6.2% > 5%"]
+    assert trainer_report.bar_failures(row("UCE", acc_e=1.0)) == []  # baselines have no bars
+
+
+def test_every_rate_has_its_interval_and_base_rows_come_first():
+    text = trainer_report.markdown(RESULT)
+    assert "| circle | circle | base |" in text and text.index("| base |") < text.index("| closed form |")
+    assert "50.0% (36–64)" in text  # 24 of 48 trained-synonym images
+    assert "closed form: **not met**: acc_g 50.0% > 30%" in text and "ACE (full): all bars met" in text
+
+
+def test_the_suite_page_keeps_the_trainer_section(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nold suite text\n", encoding="utf-8")
+    write_section(page, "trainer figures", markers=trainer_report.SECTION, heading=trainer_report.HEADING)
+    assert "trainer figures" in page.read_text(encoding="utf-8")
+    kept = trainer_report.kept_section(page)
+    assert "trainer figures" in kept and kept.count(trainer_report.SECTION[0]) == 1
