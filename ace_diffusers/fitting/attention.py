@@ -71,6 +71,7 @@ def capture_queries(
     *,
     per_layer: int,
     seed: int,
+    max_size: int = 16,
 ) -> list[QueryLayer]:
     """Real cross-attention queries: the UNet on noised latents with the empty and a few neutral prompts."""
     modules = cross_attention_modules(unet)
@@ -85,7 +86,7 @@ def capture_queries(
         context = encode_full(embedder, prompts, persistent=True)
         config = unet.config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-        size = min(size, 16)
+        size = min(size, max_size)
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(len(prompts), config.in_channels, size, size, generator=generator)
         timesteps = torch.randint(50, 950, (len(prompts),), generator=generator)

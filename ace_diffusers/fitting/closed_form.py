@@ -29,6 +29,7 @@ from .neighbours import mine_neighbours, mining_record
 from .presets import ErasureSpec, resolve_spec
 from .solvers import FitData, default_rank, fit_gate, low_rank_edits, solve_text_map
 from .text import TextEmbedder
+from .vocabulary import prepare_vocabulary
 
 
 def fit_adapter(
@@ -255,7 +256,8 @@ def prepare_erasure(
             other_jobs,
             [encoded[j] for j in other_jobs],
         )
-    if settings.neighbours > 0:  # one mining run keeps its query bank and its anchors' prompts
+    if settings.neighbours > 0:  # the vocabulary table, and one mining run keeps its query bank and
+        prepare_vocabulary(embedder)  # its anchors' prompts
         for layout in layouts:
             spec = resolve_spec(
                 PREPARATION_PLACEHOLDER,

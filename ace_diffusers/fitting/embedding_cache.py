@@ -96,7 +96,7 @@ def _warn_unreadable(bad: list[tuple[Path, Exception]]) -> None:
         )
 
 
-def _read_verified(fh: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def read_verified(fh: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The tensors ``names`` of an open cache file, checked against the checksum in its metadata."""
     tensors = {name: fh.get_tensor(name) for name in names}
     recorded = (fh.metadata() or {}).get("sha256")
@@ -137,7 +137,7 @@ def load(embedder_key: str, jobs: list[Job], device: torch.device | str = "cpu")
                 if json.loads(meta["job"]) != json.loads(json.dumps(list(job))):
                     continue  # a hash collision: never serve another prompt's embeddings
                 span = json.loads(meta["span"])
-                embeddings = _read_verified(fh, ["embeddings"])["embeddings"]
+                embeddings = read_verified(fh, ["embeddings"])["embeddings"]
                 length = int(meta["length"])
                 if embeddings.ndim != 2 or not 0 < length <= embeddings.shape[0]:
                     raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} for {length} tokens")
@@ -196,7 +196,7 @@ def load_prefixes(embedder_key: str, like: list[torch.Tensor]) -> list[PrefixSto
                 if not 0 <= index < n_encoders or path != _prefix_file(root, embedder_key, index, prefix):
                     continue
                 ref = like[index]
-                t = _read_verified(fh, ["keys", "values", "output"])
+                t = read_verified(fh, ["keys", "values", "output"])
                 if t["keys"].shape != t["values"].shape or t["keys"].ndim < 2:
                     raise ValueError(f"keys {tuple(t['keys'].shape)} and values {tuple(t['values'].shape)}")
                 keys, values, output = (t[n].to(ref.device, ref.dtype) for n in ("keys", "values", "output"))
@@ -252,7 +252,7 @@ def load_moment(embedder_key: str, jobs: list) -> torch.Tensor | None:
                 json.dumps(jobs)
             ):
                 return None  # another format, or a hash collision: never serve another job set's moment
-            return _read_verified(fh, ["moment"])["moment"]
+            return read_verified(fh, ["moment"])["moment"]
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         _warn_unreadable([(path, error)])
         return None
@@ -289,6 +289,7 @@ class EncoderMemory:
     fingerprint: str | None = None  # the disk key, computed once per weight version
     prefixes: list[PrefixStore] | None = None  # the templates' prefixes, per encoder
     moments: dict[tuple, torch.Tensor] = field(default_factory=dict)  # the other tokens' second moments
+    vocabulary: Any = None  # the encoded vocabulary words (:mod:`.vocabulary`)
 
 
 def _signature(embedder: TextEmbedder) -> tuple:

@@ -20,42 +20,35 @@ import torch
 import torch.nn.functional as F
 
 from ..integration.modules import projection_weight
-from .attention import QueryLayer, attention_output, encode_full
+from .attention import QueryLayer, attention_output
+from .embedding_cache import EMBEDDINGS
 from .presets import ErasureSpec, filled, normalize_prompt
 from .text import TextEmbedder
+from .vocabulary import encode_words, vocabulary_words
 
 MINED_MIN_SHIFT = 0.4  # a mined word must move attention at least this far towards the concept
-
-
-def vocabulary_words(embedder: TextEmbedder) -> dict[str, int]:
-    """Whole alphabetic words (> 2 letters) of the first tokenizer's vocabulary, with their token ids."""
-    tokenizer, encoder = embedder.encoders[0]
-    rows = encoder.get_input_embeddings().weight.shape[0]
-    vocab = tokenizer.get_vocab()
-    clip_style = any(token.endswith("</w>") for token in vocab)  # BPE marks word ends, WordPiece "##" pieces
-    words = {}
-    for token, index in vocab.items():
-        if clip_style != token.endswith("</w>") or token.startswith("##") or index >= rows:
-            continue
-        word = token[:-4] if clip_style else token
-        if word.isalpha() and len(word) > 2:
-            words[word.lower()] = index
-    return words
+SIGNATURE_PAD_TOKENS = 6  # causal encoders: padding tokens kept after EOS in stage 3's prompts
 
 
 @torch.no_grad()
 def mine_synonyms(
-    embedder: TextEmbedder, layers: list[QueryLayer], spec: ErasureSpec, *, per_concept: int, pool: int
+    embedder: TextEmbedder,
+    layers: list[QueryLayer],
+    spec: ErasureSpec,
+    *,
+    per_concept: int,
+    pool: int,
+    shortlist: int | None = None,
+    gram: torch.Tensor | None = None,
 ) -> dict[str, str]:
-    """Up to ``per_concept`` mined words per concept of ``spec``: ``{word: the concept it stands in for}``."""
+    """Up to ``per_concept`` mined words per concept of ``spec``: ``{word: the concept it stands in for}``;
+    ``shortlist``: how many of the ``pool`` go on to stage 3 (default ``4 * per_concept``); ``gram``:
+    :func:`projection_gram` of ``layers``, if already known."""
     tokenizer, encoder = embedder.encoders[0]
     table = encoder.get_input_embeddings().weight.detach().float()
     words = vocabulary_words(embedder)
     banned = {w.lower() for phrase in spec.concepts + spec.preserve + spec.neutral for w in phrase.split()}
-    projection = torch.cat(
-        [projection_weight(layer.attn.to_k).float() for layer in layers]
-        + [projection_weight(layer.attn.to_v).float() for layer in layers]
-    )
+    gram = projection_gram(layers) if gram is None else gram
     table_n = F.normalize(table, dim=-1)
     found: dict[str, str] = {}
     for concept_index, concept in enumerate(spec.concepts):
@@ -67,30 +60,39 @@ def mine_synonyms(
         index = torch.tensor([words[w] for w in candidates])
         sims = table_n[index] @ F.normalize(table[ids].mean(0), dim=-1)
         nearest = [candidates[i] for i in sims.topk(min(pool, len(candidates))).indices.tolist()]
-        shortlist = _keyed_shortlist(embedder, concept, nearest, projection, 4 * per_concept)
-        if not shortlist:
+        short = _keyed_shortlist(embedder, concept, nearest, gram, shortlist or 4 * per_concept)
+        if not short:
             continue
         anchors = [concept, spec.neutral[concept_index]] + list(spec.preserve)
-        kept = _in_context(embedder, layers, spec.templates_for(concept)[:2], anchors, shortlist)
+        kept = _in_context(embedder, layers, spec.templates_for(concept)[:2], anchors, short)
         for word in kept[:per_concept]:
             found[word] = concept
     return found
 
 
+def projection_gram(layers: list[QueryLayer]) -> torch.Tensor:
+    """``PᵀP`` (d x d) of every layer's ``to_k`` and ``to_v`` stacked into ``P``: cosines of projected
+    tokens, ``cos(Pt, Pc) = tᵀGc / sqrt(tᵀGt · cᵀGc)``, without projecting each word to every layer."""
+    gram = None
+    for layer in layers:
+        for proj in (layer.attn.to_k, layer.attn.to_v):
+            weight = projection_weight(proj).detach().float().cpu()
+            gram = weight.T @ weight if gram is None else gram.addmm_(weight.T, weight)
+    return gram
+
+
 def _keyed_shortlist(
-    embedder: TextEmbedder, concept: str, pool: list[str], projection: torch.Tensor, size: int
+    embedder: TextEmbedder, concept: str, pool: list[str], gram: torch.Tensor, size: int
 ) -> list[str]:
     """Stage 2: the ``size`` words whose projected token points most nearly where the concept's does."""
-    encoded = embedder.encode(
-        [concept] + pool,
-        [(0, len(concept))] + [(0, len(w)) for w in pool],
-        extra_pad_tokens=0,
-        batch_size=512,
-        approximate=True,
+    (encoded,) = embedder.encode(
+        [concept], [(0, len(concept))], extra_pad_tokens=0, batch_size=512, approximate=True
     )
-    tokens = torch.stack([e.embeddings[e.span[0] : e.span[1]].mean(0) for e in encoded])
-    keyed = F.normalize(tokens @ projection.T, dim=-1)
-    return [pool[i] for i in (keyed[1:] @ keyed[0]).topk(min(size, len(pool))).indices.tolist()]
+    target = encoded.embeddings[encoded.span[0] : encoded.span[1]].mean(0).float().cpu()
+    tokens = encode_words(embedder, pool)
+    target_g, tokens_g = gram @ target, tokens @ gram
+    scores = (tokens_g @ target) / ((tokens_g * tokens).sum(1) * target.dot(target_g)).clamp_min(1e-12).sqrt()
+    return [pool[i] for i in scores.topk(min(size, len(pool))).indices.tolist()]
 
 
 def _in_context(
@@ -108,14 +110,13 @@ def _in_context(
         return [normalize_prompt(filled(t, p)) for p in group for t in templates]
 
     # the anchors but the concept (its neutral, what is kept) are the same for every concept: cached
-    context = torch.cat(
+    signature = torch.cat(
         [
-            encode_full(embedder, prompts(anchors[:1])),
-            encode_full(embedder, prompts(anchors[1:]), persistent=True),
-            encode_full(embedder, prompts(shortlist)),
+            _signatures(embedder, layers, prompts(anchors[:1])),
+            _signatures(embedder, layers, prompts(anchors[1:]), persistent=True),
+            _signatures(embedder, layers, prompts(shortlist)),
         ]
     )
-    signature = torch.cat([attention_output(layer, context, None).flatten(1) for layer in layers], dim=1)
     signature = signature.view(len(phrases), len(templates), -1).flatten(1)
     target, neutral = signature[0], signature[1]
     shift = target - neutral
@@ -126,3 +127,31 @@ def _in_context(
     return [
         shortlist[i] for i in ranked if bool(nearest_is_concept[i]) and float(alpha[i]) >= MINED_MIN_SHIFT
     ]
+
+
+def _signatures(
+    embedder: TextEmbedder, layers: list[QueryLayer], prompts: list[str], *, persistent: bool = False
+) -> torch.Tensor:
+    """``(prompts, features)``: every layer's attention output of its query bank over each prompt.
+
+    A causal encoder's prompts stop :data:`SIGNATURE_PAD_TOKENS` after their EOS (an exact prefix of the
+    full encoding, at a fraction of its cost); a bidirectional encoder's keep every padding token.
+    """
+    pad = SIGNATURE_PAD_TOKENS if embedder.causal else None
+    jobs = [(p, None, pad) for p in prompts]
+    encoded = (
+        EMBEDDINGS.encode(embedder, jobs, persistent=jobs)
+        if persistent
+        else embedder.encode(prompts, extra_pad_tokens=pad)
+    )
+    out = torch.empty(len(prompts), 0)
+    by_length: dict[int, list[int]] = {}
+    for i, enc in enumerate(encoded):
+        by_length.setdefault(enc.embeddings.shape[0], []).append(i)
+    for members in by_length.values():
+        context = torch.stack([encoded[i].embeddings for i in members]).float()
+        rows = torch.cat([attention_output(layer, context, None).flatten(1).cpu() for layer in layers], dim=1)
+        if out.shape[1] == 0:
+            out = torch.zeros(len(prompts), rows.shape[1])
+        out[members] = rows
+    return out

@@ -27,12 +27,14 @@ from typing import Any
 import torch
 
 from .attention import QueryLayer, capture_queries
-from .mining import mine_synonyms
+from .mining import mine_synonyms, projection_gram
 from .presets import ErasureSpec
 from .text import TextEmbedder
 
 MAX_MINED_CONCEPTS = 16  # fits of more concepts than this are not mined (the cost grows per concept)
 QUERIES_PER_LAYER = 32
+QUERY_LATENT_SIZE = 8  # latent side of the query bank's one UNet forward
+SHORTLIST_PER_WORD = 2  # candidates per wanted word that reach the miner's in-context test
 
 _QUERY_BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -44,15 +46,23 @@ def _weights_state(unet: torch.nn.Module) -> tuple:
 
 def query_bank(
     unet: torch.nn.Module, embedder: TextEmbedder, spec: ErasureSpec, seed: int = 0
-) -> list[QueryLayer]:
-    """The UNet's cross-attention queries for the miner (cached per UNet and weights state)."""
+) -> tuple[list[QueryLayer], torch.Tensor]:
+    """The UNet's cross-attention queries for the miner and the K/V projections' Gram matrix
+    (:func:`~.mining.projection_gram`), cached per UNet and weights state."""
     key = (spec.neutral[0], tuple(spec.templates[:3]), QUERIES_PER_LAYER, seed, _weights_state(unet))
     banks = _QUERY_BANKS.setdefault(unet, {})
     if key not in banks:
         banks.clear()  # an older weights state is never asked for again
-        banks[key] = capture_queries(
-            unet, embedder, spec.neutral[0], spec.templates, per_layer=QUERIES_PER_LAYER, seed=seed
+        layers = capture_queries(
+            unet,
+            embedder,
+            spec.neutral[0],
+            spec.templates,
+            per_layer=QUERIES_PER_LAYER,
+            seed=seed,
+            max_size=QUERY_LATENT_SIZE,
         )
+        banks[key] = (layers, projection_gram(layers))
     return banks[key]
 
 
@@ -69,13 +79,15 @@ def mine_neighbours(
     users = [c for c in spec.concepts if c not in set(spec.expanded)]
     if per_concept <= 0 or not users or len(users) > MAX_MINED_CONCEPTS:
         return {}
-    layers = query_bank(unet, embedder, spec)
+    layers, gram = query_bank(unet, embedder, spec)
     return mine_synonyms(
         embedder,
         layers,
         dataclasses.replace(spec, concepts=users, neutral=_anchors(spec, users)),
         per_concept=per_concept,
         pool=pool,
+        shortlist=SHORTLIST_PER_WORD * per_concept,
+        gram=gram,
     )
 
 

@@ -37,7 +37,7 @@ from ..errors import ACEValueError
 from ..integration.modules import get_unet
 from .attention import QueryLayer, alignment_loss, attention_output, capture_queries, detached, encode_full
 from .closed_form import check_rank, fit_adapter
-from .data import FitSettings
+from .data import FitSettings, context_templates
 from .mining import mine_synonyms
 from .presets import filled, normalize_prompt, resolve_spec
 from .text import TextEmbedder
@@ -253,13 +253,24 @@ class ACETrainer:
         src, tgt = [], []
         for phrase in phrases:
             concept = source_of.get(phrase, phrase if phrase in anchor_of else self.spec.concepts[0])
-            for template in self.spec.templates_for(concept):
+            # with prompts that pair it with something kept: that other thing must stay as it is
+            paired = context_templates(self.spec, concept, FitSettings().context_prompts)
+            for template in self.spec.templates_for(concept) + paired:
                 src.append(filled(template, phrase))
                 tgt.append(normalize_prompt(filled(template, anchor_of[concept])))
         return encode_full(embedder, src), encode_full(embedder, tgt)
 
     def _keep_prompts(self, embedder: TextEmbedder) -> torch.Tensor:
-        return encode_full(embedder, self.spec.unrelated_prompts() + self.spec.preserve_prompts())
+        """Unrelated and preservation prompts, and the paired prompts with the anchor in the concept's
+        place (what the other thing of a paired prompt looks like when nothing is to be erased)."""
+        anchor_of = dict(zip(self.spec.concepts, self.spec.neutral, strict=True))
+        paired = [
+            normalize_prompt(filled(t, anchor_of[c]))
+            for c in self.spec.concepts
+            for t in context_templates(self.spec, c, FitSettings().context_prompts)
+        ]
+        prompts = self.spec.unrelated_prompts() + self.spec.preserve_prompts() + list(dict.fromkeys(paired))
+        return encode_full(embedder, prompts)
 
     # ------------------------------------------------------------------ model pieces
     def _parameters(self, base: ACEAdapter) -> dict[str, dict[str, torch.nn.Parameter]]:
