@@ -104,7 +104,10 @@ def _print_table(
         last = runs[-1][1][key]
         size = sizes.get(METRIC_SETS.get(key, ""), 0)
         interval = _interval(last, size) if size else ""
-        values = "".join(f"{100 * metrics[key]:>12.1f}%" for _, metrics, _ in runs)
+        if key == "h":  # a mean of rates, shown as the number it is
+            values = "".join(f"{metrics[key]:>13.3f}" for _, metrics, _ in runs)
+        else:
+            values = "".join(f"{100 * metrics[key]:>12.1f}%" for _, metrics, _ in runs)
         print(f"{label.format(concept=concept):<52}{values}   {interval}")
     seconds = "".join(f"{'—' if s is None else f'{s:.1f}':>13}" for _, _, s in runs)
     print(f"{'fit seconds':<52}{seconds}")

@@ -77,7 +77,7 @@ def mine_neighbours(
 ) -> dict[str, str]:
     """``{mined word: its concept}`` for a fit of ``spec`` (empty for more than
     :data:`MAX_MINED_CONCEPTS` concepts or ``per_concept=0``)."""
-    users = [c for c in spec.concepts if c not in set(spec.expanded)]
+    users = _users(spec)
     if per_concept <= 0 or not users or len(users) > MAX_MINED_CONCEPTS:
         return {}
     layers, gram = query_bank(unet, embedder, spec)
@@ -92,6 +92,11 @@ def mine_neighbours(
     )
 
 
+def _users(spec: ErasureSpec) -> list[str]:
+    """The concepts the user named (not the ones a kind adds to every fit, e.g. explicit's terms)."""
+    return [c for c in spec.concepts if c not in set(spec.expanded)]
+
+
 def _anchors(spec: ErasureSpec, concepts: list[str]) -> list[str]:
     anchor_of = dict(zip(spec.concepts, spec.neutral, strict=True))
     return [anchor_of[c] for c in concepts]
@@ -99,7 +104,7 @@ def _anchors(spec: ErasureSpec, concepts: list[str]) -> list[str]:
 
 def mining_record(spec: ErasureSpec, neighbours: dict[str, str], per_concept: int) -> dict[str, Any]:
     """What ``fit["mined_neighbours"]`` says: the words per concept, or why nothing was mined."""
-    users = [c for c in spec.concepts if c not in set(spec.expanded)]
+    users = _users(spec)
     if neighbours:
         return {c: [w for w, of in neighbours.items() if of == c] for c in users}
     if per_concept <= 0:

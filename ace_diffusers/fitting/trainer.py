@@ -254,11 +254,16 @@ class ACETrainer:
         for phrase in phrases:
             concept = source_of.get(phrase, phrase if phrase in anchor_of else self.spec.concepts[0])
             # with prompts that pair it with something kept: that other thing must stay as it is
-            paired = context_templates(self.spec, concept, FitSettings().context_prompts)
-            for template in self.spec.templates_for(concept) + paired:
+            for template in self.spec.templates_for(concept) + self._paired(concept):
                 src.append(filled(template, phrase))
                 tgt.append(normalize_prompt(filled(template, anchor_of[concept])))
         return encode_full(embedder, src), encode_full(embedder, tgt)
+
+    def _paired(self, concept: str) -> list[str]:
+        """The closed form's paired templates of ``concept`` ("X and Y"): the other thing must stay."""
+        settings = FitSettings()
+        count = min(settings.context_prompts, settings.context_budget // len(self.spec.concepts))
+        return context_templates(self.spec, concept, count)
 
     def _keep_prompts(self, embedder: TextEmbedder) -> torch.Tensor:
         """Unrelated and preservation prompts, and the paired prompts with the anchor in the concept's
@@ -267,7 +272,7 @@ class ACETrainer:
         paired = [
             normalize_prompt(filled(t, anchor_of[c]))
             for c in self.spec.concepts
-            for t in context_templates(self.spec, c, FitSettings().context_prompts)
+            for t in self._paired(c)
         ]
         prompts = self.spec.unrelated_prompts() + self.spec.preserve_prompts() + list(dict.fromkeys(paired))
         return encode_full(embedder, prompts)
