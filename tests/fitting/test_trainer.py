@@ -41,6 +41,7 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
         tuning["steps_run"] == 25
         and tuning["adversaries_found"] >= 1
         and 1 <= len(tuning["mined_synonyms"]) <= 2
+        and tuning["adversarial_radius"] == 0.25
     )
     assert tuning["erase_loss_after"] < 0.8 * tuning["erase_loss_before"]  # on the fixed concept prompts
     assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
@@ -84,6 +85,8 @@ def test_save_and_push_need_a_fit(pipe, tmp_path):
         (dict(learning_rate=0), "learning_rate must be a positive number"),
         (dict(batch_size=0), "batch_size must be an integer"),
         (dict(time_budget=-3), "time_budget must be a positive number"),
+        (dict(adversarial_radius=0), "adversarial_radius must be a positive number"),
+        (dict(adversarial_radius=float("inf")), "adversarial_radius must be a positive number"),
         (dict(synonyms=["ok", ""]), "synonyms must be a list"),
         (dict(synonyms=7), "synonyms must be a list of strings"),
         (dict(rank=0), "rank must be a positive integer"),
