@@ -127,8 +127,9 @@ def attention_output(
 ) -> torch.Tensor:
     """Attention output of the layer's query bank over ``context`` (B, T, d): (B, n_q, d_v)."""
     attn = layer.attn
-    key = context @ projection_weight(attn.to_k).float().T
-    value = context @ projection_weight(attn.to_v).float().T
+    # detached: the model's own weights are never trained (no gradient is computed for or left on them)
+    key = context @ projection_weight(attn.to_k).detach().float().T
+    value = context @ projection_weight(attn.to_v).detach().float().T
     if params is not None:
         delta_k, delta_v = layer_factors(params, layer.name).deltas(context)
         key, value = key + delta_k, value + delta_v
@@ -141,17 +142,37 @@ def attention_output(
     return out.transpose(1, 2).reshape(batch, out.shape[2], -1)
 
 
+def unedited_outputs(layers: list[QueryLayer], context: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention output over ``context`` without the adapter: the fixed targets of
+    :func:`alignment_losses` (computed once per prompt, not at every step)."""
+    with torch.no_grad():
+        return [attention_output(layer, context, None) for layer in layers]
+
+
+def alignment_losses(
+    layers: list[QueryLayer],
+    params: TrainableFactors,
+    source: torch.Tensor,
+    wanted: list[torch.Tensor],
+    groups: list[int],
+) -> torch.Tensor:
+    """Several losses from one batch: the rows of ``source`` (and of each layer's ``wanted`` output) are
+    split into consecutive groups of the given sizes; loss ``i`` is the mean over layers of
+    ``||Attn_edited(source_i) − wanted_i||² / ||wanted_i||²``. One attention pass per layer serves all
+    groups (the trainer's erase and keep halves)."""
+    totals: list[torch.Tensor | float] = [0.0] * len(groups)
+    for layer, want in zip(layers, wanted, strict=True):
+        got = attention_output(layer, source, params)
+        for i, (g, w) in enumerate(zip(got.split(groups), want.split(groups), strict=True)):
+            totals[i] = totals[i] + ((g - w) ** 2).mean() / w.pow(2).mean().clamp_min(1e-8)
+    return torch.stack([torch.as_tensor(t) for t in totals]) / len(layers)
+
+
 def alignment_loss(
     layers: list[QueryLayer], params: TrainableFactors, source: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
     """Mean over layers of ``||Attn_edited(source) − Attn(target)||² / ||Attn(target)||²``."""
-    total = source.new_zeros(())
-    for layer in layers:
-        with torch.no_grad():
-            wanted = attention_output(layer, target, None)
-        got = attention_output(layer, source, params)
-        total = total + ((got - wanted) ** 2).mean() / wanted.pow(2).mean().clamp_min(1e-8)
-    return total / len(layers)
+    return alignment_losses(layers, params, source, unedited_outputs(layers, target), [len(source)])[0]
 
 
 def detached(params: TrainableFactors) -> dict[str, dict[str, torch.Tensor]]:

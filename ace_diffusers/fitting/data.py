@@ -43,7 +43,7 @@ class FitSettings:
     neighbours: int = 8  # words mined from the model per concept and erased with it (0: none; .neighbours)
     neighbour_templates: int = 4  # ... each in this many of its concept's templates
     neighbour_weight: float = 0.5  # ... its tokens weighing this much in the edit (the user's weigh 1)
-    mining_pool: int = 1024  # ... chosen from this many vocabulary words nearest the concept's
+    mining_pool: int = 4096  # ... chosen from this many vocabulary words nearest the concept's
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

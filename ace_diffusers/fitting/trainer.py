@@ -36,7 +36,15 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
 from ..integration.modules import get_unet
-from .attention import QueryLayer, alignment_loss, attention_output, capture_queries, detached, encode_full
+from .attention import (
+    QueryLayer,
+    alignment_losses,
+    attention_output,
+    capture_queries,
+    detached,
+    encode_full,
+    unedited_outputs,
+)
 from .closed_form import check_rank, fit_adapter
 from .data import FitSettings, context_templates
 from .mining import mine_synonyms
@@ -159,15 +167,17 @@ class ACETrainer:
         params = self._parameters(base)
         # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
         # every erase batch each: many augmentations must never crowd out the concept itself.
-        given_src, given_tgt = self._pairs(embedder, self.spec.concepts)
+        targets = _Targets(embedder, layers)
+        given_src, given_tgt = self._pairs(embedder, self.spec.concepts, targets)
         augmented = list(mined) + self.synonyms
         extra_src, extra_tgt = (
-            self._pairs(embedder, augmented, mined) if augmented else (given_src[:0], given_tgt[:0])
+            self._pairs(embedder, augmented, targets, mined) if augmented else (given_src[:0], given_tgt[:0])
         )
         keep = self._keep_prompts(embedder)
+        keep_wanted = unedited_outputs(layers, keep)
         fixed_src, fixed_tgt = torch.cat([given_src, extra_src]), torch.cat([given_tgt, extra_tgt])
         with torch.no_grad():
-            self.initial_loss = float(alignment_loss(layers, params, fixed_src, fixed_tgt))
+            self.initial_loss = float(self._erase_loss(layers, params, fixed_src, targets.rows(fixed_tgt)))
         optimizer = torch.optim.Adam(
             [p for group in params.values() for p in group.values()], lr=self.learning_rate
         )
@@ -180,12 +190,18 @@ class ACETrainer:
                 found = self._adversary(embedder, layers, params, rng)
                 if found is not None:
                     extra_src = torch.cat([extra_src, found[0]])
-                    extra_tgt = torch.cat([extra_tgt, found[1]])
+                    extra_tgt = torch.cat([extra_tgt, targets.index([found[1]])])
                     adversaries += 1
             batch_src, batch_tgt = self._erase_batch(given_src, given_tgt, extra_src, extra_tgt)
             idx_k = torch.randint(len(keep), (min(self.batch_size, len(keep)),))
-            loss_erase = alignment_loss(layers, params, batch_src, batch_tgt)
-            loss_keep = alignment_loss(layers, params, keep[idx_k], keep[idx_k])
+            # one attention pass per layer for both halves; the unedited targets were computed once
+            wanted = [
+                torch.cat([erase, kept[idx_k]])
+                for erase, kept in zip(targets.rows(batch_tgt), keep_wanted, strict=True)
+            ]
+            loss_erase, loss_keep = alignment_losses(
+                layers, params, torch.cat([batch_src, keep[idx_k]]), wanted, [len(batch_src), len(idx_k)]
+            )
             loss = loss_erase + self.preserve_weight * loss_keep
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -200,7 +216,7 @@ class ACETrainer:
             bar.set_postfix(erase=f"{loss_erase.item():.4f}", keep=f"{loss_keep.item():.4f}")
         bar.close()
         with torch.no_grad():
-            self.final_loss = float(alignment_loss(layers, params, fixed_src, fixed_tgt))
+            self.final_loss = float(self._erase_loss(layers, params, fixed_src, targets.rows(fixed_tgt)))
 
         self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
         return self.adapter
@@ -252,10 +268,15 @@ class ACETrainer:
 
     # ------------------------------------------------------------------ data
     def _pairs(
-        self, embedder: TextEmbedder, phrases: list[str], source_of: dict[str, str] | None = None
+        self,
+        embedder: TextEmbedder,
+        phrases: list[str],
+        targets: _Targets,
+        source_of: dict[str, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts with each phrase and with its concept's anchor; ``source_of`` maps a mined word to
-        the concept it was mined for (its templates and anchor are used)."""
+        """Prompts with each phrase, and the rows in ``targets`` of the same prompts with its concept's
+        anchor; ``source_of`` maps a mined word to the concept it was mined for (its templates and
+        anchor are used)."""
         anchor_of = dict(zip(self.spec.concepts, self.spec.neutral, strict=True))
         source_of = source_of or {}
         src, tgt = [], []
@@ -265,7 +286,13 @@ class ACETrainer:
             for template in self.spec.templates_for(concept) + self._paired(concept):
                 src.append(filled(template, phrase))
                 tgt.append(normalize_prompt(filled(template, anchor_of[concept])))
-        return encode_full(embedder, src), encode_full(embedder, tgt)
+        return encode_full(embedder, src), targets.index(tgt)
+
+    @staticmethod
+    def _erase_loss(
+        layers: list[QueryLayer], params: dict, source: torch.Tensor, wanted: list[torch.Tensor]
+    ) -> torch.Tensor:
+        return alignment_losses(layers, params, source, wanted, [len(source)])[0]
 
     def _paired(self, concept: str) -> list[str]:
         """The closed form's paired templates of ``concept`` ("X and Y"): the other thing must stay."""
@@ -303,7 +330,7 @@ class ACETrainer:
 
     def _adversary(self, embedder: TextEmbedder, layers: list[QueryLayer], params: dict, rng: random.Random):
         """Soft input embeddings for the concept's tokens that make the *edited* model attend like the
-        *original* model does to the concept; returns (source, neutral target) embeddings or None."""
+        *original* model does to the concept; returns (source embeddings, neutral target prompt) or None."""
         concept_index = rng.randrange(len(self.spec.concepts))
         concept = self.spec.concepts[concept_index]
         # paired templates too: an adversary found beside something kept must leave that thing as it is
@@ -337,8 +364,8 @@ class ACETrainer:
                     ((attention_output(layer, context, detached(params)) - w) ** 2).mean() / w.pow(2).mean()
                     for layer, w in zip(layers, wanted, strict=True)
                 )
-                optimizer.zero_grad()
-                loss.backward()
+                # the soft input's gradient only: none is computed for, or left on, the text encoder
+                (soft.grad,) = torch.autograd.grad(loss, [soft])
                 optimizer.step()
                 with torch.no_grad():  # stay near the concept's own embedding
                     delta = soft - init
@@ -351,8 +378,7 @@ class ACETrainer:
                 source = self._run_encoder(embedder, tokens["input_ids"])
         finally:
             handle.remove()
-        target_prompt = normalize_prompt(filled(template, self.spec.neutral[concept_index]))
-        return source.detach(), encode_full(embedder, [target_prompt])
+        return source.detach(), normalize_prompt(filled(template, self.spec.neutral[concept_index]))
 
     @staticmethod
     def _run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor:
@@ -402,6 +428,35 @@ class ACETrainer:
             fit=fit,
             base_model=base.base_model,
         )
+
+
+class _Targets:
+    """The unedited attention outputs of the anchor prompts that erase prompts are aligned with, each
+    prompt encoded and attended once (a concept's, its mined words' and its adversaries' prompts share
+    the same few anchor prompts)."""
+
+    def __init__(self, embedder: TextEmbedder, layers: list[QueryLayer]) -> None:
+        self.embedder, self.layers = embedder, layers
+        self.position: dict[str, int] = {}
+        self.outputs: list[torch.Tensor] | None = None  # per layer: (prompts, n_queries, d_v)
+
+    def index(self, prompts: list[str]) -> torch.Tensor:
+        """The rows of ``prompts``, computing the outputs of those not seen before."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.position]
+        if new:
+            outputs = unedited_outputs(self.layers, encode_full(self.embedder, new))
+            self.outputs = (
+                outputs
+                if self.outputs is None
+                else [torch.cat([old, add]) for old, add in zip(self.outputs, outputs, strict=True)]
+            )
+            self.position.update({p: len(self.position) + i for i, p in enumerate(new)})
+        return torch.tensor([self.position[p] for p in prompts], dtype=torch.long)
+
+    def rows(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's outputs at ``index``."""
+        assert self.outputs is not None, "index() adds prompts before rows() reads them"
+        return [out[index] for out in self.outputs]
 
 
 def _concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:

@@ -47,6 +47,15 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
     assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
 
 
+def test_fit_leaves_no_gradient_on_the_pipeline(pipe):
+    """Only the adapter is trained: the UNet's and text encoder's weights (which require grad in a
+    freshly built pipeline) get no .grad, so no memory is left behind on a user's model."""
+    assert any(p.requires_grad for p in pipe.unet.parameters())
+    small_trainer(pipe, steps=6, adversarial_every=2).fit()
+    for model in (pipe.unet, pipe.text_encoder):
+        assert all(p.grad is None for p in model.parameters())
+
+
 def test_zero_steps_returns_the_closed_form_solution(pipe):
     adapter = small_trainer(pipe, steps=0, mined_synonyms=0).fit()
     closed = fit_adapter(pipe, resolve_spec("Van Gogh", kind="style"), FitSettings(neighbours=0))
