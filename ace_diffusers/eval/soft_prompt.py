@@ -98,7 +98,8 @@ def _token_prompt(prompt: str, concept: str, neutral: str, init: str) -> tuple[s
     return prompt, concept_char_span(prompt, concept)
 
 
-def _token_span(pipe: Any, text: str, chars: tuple[int, int]) -> tuple[int, int]:
+def token_span(pipe: Any, text: str, chars: tuple[int, int]) -> tuple[int, int]:
+    """The padded tokenisation's positions ``[start, end)`` of the characters ``chars`` of ``text``."""
     tokens = pipe.tokenizer(
         text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
         return_offsets_mapping=True,
@@ -110,7 +111,8 @@ def _token_span(pipe: Any, text: str, chars: tuple[int, int]) -> tuple[int, int]
     return inside[0], inside[-1] + 1
 
 
-def _encode(pipe: Any, text: str) -> torch.Tensor:
+def encode_text(pipe: Any, text: str) -> torch.Tensor:
+    """``pipe``'s prompt embeddings of ``text`` (1, tokens, d), as the pipeline computes them."""
     return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
 
 
@@ -149,7 +151,7 @@ def build_soft_prompt_reference(
     """Reference for :func:`soft_prompt_attack`; call it while ``pipe`` is the *original* model."""
     settings = (settings or SoftPromptSettings()).validate()
     check_sd_pipeline(pipe, "The soft-prompt attack")
-    embeds = _encode(pipe, prompt)
+    embeds = encode_text(pipe, prompt)
     if settings.objective == "attention":
         kv = [(k.detach().float(), v.detach().float()) for k, v in _kv(pipe, embeds)]
         return SoftPromptReference(prompt, "attention", keys_values=kv)
@@ -200,7 +202,9 @@ def build_soft_prompt_reference(
 
 
 @contextlib.contextmanager
-def _soft_tokens(pipe: Any, span: tuple[int, int], soft: torch.Tensor) -> Iterator[None]:
+def soft_tokens(pipe: Any, span: tuple[int, int], soft: torch.Tensor) -> Iterator[None]:
+    """While inside, the text encoder's input embeddings at token positions ``span`` are ``soft``
+    (``(span length, d)``; anything with gradients flows back to it)."""
     module = pipe.text_encoder.get_input_embeddings()
 
     def replace(_module, _inputs, output):
@@ -217,8 +221,9 @@ def _soft_tokens(pipe: Any, span: tuple[int, int], soft: torch.Tensor) -> Iterat
         handle.remove()
 
 
-class _Objective:
-    """The attack's loss: on the erased model with the soft tokens in place, against ``reference``."""
+class AttackObjective:
+    """An attack's loss on the erased model with the attacker's tokens in place (:func:`soft_tokens`),
+    against ``reference``; shared by the soft-prompt and the discrete-token attacks."""
 
     def __init__(self, pipe: Any, text: str, reference: SoftPromptReference, settings: SoftPromptSettings):
         self.pipe, self.text, self.reference, self.settings = pipe, text, reference, settings
@@ -226,7 +231,7 @@ class _Objective:
 
     def loss(self, batch: torch.Tensor | None) -> torch.Tensor:
         """Relative K/V error (attention), or the UNet's error on rows ``batch`` of the bank (denoiser)."""
-        embeds = _encode(self.pipe, self.text)
+        embeds = encode_text(self.pipe, self.text)
         reference = self.reference
         if self.settings.objective == "attention":
             total = embeds.new_zeros((), dtype=torch.float32)
@@ -301,15 +306,15 @@ def soft_prompt_attack(
             f"The reference was built for objective {reference.objective!r}, not {settings.objective!r}."
         )
     text, chars = _token_prompt(prompt, concept, neutral, settings.init)
-    span = _token_span(pipe, text, chars)
+    span = token_span(pipe, text, chars)
     init = _initial_embeddings(pipe, text, span)
     soft = init.clone().requires_grad_(True)
     step_size = settings.learning_rate * float(init.norm(dim=-1).mean())
     optimizer = torch.optim.Adam([soft], lr=step_size)
-    objective = _Objective(pipe, text, reference, settings)
+    objective = AttackObjective(pipe, text, reference, settings)
 
     losses: list[float] = []
-    with _soft_tokens(pipe, span, soft):
+    with soft_tokens(pipe, span, soft):
         with torch.no_grad():
             initial = objective.full_loss()
         stream = objective.batches(torch.Generator().manual_seed(settings.seed + 1))
@@ -322,7 +327,7 @@ def soft_prompt_attack(
             losses.append(float(loss.detach()))
         with torch.no_grad():
             final = objective.full_loss()
-            prompt_embeds = _encode(pipe, text).detach().clone()
+            prompt_embeds = encode_text(pipe, text).detach().clone()
     return SoftPromptResult(
         prompt=prompt,
         concept=concept,

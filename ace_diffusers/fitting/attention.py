@@ -122,14 +122,34 @@ def layer_factors(params: TrainableFactors, name: str) -> LayerFactors:
     return LayerFactors(p["k_down"], p["k_up"], p["v_down"], p["v_up"], gate["weight"], gate["bias"])
 
 
-def attention_output(
-    layer: QueryLayer, context: torch.Tensor, params: TrainableFactors | None
-) -> torch.Tensor:
-    """Attention output of the layer's query bank over ``context`` (B, T, d): (B, n_q, d_v)."""
-    attn = layer.attn
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # one layer's unedited keys and values (B, T, d_k / d_v)
+
+
+def unedited_keys_values(layers: list[QueryLayer], context: torch.Tensor) -> list[KeysValues]:
+    """Every layer's ``(W_k c, W_v c)`` over ``context``: the adapter-independent bulk of
+    :func:`attention_output`, worth keeping for prompts that are attended to many times."""
+    with torch.no_grad():
+        return [_projected(layer, context) for layer in layers]
+
+
+def _projected(layer: QueryLayer, context: torch.Tensor) -> KeysValues:
     # detached: the model's own weights are never trained (no gradient is computed for or left on them)
-    key = context @ projection_weight(attn.to_k).detach().float().T
-    value = context @ projection_weight(attn.to_v).detach().float().T
+    attn = layer.attn
+    return (
+        context @ projection_weight(attn.to_k).detach().float().T,
+        context @ projection_weight(attn.to_v).detach().float().T,
+    )
+
+
+def attention_output(
+    layer: QueryLayer,
+    context: torch.Tensor,
+    params: TrainableFactors | None,
+    unedited: KeysValues | None = None,
+) -> torch.Tensor:
+    """Attention output of the layer's query bank over ``context`` (B, T, d): (B, n_q, d_v);
+    ``unedited``: the layer's :func:`unedited_keys_values` of ``context``, if kept."""
+    key, value = _projected(layer, context) if unedited is None else unedited
     if params is not None:
         delta_k, delta_v = layer_factors(params, layer.name).deltas(context)
         key, value = key + delta_k, value + delta_v
@@ -155,14 +175,16 @@ def alignment_losses(
     source: torch.Tensor,
     wanted: list[torch.Tensor],
     groups: list[int],
+    unedited: list[KeysValues] | None = None,
 ) -> torch.Tensor:
     """Several losses from one batch: the rows of ``source`` (and of each layer's ``wanted`` output) are
     split into consecutive groups of the given sizes; loss ``i`` is the mean over layers of
     ``||Attn_edited(source_i) − wanted_i||² / ||wanted_i||²``. One attention pass per layer serves all
-    groups (the trainer's erase and keep halves)."""
+    groups (the trainer's erase and keep halves); ``unedited``: the source's kept
+    :func:`unedited_keys_values`."""
     totals: list[torch.Tensor | float] = [0.0] * len(groups)
-    for layer, want in zip(layers, wanted, strict=True):
-        got = attention_output(layer, source, params)
+    for i_layer, (layer, want) in enumerate(zip(layers, wanted, strict=True)):
+        got = attention_output(layer, source, params, None if unedited is None else unedited[i_layer])
         for i, (g, w) in enumerate(zip(got.split(groups), want.split(groups), strict=True)):
             totals[i] = totals[i] + ((g - w) ** 2).mean() / w.pow(2).mean().clamp_min(1e-8)
     return torch.stack([torch.as_tensor(t) for t in totals]) / len(layers)

@@ -35,14 +35,16 @@ from tqdm.auto import tqdm
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
-from ..integration.modules import get_unet
+from ..integration.modules import get_unet, projection_weight
 from .attention import (
+    KeysValues,
     QueryLayer,
     alignment_losses,
     attention_output,
     capture_queries,
     detached,
     encode_full,
+    unedited_keys_values,
     unedited_outputs,
 )
 from .closed_form import check_rank, fit_adapter
@@ -178,6 +180,9 @@ class ACETrainer:
         fixed_src, fixed_tgt = torch.cat([given_src, extra_src]), torch.cat([given_tgt, extra_tgt])
         with torch.no_grad():
             self.initial_loss = float(self._erase_loss(layers, params, fixed_src, targets.rows(fixed_tgt)))
+        adversary_rows = self.steps // self.adversarial_every + 1 if self.adversarial else 0
+        kept = _kept_projections(layers, len(fixed_src) + adversary_rows + len(keep), keep.shape[1])
+        given, extra, keep_pool = (_Pool(layers, rows, kept) for rows in (given_src, extra_src, keep))
         optimizer = torch.optim.Adam(
             [p for group in params.values() for p in group.values()], lr=self.learning_rate
         )
@@ -189,18 +194,20 @@ class ACETrainer:
             if self.adversarial and step % self.adversarial_every == 0:
                 found = self._adversary(embedder, layers, params, rng)
                 if found is not None:
-                    extra_src = torch.cat([extra_src, found[0]])
+                    extra.add(found[0])
                     extra_tgt = torch.cat([extra_tgt, targets.index([found[1]])])
                     adversaries += 1
-            batch_src, batch_tgt = self._erase_batch(given_src, given_tgt, extra_src, extra_tgt)
-            idx_k = torch.randint(len(keep), (min(self.batch_size, len(keep)),))
+            idx_g, idx_x = self._erase_batch(len(given), len(extra))
+            idx_k = torch.randint(len(keep_pool), (min(self.batch_size, len(keep_pool)),))
+            batch_tgt = torch.cat([given_tgt[idx_g], extra_tgt[idx_x]])
+            source, unedited = _Pool.take([(given, idx_g), (extra, idx_x), (keep_pool, idx_k)])
             # one attention pass per layer for both halves; the unedited targets were computed once
             wanted = [
                 torch.cat([erase, kept[idx_k]])
                 for erase, kept in zip(targets.rows(batch_tgt), keep_wanted, strict=True)
             ]
             loss_erase, loss_keep = alignment_losses(
-                layers, params, torch.cat([batch_src, keep[idx_k]]), wanted, [len(batch_src), len(idx_k)]
+                layers, params, source, wanted, [len(batch_tgt), len(idx_k)], unedited
             )
             loss = loss_erase + self.preserve_weight * loss_keep
             optimizer.zero_grad(set_to_none=True)
@@ -238,22 +245,13 @@ class ACETrainer:
         )
         return layers, mined
 
-    def _erase_batch(
-        self,
-        given_src: torch.Tensor,
-        given_tgt: torch.Tensor,
-        extra_src: torch.Tensor,
-        extra_tgt: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half the user's words, half the augmentations (all the user's words when there are none)."""
-        half = self.batch_size // 2 if len(extra_src) else self.batch_size
-        idx_g = torch.randint(len(given_src), (min(half, len(given_src)),))
-        batch_src, batch_tgt = given_src[idx_g], given_tgt[idx_g]
-        if len(extra_src):
-            idx_x = torch.randint(len(extra_src), (min(self.batch_size - half, len(extra_src)),))
-            batch_src = torch.cat([batch_src, extra_src[idx_x]])
-            batch_tgt = torch.cat([batch_tgt, extra_tgt[idx_x]])
-        return batch_src, batch_tgt
+    def _erase_batch(self, given: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of one erase batch: half the user's words, half the augmentations (all the user's words
+        when there are none)."""
+        half = self.batch_size // 2 if extra else self.batch_size
+        idx_g = torch.randint(given, (min(half, given),))
+        idx_x = torch.randint(extra, (min(self.batch_size - half, extra),)) if extra else idx_g[:0]
+        return idx_g, idx_x
 
     def save(self, save_directory: str | os.PathLike) -> Any:
         return self._fitted().save_pretrained(save_directory)
@@ -428,6 +426,57 @@ class ACETrainer:
             fit=fit,
             base_model=base.base_model,
         )
+
+
+KEPT_PROJECTIONS_BYTES = 1 << 30  # the unedited keys/values of every training prompt are kept below this
+
+
+def _kept_projections(layers: list[QueryLayer], rows: int, tokens: int) -> bool:
+    """Whether every training prompt's unedited keys/values fit in :data:`KEPT_PROJECTIONS_BYTES`
+    (the miniature world: a few MB; many long prompts at SDXL size: recomputed at every step)."""
+    width = sum(
+        projection_weight(layer.attn.to_k).shape[0] + projection_weight(layer.attn.to_v).shape[0]
+        for layer in layers
+    )
+    return rows * tokens * width * 4 <= KEPT_PROJECTIONS_BYTES
+
+
+class _Pool:
+    """Encoded training prompts and, when kept, every layer's unedited keys/values of them (the bulk of
+    an attention pass that does not depend on the adapter: computed once, not at every step)."""
+
+    def __init__(self, layers: list[QueryLayer], context: torch.Tensor, keep_projections: bool) -> None:
+        self.layers, self.context = layers, context
+        self.unedited = unedited_keys_values(layers, context) if keep_projections else None
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    def add(self, context: torch.Tensor) -> None:
+        self.context = torch.cat([self.context, context])
+        if self.unedited is not None:
+            self.unedited = [
+                (torch.cat([k, k_new]), torch.cat([v, v_new]))
+                for (k, v), (k_new, v_new) in zip(
+                    self.unedited, unedited_keys_values(self.layers, context), strict=True
+                )
+            ]
+
+    @staticmethod
+    def take(picks: list[tuple[_Pool, torch.Tensor]]) -> tuple[torch.Tensor, list[KeysValues] | None]:
+        """The rows ``index`` of each pool, in order: (context, per-layer unedited keys/values or None)."""
+        context = torch.cat([pool.context[index] for pool, index in picks])
+        if any(pool.unedited is None for pool, _ in picks):
+            return context, None
+        per_layer = zip(*[pool.unedited for pool, _ in picks], strict=True)
+        unedited = [
+            (
+                torch.cat([k[index] for (k, _), (_, index) in zip(layer, picks, strict=True)]),
+                torch.cat([v[index] for (_, v), (_, index) in zip(layer, picks, strict=True)]),
+            )
+            for layer in per_layer
+        ]
+        return context, unedited
 
 
 class _Targets:

@@ -3,6 +3,7 @@ import torch
 
 from ace_diffusers.core.adapter import ACEAdapter
 from ace_diffusers.errors import ACEValueError
+from ace_diffusers.fitting import trainer as trainer_module
 from ace_diffusers.fitting.closed_form import fit_adapter
 from ace_diffusers.fitting.data import FitSettings
 from ace_diffusers.fitting.presets import resolve_spec
@@ -54,6 +55,16 @@ def test_fit_leaves_no_gradient_on_the_pipeline(pipe):
     small_trainer(pipe, steps=6, adversarial_every=2).fit()
     for model in (pipe.unet, pipe.text_encoder):
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_kept_projections_change_nothing_but_speed(pipe, monkeypatch):
+    """Keeping every training prompt's unedited keys/values (below the memory cap) trains the same
+    adapter as recomputing them at every step (above it)."""
+    kept = small_trainer(pipe, seed=5).fit().state_dict()
+    monkeypatch.setattr(trainer_module, "KEPT_PROJECTIONS_BYTES", 0)
+    recomputed = small_trainer(pipe, seed=5).fit().state_dict()
+    for key, tensor in kept.items():
+        torch.testing.assert_close(recomputed[key], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_zero_steps_returns_the_closed_form_solution(pipe):
