@@ -12,7 +12,9 @@ variant that might slip past the erasure.
   concepts), i.e. classifier-free guidance pointed at what erasure maps the concept to.
 
 The soft-prompt attack (white box: it optimises token embeddings on the erased model) lives in
-:mod:`ace_diffusers.eval.soft_prompt`; its names are importable from here too.
+:mod:`ace_diffusers.eval.soft_prompt`; its names are importable from here too. The discrete-token attack
+(white box: real vocabulary tokens found by coordinate search) lives in
+:mod:`ace_diffusers.eval.discrete_tokens`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .soft_prompt import (
 # Importable from here as before the soft-prompt attack and the prompt helpers got their own modules.
 __all__ = [
     "ALL_ATTACKS",
+    "OPTIMISED_ATTACKS",
     "PROMPT_ATTACKS",
     "AttackPrompt",
     "SoftPromptReference",
@@ -48,7 +51,8 @@ __all__ = [
 ]
 
 PROMPT_ATTACKS = ("misspelling", "weighting", "context", "negative")
-ALL_ATTACKS = PROMPT_ATTACKS + ("soft_prompt",)
+OPTIMISED_ATTACKS = ("soft_prompt", "discrete_tokens")  # searched on the erased model (white box)
+ALL_ATTACKS = PROMPT_ATTACKS + OPTIMISED_ATTACKS
 
 _VOWEL_SWAP = {"a": "e", "e": "a", "i": "y", "o": "u", "u": "o", "y": "i"}
 

@@ -22,7 +22,7 @@ from ..fitting.presets import filled
 from ..shapes.erasure import DEFAULT_NEUTRAL, concept_kind, metric_sets
 from ..shapes.pipeline import DEFAULT_SAMPLER as SHAPES_SAMPLER
 from ..shapes.vocab import SHAPE_WORDS, SHAPES, STYLE_WORDS, STYLES
-from .attacks import ALL_ATTACKS, PROMPT_ATTACKS, prompt_attacks
+from .attacks import ALL_ATTACKS, OPTIMISED_ATTACKS, PROMPT_ATTACKS, prompt_attacks
 
 CORE_GROUPS = ("erased", "synonyms", "others")
 SHAPES_GROUPS = (*CORE_GROUPS, "heldout", "pairs")
@@ -48,7 +48,8 @@ class EvalCase:
 
 @dataclass
 class SoftPromptJob:
-    """A prompt to attack with a soft prompt; images use ``seeds`` and expect ``labels``."""
+    """A prompt to attack with an optimised attack (a soft prompt, discrete tokens); images use
+    ``seeds`` and expect ``labels``."""
 
     prompt: str
     seeds: list[int]
@@ -66,6 +67,7 @@ class EvalPlan:
     erased: list[str] = field(default_factory=list)  # every concept the model was erased of
     sampler: dict[str, Any] = field(default_factory=dict)
     soft_prompt: list[SoftPromptJob] = field(default_factory=list)
+    discrete_tokens: list[SoftPromptJob] = field(default_factory=list)
     extra_metrics: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (group, head)
     presence_head: str | None = None  # a head whose ``none`` label means nothing was drawn
     images_per_prompt: int = 1
@@ -85,6 +87,7 @@ class EvalPlan:
             "images_per_prompt": self.images_per_prompt,
             "groups": {g: sum(c.group == g for c in self.cases) for g in self.groups()},
             "soft_prompt_targets": [job.prompt for job in self.soft_prompt],
+            "discrete_token_targets": [job.prompt for job in self.discrete_tokens],
         }
 
 
@@ -112,7 +115,7 @@ def _attack_cases(
     images_per_prompt: int,
     seed: int,
     soft_prompts: int,
-) -> tuple[list[EvalCase], list[SoftPromptJob]]:
+) -> tuple[list[EvalCase], dict[str, list[SoftPromptJob]]]:
     cases: list[EvalCase] = []
     label_of = dict(zip(base_prompts, base_labels, strict=True))
     variants = prompt_attacks(base_prompts, concept, neutral=neutral, others=others,
@@ -121,11 +124,12 @@ def _attack_cases(
         cases += _expand(ATTACK_PREFIX + name, [a.prompt for a in items],
                          [label_of[a.base_prompt] for a in items], images_per_prompt, seed,
                          [a.negative_prompt for a in items], [a.base_prompt for a in items])
-    jobs = []
-    if "soft_prompt" in attacks:
-        for prompt in list(base_prompts)[:soft_prompts]:
+    jobs: dict[str, list[SoftPromptJob]] = {}
+    for name in OPTIMISED_ATTACKS:
+        if name in attacks:  # the same first prompts for every optimised attack
             seeds = [seed + k for k in range(images_per_prompt)]
-            jobs.append(SoftPromptJob(prompt, seeds, dict(label_of[prompt])))
+            targets = list(base_prompts)[:soft_prompts]
+            jobs[name] = [SoftPromptJob(p, seeds, dict(label_of[p])) for p in targets]
     return cases, jobs
 
 
@@ -178,7 +182,8 @@ def shapes_plan(
         others=others,
         erased=sorted(gone, key=lambda c: (c != concept, c)),
         sampler={**SHAPES_SAMPLER, **(sampler or {})},
-        soft_prompt=jobs,
+        soft_prompt=jobs.get("soft_prompt", []),
+        discrete_tokens=jobs.get("discrete_tokens", []),
         extra_metrics={
             "colour": ("others", "colour"),
             "acc_heldout": ("heldout", kind),
@@ -233,5 +238,6 @@ def prompt_plan(
     return EvalPlan(
         concept=concept, head=head, cases=cases + attack_cases, neutral=neutral, synonyms=list(synonyms),
         others=list(others), erased=[concept], sampler={**DEFAULT_SAMPLER, **(sampler or {})},
-        soft_prompt=jobs, images_per_prompt=images_per_prompt,
+        soft_prompt=jobs.get("soft_prompt", []), discrete_tokens=jobs.get("discrete_tokens", []),
+        images_per_prompt=images_per_prompt,
     )

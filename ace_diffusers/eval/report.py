@@ -71,6 +71,7 @@ def build_results(evaluation: dict[str, Any], info: dict[str, Any] | None = None
         "groups": {"before": before.groups if before else None, "after": after.groups},
         "attacks": attacks,
         "soft_prompt": evaluation.get("soft_prompt"),
+        "discrete_tokens": evaluation.get("discrete_tokens"),
         "seconds": evaluation.get("seconds"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__},
         "images": images,
@@ -125,6 +126,16 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
         lines += ["", f"Soft-prompt attack: {s['steps']} Adam steps, objective `{s['objective']}` "
                       f"(target `{s['target']}`), init from `{s['init']}` tokens; loss per attacked prompt "
                       f"{losses}."]
+    discrete = results.get("discrete_tokens")
+    if discrete:
+        s = discrete["settings"]
+        found = "; ".join(
+            f"`{a['prompt']}` → `{a['found']}`{'' if a['exact'] else ' (re-tokenised differently)'}"
+            for a in discrete["attacks"]
+        )
+        lines += ["", f"Discrete-token attack: {s['n_tokens']} tokens ({s['placement']}), {s['steps']} "
+                      f"coordinate-search steps of {s['candidates']} candidates from the top {s['top_k']}; "
+                      f"prompts found: {found}."]
     lines += ["", "## Per group (judge accuracy against the prompt's label)", "",
               "| group | images | before | after |", "|---|---|---|---|"]
     gb, ga = results["groups"]["before"] or {}, results["groups"]["after"]

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_every_attack_runs_against_an_erased_shape():
     from ace_diffusers.eval.attacks import SoftPromptSettings
+    from ace_diffusers.eval.discrete_tokens import DiscreteTokenSettings
     from ace_diffusers.eval.judges import ShapesJudge
     from ace_diffusers.eval.runner import evaluate, shapes_plan
     from ace_diffusers.fitting.erase import erase_concept
@@ -34,14 +35,14 @@ def test_every_attack_runs_against_an_erased_shape():
         sampler={"num_inference_steps": 8},
     )
     judges = {head: ShapesJudge(classifier, head) for head in ("shape", "colour")}
-    result = evaluate(
-        pipe, plan, judges, soft_prompt=SoftPromptSettings(steps=5, reference_images=2, timesteps_per_image=2)
-    )
+    reference = SoftPromptSettings(steps=5, reference_images=2, timesteps_per_image=2)
+    discrete = DiscreteTokenSettings(steps=3, candidates=4, top_k=8, reference=reference)
+    result = evaluate(pipe, plan, judges, soft_prompt=reference, discrete_tokens=discrete)
     after, before = result["after"].attacks, result["before"].attacks
-    assert set(after) == set(ALL_ATTACKS) and set(before) == set(
-        PROMPT_ATTACKS
-    )  # soft prompts target the erased model
+    # soft prompts target the erased model; the discrete attack's text prompts are drawn by both
+    assert set(after) == set(ALL_ATTACKS) and set(before) == set(PROMPT_ATTACKS) | {"discrete_tokens"}
     assert all(after[a]["n"] == 4 for a in PROMPT_ATTACKS) and after["soft_prompt"]["n"] == 1
+    assert after["discrete_tokens"]["n"] == 1
     # the attacks are live: without the erasure, weighting syntax and the negative-prompt trick draw the
     # concept
     assert before["weighting"]["asr"] >= 0.75 and before["negative"]["asr"] >= 0.75
@@ -53,3 +54,5 @@ def test_every_attack_runs_against_an_erased_shape():
     assert hits["after"] < hits["before"]
     (soft,) = result["soft_prompt"]["attacks"]
     assert soft["steps"] == 5 and soft["final_loss"] < soft["initial_loss"]  # the soft prompt was optimised
+    (found,) = result["discrete_tokens"]["attacks"]
+    assert found["steps"] == 3 and found["final_loss"] <= found["initial_loss"] and found["exact"]

@@ -7,6 +7,7 @@ import torch
 from ace_diffusers.errors import ACEValueError
 from ace_diffusers.eval.discrete_tokens import DiscreteTokenSettings, discrete_token_attack, word_tokens
 from ace_diffusers.eval.soft_prompt import SoftPromptSettings
+from ace_diffusers.shapes.pipeline import WEIGHTS_DIR, weights_present
 from ace_diffusers.testing import random_adapter
 
 TINY = dict(num_inference_steps=2, height=16, width=16)
@@ -71,3 +72,18 @@ def test_word_tokens_round_trip(sd_pipe):
 def test_bad_settings_are_refused(erased_pipe, settings, message):
     with pytest.raises(ACEValueError, match=message):
         discrete_token_attack(erased_pipe, "a photo of a cat", "cat", settings=settings, sampler=TINY)
+
+
+@pytest.mark.skipif(not weights_present(), reason=f"miniature-world weights absent from {WEIGHTS_DIR}")
+def test_a_real_attack_on_the_miniature_world():
+    """From random tokens, with the concept's own word never allowed, the default search finds a prompt
+    that the un-erased world draws as the concept (ASR >= 80 % over 32 images)."""
+    from ace_diffusers.shapes.classifier import load_shapes_classifier
+    from ace_diffusers.shapes.pipeline import DEFAULT_SAMPLER, generate, load_shapes_pipeline
+
+    pipe = load_shapes_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    result = discrete_token_attack(pipe, "a red circle", "circle", sampler=dict(DEFAULT_SAMPLER))
+    assert "circle" not in result.prompt.split() and result.exact  # "circles" is a fair find
+    shapes = load_shapes_classifier().predict(generate(pipe, [result.prompt] * 32, seeds=list(range(32))))
+    assert sum(s == "circle" for s in shapes["shape"]) >= 0.8 * 32, (result.prompt, shapes["shape"])
