@@ -153,51 +153,20 @@ def discrete_token_attack(
     if reference.objective != "denoiser":
         raise ACEValueError("The discrete-token attack needs a reference built for the denoiser objective.")
     tokenizer = pipe.tokenizer
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()
-    allowed = word_tokens(tokenizer).clone()[: table.shape[0]]
-    concept_ids = {
-        i
-        for word in (concept, concept.lower())
-        for i in tokenizer(word, add_special_tokens=False)["input_ids"]
-    }
-    allowed[list(concept_ids)] = False
-    if not bool(allowed.any()):
-        raise ACEValueError("The tokenizer has no whole-word tokens to search.")
-    pool = allowed.nonzero().squeeze(1)
-    generator = torch.Generator().manual_seed(settings.seed)
-    ids = pool[torch.randint(len(pool), (settings.n_tokens,), generator=generator)]
-    objective = AttackObjective(pipe, text, reference, settings.reference)
+    search = _Search(
+        pipe, span, AttackObjective(pipe, text, reference, settings.reference), settings, concept
+    )
+    ids = search.start()
     bank = torch.arange(len(reference.latents))
-
-    def loss_of(token_ids: torch.Tensor, rows: torch.Tensor) -> float:
-        with torch.no_grad(), soft_tokens(pipe, span, table[token_ids]):
-            return float(objective.loss(rows))
-
-    stream = objective.batches(torch.Generator().manual_seed(settings.seed + 1))
-    initial = _bank_loss(loss_of, ids, bank, settings.reference.batch_size)
+    stream = search.objective.batches(torch.Generator().manual_seed(settings.seed + 1))
+    initial = _bank_loss(search.loss_of, ids, bank, settings.reference.batch_size)
     losses: list[float] = []
     for step in range(settings.steps):
-        rows = next(stream)
-        one_hot = F.one_hot(ids, table.shape[0]).to(table.dtype).requires_grad_(True)
-        with soft_tokens(pipe, span, one_hot @ table):
-            current = objective.loss(rows)
-        (grad,) = torch.autograd.grad(current, [one_hot])
-        grad = grad.float().masked_fill(~allowed.to(grad.device), float("inf"))
-        top = (-grad).topk(settings.top_k, dim=1).indices.cpu()  # (n_tokens, top_k)
-        position = torch.randint(settings.n_tokens, (settings.candidates,), generator=generator)
-        choice = top[position, torch.randint(settings.top_k, (settings.candidates,), generator=generator)]
-        best_ids, best = ids, float(current.detach())
-        for pos, token in zip(position.tolist(), choice.tolist(), strict=True):
-            candidate = ids.clone()
-            candidate[pos] = token
-            value = loss_of(candidate, rows)
-            if value < best:
-                best_ids, best = candidate, value
-        ids = best_ids
+        ids, best = search.step(ids, next(stream))
         losses.append(best)
         if progress is not None:
             progress(step + 1)
-    final = _bank_loss(loss_of, ids, bank, settings.reference.batch_size)
+    final = _bank_loss(search.loss_of, ids, bank, settings.reference.batch_size)
     words = [tokenizer.decode([int(i)]).strip() for i in ids]
     found = _found_prompt(text, chars, words)
     retokenised = tokenizer(
@@ -215,6 +184,61 @@ def discrete_token_attack(
         final_loss=final,
         seconds=time.perf_counter() - started,
     )
+
+
+class _Search:
+    """Greedy coordinate gradient over the searchable tokens (module docstring)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        span: tuple[int, int],
+        objective: AttackObjective,
+        settings: DiscreteTokenSettings,
+        concept: str,
+    ) -> None:
+        self.pipe, self.span, self.objective, self.settings = pipe, span, objective, settings
+        self.table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        tokenizer = pipe.tokenizer
+        self.allowed = word_tokens(tokenizer).clone()[: self.table.shape[0]]
+        own = {
+            i for w in (concept, concept.lower()) for i in tokenizer(w, add_special_tokens=False)["input_ids"]
+        }
+        self.allowed[list(own)] = False  # never the concept's own tokens
+        if not bool(self.allowed.any()):
+            raise ACEValueError("The tokenizer has no whole-word tokens to search.")
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    def start(self) -> torch.Tensor:
+        """Random searchable tokens."""
+        pool = self.allowed.nonzero().squeeze(1)
+        return pool[torch.randint(len(pool), (self.settings.n_tokens,), generator=self.generator)]
+
+    def loss_of(self, token_ids: torch.Tensor, rows: torch.Tensor) -> float:
+        with torch.no_grad(), soft_tokens(self.pipe, self.span, self.table[token_ids]):
+            return float(self.objective.loss(rows))
+
+    def step(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One step on the bank rows ``rows``: the kept tokens and their loss."""
+        settings = self.settings
+        one_hot = F.one_hot(ids, self.table.shape[0]).to(self.table.dtype).requires_grad_(True)
+        with soft_tokens(self.pipe, self.span, one_hot @ self.table):
+            current = self.objective.loss(rows)
+        (grad,) = torch.autograd.grad(current, [one_hot])
+        grad = grad.float().masked_fill(~self.allowed.to(grad.device), float("inf"))
+        top = (-grad).topk(settings.top_k, dim=1).indices.cpu()  # (n_tokens, top_k)
+        position = torch.randint(settings.n_tokens, (settings.candidates,), generator=self.generator)
+        choice = top[
+            position, torch.randint(settings.top_k, (settings.candidates,), generator=self.generator)
+        ]
+        best_ids, best = ids, float(current.detach())
+        for pos, token in zip(position.tolist(), choice.tolist(), strict=True):
+            candidate = ids.clone()
+            candidate[pos] = token
+            value = self.loss_of(candidate, rows)
+            if value < best:
+                best_ids, best = candidate, value
+        return best_ids, best
 
 
 def _bank_loss(loss_of: Callable, ids: torch.Tensor, bank: torch.Tensor, batch_size: int) -> float:

@@ -35,18 +35,10 @@ from tqdm.auto import tqdm
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
-from ..integration.modules import get_unet, projection_weight
-from .attention import (
-    KeysValues,
-    QueryLayer,
-    alignment_losses,
-    attention_output,
-    capture_queries,
-    detached,
-    encode_full,
-    unedited_keys_values,
-    unedited_outputs,
-)
+from ..integration.modules import get_unet
+from .adversary import soft_adversary
+from .attention import QueryLayer, capture_queries, detached, encode_full, unedited_outputs
+from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
 from .closed_form import check_rank, fit_adapter
 from .data import FitSettings, context_templates
 from .mining import mine_synonyms
@@ -82,6 +74,18 @@ def _positive_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise ACEValueError(f"{name} must be a positive number, got {value!r}.")
     return float(value)
+
+
+def _synonym_list(synonyms: Any) -> list[str]:
+    """The user's synonyms as a list of non-empty strings (one string is one synonym, not its letters)."""
+    if isinstance(synonyms, str):
+        synonyms = [synonyms]
+    if synonyms is not None and not isinstance(synonyms, (list, tuple)):
+        raise ACEValueError(f"synonyms must be a list of strings, got {type(synonyms).__name__}.")
+    kept = [s for s in (synonyms or []) if isinstance(s, str) and s.strip()]
+    if synonyms is not None and len(kept) != len(synonyms):
+        raise ACEValueError("synonyms must be a list of non-empty strings.")
+    return kept
 
 
 class ACETrainer:
@@ -124,13 +128,7 @@ class ACETrainer:
         self.pipe = pipe
         self.unet = get_unet(pipe)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
-        if isinstance(synonyms, str):  # one synonym, not a list of its letters
-            synonyms = [synonyms]
-        if synonyms is not None and not isinstance(synonyms, (list, tuple)):
-            raise ACEValueError(f"synonyms must be a list of strings, got {type(synonyms).__name__}.")
-        self.synonyms = [s for s in (synonyms or []) if isinstance(s, str) and s.strip()]
-        if synonyms is not None and len(self.synonyms) != len(synonyms):
-            raise ACEValueError("synonyms must be a list of non-empty strings.")
+        self.synonyms = _synonym_list(synonyms)
         if rank is not None:  # refused now, not after the query bank is built
             width = self.unet.config.cross_attention_dim
             check_rank(rank, max(width) if isinstance(width, (list, tuple)) else int(width))
@@ -167,22 +165,9 @@ class ACETrainer:
         # the closed-form start erases the same mined words (no second mining)
         base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank), neighbours=mined)
         params = self._parameters(base)
-        # The user's words and the augmentations (mined words, user synonyms, adversaries) fill half of
-        # every erase batch each: many augmentations must never crowd out the concept itself.
-        targets = _Targets(embedder, layers)
-        given_src, given_tgt = self._pairs(embedder, self.spec.concepts, targets)
-        augmented = list(mined) + self.synonyms
-        extra_src, extra_tgt = (
-            self._pairs(embedder, augmented, targets, mined) if augmented else (given_src[:0], given_tgt[:0])
-        )
-        keep = self._keep_prompts(embedder)
-        keep_wanted = unedited_outputs(layers, keep)
-        fixed_src, fixed_tgt = torch.cat([given_src, extra_src]), torch.cat([given_tgt, extra_tgt])
+        data = self._training_set(embedder, layers, mined)
         with torch.no_grad():
-            self.initial_loss = float(self._erase_loss(layers, params, fixed_src, targets.rows(fixed_tgt)))
-        adversary_rows = self.steps // self.adversarial_every + 1 if self.adversarial else 0
-        kept = _kept_projections(layers, len(fixed_src) + adversary_rows + len(keep), keep.shape[1])
-        given, extra, keep_pool = (_Pool(layers, rows, kept) for rows in (given_src, extra_src, keep))
+            self.initial_loss = float(data.fixed_loss(layers, params))
         optimizer = torch.optim.Adam(
             [p for group in params.values() for p in group.values()], lr=self.learning_rate
         )
@@ -194,37 +179,13 @@ class ACETrainer:
             if self.adversarial and step % self.adversarial_every == 0:
                 found = self._adversary(embedder, layers, params, rng)
                 if found is not None:
-                    extra.add(found[0])
-                    extra_tgt = torch.cat([extra_tgt, targets.index([found[1]])])
+                    data.add(*found)
                     adversaries += 1
-            idx_g, idx_x = self._erase_batch(len(given), len(extra))
-            idx_k = torch.randint(len(keep_pool), (min(self.batch_size, len(keep_pool)),))
-            batch_tgt = torch.cat([given_tgt[idx_g], extra_tgt[idx_x]])
-            source, unedited = _Pool.take([(given, idx_g), (extra, idx_x), (keep_pool, idx_k)])
-            # one attention pass per layer for both halves; the unedited targets were computed once
-            wanted = [
-                torch.cat([erase, kept[idx_k]])
-                for erase, kept in zip(targets.rows(batch_tgt), keep_wanted, strict=True)
-            ]
-            loss_erase, loss_keep = alignment_losses(
-                layers, params, source, wanted, [len(batch_tgt), len(idx_k)], unedited
-            )
-            loss = loss_erase + self.preserve_weight * loss_keep
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            self.history.append(float(loss.detach()))
-            if not math.isfinite(self.history[-1]):
-                raise ACEValueError(
-                    f"Training diverged at step {step + 1} of {self.steps} (loss {self.history[-1]}): "
-                    f"learning_rate={self.learning_rate:g} is too large for this model. Try 2e-3 (the "
-                    "default) or lower; the closed-form adapter is unaffected."
-                )
-            bar.set_postfix(erase=f"{loss_erase.item():.4f}", keep=f"{loss_keep.item():.4f}")
+            loss_erase, loss_keep = self._step(data, layers, params, optimizer, step)
+            bar.set_postfix(erase=f"{loss_erase:.4f}", keep=f"{loss_keep:.4f}")
         bar.close()
         with torch.no_grad():
-            self.final_loss = float(self._erase_loss(layers, params, fixed_src, targets.rows(fixed_tgt)))
-
+            self.final_loss = float(data.fixed_loss(layers, params))
         self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
         return self.adapter
 
@@ -244,6 +205,54 @@ class ACETrainer:
             else {}
         )
         return layers, mined
+
+    def _training_set(
+        self, embedder: TextEmbedder, layers: list[QueryLayer], mined: dict[str, str]
+    ) -> TrainingSet:
+        """The user's erase pairs, the augmentations' (mined words, user synonyms; adversaries join
+        later) and the keep prompts, with what is computed once for them."""
+        targets = TargetBank(embedder, layers)
+        given_src, given_tgt = self._pairs(embedder, self.spec.concepts, targets)
+        augmented = list(mined) + self.synonyms
+        extra_src, extra_tgt = (
+            self._pairs(embedder, augmented, targets, mined) if augmented else (given_src[:0], given_tgt[:0])
+        )
+        keep = self._keep_prompts(embedder)
+        adversary_rows = self.steps // self.adversarial_every + 1 if self.adversarial else 0
+        kept = kept_projections(
+            layers, len(given_src) + len(extra_src) + adversary_rows + len(keep), keep.shape[1]
+        )
+        return TrainingSet(
+            targets,
+            PromptPool(layers, given_src, kept),
+            given_tgt,
+            PromptPool(layers, extra_src, kept),
+            extra_tgt,
+            PromptPool(layers, keep, kept),
+            unedited_outputs(layers, keep),
+        )
+
+    def _step(
+        self, data: TrainingSet, layers: list[QueryLayer], params: dict, optimizer: Any, step: int
+    ) -> tuple[float, float]:
+        """One optimiser step. The user's words and the augmentations fill half of every erase batch
+        each (many augmentations must never crowd out the concept itself); keep prompts fill a batch of
+        the same size. Returns the two losses."""
+        idx_g, idx_x = self._erase_batch(len(data.given), len(data.extra))
+        idx_k = torch.randint(len(data.keep), (min(self.batch_size, len(data.keep)),))
+        loss_erase, loss_keep = data.losses(layers, params, idx_g, idx_x, idx_k)
+        loss = loss_erase + self.preserve_weight * loss_keep
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.history.append(float(loss.detach()))
+        if not math.isfinite(self.history[-1]):
+            raise ACEValueError(
+                f"Training diverged at step {step + 1} of {self.steps} (loss {self.history[-1]}): "
+                f"learning_rate={self.learning_rate:g} is too large for this model. Try 2e-3 (the "
+                "default) or lower; the closed-form adapter is unaffected."
+            )
+        return float(loss_erase.detach()), float(loss_keep.detach())
 
     def _erase_batch(self, given: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of one erase batch: half the user's words, half the augmentations (all the user's words
@@ -269,7 +278,7 @@ class ACETrainer:
         self,
         embedder: TextEmbedder,
         phrases: list[str],
-        targets: _Targets,
+        targets: TargetBank,
         source_of: dict[str, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts with each phrase, and the rows in ``targets`` of the same prompts with its concept's
@@ -286,12 +295,6 @@ class ACETrainer:
                 tgt.append(normalize_prompt(filled(template, anchor_of[concept])))
         return encode_full(embedder, src), targets.index(tgt)
 
-    @staticmethod
-    def _erase_loss(
-        layers: list[QueryLayer], params: dict, source: torch.Tensor, wanted: list[torch.Tensor]
-    ) -> torch.Tensor:
-        return alignment_losses(layers, params, source, wanted, [len(source)])[0]
-
     def _paired(self, concept: str) -> list[str]:
         """The closed form's paired templates of ``concept`` ("X and Y"): the other thing must stay."""
         settings = FitSettings()
@@ -303,9 +306,7 @@ class ACETrainer:
         place (what the other thing of a paired prompt looks like when nothing is to be erased)."""
         anchor_of = dict(zip(self.spec.concepts, self.spec.neutral, strict=True))
         paired = [
-            normalize_prompt(filled(t, anchor_of[c]))
-            for c in self.spec.concepts
-            for t in self._paired(c)
+            normalize_prompt(filled(t, anchor_of[c])) for c in self.spec.concepts for t in self._paired(c)
         ]
         prompts = self.spec.unrelated_prompts() + self.spec.preserve_prompts() + list(dict.fromkeys(paired))
         return encode_full(embedder, prompts)
@@ -334,58 +335,18 @@ class ACETrainer:
         # paired templates too: an adversary found beside something kept must leave that thing as it is
         template = rng.choice(self.spec.templates_for(concept) + self._paired(concept))
         prompt = filled(template, concept)
-        tokens, span = _concept_tokens(embedder, prompt, template.index("{}"), concept)
-        encoder = embedder.encoders[0][1]
-        if not span or len(embedder.encoders) != 1:
-            return None
-        with torch.no_grad():
-            original = encode_full(embedder, [prompt])
-            wanted = [attention_output(layer, original, None) for layer in layers]
-        embedding_module = encoder.get_input_embeddings()
-        init = embedding_module(tokens["input_ids"][:, span]).detach().float()
-        soft = (
-            init + 0.1 * init.norm(dim=-1, keepdim=True) * torch.randn_like(init) / math.sqrt(init.shape[-1])
-        ).requires_grad_(True)
-        radius = self.adversarial_radius * init.norm(dim=-1, keepdim=True)
-        optimizer = torch.optim.Adam([soft], lr=0.05 * float(init.norm(dim=-1).mean()))
-
-        def replace(module, args, output):
-            output = output.clone()
-            output[:, span] = soft.to(output.dtype)
-            return output
-
-        handle = embedding_module.register_forward_hook(replace)
-        try:
-            for _ in range(self.adversarial_steps):
-                context = self._run_encoder(embedder, tokens["input_ids"])
-                loss = sum(
-                    ((attention_output(layer, context, detached(params)) - w) ** 2).mean() / w.pow(2).mean()
-                    for layer, w in zip(layers, wanted, strict=True)
-                )
-                # the soft input's gradient only: none is computed for, or left on, the text encoder
-                (soft.grad,) = torch.autograd.grad(loss, [soft])
-                optimizer.step()
-                with torch.no_grad():  # stay near the concept's own embedding
-                    delta = soft - init
-                    soft.copy_(
-                        init
-                        + delta
-                        * torch.clamp(radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-8), max=1.0)
-                    )
-            with torch.no_grad():
-                source = self._run_encoder(embedder, tokens["input_ids"])
-        finally:
-            handle.remove()
-        return source.detach(), normalize_prompt(filled(template, self.spec.neutral[concept_index]))
-
-    @staticmethod
-    def _run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor:
-        _, encoder = embedder.encoders[0]
-        return embedder.run_encoder(
-            encoder,
-            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
-            input_ids.shape[1],
+        source = soft_adversary(
+            embedder,
+            layers,
+            detached(params),
+            prompt,
+            (template.index("{}"), concept),
+            radius=self.adversarial_radius,
+            steps=self.adversarial_steps,
         )
+        if source is None:
+            return None
+        return source, normalize_prompt(filled(template, self.spec.neutral[concept_index]))
 
     def _to_adapter(
         self, base: ACEAdapter, params: dict, mined: dict[str, str], adversaries: int, seconds: float
@@ -426,102 +387,3 @@ class ACETrainer:
             fit=fit,
             base_model=base.base_model,
         )
-
-
-KEPT_PROJECTIONS_BYTES = 1 << 30  # the unedited keys/values of every training prompt are kept below this
-
-
-def _kept_projections(layers: list[QueryLayer], rows: int, tokens: int) -> bool:
-    """Whether every training prompt's unedited keys/values fit in :data:`KEPT_PROJECTIONS_BYTES`
-    (the miniature world: a few MB; many long prompts at SDXL size: recomputed at every step)."""
-    width = sum(
-        projection_weight(layer.attn.to_k).shape[0] + projection_weight(layer.attn.to_v).shape[0]
-        for layer in layers
-    )
-    return rows * tokens * width * 4 <= KEPT_PROJECTIONS_BYTES
-
-
-class _Pool:
-    """Encoded training prompts and, when kept, every layer's unedited keys/values of them (the bulk of
-    an attention pass that does not depend on the adapter: computed once, not at every step)."""
-
-    def __init__(self, layers: list[QueryLayer], context: torch.Tensor, keep_projections: bool) -> None:
-        self.layers, self.context = layers, context
-        self.unedited = unedited_keys_values(layers, context) if keep_projections else None
-
-    def __len__(self) -> int:
-        return len(self.context)
-
-    def add(self, context: torch.Tensor) -> None:
-        self.context = torch.cat([self.context, context])
-        if self.unedited is not None:
-            self.unedited = [
-                (torch.cat([k, k_new]), torch.cat([v, v_new]))
-                for (k, v), (k_new, v_new) in zip(
-                    self.unedited, unedited_keys_values(self.layers, context), strict=True
-                )
-            ]
-
-    @staticmethod
-    def take(picks: list[tuple[_Pool, torch.Tensor]]) -> tuple[torch.Tensor, list[KeysValues] | None]:
-        """The rows ``index`` of each pool, in order: (context, per-layer unedited keys/values or None)."""
-        context = torch.cat([pool.context[index] for pool, index in picks])
-        if any(pool.unedited is None for pool, _ in picks):
-            return context, None
-        per_layer = zip(*[pool.unedited for pool, _ in picks], strict=True)
-        unedited = [
-            (
-                torch.cat([k[index] for (k, _), (_, index) in zip(layer, picks, strict=True)]),
-                torch.cat([v[index] for (_, v), (_, index) in zip(layer, picks, strict=True)]),
-            )
-            for layer in per_layer
-        ]
-        return context, unedited
-
-
-class _Targets:
-    """The unedited attention outputs of the anchor prompts that erase prompts are aligned with, each
-    prompt encoded and attended once (a concept's, its mined words' and its adversaries' prompts share
-    the same few anchor prompts)."""
-
-    def __init__(self, embedder: TextEmbedder, layers: list[QueryLayer]) -> None:
-        self.embedder, self.layers = embedder, layers
-        self.position: dict[str, int] = {}
-        self.outputs: list[torch.Tensor] | None = None  # per layer: (prompts, n_queries, d_v)
-
-    def index(self, prompts: list[str]) -> torch.Tensor:
-        """The rows of ``prompts``, computing the outputs of those not seen before."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self.position]
-        if new:
-            outputs = unedited_outputs(self.layers, encode_full(self.embedder, new))
-            self.outputs = (
-                outputs
-                if self.outputs is None
-                else [torch.cat([old, add]) for old, add in zip(self.outputs, outputs, strict=True)]
-            )
-            self.position.update({p: len(self.position) + i for i, p in enumerate(new)})
-        return torch.tensor([self.position[p] for p in prompts], dtype=torch.long)
-
-    def rows(self, index: torch.Tensor) -> list[torch.Tensor]:
-        """Every layer's outputs at ``index``."""
-        assert self.outputs is not None, "index() adds prompts before rows() reads them"
-        return [out[index] for out in self.outputs]
-
-
-def _concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:
-    """The padded tokenisation of ``prompt`` and the positions of the tokens that spell ``concept``."""
-    tokens = embedder.encoders[0][0](
-        prompt,
-        padding="max_length",
-        max_length=embedder.max_length,
-        truncation=True,
-        return_tensors="pt",
-        return_offsets_mapping=True,
-    )
-    offsets = tokens["offset_mapping"][0]
-    span = [
-        t
-        for t in range(len(offsets))
-        if offsets[t][1] > offsets[t][0] and offsets[t][0] < start + len(concept) and offsets[t][1] > start
-    ]
-    return tokens, span

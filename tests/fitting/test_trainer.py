@@ -3,7 +3,7 @@ import torch
 
 from ace_diffusers.core.adapter import ACEAdapter
 from ace_diffusers.errors import ACEValueError
-from ace_diffusers.fitting import trainer as trainer_module
+from ace_diffusers.fitting import batches
 from ace_diffusers.fitting.closed_form import fit_adapter
 from ace_diffusers.fitting.data import FitSettings
 from ace_diffusers.fitting.presets import resolve_spec
@@ -61,7 +61,7 @@ def test_kept_projections_change_nothing_but_speed(pipe, monkeypatch):
     """Keeping every training prompt's unedited keys/values (below the memory cap) trains the same
     adapter as recomputing them at every step (above it)."""
     kept = small_trainer(pipe, seed=5).fit().state_dict()
-    monkeypatch.setattr(trainer_module, "KEPT_PROJECTIONS_BYTES", 0)
+    monkeypatch.setattr(batches, "KEPT_PROJECTIONS_BYTES", 0)
     recomputed = small_trainer(pipe, seed=5).fit().state_dict()
     for key, tensor in kept.items():
         torch.testing.assert_close(recomputed[key], tensor, rtol=1e-4, atol=1e-6)

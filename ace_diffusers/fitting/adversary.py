@@ -1,0 +1,110 @@
+"""Embedding-space adversaries for fine-tuning: soft input embeddings of the concept's tokens that slip
+through the current adapter (AdvUnlearn/RECE-style), found by a few projected gradient steps.
+
+Given the adapter's factors ``θ`` and a prompt ``P`` naming the concept, the concept's input embeddings
+``x`` (in the text encoder's input space, before any layer) are moved to minimise
+
+    Σ_layers ||Attn_θ(q, E(P; x)) − Attn(q, E(P))||² / ||Attn(q, E(P))||²
+
+— the *edited* model's attention output on the perturbed prompt against the *original* model's on the
+concept — within a ball of ``radius`` times each token's norm around its own embedding. The encoded
+result becomes one more prompt to erase.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .attention import QueryLayer, attention_output, encode_full
+from .text import TextEmbedder
+
+
+def soft_adversary(
+    embedder: TextEmbedder,
+    layers: list[QueryLayer],
+    params: Any,
+    prompt: str,
+    concept_at: tuple[int, str],
+    *,
+    radius: float,
+    steps: int,
+) -> torch.Tensor | None:
+    """The encoded ``prompt`` (1, T, d) with the concept's input embeddings replaced by an adversary;
+    ``concept_at``: (character offset, text) of the concept in ``prompt``; ``params``: the adapter's
+    factors, detached. ``None`` when the concept's tokens are not found or the pipeline has several
+    text encoders."""
+    start, concept = concept_at
+    tokens, span = concept_tokens(embedder, prompt, start, concept)
+    encoder = embedder.encoders[0][1]
+    if not span or len(embedder.encoders) != 1:
+        return None
+    with torch.no_grad():
+        original = encode_full(embedder, [prompt])
+        wanted = [attention_output(layer, original, None) for layer in layers]
+    embedding_module = encoder.get_input_embeddings()
+    init = embedding_module(tokens["input_ids"][:, span]).detach().float()
+    soft = (
+        init + 0.1 * init.norm(dim=-1, keepdim=True) * torch.randn_like(init) / math.sqrt(init.shape[-1])
+    ).requires_grad_(True)
+    ball = radius * init.norm(dim=-1, keepdim=True)
+    optimizer = torch.optim.Adam([soft], lr=0.05 * float(init.norm(dim=-1).mean()))
+
+    def replace(module, args, output):
+        output = output.clone()
+        output[:, span] = soft.to(output.dtype)
+        return output
+
+    handle = embedding_module.register_forward_hook(replace)
+    try:
+        for _ in range(steps):
+            context = run_encoder(embedder, tokens["input_ids"])
+            loss = sum(
+                ((attention_output(layer, context, params) - w) ** 2).mean() / w.pow(2).mean()
+                for layer, w in zip(layers, wanted, strict=True)
+            )
+            # the soft input's gradient only: none is computed for, or left on, the text encoder
+            (soft.grad,) = torch.autograd.grad(loss, [soft])
+            optimizer.step()
+            with torch.no_grad():  # stay near the concept's own embedding
+                delta = soft - init
+                soft.copy_(
+                    init
+                    + delta * torch.clamp(ball / delta.norm(dim=-1, keepdim=True).clamp_min(1e-8), max=1.0)
+                )
+        with torch.no_grad():
+            source = run_encoder(embedder, tokens["input_ids"])
+    finally:
+        handle.remove()
+    return source.detach()
+
+
+def run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor:
+    """The (first) text encoder's token embeddings of ``input_ids``, as the pipeline computes them."""
+    _, encoder = embedder.encoders[0]
+    return embedder.run_encoder(
+        encoder,
+        {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
+        input_ids.shape[1],
+    )
+
+
+def concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:
+    """The padded tokenisation of ``prompt`` and the positions of the tokens that spell ``concept``."""
+    tokens = embedder.encoders[0][0](
+        prompt,
+        padding="max_length",
+        max_length=embedder.max_length,
+        truncation=True,
+        return_tensors="pt",
+        return_offsets_mapping=True,
+    )
+    offsets = tokens["offset_mapping"][0]
+    span = [
+        t
+        for t in range(len(offsets))
+        if offsets[t][1] > offsets[t][0] and offsets[t][0] < start + len(concept) and offsets[t][1] > start
+    ]
+    return tokens, span
