@@ -64,7 +64,7 @@ def mine_synonyms(
         if not short:
             continue
         anchors = [concept, spec.neutral[concept_index]] + list(spec.preserve)
-        kept = _in_context(embedder, layers, spec.templates_for(concept)[:2], anchors, short)
+        kept = in_context(embedder, layers, spec.templates_for(concept)[:2], anchors, short)
         for word in kept[:per_concept]:
             found[word] = concept
     return found
@@ -95,7 +95,7 @@ def _keyed_shortlist(
     return [pool[i] for i in scores.topk(min(size, len(pool))).indices.tolist()]
 
 
-def _in_context(
+def in_context(
     embedder: TextEmbedder,
     layers: list[QueryLayer],
     templates: list[str],

@@ -42,6 +42,7 @@ from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
 from .closed_form import check_rank, fit_adapter
 from .data import FitSettings, context_templates
 from .mining import mine_synonyms
+from .phrases import search_phrases
 from .presets import filled, normalize_prompt, resolve_spec
 from .text import TextEmbedder
 
@@ -117,6 +118,7 @@ class ACETrainer:
         adversarial_steps: int = 8,
         adversarial_radius: float = ADVERSARIAL_RADIUS,
         mined_synonyms: int = 16,
+        search_phrases: int = 0,
         mining_pool: int = 4096,
         preserve_weight: float = 2.0,
         queries_per_layer: int = 64,
@@ -144,6 +146,7 @@ class ACETrainer:
         self.adversarial_steps = _positive_int(adversarial_steps, "adversarial_steps")
         self.adversarial_radius = _positive_float(adversarial_radius, "adversarial_radius")
         self.mined_synonyms = _positive_int(mined_synonyms, "mined_synonyms", minimum=0)
+        self.search_phrases = _positive_int(search_phrases, "search_phrases", minimum=0)
         self.mining_pool = _positive_int(mining_pool, "mining_pool")
         self.preserve_weight = _positive_float(preserve_weight, "preserve_weight")
         self.queries_per_layer = _positive_int(queries_per_layer, "queries_per_layer")
@@ -152,6 +155,7 @@ class ACETrainer:
         self.seed = int(seed)
         self.progress = progress
         self.adapter: ACEAdapter | None = None
+        self.searched: dict[str, str] = {}
         self.history: list[float] = []
         self.initial_loss = self.final_loss = float("nan")
 
@@ -204,7 +208,11 @@ class ACETrainer:
             if self.mined_synonyms
             else {}
         )
-        return layers, mined
+        # phrases found by coordinate search join the mined words (erased in the same way)
+        self.searched = search_phrases(
+            embedder, layers, self.spec, per_concept=self.search_phrases, seed=self.seed
+        )
+        return layers, {**mined, **self.searched}
 
     def _training_set(
         self, embedder: TextEmbedder, layers: list[QueryLayer], mined: dict[str, str]
@@ -370,7 +378,8 @@ class ACETrainer:
             "adversarial": self.adversarial,
             "adversaries_found": adversaries,
             "adversarial_radius": self.adversarial_radius,
-            "mined_synonyms": list(mined),
+            "mined_synonyms": [w for w in mined if w not in self.searched],
+            "searched_phrases": list(self.searched),
             "user_synonyms": self.synonyms,
             "preserve_weight": self.preserve_weight,
             "seed": self.seed,

@@ -106,6 +106,7 @@ def test_save_and_push_need_a_fit(pipe, tmp_path):
         (dict(batch_size=0), "batch_size must be an integer"),
         (dict(time_budget=-3), "time_budget must be a positive number"),
         (dict(adversarial_radius=0), "adversarial_radius must be a positive number"),
+        (dict(search_phrases=-1), "search_phrases must be an integer"),
         (dict(adversarial_radius=float("inf")), "adversarial_radius must be a positive number"),
         (dict(synonyms=["ok", ""]), "synonyms must be a list"),
         (dict(synonyms=7), "synonyms must be a list of strings"),
