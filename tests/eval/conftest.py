@@ -77,3 +77,18 @@ def cat_plan():
         attacks=["misspelling", "soft_prompt"],
         soft_prompts=1,
     )
+
+
+@pytest.fixture
+def erased_pipe(sd_pipe):
+    """The tiny pipeline with a random adapter whose gate is open: every prompt is changed, which is all
+    the attacks' mechanics need."""
+    from ace_diffusers.testing import random_adapter
+
+    sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, gate_bias=6.0, magnitude=2.0), "erase")
+    return sd_pipe
+
+
+def encode(pipe, text):
+    """The pipeline's prompt embeddings of ``text``."""
+    return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]

@@ -8,27 +8,18 @@ from ace_diffusers.errors import ACEValueError
 from ace_diffusers.eval.discrete_tokens import DiscreteTokenSettings, discrete_token_attack, word_tokens
 from ace_diffusers.eval.soft_prompt import SoftPromptSettings
 from ace_diffusers.shapes.pipeline import WEIGHTS_DIR, weights_present
-from ace_diffusers.testing import random_adapter
+
+from .conftest import encode
 
 TINY = dict(num_inference_steps=2, height=16, width=16)
 # the whole bank in every batch: each step's loss is the full loss, so the search never goes up
 REFERENCE = SoftPromptSettings(reference_images=1, timesteps_per_image=2, batch_size=8)
 
 
-@pytest.fixture
-def erased_pipe(sd_pipe):
-    sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, gate_bias=6.0, magnitude=2.0), "erase")
-    return sd_pipe
-
-
-def _encode(pipe, text):
-    return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
-
-
 @pytest.mark.parametrize("placement", ["replace", "prepend"])
 def test_search_finds_real_tokens_that_lower_the_loss(erased_pipe, placement):
     pipe = erased_pipe
-    before = _encode(pipe, "a photo of a cat")
+    before = encode(pipe, "a photo of a cat")
     settings = DiscreteTokenSettings(steps=4, candidates=6, top_k=8, placement=placement, reference=REFERENCE)
     result = discrete_token_attack(pipe, "a photo of a cat", "cat", settings=settings, sampler=TINY)
     assert len(result.tokens) == 3 and len(result.losses) == 4
@@ -42,7 +33,7 @@ def test_search_finds_real_tokens_that_lower_the_loss(erased_pipe, placement):
         assert "cat" not in result.prompt.split() and result.prompt.startswith("a photo of a ")
     else:
         assert result.prompt.endswith("a photo of a cat")
-    assert torch.equal(_encode(pipe, "a photo of a cat"), before)  # no hook left behind
+    assert torch.equal(encode(pipe, "a photo of a cat"), before)  # no hook left behind
     images = pipe(result.prompt, output_type="pt", **TINY).images
     assert images.shape == (1, 3, 16, 16)
 

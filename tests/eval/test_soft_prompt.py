@@ -7,25 +7,15 @@ import torch
 from ace_diffusers.errors import ACECompatibilityError, ACEValueError
 from ace_diffusers.eval.common import ace_disabled
 from ace_diffusers.eval.soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
-from ace_diffusers.testing import random_adapter
+
+from .conftest import encode
 
 TINY = dict(num_inference_steps=2, height=16, width=16)
 
 
-@pytest.fixture
-def erased_pipe(sd_pipe):
-    # a random adapter with an open gate: every prompt is changed, which is all the mechanics need
-    sd_pipe.load_ace_adapter(random_adapter(sd_pipe.unet, gate_bias=6.0, magnitude=2.0), "erase")
-    return sd_pipe
-
-
-def _encode(pipe, text):
-    return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
-
-
 def test_soft_prompt_attention_objective_reduces_the_gap(erased_pipe):
     pipe = erased_pipe
-    before = _encode(pipe, "a photo of a cat")
+    before = encode(pipe, "a photo of a cat")
     settings = SoftPromptSettings(steps=15, objective="attention", learning_rate=0.1)
     result = soft_prompt_attack(pipe, "a photo of a cat", "cat", settings=settings)
     assert result.prompt_embeds.shape == before.shape
@@ -36,7 +26,7 @@ def test_soft_prompt_attention_objective_reduces_the_gap(erased_pipe):
     assert torch.equal(result.prompt_embeds[:, :start], before[:, :start])
     assert not torch.equal(result.prompt_embeds[:, start:], before[:, start:])
     # the hook is gone and the pipeline unchanged; the embeddings drive the pipeline directly
-    assert torch.equal(_encode(pipe, "a photo of a cat"), before)
+    assert torch.equal(encode(pipe, "a photo of a cat"), before)
     images = pipe(prompt_embeds=result.prompt_embeds, output_type="pt", **TINY).images
     assert images.shape == (1, 3, 16, 16)
 
