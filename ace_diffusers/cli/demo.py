@@ -26,11 +26,12 @@ from .. import helptext
 from .._io import atomic_write_bytes
 from ..fitting.erase import erase_concept
 from ..shapes.classifier import load_shapes_classifier
-from ..shapes.erasure import concept_kind, erase_arguments, measure
+from ..shapes.erasure import concept_kind, erase_arguments, measure, metric_sets, per_prompt
 from ..shapes.pipeline import load_shapes_pipeline
 from ..stats import wilson_interval
 
 ROWS = ("erased", "synonyms", "others", "pairs")
+MIN_IMAGES = 32  # images per set by default: every rate of the table rests on at least this many
 
 
 def _grid(columns_of: list[tuple[str, dict[str, torch.Tensor]]], columns: int, path: Path) -> None:
@@ -56,9 +57,10 @@ def _grid(columns_of: list[tuple[str, dict[str, torch.Tensor]]], columns: int, p
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _pick(images: dict[str, torch.Tensor], per_prompt: int) -> dict[str, torch.Tensor]:
-    """First image of each prompt, so a row shows different prompts rather than seeds of one prompt."""
-    return {name: imgs[::per_prompt] for name, imgs in images.items()}
+def _pick(images: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """First image of each prompt (``counts``: images per prompt of each set), so a row shows different
+    prompts rather than seeds of one prompt."""
+    return {name: imgs[:: counts[name]] for name, imgs in images.items()}
 
 
 # the image set each rate is counted on (H is a mean of rates: no interval)
@@ -124,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         help="what the concept should turn into (default: nothing for a shape, 'plain' for a style)",
     )
     parser.add_argument("--output", default="ace_demo.png", help="where to write the before/after grid PNG")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="4: each figure on >= 32 images")
+    parser.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=None,
+        help=f"images per prompt of every set (default: just enough for {MIN_IMAGES} images per set)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's)")
     parser.add_argument("--threads", type=int, default=None)
@@ -143,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     classifier = load_shapes_classifier()
     print(f"loaded the miniature world in {time.perf_counter() - started:.1f} s")
 
-    measured = {"images_per_prompt": args.images_per_prompt, "seed": args.seed}
+    minimum = MIN_IMAGES if args.images_per_prompt is None else None
+    measured = {"images_per_prompt": args.images_per_prompt or 1, "min_images": minimum, "seed": args.seed}
+    counts = {
+        name: per_prompt(pset, measured["images_per_prompt"], minimum)
+        for name, pset in metric_sets(args.concept).items()
+    }
     before, before_images = measure(pipe, classifier, args.concept, **measured)
-    runs, grids = [("before", before, None)], [("before", _pick(before_images, args.images_per_prompt))]
+    runs, grids = [("before", before, None)], [("before", _pick(before_images, counts))]
     arguments = erase_arguments(args.concept, args.neutral)
     for label, method in (("closed form", "closed-form"), ("fine-tuned", "ace")):
         t0 = time.perf_counter()
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             f"in {seconds:.1f} s"
         )
         runs.append((label, after, seconds))
-        grids.append((label, _pick(after_images, args.images_per_prompt)))
+        grids.append((label, _pick(after_images, counts)))
     _print_table(args.concept, runs, {name: len(images) for name, images in after_images.items()})
     _grid(grids, 8, Path(args.output))
     print(

@@ -17,6 +17,7 @@ out and measure generalisation (MACE's Acc_g). Metrics, all from the bundled cla
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -209,17 +210,23 @@ def measure(
     seed: int = 0,
     erased: list[str] | None = None,
     sets: dict[str, PromptSet] | None = None,
+    min_images: int | None = None,
     **sampler: Any,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Generate every prompt set with fixed seeds and score it; returns (metrics, images per set)."""
+    """Generate every prompt set with fixed seeds and score it; returns (metrics, images per set).
+
+    ``min_images``: instead of ``images_per_prompt`` for every set, just enough images per prompt for
+    each set to reach this many (:func:`per_prompt`).
+    """
 
     kind = concept_kind(concept)
     sets = sets or metric_sets(concept, erased)
     images, hits = {}, {}
     for name, pset in sets.items():
-        prompts = [p for p in pset.prompts for _ in range(images_per_prompt)]
-        labels = [lab for lab in pset.labels for _ in range(images_per_prompt)]
-        seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
+        count = per_prompt(pset, images_per_prompt, min_images)
+        prompts = [p for p in pset.prompts for _ in range(count)]
+        labels = [lab for lab in pset.labels for _ in range(count)]
+        seeds = [seed + k for _ in pset.prompts for k in range(count)]
         imgs = generate(pipe, prompts, seeds=seeds, **sampler)
         pred = classifier.predict(imgs)
         images[name] = imgs
@@ -249,6 +256,14 @@ def measure(
             in_context_style=hits["pairs"]["right_style"],
         )
     return metrics, images
+
+
+def per_prompt(pset: PromptSet, images_per_prompt: int, min_images: int | None = None) -> int:
+    """Images per prompt of ``pset``: ``images_per_prompt``, or with ``min_images`` the fewest that give
+    the set at least that many images."""
+    if min_images is None:
+        return images_per_prompt
+    return max(1, math.ceil(min_images / max(1, len(pset.prompts))))
 
 
 def harmonic(acc_e: float, acc_s: float, acc_g: float) -> float:

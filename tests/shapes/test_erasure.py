@@ -49,3 +49,15 @@ def test_a_perfect_shape_erasure_draws_nothing(shapes_pipe, shapes_classifier):
         assert neutral_floor(shapes_pipe, shapes_classifier, shape, images_per_prompt=1) <= 0.125
     # a perfect style erasure draws plain (solid) fill, never stripes
     assert neutral_floor(shapes_pipe, shapes_classifier, "striped", images_per_prompt=1) <= 0.125
+
+
+def test_min_images_gives_each_set_just_enough_images():
+    from ace_diffusers.shapes.erasure import PromptSet, metric_sets, per_prompt
+
+    sets = metric_sets("circle")
+    counts = {name: per_prompt(pset, 4, 32) for name, pset in sets.items()}
+    for name, pset in sets.items():
+        images = counts[name] * len(pset.prompts)
+        assert images >= 32 and (counts[name] == 1 or (counts[name] - 1) * len(pset.prompts) < 32)
+    assert per_prompt(sets["others"], 4) == 4  # without min_images: the given count for every set
+    assert per_prompt(PromptSet("big", ["a"] * 40, [{}] * 40), 4, 32) == 1
