@@ -102,12 +102,34 @@ def markdown(result: dict[str, Any]) -> str:
             failed = bar_failures(row)
             verdict = "all bars met" if not failed else "**not met**: " + "; ".join(failed)
             lines.append(f"- {row['run']} / {row['concept']} / {row['method']}: {verdict}")
+    lines += versus_uce(result["rows"])
+    lines += [
+        f"- {r['run']} / ESD-x: stopped at the {r['esd_stop']}" for r in result["rows"] if r.get("esd_stop")
+    ]
     mined = {r["run"]: r["mined"] for r in result["rows"] if r.get("mined") is not None}
     lines.append("")
     lines += [
         f"- mined by the trainer for {run}: {', '.join(words) or '(none)'}" for run, words in mined.items()
     ]
     return "\n".join(lines)
+
+
+def versus_uce(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue #22: the closed form must beat UCE's H (held-out) wherever the fine-tuned column is met."""
+    by_cell = {(r["run"], r["concept"], r["method"]): r for r in rows}
+    lines = []
+    for (run, concept, method), uce in by_cell.items():
+        closed, full = by_cell.get((run, concept, "closed form")), by_cell.get((run, concept, "ACE (full)"))
+        if method != "UCE" or closed is None or h_heldout(closed) is None or h_heldout(uce) is None:
+            continue
+        beats = h_heldout(closed) > h_heldout(uce)
+        needed = full is not None and not bar_failures(full)
+        verdict = "beats UCE" if beats else ("**does not beat UCE**" if needed else "does not beat UCE")
+        lines.append(
+            f"- {run} / {concept}: closed form H (held-out) {h_heldout(closed):.3f} vs UCE "
+            f"{h_heldout(uce):.3f}: {verdict}{'' if needed else ' (fine-tuned column not met: not required)'}"
+        )
+    return lines
 
 
 def _table_row(run: str, concept: str, row: dict[str, Any], seconds: float | None) -> str:

@@ -258,6 +258,24 @@ def measure(
     return metrics, images
 
 
+def measure_erased(
+    pipe: Any,
+    classifier: Any,
+    concept: str,
+    *,
+    images_per_prompt: int = 2,
+    seed: int = 0,
+    erased: list[str] | None = None,
+    **sampler: Any,
+) -> float:
+    """Acc_e alone: :func:`measure`'s ``erased`` set, the same prompts, seeds and judge."""
+    pset = metric_sets(concept, erased)["erased"]
+    prompts = [p for p in pset.prompts for _ in range(images_per_prompt)]
+    seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
+    shown = classifier.predict(generate(pipe, prompts, seeds=seeds, **sampler))[concept_kind(concept)]
+    return sum(s == concept for s in shown) / len(shown)
+
+
 def per_prompt(pset: PromptSet, images_per_prompt: int, min_images: int | None = None) -> int:
     """Images per prompt of ``pset``: ``images_per_prompt``, or with ``min_images`` the fewest that give
     the set at least that many images."""

@@ -1,6 +1,7 @@
 """``ace-diffusers bench trainer``: the report of closed form vs full ACE (formatting only, no generation)."""
 
 import json
+import types
 
 import pytest
 
@@ -121,3 +122,38 @@ def test_runs_split_over_processes_make_one_report(tmp_path, capsys):
     parts[1].write_text(json.dumps(other), encoding="utf-8")
     with pytest.raises(SystemExit, match="different"):
         trainer.merged([str(p) for p in parts])
+
+
+@pytest.mark.parametrize(
+    "acc_e_by_steps, budget, stop, steps",
+    [
+        ({200: 0.5, 400: 0.0}, 1000.0, "matched ACE's Acc_e at 400 steps", 400),
+        ({200: 0.5, 400: 0.5, 800: 0.5}, 50.0, "time budget (10x ACE's fit) at 400 steps", 400),
+    ],
+)
+def test_esd_x_runs_until_it_matches_ace_or_spends_ten_times_its_fit(
+    monkeypatch, acc_e_by_steps, budget, stop, steps
+):
+    """ESD-x doubles its steps from the published 200 (each run from scratch, the last one kept) until its
+    Acc_e reaches ACE's or the next run would pass the budget."""
+    restored = []
+
+    class Edit:
+        def __init__(self, steps):
+            self.settings, self.seconds = {"steps": steps}, steps / 20  # 10 s per 200 steps
+
+        def restore(self):
+            restored.append(self.settings["steps"])
+
+    last = []  # the steps of each ESD-x run, in order
+
+    def esd_x(pipe, concept, seed, steps):
+        last.append(steps)
+        return Edit(steps)
+
+    monkeypatch.setattr(trainer, "esd_x_erase", esd_x)
+    monkeypatch.setattr(trainer, "measure_erased", lambda *a, **k: acc_e_by_steps[last[-1]])
+    erasure = types.SimpleNamespace(pipe=None, classifier=None, measured={}, concepts=["circle"])
+    edit, why = trainer.esd_x_matched(erasure, "circle", 0.0, budget, seed=0)
+    assert why == stop and edit.settings["steps"] == steps
+    assert restored == [s for s in sorted(acc_e_by_steps) if s < steps]  # every earlier run undone

@@ -65,3 +65,25 @@ def test_the_suite_page_keeps_the_trainer_section(tmp_path):
     assert "trainer figures" in page.read_text(encoding="utf-8")
     kept = trainer_report.kept_section(page)
     assert "trainer figures" in kept and kept.count(trainer_report.SECTION[0]) == 1
+
+
+def test_the_closed_form_is_compared_with_uce_where_it_must_beat_it():
+    lines = trainer_report.versus_uce([row("closed form"), row("ACE (full)"), row("UCE", acc_heldout=0.8)])
+    # UCE's H: 3 / (1 + 1 + 5)
+    assert lines == ["- circle / circle: closed form H (held-out) 1.000 vs UCE 0.429: beats UCE"]
+    lost = trainer_report.versus_uce([row("closed form", acc_heldout=0.9), row("ACE (full)"), row("UCE")])
+    assert "**does not beat UCE**" in lost[0]
+    optional = trainer_report.versus_uce(
+        [row("closed form", acc_heldout=0.9), row("ACE (full)", acc_e=0.5), row("UCE")]
+    )
+    assert "not required" in optional[0]
+
+
+def test_esd_x_says_why_it_stopped():
+    esd = {
+        **row("ESD-x", acc_e=0.5),
+        "esd_steps": 800,
+        "esd_stop": "time budget (10x ACE's fit) at 800 steps",
+    }
+    text = trainer_report.markdown({**RESULT, "rows": RESULT["rows"] + [esd]})
+    assert "- circle / ESD-x: stopped at the time budget (10x ACE's fit) at 800 steps" in text
