@@ -124,7 +124,10 @@ def versus_uce(rows: list[dict[str, Any]]) -> list[str]:
             continue
         beats = h_heldout(closed) > h_heldout(uce)
         needed = full is not None and not bar_failures(full)
-        verdict = "beats UCE" if beats else ("**does not beat UCE**" if needed else "does not beat UCE")
+        if round(h_heldout(closed), 3) == round(h_heldout(uce), 3) == 1.0:
+            verdict = "ties UCE (both perfect: nothing left to beat)"
+        else:
+            verdict = "beats UCE" if beats else ("**does not beat UCE**" if needed else "does not beat UCE")
         lines.append(
             f"- {run} / {concept}: closed form H (held-out) {h_heldout(closed):.3f} vs UCE "
             f"{h_heldout(uce):.3f}: {verdict}{'' if needed else ' (fine-tuned column not met: not required)'}"

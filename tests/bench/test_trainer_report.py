@@ -77,6 +77,8 @@ def test_the_closed_form_is_compared_with_uce_where_it_must_beat_it():
         [row("closed form", acc_heldout=0.9), row("ACE (full)", acc_e=0.5), row("UCE")]
     )
     assert "not required" in optional[0]
+    perfect = trainer_report.versus_uce([row("closed form"), row("ACE (full)"), row("UCE")])
+    assert "ties UCE (both perfect" in perfect[0]
 
 
 def test_esd_x_says_why_it_stopped():
