@@ -14,6 +14,7 @@ Examples::
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import time
@@ -115,7 +116,7 @@ def _print_table(
     print(f"{'fit seconds':<52}{seconds}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = helptext.parser("demo", __doc__)
     parser.add_argument(
         "--concept", default="circle", help="a shape (circle, square, ...) or a fill style (striped, ...)"
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's)")
     parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
