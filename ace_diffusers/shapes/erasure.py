@@ -224,11 +224,8 @@ def measure(
     images, hits = {}, {}
     for name, pset in sets.items():
         count = per_prompt(pset, images_per_prompt, min_images)
-        prompts = [p for p in pset.prompts for _ in range(count)]
         labels = [lab for lab in pset.labels for _ in range(count)]
-        seeds = [seed + k for _ in pset.prompts for k in range(count)]
-        imgs = generate(pipe, prompts, seeds=seeds, **sampler)
-        pred = classifier.predict(imgs)
+        imgs, pred = _judged(pipe, classifier, pset, count, seed, sampler)
         images[name] = imgs
         hits[name] = {
             key: sum(p == lab[key] for p, lab in zip(pred[key], labels, strict=True)) / len(labels)
@@ -258,6 +255,16 @@ def measure(
     return metrics, images
 
 
+def _judged(
+    pipe: Any, classifier: Any, pset: PromptSet, count: int, seed: int, sampler: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """``count`` images of each prompt of ``pset`` (seeds ``seed + k``) and the judge's labels."""
+    prompts = [p for p in pset.prompts for _ in range(count)]
+    seeds = [seed + k for _ in pset.prompts for k in range(count)]
+    images = generate(pipe, prompts, seeds=seeds, **sampler)
+    return images, classifier.predict(images)
+
+
 def measure_erased(
     pipe: Any,
     classifier: Any,
@@ -270,9 +277,7 @@ def measure_erased(
 ) -> float:
     """Acc_e alone: :func:`measure`'s ``erased`` set, the same prompts, seeds and judge."""
     pset = metric_sets(concept, erased)["erased"]
-    prompts = [p for p in pset.prompts for _ in range(images_per_prompt)]
-    seeds = [seed + k for _ in pset.prompts for k in range(images_per_prompt)]
-    shown = classifier.predict(generate(pipe, prompts, seeds=seeds, **sampler))[concept_kind(concept)]
+    shown = _judged(pipe, classifier, pset, images_per_prompt, seed, sampler)[1][concept_kind(concept)]
     return sum(s == concept for s in shown) / len(shown)
 
 
