@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
+from pathlib import PurePath
 
 _ROLE = re.compile(r":(?:mod|func|class|meth|data|attr|obj|exc):`~?([^`]+)`")
 
@@ -38,3 +40,10 @@ def parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **kwargs,
     )
+
+
+def command_line(command: str, argv: list[str]) -> str:
+    """``command`` and its arguments as a page quotes them: an absolute path is reduced to its file name
+    (where a run wrote its JSON says nothing about the figures, and names a machine)."""
+    shown = [PurePath(a).name if a.startswith("/") else a for a in argv]
+    return " ".join([command, *(shlex.quote(a) for a in shown)])

@@ -26,3 +26,10 @@ def test_every_command_help_is_plain_and_names_the_command(name, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: ace-diffusers {name} ")
     assert "``" not in out and ":mod:" not in out and ":func:" not in out and ":class:" not in out
+
+
+def test_command_lines_name_no_machine_paths():
+    from ace_diffusers.helptext import command_line
+
+    line = command_line("ace-diffusers bench trainer", ["--json", "/work/runs/b4/a.json", "--shapes", "a b"])
+    assert line == "ace-diffusers bench trainer --json a.json --shapes 'a b'"

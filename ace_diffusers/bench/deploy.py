@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -323,13 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes, images_per_prompt=ipp, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True)
     )
     total = time.perf_counter() - started
-    command = "ace-diffusers bench deploy " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = helptext.command_line("ace-diffusers bench deploy", argv if argv is not None else sys.argv[1:])
     body = format_section(result, command.strip(), machine(), total)
     print(body)
     if args.json:
-
         atomic_write_json(
             args.json, {**result, "command": command.strip(), "machine": machine(), "seconds": total}
         )

@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     result.update(
         seconds=round(time.perf_counter() - started, 1),
-        command="ace-diffusers bench trainer " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command=helptext.command_line(
+            "ace-diffusers bench trainer", argv if argv is not None else sys.argv[1:]
+        ),
     )
     if args.json:
         atomic_write_json(args.json, result)
