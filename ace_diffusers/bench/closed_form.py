@@ -5,24 +5,28 @@ text encoder, 860 M-parameter UNet with 16 cross-attention layers of text width 
 ``erase_concept(..., load=False)`` for 1, 10 and 100 concepts, and reports peak extra memory. Each
 timing fits concepts not seen before:
 
-* cold — nothing cached anywhere: the fit also encodes every prompt that does not depend on the
-  concept (neutral anchor, preservation and unrelated prompts, template prefixes). That is paid once
-  per text encoder and kind, and is timed on its own too, as :func:`..closed_form.prepare_erasure`
-  (*preparation*) in another empty cache;
+* cold — nothing cached anywhere, timed once per count: the fit also encodes every prompt that does not
+  depend on the concept (neutral anchor, preservation and unrelated prompts, template prefixes) and,
+  when it mines neighbours (at most 16 concepts), the vocabulary words it compares the concept with.
+  That is paid once per text encoder and kind, and is timed on its own too, as
+  :func:`..closed_form.prepare_erasure` (*preparation*: those prompts and the whole vocabulary table) in
+  another empty cache;
 * new process — after that preparation, with the in-memory cache emptied: what a fresh process pays
   once this text encoder has been used (or prepared) on the machine;
 * warm — a further fit in the same process.
 
-The per-concept target (≤ 0.5 s) is checked on prepared fits (new process and warm): the
-preparation is the same whatever is erased, and a service pays it at start-up. The 100-concept target
-(≤ 20 s) is checked cold, from nothing cached.
+The per-concept targets are checked on prepared fits (new process and warm): the preparation is the
+same whatever is erased, and a service pays it at start-up. Fits of up to 16 concepts mine each
+concept's neighbours (the default), so a one-concept fit is also checked against the bar of the
+"erasure that holds" issue (≤ 1 s with mining). The 100-concept target (≤ 20 s) is checked cold, from
+nothing cached (fits of that many concepts are not mined).
 
 One untimed fit of another concept comes first: a process's first fit also pays the process's start-up
 (thread pools, the allocator's first memory pages), which is not a cost per concept; its time is
-reported. A one-concept fit takes about half a second, so each of its timings is the median of 5 fits (each of
-a concept of its own; each cold one starts from empty caches): one scheduler hiccup on a shared
-machine then cannot decide the figure. The range is kept in the JSON. The on-disk cache lives in a
-temporary directory for the run, so the user's cache is not touched.
+reported. Each prepared one-concept timing is the median of 5 fits, each of a concept of its own, all
+after one preparation: one scheduler hiccup on a shared machine then cannot decide the figure. The range
+is kept in the JSON. The on-disk cache lives in a temporary directory for the run, so the user's cache
+is not touched.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", 
 LAST = ["Varga", "Lindqvist", "Moreau", "Okafor", "Petrov", "Quintana", "Rossi", "Sato", "Tanaka", "Weber"]
 TARGET_SECONDS_PER_CONCEPT = 0.5
 TARGET_SECONDS_100 = 20.0
+TARGET_SECONDS_MINED = 1.0  # one concept with its mined neighbours, prepared ("erasure that holds")
 REPEATS_1 = 5  # the 1-concept timings are medians over this many fits, each of a new concept
 
 
@@ -68,12 +73,12 @@ def peak_rss_mb() -> float:
 def timing_row(n: int, repeats: int, seconds: dict[str, list[float]], adapter: Any) -> dict[str, Any]:
     """One row of the report: median seconds (and per concept, and the range over several fits) per timing."""
     row: dict[str, Any] = {"concepts": n, "rank": adapter.rank, "fits_per_timing": repeats}
-    for label, values in seconds.items():
+    for label, values in seconds.items():  # a timing taken once (cold, preparation) has no range
         middle = statistics.median(values)
         row[f"{label}_seconds"] = round(middle, 3)
         if label != "preparation":
             row[f"{label}_seconds_per_concept"] = round(middle / n, 3)
-        if repeats > 1:
+        if len(values) > 1:
             row[f"{label}_seconds_range"] = [round(min(values), 3), round(max(values), 3)]
     row["adapter_mb_fp16"] = round(adapter.num_parameters() * 2 / 2**20, 2)
     return row
@@ -111,15 +116,15 @@ def run(
                 repeats = repeats_1 if n == 1 else 1  # one fit is short: take the median of a few
                 names = concept_names(n * repeats)
                 took: dict[str, list[float]] = {"cold": [], "preparation": [], "new_process": [], "warm": []}
-                for rep in range(repeats):
+                # from nothing cached, once: an empty cache directory (the preparation's own cost is a
+                # row of its own, and dominates a cold fit when mining builds the vocabulary table)
+                took["cold"].append(timed(partial(fit, names[:n], ""), f"{n}-cold", new_process=True)[0])
+                prepare = partial(prepare_erasure, pipe, kind="style")
+                took["preparation"].append(timed(prepare, f"{n}", new_process=True)[0])
+                for rep in range(repeats):  # prepared fits share that preparation, as a service's would
                     batch = names[rep * n : (rep + 1) * n]
-                    cache = f"{n}-{rep}"
-                    # each cache directory starts empty: nothing on disk yet
-                    took["cold"].append(timed(partial(fit, batch, ""), f"{cache}-cold", new_process=True)[0])
-                    prepare = partial(prepare_erasure, pipe, kind="style")
-                    took["preparation"].append(timed(prepare, cache, new_process=True)[0])
-                    took["new_process"].append(timed(partial(fit, batch, " Jr"), cache, new_process=True)[0])
-                    elapsed, adapter = timed(partial(fit, batch, " Sr"), cache, new_process=False)
+                    took["new_process"].append(timed(partial(fit, batch, " Jr"), f"{n}", new_process=True)[0])
+                    elapsed, adapter = timed(partial(fit, batch, " Sr"), f"{n}", new_process=False)
                     took["warm"].append(elapsed)
                 rows.append(timing_row(n, repeats, took, adapter))
     finally:
@@ -152,6 +157,13 @@ def target_checks(row: dict[str, Any]) -> list[tuple[str, str, bool]]:
         for key, label in PREPARED
         if f"{key}_seconds_per_concept" in row
     ]
+    if n == 1:
+        checks += [
+            (f"1 concept with mined neighbours, {label}: ≤ {TARGET_SECONDS_MINED:.0f} s",
+             f"{row[f'{key}_seconds']:.3f} s", row[f"{key}_seconds"] <= TARGET_SECONDS_MINED)
+            for key, label in PREPARED
+            if f"{key}_seconds" in row
+        ]
     if n == 100:
         checks.append((f"100 concepts, cold (nothing cached): ≤ {TARGET_SECONDS_100:.0f} s",
                        f"{row['cold_seconds']:.1f} s", row["cold_seconds"] <= TARGET_SECONDS_100))
@@ -165,7 +177,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"untimed warm-up fit (the process's first) {result.get('warmup_seconds', '?')} s",
         "# cold: nothing cached; preparation: prepare_erasure(kind) alone, from nothing cached; "
         "new process: after it, in-memory cache emptied; warm: cached in memory too",
-        *[f"# {r['concepts']} concept: median of {r['fits_per_timing']} fits, each of a new concept"
+        *[f"# {r['concepts']} concept: prepared timings are medians of {r['fits_per_timing']} fits, each of "
+          "a new concept"
           for r in result["rows"] if r.get("fits_per_timing", 1) > 1],
         "concepts  rank  cold s  cold s/concept  preparation s  new-process s  new-process s/concept  "
         "warm s  warm s/concept  adapter MB (fp16)",

@@ -37,6 +37,8 @@ def test_report_checks_prepared_fits_per_concept_and_100_concepts_from_cold():
     assert "1 concept, prepared, warm: ≤ 0.5 s/concept: 0.550 s/concept NOT MET" in lines
     assert "10 concepts, prepared, new process: ≤ 0.5 s/concept: 0.300 s/concept MET" in lines
     assert "100 concepts, cold (nothing cached): ≤ 20 s: 21.0 s NOT MET" in lines
+    assert "1 concept with mined neighbours, prepared, warm: ≤ 1 s: 0.550 s MET" in lines
+    assert not [line for line in lines if "mined" in line and line.startswith("10")]  # one concept only
     assert not [line for line in lines if "MET" in line and "cold" in line and "s/concept" in line]
     assert any(
         line.split()[:5] == ["1", "32", "2.10", "2.100", "1.70"] for line in lines
