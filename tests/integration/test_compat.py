@@ -6,6 +6,7 @@ torch.compile, dtypes/devices/offloading and textual inversion. Tiny pipelines, 
 """
 
 import copy
+import time
 
 import pytest
 import torch
@@ -542,6 +543,51 @@ def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
     assert pipe.get_list_ace_adapters() == [a, b]  # verbs see through the compile wrapper
     pipe.unload_ace_adapter()
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager_and_keeps_one_graph_across_scales():
+    """The default backend (inductor: generated C++ kernels) on a UNet with two adapters: outputs match
+    eager, and rescaling or switching adapters off reuses the compiled graph (no recompilation)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32,),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    pipe = StableDiffusionPipeline(**{**tiny_sd_pipeline(text_dim=32).components, "unet": unet})
+    a = pipe.load_ace_adapter(random_adapter(unet, seed=1), "a")
+    b = pipe.load_ace_adapter(random_adapter(unet, seed=2), "b")
+    generator = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 7, 32, generator=generator)
+
+    def states():
+        outputs = []
+        for scales in ([1.0, 1.0], [0.3, 2.0], [0.0, 0.0], [1.0, 1.0]):
+            pipe.set_ace_adapters([a, b], scales)
+            with torch.no_grad():
+                outputs.append(pipe.unet(sample, 10, context).sample)
+        return outputs
+
+    eager = states()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pipe.unet = torch.compile(unet)
+    started = time.perf_counter()
+    compiled = states()
+    print(f"inductor: compiled and ran 4 adapter states in {time.perf_counter() - started:.1f} s")
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+    assert differs(compiled[0], compiled[2]) and torch.equal(compiled[0], compiled[3])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    pipe.unload_ace_adapter()
 
 
 # ====================================================================== dtypes, devices, offloading
