@@ -24,6 +24,7 @@ from ..errors import ACEAdapterFormatError, ACEArchitectureMismatchError
 from ..format import (
     CONFIG_NAME,
     FORMAT_VERSION,
+    TENSOR_KEYS,
     WEIGHTS_METADATA,
     WEIGHTS_NAME,
     check_not_special,
@@ -307,6 +308,11 @@ class ACEAdapter:
 # ---------------------------------------------------------------------- helpers
 def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
     for name, f in layers.items():
+        if not isinstance(f, LayerFactors):
+            raise ACEAdapterFormatError(
+                f"Layer '{name}': expected a LayerFactors (six tensors: {', '.join(TENSOR_KEYS)}), got "
+                f"{type(f).__name__}."
+            )
         for key, t in f.tensors().items():
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ACEAdapterFormatError(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ACEAdapterFormatError
 from ..format import TENSOR_KEYS
 
 PROJECTIONS = ("k", "v")
@@ -93,6 +94,15 @@ class LayerFactors(GatedLowRank):
     v_up: torch.Tensor
     gate_weight: torch.Tensor
     gate_bias: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for key in TENSOR_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, torch.Tensor):
+                raise ACEAdapterFormatError(
+                    f"LayerFactors.{key} must be a torch.Tensor, got {type(value).__name__}; convert it "
+                    "with torch.as_tensor(..., dtype=torch.float32)."
+                )
 
     @property
     def shape(self) -> tuple[int, int, int]:

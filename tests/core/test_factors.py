@@ -65,3 +65,13 @@ def test_shape_rank_and_conversion():
     assert f.shape == (12, 8, 8) and f.rank == 3
     half = f.to(torch.float16)
     assert all(t.dtype == torch.float16 for t in half.tensors().values())
+
+
+def test_factors_and_adapters_refuse_what_is_not_a_tensor_with_a_typed_error():
+    from ace_diffusers.core.adapter import ACEAdapter
+    from ace_diffusers.errors import ACEAdapterFormatError
+
+    with pytest.raises(ACEAdapterFormatError, match=r"k_down must be a torch.Tensor, got list.*as_tensor"):
+        LayerFactors(*[[1.0, 2.0]] * 6)
+    with pytest.raises(ACEAdapterFormatError, match="Layer 'x': expected a LayerFactors"):
+        ACEAdapter({"x": {"k_down": torch.zeros(2, 4)}}, concepts=["cat"])
