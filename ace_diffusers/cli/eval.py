@@ -28,6 +28,7 @@ from .. import helptext
 from ..eval.attacks import ALL_ATTACKS
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.common import partial_state
+from ..eval.concept_vector import ConceptVectorSettings
 from ..eval.discrete_tokens import DiscreteTokenSettings
 from ..eval.judges import CLIPZeroShotJudge, shapes_judges
 from ..eval.plans import EvalPlan, prompt_plan, shapes_plan
@@ -79,11 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default=",".join(ALL_ATTACKS),
                    help=f"comma-separated subset of {','.join(ALL_ATTACKS)}, or 'none'")
     p.add_argument("--soft-prompts", type=int, default=2,
-                   help="prompts attacked by each optimised attack (soft prompt, discrete tokens)")
+                   help="prompts attacked by each optimised attack (soft prompt, discrete tokens, concept "
+                        "vector)")
     p.add_argument("--soft-steps", type=int, default=40)
     p.add_argument("--soft-objective", choices=["denoiser", "attention"], default="denoiser")
     p.add_argument("--discrete-steps", type=int, default=40, help="discrete-token attack: search steps")
     p.add_argument("--discrete-tokens", type=int, default=3, help="discrete-token attack: tokens searched")
+    p.add_argument("--vector-strength", type=float, default=3.0,
+                   help="concept-vector attack: how far along the concept's direction (Ring-A-Bell: ~3)")
+    p.add_argument("--vector-steps", type=int, default=60, help="concept-vector attack: word-search steps")
     p.add_argument("--no-before", action="store_true", help="skip the original-model pass")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--colours", default=None,
@@ -148,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = SoftPromptSettings(steps=args.soft_steps, objective=args.soft_objective, seed=args.seed)
     discrete = DiscreteTokenSettings(steps=args.discrete_steps, n_tokens=args.discrete_tokens, seed=args.seed,
                                      reference=SoftPromptSettings(seed=args.seed))
+    vector = ConceptVectorSettings(strength=args.vector_strength, steps=args.vector_steps, seed=args.seed)
     say(f"[eval] {len(plan.cases)} images per pass on {state.num_processes} process(es)")
     evaluation = evaluate(pipe, plan, judges, original=original, before=not args.no_before,
-                          soft_prompt=settings, discrete_tokens=discrete, batch_size=args.batch_size,
+                          soft_prompt=settings, discrete_tokens=discrete, concept_vector=vector,
+                          batch_size=args.batch_size,
                           state=state)
     if state.is_main_process:
         paths = write_report(evaluation, args.output, {**info, "processes": state.num_processes})

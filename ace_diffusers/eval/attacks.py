@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 PROMPT_ATTACKS = ("misspelling", "weighting", "context", "negative")
-OPTIMISED_ATTACKS = ("soft_prompt", "discrete_tokens")  # searched on the erased model (white box)
+# searched on the erased model (white box), or (concept vector) on the text encoder alone
+OPTIMISED_ATTACKS = ("soft_prompt", "discrete_tokens", "concept_vector")
 ALL_ATTACKS = PROMPT_ATTACKS + OPTIMISED_ATTACKS
 
 _VOWEL_SWAP = {"a": "e", "e": "a", "i": "y", "o": "u", "u": "o", "y": "i"}

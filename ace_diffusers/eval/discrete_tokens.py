@@ -8,13 +8,8 @@ The attacker controls ``n_tokens`` positions of a prompt: the concept's own plac
 *original* model, the *erased* model's prediction with the attacker's tokens must match the original
 model's prediction with the concept prompt.
 
-Each step (greedy coordinate gradient, GCG): with one-hot rows ``x_i`` over the vocabulary at the
-attacked positions, the input embeddings are ``x_i E``; the gradient ``∂L/∂x_i`` ranks, per position,
-the ``top_k`` token swaps that most decrease a first-order estimate of the loss; ``candidates`` random
-single-position swaps from those lists are evaluated exactly and the best is kept if it beats the
-current tokens. Only whole-word tokens that survive decode → encode are searched (so the found *text*
-prompt is what was optimised), never the concept's own tokens. The result is a plain text prompt:
-generate from it with ``pipe(prompt)``.
+The search is greedy coordinate gradient over whole-word tokens (:mod:`.token_search`), never the
+concept's own tokens. The result is a plain text prompt: generate from it with ``pipe(prompt)``.
 """
 
 from __future__ import annotations
@@ -24,9 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from ..errors import ACEValueError
 from .common import as_context, check_sd_pipeline, concept_char_span, replace_concept
 from .soft_prompt import (
@@ -34,11 +26,10 @@ from .soft_prompt import (
     SoftPromptReference,
     SoftPromptSettings,
     build_soft_prompt_reference,
-    soft_tokens,
     token_span,
 )
+from .token_search import PLACEHOLDER, TokenSearch, decoded_words, retokenises_as
 
-PLACEHOLDER = "x"  # one whole-word token in every tokenizer we meet; stands in for an attacked position
 PLACEMENTS = ("replace", "prepend")
 
 
@@ -89,24 +80,6 @@ class DiscreteTokenResult:
     seconds: float = 0.0
 
 
-_WORD_TOKENS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def word_tokens(tokenizer: Any) -> torch.Tensor:
-    """``(vocab,)`` bool: alphabetic whole-word tokens (≥ 2 letters) that encode back to themselves
-    alone, so a prompt written with them is tokenised as searched. Kept per tokenizer."""
-    key = (id(tokenizer), len(tokenizer))
-    if key not in _WORD_TOKENS:
-        texts = [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
-        candidates = [i for i, t in enumerate(texts) if len(t) >= 2 and t.isascii() and t.isalpha()]
-        encoded = tokenizer([texts[i] for i in candidates], add_special_tokens=False)["input_ids"]
-        mask = torch.zeros(len(tokenizer), dtype=torch.bool)
-        for i, ids in zip(candidates, encoded, strict=True):
-            mask[i] = ids == [i]
-        _WORD_TOKENS[key] = mask
-    return _WORD_TOKENS[key]
-
-
 def _attacked_text(prompt: str, concept: str, settings: DiscreteTokenSettings) -> tuple[str, tuple[int, int]]:
     """The prompt with placeholders at the attacked positions, and their character span."""
     placeholders = " ".join([PLACEHOLDER] * settings.n_tokens)
@@ -152,99 +125,21 @@ def discrete_token_attack(
             reference = build_soft_prompt_reference(pipe, prompt, settings.reference, sampler=sampler)
     if reference.objective != "denoiser":
         raise ACEValueError("The discrete-token attack needs a reference built for the denoiser objective.")
-    tokenizer = pipe.tokenizer
-    search = _Search(
-        pipe, span, AttackObjective(pipe, text, reference, settings.reference), settings, concept
+    search = TokenSearch(
+        pipe, span, AttackObjective(pipe, text, reference, settings.reference), concept=concept,
+        top_k=settings.top_k, candidates=settings.candidates, seed=settings.seed,
     )
-    ids = search.start()
-    bank = torch.arange(len(reference.latents))
-    stream = search.objective.batches(torch.Generator().manual_seed(settings.seed + 1))
-    initial = _bank_loss(search.loss_of, ids, bank, settings.reference.batch_size)
-    losses: list[float] = []
-    for step in range(settings.steps):
-        ids, best = search.step(ids, next(stream))
-        losses.append(best)
-        if progress is not None:
-            progress(step + 1)
-    final = _bank_loss(search.loss_of, ids, bank, settings.reference.batch_size)
-    words = [tokenizer.decode([int(i)]).strip() for i in ids]
-    found = _found_prompt(text, chars, words)
-    retokenised = tokenizer(
-        found, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-    )
-    exact = retokenised["input_ids"][span[0] : span[1]] == ids.tolist()
+    found = search.run(settings.steps, progress)
+    words = decoded_words(pipe.tokenizer, found.token_ids)
+    prompt_found = _found_prompt(text, chars, words)
     return DiscreteTokenResult(
-        prompt=found,
+        prompt=prompt_found,
         concept=concept,
         tokens=words,
-        token_ids=[int(i) for i in ids],
-        exact=bool(exact),
-        losses=losses,
-        initial_loss=initial,
-        final_loss=final,
+        token_ids=[int(i) for i in found.token_ids],
+        exact=retokenises_as(pipe.tokenizer, prompt_found, span, found.token_ids),
+        losses=found.losses,
+        initial_loss=found.initial_loss,
+        final_loss=found.final_loss,
         seconds=time.perf_counter() - started,
     )
-
-
-class _Search:
-    """Greedy coordinate gradient over the searchable tokens (module docstring)."""
-
-    def __init__(
-        self,
-        pipe: Any,
-        span: tuple[int, int],
-        objective: AttackObjective,
-        settings: DiscreteTokenSettings,
-        concept: str,
-    ) -> None:
-        self.pipe, self.span, self.objective, self.settings = pipe, span, objective, settings
-        self.table = pipe.text_encoder.get_input_embeddings().weight.detach()
-        tokenizer = pipe.tokenizer
-        self.allowed = word_tokens(tokenizer).clone()[: self.table.shape[0]]
-        own = {
-            i for w in (concept, concept.lower()) for i in tokenizer(w, add_special_tokens=False)["input_ids"]
-        }
-        self.allowed[list(own)] = False  # never the concept's own tokens
-        if not bool(self.allowed.any()):
-            raise ACEValueError("The tokenizer has no whole-word tokens to search.")
-        self.generator = torch.Generator().manual_seed(settings.seed)
-
-    def start(self) -> torch.Tensor:
-        """Random searchable tokens."""
-        pool = self.allowed.nonzero().squeeze(1)
-        return pool[torch.randint(len(pool), (self.settings.n_tokens,), generator=self.generator)]
-
-    def loss_of(self, token_ids: torch.Tensor, rows: torch.Tensor) -> float:
-        with torch.no_grad(), soft_tokens(self.pipe, self.span, self.table[token_ids]):
-            return float(self.objective.loss(rows))
-
-    def step(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """One step on the bank rows ``rows``: the kept tokens and their loss."""
-        settings = self.settings
-        one_hot = F.one_hot(ids, self.table.shape[0]).to(self.table.dtype).requires_grad_(True)
-        with soft_tokens(self.pipe, self.span, one_hot @ self.table):
-            current = self.objective.loss(rows)
-        (grad,) = torch.autograd.grad(current, [one_hot])
-        grad = grad.float().masked_fill(~self.allowed.to(grad.device), float("inf"))
-        top = (-grad).topk(settings.top_k, dim=1).indices.cpu()  # (n_tokens, top_k)
-        position = torch.randint(settings.n_tokens, (settings.candidates,), generator=self.generator)
-        choice = top[
-            position, torch.randint(settings.top_k, (settings.candidates,), generator=self.generator)
-        ]
-        best_ids, best = ids, float(current.detach())
-        for pos, token in zip(position.tolist(), choice.tolist(), strict=True):
-            candidate = ids.clone()
-            candidate[pos] = token
-            value = self.loss_of(candidate, rows)
-            if value < best:
-                best_ids, best = candidate, value
-        return best_ids, best
-
-
-def _bank_loss(loss_of: Callable, ids: torch.Tensor, bank: torch.Tensor, batch_size: int) -> float:
-    """The loss over the whole reference bank (batch-size weighted mean)."""
-    parts = [
-        (loss_of(ids, bank[s : s + batch_size]), len(bank[s : s + batch_size]))
-        for s in range(0, len(bank), batch_size)
-    ]
-    return sum(value * n for value, n in parts) / len(bank)

@@ -68,6 +68,7 @@ class EvalPlan:
     sampler: dict[str, Any] = field(default_factory=dict)
     soft_prompt: list[SoftPromptJob] = field(default_factory=list)
     discrete_tokens: list[SoftPromptJob] = field(default_factory=list)
+    concept_vector: list[SoftPromptJob] = field(default_factory=list)
     extra_metrics: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (group, head)
     presence_head: str | None = None  # a head whose ``none`` label means nothing was drawn
     images_per_prompt: int = 1
@@ -88,6 +89,7 @@ class EvalPlan:
             "groups": {g: sum(c.group == g for c in self.cases) for g in self.groups()},
             "soft_prompt_targets": [job.prompt for job in self.soft_prompt],
             "discrete_token_targets": [job.prompt for job in self.discrete_tokens],
+            "concept_vector_targets": [job.prompt for job in self.concept_vector],
         }
 
 
@@ -184,6 +186,7 @@ def shapes_plan(
         sampler={**SHAPES_SAMPLER, **(sampler or {})},
         soft_prompt=jobs.get("soft_prompt", []),
         discrete_tokens=jobs.get("discrete_tokens", []),
+        concept_vector=jobs.get("concept_vector", []),
         extra_metrics={
             "colour": ("others", "colour"),
             "acc_heldout": ("heldout", kind),
@@ -239,5 +242,6 @@ def prompt_plan(
         concept=concept, head=head, cases=cases + attack_cases, neutral=neutral, synonyms=list(synonyms),
         others=list(others), erased=[concept], sampler={**DEFAULT_SAMPLER, **(sampler or {})},
         soft_prompt=jobs.get("soft_prompt", []), discrete_tokens=jobs.get("discrete_tokens", []),
+        concept_vector=jobs.get("concept_vector", []),
         images_per_prompt=images_per_prompt,
     )

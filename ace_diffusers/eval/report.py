@@ -72,6 +72,7 @@ def build_results(evaluation: dict[str, Any], info: dict[str, Any] | None = None
         "attacks": attacks,
         "soft_prompt": evaluation.get("soft_prompt"),
         "discrete_tokens": evaluation.get("discrete_tokens"),
+        "concept_vector": evaluation.get("concept_vector"),
         "seconds": evaluation.get("seconds"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__},
         "images": images,
@@ -119,6 +120,23 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
             lo, hi = row["interval_after"]
             lines.append(f"| {name} | {row['n']} | {_fmt(row.get('asr_before'))} | {_fmt(row['asr_after'])} "
                          f"| [{lo:.2f}, {hi:.2f}] |")
+    lines += _optimised_attack_lines(results)
+    lines += ["", "## Per group (judge accuracy against the prompt's label)", "",
+              "| group | images | before | after |", "|---|---|---|---|"]
+    gb, ga = results["groups"]["before"] or {}, results["groups"]["after"]
+    head = plan["head"]
+    for group, entry in ga.items():
+        b = gb.get(group, {}).get("accuracy", {}).get(head)
+        lines.append(f"| {group} | {entry['n']} | {_fmt(b)} | {_fmt(entry['accuracy'].get(head))} |")
+    lines += ["", "## Files", ""] + [f"- `{name}`: {what}" for name, what in files.items()]
+    lines += ["", f"Evaluation took {results.get('seconds') or 0:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+
+def _optimised_attack_lines(results: dict[str, Any]) -> list[str]:
+    """One paragraph per optimised attack that ran: its settings, losses and what it found."""
+    lines: list[str] = []
     soft = results.get("soft_prompt")
     if soft:
         s = soft["settings"]
@@ -136,17 +154,16 @@ def markdown(results: dict[str, Any], files: dict[str, str]) -> str:
         lines += ["", f"Discrete-token attack: {s['n_tokens']} tokens ({s['placement']}), {s['steps']} "
                       f"coordinate-search steps of {s['candidates']} candidates from the top {s['top_k']}; "
                       f"prompts found: {found}."]
-    lines += ["", "## Per group (judge accuracy against the prompt's label)", "",
-              "| group | images | before | after |", "|---|---|---|---|"]
-    gb, ga = results["groups"]["before"] or {}, results["groups"]["after"]
-    head = plan["head"]
-    for group, entry in ga.items():
-        b = gb.get(group, {}).get("accuracy", {}).get(head)
-        lines.append(f"| {group} | {entry['n']} | {_fmt(b)} | {_fmt(entry['accuracy'].get(head))} |")
-    lines += ["", "## Files", ""] + [f"- `{name}`: {what}" for name, what in files.items()]
-    lines += ["", f"Evaluation took {results.get('seconds') or 0:.1f} s.", ""]
-    return "\n".join(lines)
-
+    vector = results.get("concept_vector")
+    if vector:
+        s = vector["settings"]
+        found = "; ".join(f"`{a['innocuous']}` + {s['strength']:g}·c → `{a['found']}`"
+                          f"{'' if a['exact'] else ' (re-tokenised differently)'}" for a in vector["attacks"])
+        lines += ["", f"Concept-vector attack: the direction c from the erased prompts (with − without the "
+                      f"concept, text encoder only), strength {s['strength']:g}; `concept_vector` draws "
+                      f"from the shifted embedding, `concept_vector_tokens` from words found for it "
+                      f"({s['n_tokens']} tokens, {s['steps']} coordinate-search steps): {found}."]
+    return lines
 
 def image_grid(rows: list[tuple[str, torch.Tensor]], *, tile: int = 96, label_width: int = 190) -> bytes:
     """A PNG with one labelled row per ``(label, uint8 images (n, 3, H, W))``."""

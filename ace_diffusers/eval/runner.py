@@ -24,8 +24,10 @@ import torch
 from ..errors import ACEValueError
 from ..shapes.erasure import where_it_goes
 from . import metrics as M
+from .attack_runs import concept_vector_cases, discrete_token_cases, soft_prompt_cases
 from .common import as_context, distributed_map, seeded_latents
-from .discrete_tokens import DiscreteTokenSettings, discrete_token_attack
+from .concept_vector import ConceptVectorSettings
+from .discrete_tokens import DiscreteTokenSettings
 from .judges import Judge
 from .plans import (
     ATTACK_PREFIX,
@@ -37,7 +39,7 @@ from .plans import (
     prompt_plan,
     shapes_plan,
 )
-from .soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
+from .soft_prompt import SoftPromptSettings
 
 # Importable from here as before the plans got their own module (:mod:`.plans`).
 __all__ = [
@@ -210,65 +212,6 @@ def score(
     return metrics, groups, attacks
 
 
-def _soft_prompt_cases(
-    pipe: Any, plan: EvalPlan, settings: SoftPromptSettings, context: Callable[[], Any], state: Any
-) -> tuple[list[EvalCase], dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Run the plan's soft-prompt attacks (references on the original model, inside ``context()``):
-    ``(their cases, {key: prompt embeddings}, per-attack losses and seconds)``."""
-    jobs = plan.soft_prompt
-    with context():
-        references = distributed_map(
-            lambda job: build_soft_prompt_reference(pipe, job.prompt, settings, sampler=plan.sampler),
-            jobs, state,
-        )
-    results = distributed_map(
-        lambda pair: soft_prompt_attack(pipe, pair[0].prompt, plan.concept, neutral=plan.neutral,
-                                        reference=pair[1], settings=settings, sampler=plan.sampler),
-        list(zip(jobs, references, strict=True)), state,
-    )
-    cases: list[EvalCase] = []
-    embeds: dict[str, torch.Tensor] = {}
-    soft_info: list[dict[str, Any]] = []
-    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
-        key = f"soft{j}"
-        embeds[key] = res.prompt_embeds.cpu()
-        cases += [EvalCase(ATTACK_PREFIX + "soft_prompt", None, s, dict(job.labels), None, key, job.prompt)
-                  for s in job.seeds]
-        soft_info.append({"prompt": job.prompt, "initial_loss": res.initial_loss,
-                          "final_loss": res.final_loss, "seconds": round(res.seconds, 3),
-                          "steps": len(res.losses)})
-    return cases, embeds, soft_info
-
-
-def _discrete_token_cases(
-    pipe: Any, plan: EvalPlan, settings: DiscreteTokenSettings, context: Callable[[], Any], state: Any
-) -> tuple[list[EvalCase], list[dict[str, Any]]]:
-    """Run the plan's discrete-token attacks (references on the original model, inside ``context()``):
-    ``(cases generating from each found text prompt, per-attack prompt, losses and seconds)``."""
-    jobs = plan.discrete_tokens
-    with context():
-        references = distributed_map(
-            lambda job: build_soft_prompt_reference(
-                pipe, job.prompt, settings.reference, sampler=plan.sampler
-            ),
-            jobs, state,
-        )
-    results = distributed_map(
-        lambda pair: discrete_token_attack(pipe, pair[0].prompt, plan.concept, reference=pair[1],
-                                           settings=settings, sampler=plan.sampler),
-        list(zip(jobs, references, strict=True)), state,
-    )
-    cases: list[EvalCase] = []
-    info: list[dict[str, Any]] = []
-    for job, res in zip(jobs, results, strict=True):
-        cases += [EvalCase(ATTACK_PREFIX + "discrete_tokens", res.prompt, s, dict(job.labels), None, None,
-                           job.prompt) for s in job.seeds]
-        info.append({"prompt": job.prompt, "found": res.prompt, "exact": res.exact,
-                     "initial_loss": res.initial_loss, "final_loss": res.final_loss,
-                     "seconds": round(res.seconds, 3), "steps": len(res.losses)})
-    return cases, info
-
-
 def _first_per_group(subset: Sequence[EvalCase], grid_columns: int) -> Callable[[int], bool]:
     """Which images to keep for the grid: the first image of each distinct prompt, ``grid_columns`` prompts
     per group."""
@@ -311,6 +254,7 @@ def evaluate(
     before: bool = True,
     soft_prompt: SoftPromptSettings | None = None,
     discrete_tokens: DiscreteTokenSettings | None = None,
+    concept_vector: ConceptVectorSettings | None = None,
     batch_size: int = 64,
     state: Any = None,
     grid_columns: int = 8,
@@ -320,27 +264,36 @@ def evaluate(
     ``judges``: ``{head: Judge}``; must contain ``plan.head``. ``original``: a context-manager factory
     that temporarily restores the pre-erasure model (default: ACE adapters switched off; for the
     baselines pass ``handle.original``). Returns ``{"plan", "cases", "after", "before", "soft_prompt",
-    "discrete_tokens", "seconds"}``: ``after``/``before`` are :class:`EvalResult` (``before`` is None
-    when skipped; it has no soft-prompt group, since soft prompts are optimised against the erased
-    model; the discrete-token attack's text prompts are drawn by both), ``cases`` includes the optimised
-    attacks' cases, ``soft_prompt`` / ``discrete_tokens`` their settings, losses and found prompts.
+    "discrete_tokens", "concept_vector", "seconds"}``: ``after``/``before`` are :class:`EvalResult`
+    (``before`` is None when skipped; it has no soft-prompt group, since soft prompts are optimised
+    against the erased model; the discrete-token attack's text prompts are drawn by both), ``cases``
+    includes the optimised
+    attacks' cases, ``soft_prompt`` / ``discrete_tokens`` / ``concept_vector`` their settings, losses and
+    found prompts (the concept vector's embedding-level images, like the soft prompt's, are drawn after
+    erasure only).
     """
     if plan.head not in judges:
         raise ACEValueError(f"The plan's metrics need a judge for head {plan.head!r}; got {sorted(judges)}.")
     context = as_context(original, pipe)
     settings = (soft_prompt or SoftPromptSettings()).validate()
     discrete = (discrete_tokens or DiscreteTokenSettings()).validate()
+    vector = (concept_vector or ConceptVectorSettings()).validate()
     started = time.perf_counter()
     cases = list(plan.cases)
     embeds: dict[str, torch.Tensor] = {}
     soft_info: list[dict[str, Any]] = []
     if plan.soft_prompt:
-        soft_cases, embeds, soft_info = _soft_prompt_cases(pipe, plan, settings, context, state)
+        soft_cases, embeds, soft_info = soft_prompt_cases(pipe, plan, settings, context, state)
         cases += soft_cases
     discrete_info: list[dict[str, Any]] = []
     if plan.discrete_tokens:
-        discrete_cases, discrete_info = _discrete_token_cases(pipe, plan, discrete, context, state)
+        discrete_cases, discrete_info = discrete_token_cases(pipe, plan, discrete, context, state)
         cases += discrete_cases
+    vector_info: list[dict[str, Any]] = []
+    if plan.concept_vector:
+        vector_cases, vector_embeds, vector_info = concept_vector_cases(pipe, plan, vector, state)
+        cases += vector_cases
+        embeds = {**embeds, **vector_embeds}
 
     def run(subset: list[EvalCase]) -> EvalResult:
         return _run_pass(pipe, plan, subset, judges, embeds=embeds, batch_size=batch_size, state=state,
@@ -359,6 +312,9 @@ def evaluate(
         "soft_prompt": {"settings": settings.to_dict(), "attacks": soft_info} if plan.soft_prompt else None,
         "discrete_tokens": (
             {"settings": discrete.to_dict(), "attacks": discrete_info} if plan.discrete_tokens else None
+        ),
+        "concept_vector": (
+            {"settings": vector.to_dict(), "attacks": vector_info} if plan.concept_vector else None
         ),
         "seconds": time.perf_counter() - started,
     }

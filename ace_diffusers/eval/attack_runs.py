@@ -1,0 +1,106 @@
+"""The optimised attacks of an evaluation, run on the erased model before its images are drawn: each
+turns the plan's attack jobs into cases (text prompts, or prompt embeddings under a key) and a record of
+what was found."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .common import distributed_map
+from .concept_vector import ConceptVectorSettings, concept_vector_attack
+from .discrete_tokens import DiscreteTokenSettings, discrete_token_attack
+from .plans import ATTACK_PREFIX, EvalCase, EvalPlan
+from .soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
+
+
+def soft_prompt_cases(
+    pipe: Any, plan: EvalPlan, settings: SoftPromptSettings, context: Callable[[], Any], state: Any
+) -> tuple[list[EvalCase], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Run the plan's soft-prompt attacks (references on the original model, inside ``context()``):
+    ``(their cases, {key: prompt embeddings}, per-attack losses and seconds)``."""
+    jobs = plan.soft_prompt
+    with context():
+        references = distributed_map(
+            lambda job: build_soft_prompt_reference(pipe, job.prompt, settings, sampler=plan.sampler),
+            jobs, state,
+        )
+    results = distributed_map(
+        lambda pair: soft_prompt_attack(pipe, pair[0].prompt, plan.concept, neutral=plan.neutral,
+                                        reference=pair[1], settings=settings, sampler=plan.sampler),
+        list(zip(jobs, references, strict=True)), state,
+    )
+    cases: list[EvalCase] = []
+    embeds: dict[str, torch.Tensor] = {}
+    soft_info: list[dict[str, Any]] = []
+    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
+        key = f"soft{j}"
+        embeds[key] = res.prompt_embeds.cpu()
+        cases += [EvalCase(ATTACK_PREFIX + "soft_prompt", None, s, dict(job.labels), None, key, job.prompt)
+                  for s in job.seeds]
+        soft_info.append({"prompt": job.prompt, "initial_loss": res.initial_loss,
+                          "final_loss": res.final_loss, "seconds": round(res.seconds, 3),
+                          "steps": len(res.losses)})
+    return cases, embeds, soft_info
+
+
+def discrete_token_cases(
+    pipe: Any, plan: EvalPlan, settings: DiscreteTokenSettings, context: Callable[[], Any], state: Any
+) -> tuple[list[EvalCase], list[dict[str, Any]]]:
+    """Run the plan's discrete-token attacks (references on the original model, inside ``context()``):
+    ``(cases generating from each found text prompt, per-attack prompt, losses and seconds)``."""
+    jobs = plan.discrete_tokens
+    with context():
+        references = distributed_map(
+            lambda job: build_soft_prompt_reference(
+                pipe, job.prompt, settings.reference, sampler=plan.sampler
+            ),
+            jobs, state,
+        )
+    results = distributed_map(
+        lambda pair: discrete_token_attack(pipe, pair[0].prompt, plan.concept, reference=pair[1],
+                                           settings=settings, sampler=plan.sampler),
+        list(zip(jobs, references, strict=True)), state,
+    )
+    cases: list[EvalCase] = []
+    info: list[dict[str, Any]] = []
+    for job, res in zip(jobs, results, strict=True):
+        cases += [EvalCase(ATTACK_PREFIX + "discrete_tokens", res.prompt, s, dict(job.labels), None, None,
+                           job.prompt) for s in job.seeds]
+        info.append({"prompt": job.prompt, "found": res.prompt, "exact": res.exact,
+                     "initial_loss": res.initial_loss, "final_loss": res.final_loss,
+                     "seconds": round(res.seconds, 3), "steps": len(res.losses)})
+    return cases, info
+
+
+def concept_vector_cases(
+    pipe: Any, plan: EvalPlan, settings: ConceptVectorSettings, state: Any
+) -> tuple[list[EvalCase], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Run the plan's concept-vector attacks; the direction comes from every prompt of the plan's
+    ``erased`` group that names the concept. ``(cases: embedding level then token level, {key: shifted
+    embeddings}, per-attack found prompt, losses and seconds)``."""
+    jobs = plan.concept_vector
+    named = [c.prompt for c in plan.cases if c.group == "erased" and c.prompt]
+    pair_prompts = [p for p in dict.fromkeys(named) if plan.concept.lower() in p.lower()]
+    results = distributed_map(
+        lambda job: concept_vector_attack(pipe, job.prompt, plan.concept, neutral=plan.neutral,
+                                          pair_prompts=pair_prompts or None, settings=settings),
+        jobs, state,
+    )
+    cases: list[EvalCase] = []
+    embeds: dict[str, torch.Tensor] = {}
+    info: list[dict[str, Any]] = []
+    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
+        key = f"vector{j}"
+        embeds[key] = res.prompt_embeds.cpu()
+        cases += [EvalCase(ATTACK_PREFIX + "concept_vector", None, s, dict(job.labels), None, key, job.prompt)
+                  for s in job.seeds]
+        cases += [EvalCase(ATTACK_PREFIX + "concept_vector_tokens", res.token_prompt, s, dict(job.labels),
+                           None, None, job.prompt) for s in job.seeds]
+        info.append({"prompt": job.prompt, "innocuous": res.innocuous, "found": res.token_prompt,
+                     "exact": res.exact, "vector_norm": res.vector_norm, "pairs": len(pair_prompts) or 1,
+                     "initial_loss": res.initial_loss, "final_loss": res.final_loss,
+                     "seconds": round(res.seconds, 3), "steps": len(res.losses)})
+    return cases, embeds, info
