@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,8 @@ class SoftPromptResult:
     token_span: tuple[int, int] = (0, 0)
     initial_loss: float = float("nan")
     final_loss: float = float("nan")
+    # prompt embeddings after the steps asked for in ``checkpoints`` (0: the start): a budget curve
+    checkpoint_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _token_prompt(prompt: str, concept: str, neutral: str, init: str) -> tuple[str, tuple[int, int]]:
@@ -288,8 +290,12 @@ def soft_prompt_attack(
     original: Callable[[], Any] | None = None,
     settings: SoftPromptSettings | None = None,
     sampler: dict[str, Any] | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> SoftPromptResult:
     """Optimise the concept's input token embeddings in ``prompt`` so the *erased* ``pipe`` regenerates it.
+
+    ``checkpoints``: step counts (≤ ``settings.steps``; 0 is the start) after which the prompt embeddings
+    are kept in ``result.checkpoint_embeds``: one run gives the attack at every budget.
 
     ``reference``: from :func:`build_soft_prompt_reference` on the original model; if omitted it is
     built inside ``original()`` (a context manager factory that puts ``pipe`` in its pre-erasure state;
@@ -297,6 +303,11 @@ def soft_prompt_attack(
     """
     settings = (settings or SoftPromptSettings()).validate()
     check_sd_pipeline(pipe, "The soft-prompt attack")
+    wanted = sorted(set(checkpoints))
+    if wanted and not all(isinstance(k, int) and 0 <= k <= settings.steps for k in wanted):
+        raise ACEValueError(
+            f"checkpoints must be step counts from 0 to {settings.steps}, got {list(checkpoints)}."
+        )
     started = time.perf_counter()
     if reference is None:
         with as_context(original, pipe)():
@@ -314,17 +325,23 @@ def soft_prompt_attack(
     objective = AttackObjective(pipe, text, reference, settings)
 
     losses: list[float] = []
+    kept: dict[int, torch.Tensor] = {}
     with soft_tokens(pipe, span, soft):
         with torch.no_grad():
             initial = objective.full_loss()
+            if 0 in wanted:
+                kept[0] = encode_text(pipe, text).detach().clone()
         stream = objective.batches(torch.Generator().manual_seed(settings.seed + 1))
-        for _ in range(settings.steps):
+        for step in range(1, settings.steps + 1):
             loss = objective.loss(next(stream))
             (grad,) = torch.autograd.grad(loss, [soft])
             optimizer.zero_grad(set_to_none=True)
             soft.grad = grad
             optimizer.step()
             losses.append(float(loss.detach()))
+            if step in wanted:
+                with torch.no_grad():
+                    kept[step] = encode_text(pipe, text).detach().clone()
         with torch.no_grad():
             final = objective.full_loss()
             prompt_embeds = encode_text(pipe, text).detach().clone()
@@ -337,4 +354,5 @@ def soft_prompt_attack(
         token_span=span,
         initial_loss=initial,
         final_loss=final,
+        checkpoint_embeds=kept,
     )

@@ -129,3 +129,17 @@ def test_denoiser_reference_bank(erased_pipe):
     assert all(low * (total - 1) - 1 <= t <= high * (total - 1) + 1 for t in reference.timesteps.tolist())
     again = build_soft_prompt_reference(erased_pipe, "a photo of a cat", settings, sampler=TINY)
     assert torch.equal(again.latents, reference.latents) and torch.equal(again.targets, reference.targets)
+
+
+def test_checkpoints_give_the_attack_at_every_budget_from_one_run(erased_pipe):
+    settings = SoftPromptSettings(steps=4, objective="attention", learning_rate=0.1)
+    result = soft_prompt_attack(erased_pipe, "a photo of a cat", "cat", settings=settings,
+                                checkpoints=[0, 2, 4])
+    assert sorted(result.checkpoint_embeds) == [0, 2, 4]
+    torch.testing.assert_close(result.checkpoint_embeds[0], encode(erased_pipe, "a photo of a cat"))
+    assert torch.equal(result.checkpoint_embeds[4], result.prompt_embeds)
+    two = soft_prompt_attack(erased_pipe, "a photo of a cat", "cat",
+                             settings=SoftPromptSettings(steps=2, objective="attention", learning_rate=0.1))
+    torch.testing.assert_close(result.checkpoint_embeds[2], two.prompt_embeds)  # the same run, cut short
+    with pytest.raises(ACEValueError, match="checkpoints must be step counts from 0 to 4"):
+        soft_prompt_attack(erased_pipe, "a photo of a cat", "cat", settings=settings, checkpoints=[5])
