@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ace_diffusers.bench.trainer",
         "ACE efficacy on the miniature world: closed form vs full",
     ),
+    "bench attacks": (
+        "ace_diffusers.bench.attacks",
+        "every attack against ACE, UCE and ESD-x on the miniature world; writes docs/robustness.md",
+    ),
     "bench deploy": (
         "ace_diffusers.bench.deploy",
         "gated vs fused vs exported LoRA on the miniature world; writes docs/deploy.md",

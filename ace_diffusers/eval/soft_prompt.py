@@ -318,12 +318,36 @@ def soft_prompt_attack(
         )
     text, chars = _token_prompt(prompt, concept, neutral, settings.init)
     span = token_span(pipe, text, chars)
-    init = _initial_embeddings(pipe, text, span)
-    soft = init.clone().requires_grad_(True)
-    step_size = settings.learning_rate * float(init.norm(dim=-1).mean())
-    optimizer = torch.optim.Adam([soft], lr=step_size)
+    soft = _initial_embeddings(pipe, text, span).requires_grad_(True)
     objective = AttackObjective(pipe, text, reference, settings)
+    losses, kept, initial, final, prompt_embeds = _optimise(
+        pipe, text, span, soft, objective, settings, wanted
+    )
+    return SoftPromptResult(
+        prompt=prompt,
+        concept=concept,
+        prompt_embeds=prompt_embeds,
+        losses=losses,
+        seconds=time.perf_counter() - started,
+        token_span=span,
+        initial_loss=initial,
+        final_loss=final,
+        checkpoint_embeds=kept,
+    )
 
+
+def _optimise(
+    pipe: Any,
+    text: str,
+    span: tuple[int, int],
+    soft: torch.Tensor,
+    objective: AttackObjective,
+    settings: SoftPromptSettings,
+    wanted: list[int],
+) -> tuple[list[float], dict[int, torch.Tensor], float, float, torch.Tensor]:
+    """Adam on ``soft`` in place: ``(losses, {checkpoint: embeddings}, initial, final, embeddings)``."""
+    step_size = settings.learning_rate * float(soft.detach().norm(dim=-1).mean())
+    optimizer = torch.optim.Adam([soft], lr=step_size)
     losses: list[float] = []
     kept: dict[int, torch.Tensor] = {}
     with soft_tokens(pipe, span, soft):
@@ -345,14 +369,4 @@ def soft_prompt_attack(
         with torch.no_grad():
             final = objective.full_loss()
             prompt_embeds = encode_text(pipe, text).detach().clone()
-    return SoftPromptResult(
-        prompt=prompt,
-        concept=concept,
-        prompt_embeds=prompt_embeds,
-        losses=losses,
-        seconds=time.perf_counter() - started,
-        token_span=span,
-        initial_loss=initial,
-        final_loss=final,
-        checkpoint_embeds=kept,
-    )
+    return losses, kept, initial, final, prompt_embeds

@@ -1,0 +1,77 @@
+"""``ace-diffusers bench attacks`` tables, targets and plot, as functions of a result (no generation)."""
+
+import pytest
+
+from ace_diffusers.bench import attacks_report as R
+
+BUDGETS = [0, 25, 100]
+
+
+def rates(asr, curve):
+    out = {g: {"n": 32, "hits": round(32 * a), "asr": a, "interval": [max(0, a - 0.1), min(1, a + 0.1)]}
+           for g, a in asr.items()}
+    for budget, a in zip(BUDGETS, curve, strict=True):
+        out[f"inversion@{budget}"] = {"n": 32, "hits": round(32 * a), "asr": a, "interval": [0, 1]}
+    return out
+
+
+def row(shape, method, asr, curve):
+    return {"shape": shape, "method": method, "fit_seconds": 1.5, "attack_seconds": 9.0,
+            "concept_vector_tokens": f"a red round {shape}s", "discrete_tokens": f"a red found {method}",
+            "rates": rates(asr, curve)}
+
+
+def result(ace_asr=0.0, ace_curve=(0.0, 0.0, 0.25)):
+    base_asr = {g: 1.0 for g in R.ATTACKS}
+    rows = []
+    for shape in ("circle", "square"):
+        rows += [
+            row(shape, "base", base_asr, (0.0, 1.0, 1.0)),
+            row(shape, "ACE (full)", {g: ace_asr for g in R.ATTACKS}, ace_curve),
+            row(shape, "UCE", base_asr, (0.0, 1.0, 1.0)),
+            row(shape, "ESD-x", base_asr, (0.0, 0.75, 1.0)),
+        ]
+    return {"shapes": ["circle", "square"], "methods": ["base", "ACE (full)", "UCE", "ESD-x"], "images": 32,
+            "budgets": BUDGETS, "seed": 0, "rows": rows, "command": "ace-diffusers bench attacks",
+            "machine": "test", "seconds": 10}
+
+
+def test_budget_to_half_and_curve():
+    r = row("circle", "x", {}, (0.0, 0.4, 0.5))
+    assert R.inversion_curve(r) == {0: 0.0, 25: 0.4, 100: 0.5} and R.steps_to_half(r) == 100
+    assert R.steps_to_half(row("circle", "x", {}, (0.0, 0.1, 0.2))) is None
+
+
+def test_targets_met_and_not_met():
+    met = {t: ok for t, _, ok in R.targets(result())}
+    assert all(met.values()), met
+    # ACE reaches 50 % at 25 steps like the base model, and keeps 100 % at the largest budget
+    failed = {t: (m, ok) for t, m, ok in R.targets(result(ace_asr=0.5, ace_curve=(0.0, 1.0, 1.0)))}
+    assert not any(ok for _, ok in failed.values())
+    budget = next(v for t, v in failed.items() if "10×" in t)
+    assert budget[0] == "circle 25 vs 25, square 25 vs 25"
+    half = next(v for t, v in failed.items() if "half" in t)
+    assert half[0] == "circle 100 % vs 100 %, square 100 % vs 100 %"
+
+
+def test_missing_methods_are_not_measured():
+    partial = result()
+    partial["rows"] = [r for r in partial["rows"] if r["method"] == "base"]
+    assert all(ok is None for _, m, ok in R.targets(partial))
+
+
+def test_markdown_has_every_attack_budget_and_found_words():
+    text = R.markdown(result(), "ace-diffusers bench attacks --images 32", "images/attack_budget.png")
+    assert "| attack | base | ACE (full) | UCE | ESD-x |" in text
+    for name in R.NAMES.values():
+        assert f"| {name} |" in text
+    assert "| inversion, 100 steps | 100 % [0, 100] | 25 % [0, 100] |" in text
+    assert "| inversion: steps to 50 % | 25 | never | 25 | 25 |" in text
+    assert "`a red found ESD-x`" in text and "`a red round circles`" in text
+    assert text.count("**met**") == len(R.targets(result())) and "![Concept inversion" in text
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_plot_is_a_png():
+    data = R.plot_budget_curves(result())
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
