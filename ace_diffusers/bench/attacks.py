@@ -160,12 +160,16 @@ def _rates(cases: list[EvalCase], shapes: list[str], concept: str) -> dict[str, 
 
 
 def run(shapes: list[str], *, methods: tuple[str, ...] = METHODS, images: int = IMAGES,
-        budgets: tuple[int, ...] = BUDGETS, seed: int = 0, log: Any = print) -> dict[str, Any]:
-    """Every attack against every method for each of ``shapes``; see the module docstring."""
+        budgets: tuple[int, ...] = BUDGETS, seed: int = 0, log: Any = print,
+        on_row: Any = None) -> dict[str, Any]:
+    """Every attack against every method for each of ``shapes``; see the module docstring.
+    ``on_row(result so far)`` is called after each method of each shape (a long run keeps its rows)."""
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     judges = shapes_judges(load_shapes_classifier(), heads=["shape"])
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"shapes": list(shapes), "methods": list(methods), "images": images, "budgets": list(budgets),
+              "seed": seed, "rows": rows}
     for shape in shapes:
         started = time.perf_counter()
         world = _Shape(pipe, shape, images=images, budgets=tuple(sorted(set(budgets))), seed=seed)
@@ -181,10 +185,11 @@ def run(shapes: list[str], *, methods: tuple[str, ...] = METHODS, images: int = 
                    "attack_seconds": round(time.perf_counter() - started, 1),
                    "concept_vector_tokens": world.vector.token_prompt, **found, "rates": rates}
             rows.append(row)
+            if on_row is not None:
+                on_row(result)
             log(f"[attacks] {shape:<8} {method:<11} "
                 + "  ".join(f"{g} {100 * r['asr']:.0f}%" for g, r in rates.items()))
-    return {"shapes": list(shapes), "methods": list(methods), "images": images, "budgets": list(budgets),
-            "seed": seed, "rows": rows}
+    return result
 
 
 START, END = "<!-- attack-figures:start -->", "<!-- attack-figures:end -->"
@@ -213,11 +218,19 @@ def _measure(args: Any, argv: list[str]) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = run(args.shapes, methods=tuple(args.methods), images=args.images,
-                 budgets=tuple(args.budgets), seed=args.seed,
-                 log=lambda m: print(m, file=sys.stderr, flush=True))
     command = helptext.command_line("ace-diffusers bench attacks", argv).strip()
-    result.update(command=command, machine=machine(), seconds=round(time.perf_counter() - started))
+
+    def stamped(result: dict[str, Any]) -> dict[str, Any]:
+        return {**result, "command": command, "machine": machine(),
+                "seconds": round(time.perf_counter() - started)}
+
+    def keep(result: dict[str, Any]) -> None:  # rows so far, in case the run is cut short
+        if args.json:
+            atomic_write_json(args.json, {**stamped(result), "partial": True})
+
+    result = stamped(run(args.shapes, methods=tuple(args.methods), images=args.images,
+                         budgets=tuple(args.budgets), seed=args.seed,
+                         log=lambda m: print(m, file=sys.stderr, flush=True), on_row=keep))
     if args.json:
         atomic_write_json(args.json, result)
     return result

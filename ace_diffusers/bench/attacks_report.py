@@ -96,6 +96,10 @@ def markdown(result: dict[str, Any], command: str, plot: str | None = None) -> s
     lines = [f"Written by `{command}` ({result['images']} images per cell, seed {result['seed']}; the "
              "interval is the 95 % Wilson interval). ASR: the share of the attack's images that the "
              "classifier judges to show the erased shape.", ""]
+    if result.get("partial"):
+        done = sorted({(r["shape"], r["method"]) for r in result["rows"]})
+        lines += [f"**Partial run**: the command was cut short; measured so far: "
+                  f"{', '.join(f'{s} ({m})' for s, m in done)}. The targets use only these.", ""]
     lines += ["| target (ACE fine-tuned, mean over shapes) | measured | status |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'not measured' if ok is None else ('**met**' if ok else '**not met**')} |"
               for t, m, ok in targets(result)]

@@ -75,3 +75,10 @@ def test_markdown_has_every_attack_budget_and_found_words():
 def test_plot_is_a_png():
     data = R.plot_budget_curves(result())
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_a_partial_run_says_so():
+    cut = {**result(), "partial": True}
+    cut["rows"] = cut["rows"][:2]
+    text = R.markdown(cut, "ace-diffusers bench attacks", None)
+    assert "**Partial run**" in text and "circle (ACE (full)), circle (base)" in text
