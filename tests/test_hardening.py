@@ -196,3 +196,41 @@ def test_any_scale_value_is_a_number_or_a_typed_error(value):
     except ACEValueError:
         return
     assert isinstance(number, float) and abs(number) <= MAX_SCALE
+
+
+HEADER_VALUES = st.one_of(
+    st.sampled_from(["F16", "F32", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X"]),
+    st.lists(st.integers(-3, 2**40), max_size=4),
+    st.integers(-(2**63), 2**63),
+    st.text(max_size=4),
+    st.none(),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensor=st.integers(0, 5), field=st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
+       value=HEADER_VALUES, drop=st.booleans())
+def test_any_safetensors_header_loads_or_raises_a_format_error(
+    saved_adapter, tmp_path_factory, tensor, field, value, drop
+):
+    """A well-framed safetensors file whose JSON header lies (dtype, shape, offsets, unknown keys) about
+    one tensor: it loads as a valid adapter or raises ACEAdapterFormatError — never another error."""
+    folder = tmp_path_factory.mktemp("fuzzed-header")
+    (folder / CONFIG_NAME).write_bytes((saved_adapter / CONFIG_NAME).read_bytes())
+    raw = (saved_adapter / WEIGHTS_NAME).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + size]), raw[8 + size :]
+    names = sorted(k for k in header if k != "__metadata__")
+    entry = header[names[tensor % len(names)]]
+    if drop:
+        entry.pop(field, None)
+    else:
+        entry[field] = value
+    text = json.dumps(header).encode()
+    (folder / WEIGHTS_NAME).write_bytes(len(text).to_bytes(8, "little") + text + data)
+    try:
+        adapter = ACEAdapter.from_pretrained(folder)
+    except ACEAdapterFormatError:
+        return
+    for t in adapter.state_dict().values():
+        assert torch.isfinite(t).all()
