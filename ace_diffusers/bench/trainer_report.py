@@ -103,6 +103,7 @@ def markdown(result: dict[str, Any]) -> str:
             verdict = "all bars met" if not failed else "**not met**: " + "; ".join(failed)
             lines.append(f"- {row['run']} / {row['concept']} / {row['method']}: {verdict}")
     lines += versus_uce(result["rows"])
+    lines += multi_concept_h(result["rows"])
     lines += [
         f"- {r['run']} / ESD-x: stopped at the {r['esd_stop']}" for r in result["rows"] if r.get("esd_stop")
     ]
@@ -112,6 +113,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"- mined by the trainer for {run}: {', '.join(words) or '(none)'}" for run, words in mined.items()
     ]
     return "\n".join(lines)
+
+
+MULTI_H = 0.90  # issue #22: the multi-concept adapter's H (held-out), mean over its concepts
+
+
+def multi_concept_h(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue #22: a multi-concept adapter meets H ≥ 0.90 (held-out words; the mean over its concepts)."""
+    lines = []
+    runs = dict.fromkeys((r["run"], r["method"]) for r in rows if r["run"].startswith("multi"))
+    for run, method in runs:
+        values = [h_heldout(r) for r in rows if r["run"] == run and r["method"] == method]
+        values = [v for v in values if v is not None]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        verdict = "met" if mean >= MULTI_H else "**not met**"
+        lines.append(f"- {run} / {method}: H (held-out) {mean:.3f}, mean over {len(values)} concepts "
+                     f"(bar ≥ {MULTI_H:.2f}): {verdict}")
+    return lines
 
 
 def versus_uce(rows: list[dict[str, Any]]) -> list[str]:

@@ -89,3 +89,12 @@ def test_esd_x_says_why_it_stopped():
     }
     text = trainer_report.markdown({**RESULT, "rows": RESULT["rows"] + [esd]})
     assert "- circle / ESD-x: stopped at the time budget (10x ACE's fit) at 800 steps" in text
+
+
+def test_a_multi_concept_adapter_is_checked_against_h_090():
+    multi = [{**row("ACE (full)", acc_heldout=h), "run": "multi: circle+star", "concept": c}
+             for c, h in (("circle", 0.0), ("star", 0.5))]
+    (line,) = trainer_report.multi_concept_h(multi)
+    assert "multi: circle+star / ACE (full): H (held-out) 0.875, mean over 2 concepts" in line
+    assert line.endswith("**not met**")
+    assert trainer_report.multi_concept_h(RESULT["rows"]) == []  # single-concept runs are not multi
