@@ -127,7 +127,7 @@ def _shape_table(result: dict[str, Any], shape: str) -> list[str]:
     lines.append(line("inversion: steps to 50 %", [_steps(steps_to_half(r)) if r else "–" for r in rows]))
     lines.append(line("fit seconds", [f"{r['fit_seconds']:.1f}" if r else "–" for r in rows]))
     vector = next((r["concept_vector_tokens"] for r in rows if r), "–")
-    found = "; ".join(f"{r['method']} `{r['discrete_tokens']}`" for r in rows if r)
+    found = "; ".join(f"{r['method']} `{r['discrete_tokens']}`" for r in rows if r and r["discrete_tokens"])
     return lines + ["", f"Words found: concept vector `{vector}`; discrete tokens {found}."]
 
 
