@@ -8,12 +8,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .common import distributed_map
 from .concept_vector import ConceptVectorSettings, concept_vector_attack
 from .discrete_tokens import DiscreteTokenSettings, discrete_token_attack
 from .plans import ATTACK_PREFIX, EvalCase, EvalPlan
 from .soft_prompt import SoftPromptSettings, build_soft_prompt_reference, soft_prompt_attack
+
+
+def _with_bar(attack: Callable[..., Any], what: str, steps: int, state: Any) -> Callable[..., Any]:
+    """``attack`` run under a progress bar of its ``steps`` (shown on the main process only)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        hidden = state is not None and not state.is_main_process
+        with tqdm(total=steps, desc=what, leave=False, disable=hidden) as bar:
+            return attack(*args, progress=lambda step: bar.update(step - bar.n), **kwargs)
+
+    return run
 
 
 def soft_prompt_cases(
@@ -28,8 +40,9 @@ def soft_prompt_cases(
             jobs, state,
         )
     results = distributed_map(
-        lambda pair: soft_prompt_attack(pipe, pair[0].prompt, plan.concept, neutral=plan.neutral,
-                                        reference=pair[1], settings=settings, sampler=plan.sampler),
+        lambda pair: _with_bar(soft_prompt_attack, "soft-prompt attack", settings.steps, state)(
+            pipe, pair[0].prompt, plan.concept, neutral=plan.neutral, reference=pair[1], settings=settings,
+            sampler=plan.sampler),
         list(zip(jobs, references, strict=True)), state,
     )
     cases: list[EvalCase] = []
@@ -60,8 +73,8 @@ def discrete_token_cases(
             jobs, state,
         )
     results = distributed_map(
-        lambda pair: discrete_token_attack(pipe, pair[0].prompt, plan.concept, reference=pair[1],
-                                           settings=settings, sampler=plan.sampler),
+        lambda pair: _with_bar(discrete_token_attack, "discrete-token attack", settings.steps, state)(
+            pipe, pair[0].prompt, plan.concept, reference=pair[1], settings=settings, sampler=plan.sampler),
         list(zip(jobs, references, strict=True)), state,
     )
     cases: list[EvalCase] = []
@@ -85,8 +98,9 @@ def concept_vector_cases(
     named = [c.prompt for c in plan.cases if c.group == "erased" and c.prompt]
     pair_prompts = [p for p in dict.fromkeys(named) if plan.concept.lower() in p.lower()]
     results = distributed_map(
-        lambda job: concept_vector_attack(pipe, job.prompt, plan.concept, neutral=plan.neutral,
-                                          pair_prompts=pair_prompts or None, settings=settings),
+        lambda job: _with_bar(concept_vector_attack, "concept-vector attack", settings.steps, state)(
+            pipe, job.prompt, plan.concept, neutral=plan.neutral, pair_prompts=pair_prompts or None,
+            settings=settings),
         jobs, state,
     )
     cases: list[EvalCase] = []

@@ -146,7 +146,7 @@ def concept_vector_attack(
         pipe, span, EmbeddingObjective(pipe, text, target), concept=concept,
         top_k=settings.top_k, candidates=settings.candidates, seed=settings.seed,
     )
-    found = search.run(settings.steps, progress)
+    found = search.run(settings.steps, progress)  # progress(step) after each step
     words = decoded_words(pipe.tokenizer, found.token_ids)
     token_prompt = text[:start] + " ".join(words) + text[start + len(placeholders) :]
     return ConceptVectorResult(

@@ -291,11 +291,13 @@ def soft_prompt_attack(
     settings: SoftPromptSettings | None = None,
     sampler: dict[str, Any] | None = None,
     checkpoints: Sequence[int] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> SoftPromptResult:
     """Optimise the concept's input token embeddings in ``prompt`` so the *erased* ``pipe`` regenerates it.
 
     ``checkpoints``: step counts (≤ ``settings.steps``; 0 is the start) after which the prompt embeddings
-    are kept in ``result.checkpoint_embeds``: one run gives the attack at every budget.
+    are kept in ``result.checkpoint_embeds``: one run gives the attack at every budget. ``progress`` is
+    called with the step number after each step.
 
     ``reference``: from :func:`build_soft_prompt_reference` on the original model; if omitted it is
     built inside ``original()`` (a context manager factory that puts ``pipe`` in its pre-erasure state;
@@ -321,7 +323,7 @@ def soft_prompt_attack(
     soft = _initial_embeddings(pipe, text, span).requires_grad_(True)
     objective = AttackObjective(pipe, text, reference, settings)
     losses, kept, initial, final, prompt_embeds = _optimise(
-        pipe, text, span, soft, objective, settings, wanted
+        pipe, text, span, soft, objective, settings, wanted, progress
     )
     return SoftPromptResult(
         prompt=prompt,
@@ -344,6 +346,7 @@ def _optimise(
     objective: AttackObjective,
     settings: SoftPromptSettings,
     wanted: list[int],
+    progress: Callable[[int], None] | None,
 ) -> tuple[list[float], dict[int, torch.Tensor], float, float, torch.Tensor]:
     """Adam on ``soft`` in place: ``(losses, {checkpoint: embeddings}, initial, final, embeddings)``."""
     step_size = settings.learning_rate * float(soft.detach().norm(dim=-1).mean())
@@ -363,6 +366,8 @@ def _optimise(
             soft.grad = grad
             optimizer.step()
             losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step)
             if step in wanted:
                 with torch.no_grad():
                     kept[step] = encode_text(pipe, text).detach().clone()

@@ -29,3 +29,13 @@ def test_concept_vector_cases_in_an_evaluation(erased_pipe, tmp_path):
     assert "Concept-vector attack" in paths["markdown"].read_text() and record["found"] in paths[
         "markdown"
     ].read_text()
+
+
+def test_optimised_attacks_show_a_progress_bar(erased_pipe, capsys):
+    plan = prompt_plan("cat", templates=["a {}"], others=["dog"], images_per_prompt=1,
+                       attacks=["concept_vector"], soft_prompts=1,
+                       sampler=dict(num_inference_steps=1, height=16, width=16))
+    judges = {"concept": CallableJudge(colour_judge_function("cat", "dog"), ["cat", "dog"])}
+    evaluate(erased_pipe, plan, judges, before=False,
+             concept_vector=ConceptVectorSettings(steps=2, top_k=4, candidates=2))
+    assert "concept-vector attack" in capsys.readouterr().err

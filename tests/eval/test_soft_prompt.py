@@ -143,3 +143,10 @@ def test_checkpoints_give_the_attack_at_every_budget_from_one_run(erased_pipe):
     torch.testing.assert_close(result.checkpoint_embeds[2], two.prompt_embeds)  # the same run, cut short
     with pytest.raises(ACEValueError, match="checkpoints must be step counts from 0 to 4"):
         soft_prompt_attack(erased_pipe, "a photo of a cat", "cat", settings=settings, checkpoints=[5])
+
+
+def test_progress_is_told_every_step(erased_pipe):
+    seen = []
+    soft_prompt_attack(erased_pipe, "a photo of a cat", "cat", progress=seen.append,
+                       settings=SoftPromptSettings(steps=3, objective="attention"))
+    assert seen == [1, 2, 3]
