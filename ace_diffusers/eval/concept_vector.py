@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from ..errors import ACEValueError
 from .common import check_sd_pipeline, concept_char_span, replace_concept
 from .soft_prompt import encode_text, token_span
-from .token_search import PLACEHOLDER, TokenSearch, decoded_words, retokenises_as
+from .token_search import (
+    PLACEHOLDER,
+    TokenSearch,
+    check_search_settings,
+    decoded_words,
+    retokenises_as,
+)
 
 
 @dataclass
@@ -50,11 +56,7 @@ class ConceptVectorSettings:
     seed: int = 0
 
     def validate(self) -> ConceptVectorSettings:
-        for name in ("n_tokens", "steps", "top_k", "candidates"):
-            value = getattr(self, name)
-            minimum = 0 if name == "steps" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ACEValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_search_settings(self)
         value = self.strength
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ACEValueError(f"strength must be a finite number (Ring-A-Bell: about 3), got {value!r}.")

@@ -28,7 +28,13 @@ from .soft_prompt import (
     build_soft_prompt_reference,
     token_span,
 )
-from .token_search import PLACEHOLDER, TokenSearch, decoded_words, retokenises_as
+from .token_search import (
+    PLACEHOLDER,
+    TokenSearch,
+    check_search_settings,
+    decoded_words,
+    retokenises_as,
+)
 
 PLACEMENTS = ("replace", "prepend")
 
@@ -46,11 +52,7 @@ class DiscreteTokenSettings:
     seed: int = 0
 
     def validate(self) -> DiscreteTokenSettings:
-        for name in ("n_tokens", "steps", "top_k", "candidates"):
-            value = getattr(self, name)
-            minimum = 0 if name == "steps" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ACEValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_search_settings(self)
         if self.placement not in PLACEMENTS:
             raise ACEValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}.")
         self.reference.validate()

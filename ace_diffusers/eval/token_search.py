@@ -28,6 +28,16 @@ from .soft_prompt import soft_tokens
 PLACEHOLDER = "x"  # one whole-word token in every tokenizer we meet; stands in for an attacked position
 
 
+def check_search_settings(settings: Any) -> None:
+    """The search counts of a token attack's settings: ``steps`` ≥ 0; ``n_tokens``, ``top_k`` and
+    ``candidates`` ≥ 1 (integers, not booleans)."""
+    for name in ("n_tokens", "steps", "top_k", "candidates"):
+        value = getattr(settings, name)
+        minimum = 0 if name == "steps" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ACEValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
 class SearchObjective(Protocol):
     def loss(self, batch: torch.Tensor | None) -> torch.Tensor: ...
 

@@ -491,11 +491,10 @@ def test_guards_follow_a_deepcopied_unet(sd_pipe):
 
 
 # ====================================================================== torch.compile
-def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
-    """A compiled UNet inside a pipeline: the pipeline verbs reach the adapter through the compile wrapper,
-    and changing scales, the active set or the on/off switch reuses the one compiled graph."""
+def _one_block_unet():
+    """One cross-attention block (4 layers): compiles in seconds."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # one cross-attention block (4 layers): compiles in seconds
+    return UNet2DConditionModel(
         block_out_channels=(32,),
         layers_per_block=1,
         sample_size=8,
@@ -507,6 +506,12 @@ def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
+    """A compiled UNet inside a pipeline: the pipeline verbs reach the adapter through the compile wrapper,
+    and changing scales, the active set or the on/off switch reuses the one compiled graph."""
+    unet = _one_block_unet()
     pipe = StableDiffusionPipeline(**{**tiny_sd_pipeline(text_dim=32).components, "unet": unet})
     pipe.set_progress_bar_config(disable=True)
     a = pipe.load_ace_adapter(random_adapter(unet, seed=1), "a")
@@ -549,19 +554,7 @@ def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
 def test_torch_compile_inductor_matches_eager_and_keeps_one_graph_across_scales():
     """The default backend (inductor: generated C++ kernels) on a UNet with two adapters: outputs match
     eager, and rescaling or switching adapters off reuses the compiled graph (no recompilation)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32,),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    unet = _one_block_unet().eval()
     pipe = StableDiffusionPipeline(**{**tiny_sd_pipeline(text_dim=32).components, "unet": unet})
     a = pipe.load_ace_adapter(random_adapter(unet, seed=1), "a")
     b = pipe.load_ace_adapter(random_adapter(unet, seed=2), "b")
