@@ -280,8 +280,8 @@ def _ranges(row: dict[str, Any]) -> str:
                            ("warm", "warm"))
         if f"{key}_seconds_range" in row
     )
-    return (f" The {row['concepts']}-concept timings are medians of {row['fits_per_timing']} fits, each of a "
-            f"new concept (ranges: {ranges}).")
+    return (f" The {row['concepts']}-concept prepared timings are medians of {row['fits_per_timing']} fits, "
+            f"each of a new concept (ranges: {ranges}).")
 
 
 def _closed_form_lines(cf: dict[str, Any]) -> list[str]:
@@ -291,12 +291,14 @@ def _closed_form_lines(cf: dict[str, Any]) -> list[str]:
         "timing fits concepts not seen before, after one untimed warm-up fit (a process's first fit also "
         "pays its start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached: "
         "the fit also encodes every prompt that does not depend on the concept (neutral anchor, "
-        "preservation and unrelated prompts, template prefixes), once per text encoder and kind. "
-        "Preparation = that part alone, `prepare_erasure(pipe, kind=\"style\")` from an empty cache, which "
-        "a service runs at start-up. New process = a fit after it with the in-memory cache emptied (what a "
-        "fresh process pays once the text encoder was used or prepared on the machine); warm = a further "
-        "fit in the same process. The per-concept target is checked on the prepared fits, the 100-concept "
-        "one cold."
+        "preservation and unrelated prompts, template prefixes), once per text encoder and kind, and a fit "
+        "of up to 16 concepts, which mines each concept's neighbours, also encodes the vocabulary words it "
+        "compares them with. Preparation = that part alone (the prompts and the whole vocabulary table), "
+        "`prepare_erasure(pipe, kind=\"style\")` from an empty cache, which a service runs at start-up. "
+        "New process = a fit after it with the in-memory cache emptied (what a fresh process pays once the "
+        "text encoder was used or prepared on the machine); warm = a further fit in the same process. Cold "
+        "and preparation are timed once per row. The per-concept targets are checked on the prepared fits "
+        "(1 and 10 concepts include mining; 100 are not mined), the 100-concept one cold."
         + "".join(_ranges(r) for r in cf["rows"] if r.get("fits_per_timing", 1) > 1),
         "",
     ]

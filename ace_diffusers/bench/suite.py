@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     small.add_argument("--latent", type=int, help="latent size of the inference timing")
     args = parser.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
-    command = "ace-diffusers bench " + " ".join(shlex.quote(a) for a in given)
+    command = helptext.command_line("ace-diffusers bench", given)
 
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
