@@ -15,7 +15,9 @@ published 200 steps and learning rate) — on the prompt "a red {shape}", with t
 * **concept inversion** (the soft-prompt attack, white box): started from the innocuous word "object"
   (which the world draws as nothing) so that even the base model needs steps, optimised on this model
   state up to the largest budget; the embeddings after each budget are drawn: an ASR curve over the
-  budget, and the steps needed to reach 50 % ASR.
+  budget, and the steps needed to reach 50 % ASR;
+* **img2img probe** (a measured column, no bar): the base model's own images of "a red {shape}", re-drawn
+  by this model state from strength 0.5 and 0.8 on the same prompt (:mod:`..eval.img2img`).
 
 Every cell is ``--images`` images (default 32) judged by the world's classifier, with a 95 % Wilson
 interval. The targets are the attacks issue's, for ACE fine-tuned, averaged over the shapes.
@@ -39,6 +41,7 @@ from ..eval.attacks import PROMPT_ATTACKS, prompt_attacks
 from ..eval.baselines import esd_x_erase, uce_erase
 from ..eval.concept_vector import ConceptVectorSettings, concept_vector_attack
 from ..eval.discrete_tokens import DiscreteTokenSettings, discrete_token_attack
+from ..eval.img2img import img2img_probe
 from ..eval.judges import shapes_judges
 from ..eval.plans import EvalCase
 from ..eval.runner import run_cases
@@ -49,7 +52,7 @@ from ..fitting.presets import resolve_spec
 from ..fitting.trainer import ACETrainer
 from ..shapes.classifier import load_shapes_classifier
 from ..shapes.erasure import erase_arguments
-from ..shapes.pipeline import DEFAULT_SAMPLER, load_shapes_pipeline
+from ..shapes.pipeline import DEFAULT_SAMPLER, generate, load_shapes_pipeline
 from ..shapes.vocab import COLOURS, SHAPES
 from ..stats import wilson_interval
 from . import attacks_report
@@ -59,6 +62,7 @@ METHODS = ("base", "closed form", "ACE (full)", "UCE", "ESD-x")
 DEFAULT_SHAPES = ("circle", "square", "star", "hexagon")
 BUDGETS = (0, 25, 50, 100, 200, 400)
 IMAGES = 32
+IMG2IMG_STRENGTHS = (0.5, 0.8)  # the img2img probe: how much of the schedule is re-run
 INVERSION_START = "object"  # the world's neutral anchor of kind object: drawn as nothing
 ESD_STEPS = 200  # ESD-x's published budget
 
@@ -120,6 +124,17 @@ class _Shape:
                                                      sampler=dict(DEFAULT_SAMPLER))  # the base model
         self.vector = concept_vector_attack(pipe, self.prompt, shape, pair_prompts=prompts,
                                             settings=ConceptVectorSettings(seed=seed))
+        self.seeds = [seed + 5000 + i for i in range(images)]  # pictures of the concept, then their noise
+        self.pictures = generate(pipe, [self.prompt] * images, seeds=self.seeds)  # by the base model
+
+    def img2img(self, judge: Any) -> dict[str, dict[str, Any]]:
+        """The probe's rate per strength, on the model as it is now."""
+        out = {}
+        for strength in IMG2IMG_STRENGTHS:
+            redrawn = img2img_probe(self.pipe, self.prompt, self.pictures, [s + 1 for s in self.seeds],
+                                    strength=strength, sampler=dict(DEFAULT_SAMPLER))
+            out[f"img2img@{strength}"] = _rate(judge.predict(redrawn), self.shape)
+        return out
 
     def cases(self, search_words: bool = True) -> tuple[list[EvalCase], dict[str, Any], dict[str, Any]]:
         """Search the optimised attacks on the model as it is now; ``(cases, embeddings, found)``.
@@ -152,16 +167,19 @@ class _Shape:
         return cases, embeds, found
 
 
+def _rate(judged: list[str], concept: str) -> dict[str, Any]:
+    """Images, hits (judged the concept), ASR and its 95 % interval."""
+    hits = sum(s == concept for s in judged)
+    low, high = wilson_interval(hits, len(judged))
+    return {"n": len(judged), "hits": hits, "asr": hits / len(judged),
+            "interval": [round(low, 3), round(high, 3)]}
+
+
 def _rates(cases: list[EvalCase], shapes: list[str], concept: str) -> dict[str, dict[str, Any]]:
-    """Per group: images, hits (judged the concept), ASR and its 95 % interval."""
-    out: dict[str, dict[str, Any]] = {}
-    for group in dict.fromkeys(c.group for c in cases):
-        judged = [s for c, s in zip(cases, shapes, strict=True) if c.group == group]
-        hits = sum(s == concept for s in judged)
-        low, high = wilson_interval(hits, len(judged))
-        out[group] = {"n": len(judged), "hits": hits, "asr": hits / len(judged),
-                      "interval": [round(low, 3), round(high, 3)]}
-    return out
+    """Per group: :func:`_rate` of its images."""
+    groups = dict.fromkeys(c.group for c in cases)
+    pairs = list(zip(cases, shapes, strict=True))
+    return {g: _rate([s for c, s in pairs if c.group == g], concept) for g in groups}
 
 
 def run(shapes: list[str], *, methods: tuple[str, ...] = METHODS, images: int = IMAGES,
@@ -185,7 +203,7 @@ def run(shapes: list[str], *, methods: tuple[str, ...] = METHODS, images: int = 
                 started = time.perf_counter()
                 cases, embeds, found = world.cases(search_words=method != "base")
                 predictions, _ = run_cases(pipe, cases, judges, sampler=dict(DEFAULT_SAMPLER), embeds=embeds)
-                rates = _rates(cases, predictions["shape"], shape)
+                rates = {**_rates(cases, predictions["shape"], shape), **world.img2img(judges["shape"])}
             row = {"shape": shape, "method": method, "fit_seconds": round(fit_seconds, 2),
                    "attack_seconds": round(time.perf_counter() - started, 1),
                    "concept_vector_tokens": world.vector.token_prompt, **found, "rates": rates}

@@ -110,6 +110,11 @@ def markdown(result: dict[str, Any], command: str, plot: str | None = None) -> s
     return "\n".join(lines)
 
 
+def rows_groups(rows: list[dict[str, Any] | None]) -> set[str]:
+    """Every image group measured in any of ``rows``."""
+    return {g for r in rows if r for g in r["rates"]}
+
+
 def _shape_table(result: dict[str, Any], shape: str) -> list[str]:
     """One shape's table: every attack (rows) against every method (columns), then the words found."""
     methods = result["methods"]
@@ -121,6 +126,9 @@ def _shape_table(result: dict[str, Any], shape: str) -> list[str]:
     lines = [line("attack", list(methods)), "|---|" + "---|" * len(methods)]
     for group in ATTACKS:
         lines.append(line(NAMES[group], [_cell(r["rates"].get(group) if r else None) for r in rows]))
+    for group in sorted(g for g in rows_groups(rows) if g.startswith("img2img@")):
+        lines.append(line(f"img2img probe, strength {group.split('@')[1]} (no bar)",
+                          [_cell(r["rates"].get(group) if r else None) for r in rows]))
     for budget in result["budgets"]:
         lines.append(line(f"inversion, {budget} steps",
                           [_cell(r["rates"].get(f"inversion@{budget}") if r else None) for r in rows]))

@@ -82,3 +82,12 @@ def test_a_partial_run_says_so():
     cut["rows"] = cut["rows"][:2]
     text = R.markdown(cut, "ace-diffusers bench attacks", None)
     assert "**Partial run**" in text and "circle (ACE (full)), circle (base)" in text
+
+
+def test_the_img2img_probe_is_a_column_without_a_bar():
+    with_probe = result()
+    for r in with_probe["rows"]:
+        r["rates"]["img2img@0.5"] = {"n": 32, "hits": 16, "asr": 0.5, "interval": [0.3, 0.7]}
+    text = R.markdown(with_probe, "ace-diffusers bench attacks", None)
+    assert "| img2img probe, strength 0.5 (no bar) | 50 % [30, 70] |" in text
+    assert not any("img2img" in t for t, _, _ in R.targets(with_probe))
