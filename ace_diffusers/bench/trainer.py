@@ -35,7 +35,7 @@ from ..shapes.erasure import (
 )
 from ..shapes.pipeline import load_shapes_pipeline
 from ..shapes.vocab import SHAPES, STYLES
-from . import trainer_report
+from . import trainer_report, trainer_sd15
 from .deploy import write_section
 
 TARGETS = {"acc_e": 0.10, "acc_g": 0.15, "seconds": 60.0}
@@ -299,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help="fine-tuning steps (default: the trainer's default)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shape",
+        choices=["world", "sd15"],
+        default="world",
+        help="sd15: time one default fit at SD1.5 shape, phase by phase (random weights), instead",
+    )
     parser.add_argument("--baselines", action="store_true", help="also run UCE and ESD-x (slower)")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
     parser.add_argument(
@@ -314,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         _report(merged(args.from_json), args)
+        return 0
+    if args.shape == "sd15":
+        timing = trainer_sd15.run(steps=args.steps, seed=args.seed)
+        print(trainer_sd15.format_report(timing))
+        if args.json:
+            atomic_write_json(args.json, timing)
         return 0
     started = time.perf_counter()
     result = run(

@@ -39,6 +39,7 @@ from ..integration.modules import get_unet
 from .adversary import soft_adversary
 from .attention import QueryLayer, capture_queries, detached, encode_full, unedited_outputs
 from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
+from .clock import PhaseClock
 from .closed_form import check_rank, fit_adapter
 from .data import FitSettings, context_templates
 from .mining import mine_synonyms
@@ -164,14 +165,16 @@ class ACETrainer:
         started = time.perf_counter()
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
+        clock = PhaseClock()
         embedder = TextEmbedder(self.pipe)
-        layers, mined = self._setup(embedder)
-        # the closed-form start erases the same mined words (no second mining)
-        base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank), neighbours=mined)
-        params = self._parameters(base)
-        data = self._training_set(embedder, layers, mined)
-        with torch.no_grad():
-            self.initial_loss = float(data.fixed_loss(layers, params))
+        layers, mined = self._setup(embedder, clock)
+        with clock("closed form"):  # the closed-form start erases the same mined words (no second mining)
+            base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank), neighbours=mined)
+        with clock("training set"):
+            params = self._parameters(base)
+            data = self._training_set(embedder, layers, mined)
+            with torch.no_grad():
+                self.initial_loss = float(data.fixed_loss(layers, params))
         optimizer = torch.optim.Adam(
             [p for group in params.values() for p in group.values()], lr=self.learning_rate
         )
@@ -181,37 +184,44 @@ class ACETrainer:
             if self.time_budget is not None and time.perf_counter() - started > self.time_budget:
                 break
             if self.adversarial and step % self.adversarial_every == 0:
-                found = self._adversary(embedder, layers, params, rng)
+                with clock("adversaries"):
+                    found = self._adversary(embedder, layers, params, rng)
                 if found is not None:
                     data.add(*found)
                     adversaries += 1
-            loss_erase, loss_keep = self._step(data, layers, params, optimizer, step)
+            with clock("steps"):
+                loss_erase, loss_keep = self._step(data, layers, params, optimizer, step)
             bar.set_postfix(erase=f"{loss_erase:.4f}", keep=f"{loss_keep:.4f}")
         bar.close()
         with torch.no_grad():
             self.final_loss = float(data.fixed_loss(layers, params))
+        self.phase_seconds = clock.seconds
         self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
         return self.adapter
 
-    def _setup(self, embedder: TextEmbedder) -> tuple[list[QueryLayer], dict[str, str]]:
+    def _setup(self, embedder: TextEmbedder, clock: PhaseClock) -> tuple[list[QueryLayer], dict[str, str]]:
         """The query bank and the mined synonyms."""
-        layers = capture_queries(
-            self.unet,
-            embedder,
-            self.spec.neutral[0],
-            self.spec.templates,
-            per_layer=self.queries_per_layer,
-            seed=self.seed,
-        )
-        mined = (
-            mine_synonyms(embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool)
-            if self.mined_synonyms
-            else {}
-        )
-        # phrases found by coordinate search join the mined words (erased in the same way)
-        self.searched = search_phrases(
-            embedder, layers, self.spec, per_concept=self.search_phrases, seed=self.seed
-        )
+        with clock("query capture"):
+            layers = capture_queries(
+                self.unet,
+                embedder,
+                self.spec.neutral[0],
+                self.spec.templates,
+                per_layer=self.queries_per_layer,
+                seed=self.seed,
+            )
+        with clock("mining"):
+            mined = (
+                mine_synonyms(
+                    embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool
+                )
+                if self.mined_synonyms
+                else {}
+            )
+            # phrases found by coordinate search join the mined words (erased in the same way)
+            self.searched = search_phrases(
+                embedder, layers, self.spec, per_concept=self.search_phrases, seed=self.seed
+            )
         return layers, {**mined, **self.searched}
 
     def _training_set(
@@ -385,6 +395,7 @@ class ACETrainer:
             "seed": self.seed,
             "erase_loss_before": self.initial_loss,
             "erase_loss_after": self.final_loss,
+            "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
         }
         fit["seconds"] = round(seconds, 3)
         return ACEAdapter(

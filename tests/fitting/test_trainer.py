@@ -46,6 +46,10 @@ def test_fit_starts_from_closed_form_and_reduces_the_loss(pipe):
     )
     assert tuning["erase_loss_after"] < 0.8 * tuning["erase_loss_before"]  # on the fixed concept prompts
     assert pipe.get_list_ace_adapters() == []  # fitting does not load anything
+    # where the time went: every phase, in order, within the fit's wall time
+    phases = tuning["phase_seconds"]
+    assert list(phases) == ["query capture", "mining", "closed form", "training set", "adversaries", "steps"]
+    assert sum(phases.values()) <= adapter.fit["seconds"] + 1e-3
 
 
 def test_fit_leaves_no_gradient_on_the_pipeline(pipe):
