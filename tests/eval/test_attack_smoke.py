@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_every_attack_runs_against_an_erased_shape():
     from ace_diffusers.eval.attacks import SoftPromptSettings
+    from ace_diffusers.eval.concept_vector import ConceptVectorSettings
     from ace_diffusers.eval.discrete_tokens import DiscreteTokenSettings
     from ace_diffusers.eval.judges import ShapesJudge
     from ace_diffusers.eval.runner import evaluate, shapes_plan
@@ -37,12 +38,15 @@ def test_every_attack_runs_against_an_erased_shape():
     judges = {head: ShapesJudge(classifier, head) for head in ("shape", "colour")}
     reference = SoftPromptSettings(steps=5, reference_images=2, timesteps_per_image=2)
     discrete = DiscreteTokenSettings(steps=3, candidates=4, top_k=8, reference=reference)
-    result = evaluate(pipe, plan, judges, soft_prompt=reference, discrete_tokens=discrete)
+    vector = ConceptVectorSettings(steps=3, candidates=4, top_k=8)
+    result = evaluate(pipe, plan, judges, soft_prompt=reference, discrete_tokens=discrete,
+                      concept_vector=vector)
     after, before = result["after"].attacks, result["before"].attacks
-    # soft prompts target the erased model; the discrete attack's text prompts are drawn by both
-    assert set(after) == set(ALL_ATTACKS) and set(before) == set(PROMPT_ATTACKS) | {"discrete_tokens"}
+    # soft prompts and shifted embeddings target the erased model; text prompts are drawn by both
+    words = {"discrete_tokens", "concept_vector_tokens"}
+    assert set(after) == set(ALL_ATTACKS) | words and set(before) == set(PROMPT_ATTACKS) | words
     assert all(after[a]["n"] == 4 for a in PROMPT_ATTACKS) and after["soft_prompt"]["n"] == 1
-    assert after["discrete_tokens"]["n"] == 1
+    assert after["discrete_tokens"]["n"] == 1 and after["concept_vector"]["n"] == 1
     # the attacks are live: without the erasure, weighting syntax and the negative-prompt trick draw the
     # concept
     assert before["weighting"]["asr"] >= 0.75 and before["negative"]["asr"] >= 0.75
