@@ -103,7 +103,7 @@ def markdown(result: dict[str, Any], command: str, plot: str | None = None) -> s
     lines += ["| target (ACE fine-tuned, mean over shapes) | measured | status |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'not measured' if ok is None else ('**met**' if ok else '**not met**')} |"
               for t, m, ok in targets(result)]
-    for shape in result["shapes"]:
+    for shape in dict.fromkeys(r["shape"] for r in result["rows"]):  # measured shapes, in run order
         lines += ["", f"### {shape}", ""] + _shape_table(result, shape)
     if plot:
         lines += ["", f"![Concept inversion: ASR over the attack budget (steps up to {largest})]({plot})"]

@@ -82,6 +82,7 @@ def test_a_partial_run_says_so():
     cut["rows"] = cut["rows"][:2]
     text = R.markdown(cut, "ace-diffusers bench attacks", None)
     assert "**Partial run**" in text and "circle (ACE (full)), circle (base)" in text
+    assert "### circle" in text and "### square" not in text  # only what was measured
 
 
 def test_the_img2img_probe_is_a_column_without_a_bar():
