@@ -60,7 +60,7 @@ from .deploy import machine, write_section
 
 METHODS = ("base", "closed form", "ACE (full)", "UCE", "ESD-x")
 DEFAULT_SHAPES = ("circle", "square", "star", "hexagon")
-BUDGETS = (0, 25, 50, 100, 200, 400)
+BUDGETS = (0, 5, 10, 25, 50, 100, 200, 400)  # fine at the start: the base model needs few steps
 IMAGES = 32
 IMG2IMG_STRENGTHS = (0.5, 0.8)  # the img2img probe: how much of the schedule is re-run
 INVERSION_START = "object"  # the world's neutral anchor of kind object: drawn as nothing
@@ -227,7 +227,7 @@ def _parser() -> Any:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--images", type=int, default=IMAGES, help="images per cell (default 32)")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
-                        help="concept-inversion budgets in steps (default 0 25 50 100 200 400)")
+                        help="concept-inversion budgets in steps (default 0 5 10 25 50 100 200 400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--docs", default=str(DEFAULT_DOCS), help=f"page to update (default {DEFAULT_DOCS})")
