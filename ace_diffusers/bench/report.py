@@ -274,11 +274,9 @@ def _pooled_asr_rows(result: dict[str, Any], methods: list[str]) -> list[list[st
 
 def _ranges(row: dict[str, Any]) -> str:
     """The sentence on a row timed as the median of several fits: each timing's range."""
-    ranges = ", ".join(
+    ranges = ", ".join(  # the prepared timings (cold and preparation are timed once)
         f"{label} {row[f'{key}_seconds_range'][0]}–{row[f'{key}_seconds_range'][1]} s"
-        for key, label in (("cold", "cold"), ("preparation", "preparation"), ("new_process", "new process"),
-                           ("warm", "warm"))
-        if f"{key}_seconds_range" in row
+        for key, label in (("new_process", "new process"), ("warm", "warm")) if f"{key}_seconds_range" in row
     )
     return (f" The {row['concepts']}-concept prepared timings are medians of {row['fits_per_timing']} fits, "
             f"each of a new concept (ranges: {ranges}).")
@@ -290,15 +288,15 @@ def _closed_form_lines(cf: dict[str, Any]) -> list[str]:
         f"`erase_concept(..., load=False)` on {cf['model']}; pipeline built in {cf['build_seconds']} s. Each "
         "timing fits concepts not seen before, after one untimed warm-up fit (a process's first fit also "
         "pays its start-up; it took " + str(cf.get("warmup_seconds", "?")) + " s). Cold = nothing cached: "
-        "the fit also encodes every prompt that does not depend on the concept (neutral anchor, "
-        "preservation and unrelated prompts, template prefixes), once per text encoder and kind, and a fit "
-        "of up to 16 concepts, which mines each concept's neighbours, also encodes the vocabulary words it "
-        "compares them with. Preparation = that part alone (the prompts and the whole vocabulary table), "
-        "`prepare_erasure(pipe, kind=\"style\")` from an empty cache, which a service runs at start-up. "
-        "New process = a fit after it with the in-memory cache emptied (what a fresh process pays once the "
-        "text encoder was used or prepared on the machine); warm = a further fit in the same process. Cold "
-        "and preparation are timed once per row. The per-concept targets are checked on the prepared fits "
-        "(1 and 10 concepts include mining; 100 are not mined), the 100-concept one cold."
+        "the fit also encodes every prompt that does not depend on the concept (neutral anchor, preservation "
+        "and unrelated prompts, template prefixes), once per text encoder and kind, and a fit of up to 16 "
+        "concepts, which mines each concept's neighbours, also encodes the vocabulary words it compares them "
+        "with. Preparation = that part alone (the prompts and the whole vocabulary table), `prepare_erasure("
+        "pipe, kind=\"style\")` from an empty cache, which a service runs at start-up. New process = a fit "
+        "after it with the in-memory cache emptied (what a fresh process pays once the text encoder was used "
+        "or prepared on the machine); warm = a further fit in the same process. Cold and preparation are "
+        "timed once per row. The per-concept targets are checked on the prepared fits (1 and 10 concepts "
+        "include mining; 100 are not mined), the 100-concept one cold."
         + "".join(_ranges(r) for r in cf["rows"] if r.get("fits_per_timing", 1) > 1),
         "",
     ]

@@ -275,7 +275,7 @@ def merged(paths: list[str]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> Any:
     parser = helptext.parser("bench trainer", __doc__)
     parser.add_argument(
         "--shapes",
@@ -317,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="write the report from runs saved with --json (e.g. shapes split over processes)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.from_json:
         _report(merged(args.from_json), args)
         return 0

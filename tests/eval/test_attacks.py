@@ -58,4 +58,5 @@ def test_names_that_moved_are_still_importable_from_here():
     assert attacks.soft_prompt_attack is soft_prompt.soft_prompt_attack
     assert attacks.SoftPromptSettings is soft_prompt.SoftPromptSettings
     assert attacks.replace_concept is common.replace_concept
-    assert attacks.ALL_ATTACKS == attacks.PROMPT_ATTACKS + ("soft_prompt", "discrete_tokens")
+    optimised = ("soft_prompt", "discrete_tokens", "concept_vector")
+    assert attacks.ALL_ATTACKS == attacks.PROMPT_ATTACKS + optimised
