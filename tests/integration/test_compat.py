@@ -553,7 +553,9 @@ def test_torch_compile_fullgraph_does_not_recompile_on_scale_or_toggle():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler"
+)
 def test_torch_compile_inductor_matches_eager_and_keeps_one_graph_across_scales():
     """The default backend (inductor: generated C++ kernels) on a UNet with two adapters: outputs match
     eager, and rescaling or switching adapters off reuses the compiled graph (no recompilation)."""
