@@ -45,17 +45,8 @@ def soft_prompt_cases(
             sampler=plan.sampler),
         list(zip(jobs, references, strict=True)), state,
     )
-    cases: list[EvalCase] = []
-    embeds: dict[str, torch.Tensor] = {}
-    soft_info: list[dict[str, Any]] = []
-    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
-        key = f"soft{j}"
-        embeds[key] = res.prompt_embeds.cpu()
-        cases += [EvalCase(ATTACK_PREFIX + "soft_prompt", None, s, dict(job.labels), None, key, job.prompt)
-                  for s in job.seeds]
-        soft_info.append({"prompt": job.prompt, "initial_loss": res.initial_loss,
-                          "final_loss": res.final_loss, "seconds": round(res.seconds, 3),
-                          "steps": len(res.losses)})
+    cases, embeds = _embedding_cases("soft_prompt", jobs, results)
+    soft_info = [{"prompt": job.prompt, **_record(res)} for job, res in zip(jobs, results, strict=True)]
     return cases, embeds, soft_info
 
 
@@ -103,18 +94,32 @@ def concept_vector_cases(
             settings=settings),
         jobs, state,
     )
-    cases: list[EvalCase] = []
-    embeds: dict[str, torch.Tensor] = {}
+    cases, embeds = _embedding_cases("concept_vector", jobs, results)
     info: list[dict[str, Any]] = []
-    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
-        key = f"vector{j}"
-        embeds[key] = res.prompt_embeds.cpu()
-        cases += [EvalCase(ATTACK_PREFIX + "concept_vector", None, s, dict(job.labels), None, key, job.prompt)
-                  for s in job.seeds]
+    for job, res in zip(jobs, results, strict=True):
         cases += [EvalCase(ATTACK_PREFIX + "concept_vector_tokens", res.token_prompt, s, dict(job.labels),
                            None, None, job.prompt) for s in job.seeds]
         info.append({"prompt": job.prompt, "innocuous": res.innocuous, "found": res.token_prompt,
                      "exact": res.exact, "vector_norm": res.vector_norm, "pairs": len(pair_prompts) or 1,
-                     "initial_loss": res.initial_loss, "final_loss": res.final_loss,
-                     "seconds": round(res.seconds, 3), "steps": len(res.losses)})
+                     **_record(res)})
     return cases, embeds, info
+
+
+def _embedding_cases(
+    attack: str, jobs: list[Any], results: list[Any]
+) -> tuple[list[EvalCase], dict[str, torch.Tensor]]:
+    """Cases drawing each result's ``prompt_embeds`` (kept under ``"<attack><j>"``), one per job seed."""
+    cases: list[EvalCase] = []
+    embeds: dict[str, torch.Tensor] = {}
+    for j, (job, res) in enumerate(zip(jobs, results, strict=True)):
+        key = f"{attack}{j}"
+        embeds[key] = res.prompt_embeds.cpu()
+        cases += [EvalCase(ATTACK_PREFIX + attack, None, s, dict(job.labels), None, key, job.prompt)
+                  for s in job.seeds]
+    return cases, embeds
+
+
+def _record(res: Any) -> dict[str, Any]:
+    """What every optimised attack reports: its losses, seconds and steps."""
+    return {"initial_loss": res.initial_loss, "final_loss": res.final_loss, "seconds": round(res.seconds, 3),
+            "steps": len(res.losses)}
