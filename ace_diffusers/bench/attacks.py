@@ -58,7 +58,7 @@ from ..stats import wilson_interval
 from . import attacks_report
 from .deploy import machine, write_section
 
-METHODS = ("base", "closed form", "ACE (full)", "UCE", "ESD-x")
+METHODS = attacks_report.METHODS
 DEFAULT_SHAPES = ("circle", "square", "star", "hexagon")
 BUDGETS = (0, 5, 10, 25, 50, 100, 200, 400)  # fine at the start: the base model needs few steps
 IMAGES = 32

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..eval.attacks import PROMPT_ATTACKS
 
-FINE_TUNED = "ACE (full)"
+METHODS = ("base", "closed form", "ACE (full)", "UCE", "ESD-x")  # the model states, in table order
+FINE_TUNED = METHODS[2]
 ATTACKS = (*PROMPT_ATTACKS, "discrete_tokens", "concept_vector", "concept_vector_tokens")
 NAMES = {
     "misspelling": "misspelling", "weighting": "weighting", "context": "longer prompt",

@@ -28,17 +28,25 @@ def _with_bar(attack: Callable[..., Any], what: str, steps: int, state: Any) -> 
     return run
 
 
+def _references(
+    pipe: Any, plan: EvalPlan, jobs: list[Any], settings: SoftPromptSettings, context: Callable[[], Any],
+    state: Any,
+) -> list[Any]:
+    """What the original model (inside ``context()``) does on each job's prompt: the attacks' targets."""
+    with context():
+        return distributed_map(
+            lambda job: build_soft_prompt_reference(pipe, job.prompt, settings, sampler=plan.sampler),
+            jobs, state,
+        )
+
+
 def soft_prompt_cases(
     pipe: Any, plan: EvalPlan, settings: SoftPromptSettings, context: Callable[[], Any], state: Any
 ) -> tuple[list[EvalCase], dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run the plan's soft-prompt attacks (references on the original model, inside ``context()``):
     ``(their cases, {key: prompt embeddings}, per-attack losses and seconds)``."""
     jobs = plan.soft_prompt
-    with context():
-        references = distributed_map(
-            lambda job: build_soft_prompt_reference(pipe, job.prompt, settings, sampler=plan.sampler),
-            jobs, state,
-        )
+    references = _references(pipe, plan, jobs, settings, context, state)
     results = distributed_map(
         lambda pair: _with_bar(soft_prompt_attack, "soft-prompt attack", settings.steps, state)(
             pipe, pair[0].prompt, plan.concept, neutral=plan.neutral, reference=pair[1], settings=settings,
@@ -56,13 +64,7 @@ def discrete_token_cases(
     """Run the plan's discrete-token attacks (references on the original model, inside ``context()``):
     ``(cases generating from each found text prompt, per-attack prompt, losses and seconds)``."""
     jobs = plan.discrete_tokens
-    with context():
-        references = distributed_map(
-            lambda job: build_soft_prompt_reference(
-                pipe, job.prompt, settings.reference, sampler=plan.sampler
-            ),
-            jobs, state,
-        )
+    references = _references(pipe, plan, jobs, settings.reference, context, state)
     results = distributed_map(
         lambda pair: _with_bar(discrete_token_attack, "discrete-token attack", settings.steps, state)(
             pipe, pair[0].prompt, plan.concept, reference=pair[1], settings=settings, sampler=plan.sampler),
@@ -73,9 +75,7 @@ def discrete_token_cases(
     for job, res in zip(jobs, results, strict=True):
         cases += [EvalCase(ATTACK_PREFIX + "discrete_tokens", res.prompt, s, dict(job.labels), None, None,
                            job.prompt) for s in job.seeds]
-        info.append({"prompt": job.prompt, "found": res.prompt, "exact": res.exact,
-                     "initial_loss": res.initial_loss, "final_loss": res.final_loss,
-                     "seconds": round(res.seconds, 3), "steps": len(res.losses)})
+        info.append({"prompt": job.prompt, "found": res.prompt, "exact": res.exact, **_record(res)})
     return cases, info
 
 
