@@ -37,3 +37,8 @@ class ACEHubError(ACEError, OSError):
 
 class ACETruncationWarning(UserWarning):
     """A concept is longer than the text encoder's token limit and was cut."""
+
+
+class ACEPooledPathWarning(UserWarning):
+    """An adapter without a pooled-embedding edit was loaded on a UNet that reads a pooled text embedding
+    (SDXL): the concept can still reach the model through that path."""

@@ -4,7 +4,9 @@ An ACE adapter on disk is a folder with two files (and a model card when pushed 
 
     ace_adapter.safetensors   tensors "<layer>.k_down" (r, d_text), "<layer>.k_up" (d_k, r),
                               "<layer>.v_down", "<layer>.v_up", "<layer>.gate_weight" (d_text,),
-                              "<layer>.gate_bias" (1,)
+                              "<layer>.gate_bias" (1,); format 2 may add the pooled-embedding
+                              edit "pooled.p_down" (r, d_pool), "pooled.p_up" (d_pool, r),
+                              "pooled.gate_weight" (d_pool,), "pooled.gate_bias" (1,)
     ace_config.json           format version, concepts, neutral anchors, kind, rank, fit settings,
                               base model, architecture fingerprint, weights checksum
 
@@ -27,10 +29,22 @@ from .errors import ACEAdapterFormatError
 
 WEIGHTS_NAME = "ace_adapter.safetensors"
 CONFIG_NAME = "ace_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this package reads; an adapter is written with the oldest that holds it
+POOLED_FORMAT_VERSION = 2  # the first version with a pooled-embedding edit (SDXL's ``text_embeds``)
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 TENSOR_KEYS = ("k_down", "k_up", "v_down", "v_up", "gate_weight", "gate_bias")
-WEIGHTS_METADATA = {"format": "pt", "ace_format_version": str(FORMAT_VERSION)}
+POOLED_NAME = "pooled"  # the tensor-name prefix of the pooled-embedding edit (no UNet module has this name)
+POOLED_KEYS = ("p_down", "p_up", "gate_weight", "gate_bias")
+
+
+def format_version_for(has_pooled: bool) -> int:
+    """The oldest format that holds an adapter: 1 (K/V only, readable by every release) or 2 (pooled)."""
+    return POOLED_FORMAT_VERSION if has_pooled else 1
+
+
+def weights_metadata(version: int) -> dict[str, str]:
+    """The safetensors header metadata of a weights file of format ``version``."""
+    return {"format": "pt", "ace_format_version": str(version)}
 
 
 def check_not_special(path: Path) -> None:
@@ -115,15 +129,33 @@ OPTIONAL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
+def split_pooled_tensors(
+    tensors: Mapping[str, torch.Tensor], source: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(layer tensors, {key: tensor} of the pooled edit or None)``; the pooled group checked complete."""
+    pooled = {k.partition(".")[2]: t for k, t in tensors.items() if k.startswith(POOLED_NAME + ".")}
+    if not pooled:
+        return dict(tensors), None
+    unknown = sorted(set(pooled) - set(POOLED_KEYS))
+    missing = [k for k in POOLED_KEYS if k not in pooled]
+    if unknown or missing:
+        raise ACEAdapterFormatError(
+            f"'{source}': the pooled-embedding edit has tensors {sorted(pooled)}; expected exactly "
+            f"{[f'{POOLED_NAME}.{k}' for k in POOLED_KEYS]}. Re-download or re-save the adapter."
+        )
+    rest = {k: t for k, t in tensors.items() if not k.startswith(POOLED_NAME + ".")}
+    return rest, pooled
+
+
 def group_layer_tensors(
     tensors: Mapping[str, torch.Tensor], source: Path
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer: {key: tensor}}`` from the flat ``"<layer>.<key>"`` names of a weights file, checked
-    complete; layers sorted by name."""
+    """``{layer: {key: tensor}}`` from the flat ``"<layer>.<key>"`` names of a weights file (without the
+    pooled edit: :func:`split_pooled_tensors`), checked complete; layers sorted by name."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for full_key, tensor in tensors.items():
         layer, _, key = full_key.rpartition(".")
-        if not layer or key not in TENSOR_KEYS:
+        if not layer or layer == POOLED_NAME or key not in TENSOR_KEYS:
             raise ACEAdapterFormatError(
                 f"'{source}' holds an unexpected tensor '{full_key}'; ACE adapters hold only "
                 f"'<layer>.{{{','.join(TENSOR_KEYS)}}}'."
@@ -136,9 +168,13 @@ def group_layer_tensors(
     return dict(sorted(grouped.items()))
 
 
-def fingerprint_of(shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Architecture fingerprint: cross-attention layer names with ``(d_text, d_k, d_v)`` and a hash."""
+def fingerprint_of(
+    shapes: Mapping[str, tuple[int, int, int]], pooled_dim: int | None = None
+) -> dict[str, Any]:
+    """Architecture fingerprint: cross-attention layer names with ``(d_text, d_k, d_v)`` and a hash;
+    with a pooled edit also its width (an adapter without one hashes as in format 1)."""
     layers = {name: list(shape) for name, shape in sorted(shapes.items())}
-    digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
-    return {"layers": layers, "hash": digest}
+    hashed: dict[str, Any] = layers if pooled_dim is None else {"layers": layers, POOLED_NAME: pooled_dim}
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
+    return {"layers": layers, **({POOLED_NAME: pooled_dim} if pooled_dim is not None else {}), "hash": digest}
 

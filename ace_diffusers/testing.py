@@ -25,7 +25,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .core.adapter import ACEAdapter
-from .core.factors import LayerFactors
+from .core.factors import LayerFactors, PooledFactors
 from .integration.modules import layer_shapes
 
 CLIP_VOCAB_SIZE = 49408
@@ -225,8 +225,10 @@ def random_adapter(
     gate_bias: float = 0.0,
     concepts: tuple[str, ...] = ("random concept",),
     magnitude: float = 0.5,
+    pooled_dim: int | None = None,
 ) -> ACEAdapter:
-    """A random adapter matching ``unet``'s cross-attention layers (for mechanics tests only)."""
+    """A random adapter matching ``unet``'s cross-attention layers (for mechanics tests only);
+    ``pooled_dim``: also a random edit of a pooled embedding of that width (SDXL-style UNets)."""
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -243,4 +245,14 @@ def random_adapter(
             gate_weight=randn(d_text) / d_text**0.5,
             gate_bias=torch.tensor([gate_bias]),
         )
-    return ACEAdapter(layers, concepts=list(concepts), neutral=[""] * len(concepts), method="random")
+    pooled = None
+    if pooled_dim is not None:
+        pooled = PooledFactors(
+            p_down=randn(rank, pooled_dim) / pooled_dim**0.5,
+            p_up=randn(pooled_dim, rank) * magnitude,
+            gate_weight=randn(pooled_dim) / pooled_dim**0.5,
+            gate_bias=torch.tensor([gate_bias]),
+        )
+    return ACEAdapter(
+        layers, concepts=list(concepts), neutral=[""] * len(concepts), method="random", pooled=pooled
+    )

@@ -33,9 +33,14 @@ from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_sha
 COUNTS = (1, 10, 100)
 
 
-def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int) -> int:
-    """Per layer: A_k, A_v (r x d_text), B_k (d_k x r), B_v (d_v x r), gate (d_text + 1)."""
-    return sum(rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values())
+SDXL_POOLED_DIM = 1280  # SDXL's pooled text embedding (text_encoder_2's projection width)
+
+
+def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int, pooled_dim: int = 0) -> int:
+    """Per layer: A_k, A_v (r x d_text), B_k (d_k x r), B_v (d_v x r), gate (d_text + 1); with a pooled
+    edit also A_p (r x d_pool), B_p (d_pool x r), its gate (d_pool + 1)."""
+    pooled = 2 * min(rank, pooled_dim) * pooled_dim + pooled_dim + 1 if pooled_dim else 0
+    return pooled + sum(rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values())
 
 
 def sizes() -> list[dict[str, Any]]:
@@ -43,12 +48,12 @@ def sizes() -> list[dict[str, Any]]:
         sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         sdxl = sdxl_shaped_unet()
     rows = []
-    for model, unet in (("SD1.5", sd15), ("SDXL", sdxl)):
+    for model, unet, pooled_dim in (("SD1.5", sd15, 0), ("SDXL", sdxl, SDXL_POOLED_DIM)):
         shapes = layer_shapes(unet)
         d_text = next(iter(shapes.values()))[0]
         for n in COUNTS:
             rank = default_rank(n, d_text)
-            params = adapter_parameters(shapes, rank)
+            params = adapter_parameters(shapes, rank, pooled_dim)
             rows.append({"model": model, "layers": len(shapes), "concepts": n, "rank": rank,
                          "parameters": params, "mb_fp16": round(params * 2 / 2**20, 2),
                          "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1)})

@@ -16,6 +16,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from .. import helptext
+from ..fitting.pooled import describe_pooled_shift
 from ..fitting.trainer import ACETrainer
 from ..shapes.pipeline import load_shapes_pipeline
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter.base_model = args.model
     folder = trainer.save(args.output)
     print(f"{adapter!r} fitted in {adapter.fit['seconds']:.1f} s; saved to {folder}")
+    if "pooled" in adapter.fit:
+        print(describe_pooled_shift(adapter.fit["pooled"]))
     if args.push_to_hub:
         url = trainer.push_to_hub(args.push_to_hub, private=args.private)
         print(f"published: {url}")

@@ -23,26 +23,30 @@ from .._io import atomic_save_safetensors, atomic_write_text, staged_directory, 
 from ..errors import ACEAdapterFormatError, ACEArchitectureMismatchError
 from ..format import (
     CONFIG_NAME,
-    FORMAT_VERSION,
+    POOLED_NAME,
     TENSOR_KEYS,
-    WEIGHTS_METADATA,
     WEIGHTS_NAME,
     check_not_special,
     fingerprint_of,
+    format_version_for,
     group_layer_tensors,
     read_config,
+    split_pooled_tensors,
+    weights_metadata,
 )
 from ..hub.card import base_model_license, build_model_card
 from ..hub.download import clean_subfolder, resolve_adapter_dir
 from ..hub.push import push_adapter_folder
 from ..version import __version__
-from .factors import LayerFactors, all_finite
+from .factors import LayerFactors, PooledFactors, all_finite
 
 
 class ACEAdapter:
     """A frozen concept-erasure edit for the cross-attention K/V projections of one UNet architecture.
 
     It stores *what is applied*; how it was found (closed form, trainer) is recorded in ``fit`` only.
+    ``pooled``: the edit of the pooled text embedding, for UNets that also read one (SDXL's
+    ``text_embeds``); ``None`` for SD 1.x/2.x.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class ACEAdapter:
         fit: Mapping[str, Any] | None = None,
         base_model: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        pooled: PooledFactors | None = None,
     ) -> None:
         if not layers:
             raise ACEAdapterFormatError("An ACEAdapter needs at least one layer; got none.")
@@ -67,7 +72,9 @@ class ACEAdapter:
         self.fit = dict(fit or {})
         self.base_model = base_model
         self.extra = dict(extra or {})
+        self.pooled = pooled
         _validate_layers(self.layers)
+        _validate_pooled(pooled)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -76,13 +83,19 @@ class ACEAdapter:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return fingerprint_of({name: f.shape for name, f in self.layers.items()})
+        pooled_dim = self.pooled.dim if self.pooled is not None else None
+        return fingerprint_of({name: f.shape for name, f in self.layers.items()}, pooled_dim)
+
+    @property
+    def format_version(self) -> int:
+        """The adapter-file format this adapter is written in (the oldest that holds it)."""
+        return format_version_for(self.pooled is not None)
 
     @property
     def config(self) -> dict[str, Any]:
         """Everything but the tensors, as written to ``ace_config.json``."""
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "concepts": self.concepts,
             "neutral": self.neutral,
             "kind": self.kind,
@@ -97,15 +110,19 @@ class ACEAdapter:
         }
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for f in self.layers.values() for t in f.tensors().values())
+        return sum(t.numel() for t in self.state_dict().values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": t for name, f in self.layers.items() for key, t in f.tensors().items()}
+        tensors = {f"{name}.{key}": t for name, f in self.layers.items() for key, t in f.tensors().items()}
+        if self.pooled is not None:
+            tensors.update({f"{POOLED_NAME}.{key}": t for key, t in self.pooled.tensors().items()})
+        return tensors
 
     def to(self, *args: Any, **kwargs: Any) -> ACEAdapter:
         """A copy with every tensor converted, e.g. ``adapter.to(torch.float16)``."""
         layers = {name: f.to(*args, **kwargs) for name, f in self.layers.items()}
-        return self._with_layers(layers)
+        pooled = self.pooled.to(*args, **kwargs) if self.pooled is not None else None
+        return self._with_layers(layers, pooled=pooled)
 
     def restricted(self, layer_shapes: Mapping[str, tuple[int, int, int]]) -> ACEAdapter:
         """The same edit on a subset of the layers: those of a model that shares some of the UNet's
@@ -122,7 +139,7 @@ class ACEAdapter:
         adapter.check_compatible(layer_shapes)
         return adapter
 
-    def _with_layers(self, layers: Mapping[str, LayerFactors]) -> ACEAdapter:
+    def _with_layers(self, layers: Mapping[str, LayerFactors], **changes: Any) -> ACEAdapter:
         return ACEAdapter(
             layers,
             concepts=self.concepts,
@@ -132,12 +149,14 @@ class ACEAdapter:
             fit=self.fit,
             base_model=self.base_model,
             extra=self.extra,
+            pooled=changes.get("pooled", self.pooled),
         )
 
     def __repr__(self) -> str:
         return (
             f"ACEAdapter(concepts={self.concepts!r}, kind={self.kind!r}, rank={self.rank}, "
-            f"layers={len(self.layers)}, method={self.method!r})"
+            f"layers={len(self.layers)}, method={self.method!r}"
+            f"{', pooled=True' if self.pooled is not None else ''})"
         )
 
     # ------------------------------------------------------------------ compatibility
@@ -181,7 +200,9 @@ class ACEAdapter:
         with staged_directory(
             target, carry_over=lambda item: item.name not in (WEIGHTS_NAME, CONFIG_NAME)
         ) as staging:
-            atomic_save_safetensors(staging / WEIGHTS_NAME, self.state_dict(), WEIGHTS_METADATA)
+            atomic_save_safetensors(
+                staging / WEIGHTS_NAME, self.state_dict(), weights_metadata(self.format_version)
+            )
             atomic_write_text(
                 staging / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=False) + "\n"
             )
@@ -230,8 +251,10 @@ class ACEAdapter:
                 f"'{weights_path}' is not a readable safetensors file ({err}). It is truncated or corrupted: "
                 "re-download or re-save the adapter."
             ) from err
+        layer_tensors, pooled = split_pooled_tensors(tensors, weights_path)
         layers = {
-            name: LayerFactors(**group) for name, group in group_layer_tensors(tensors, weights_path).items()
+            name: LayerFactors(**group)
+            for name, group in group_layer_tensors(layer_tensors, weights_path).items()
         }
         adapter = cls(
             layers,
@@ -242,9 +265,19 @@ class ACEAdapter:
             fit=config.get("fit"),
             base_model=config.get("base_model"),
             extra=config.get("extra"),
+            pooled=PooledFactors(**pooled) if pooled is not None else None,
         )
-        recorded = (config.get("fingerprint") or {}).get("layers")
-        if recorded is not None and recorded != adapter.fingerprint["layers"]:
+        if pooled is not None and config["format_version"] < adapter.format_version:
+            raise ACEAdapterFormatError(
+                f"'{folder}': {CONFIG_NAME} says format version {config['format_version']} but the weights "
+                "hold a pooled-embedding edit (format 2); the two files come from different adapters."
+            )
+        recorded_print = config.get("fingerprint") or {}
+        recorded = recorded_print.get("layers")
+        if recorded is not None and (
+            recorded != adapter.fingerprint["layers"]
+            or recorded_print.get(POOLED_NAME) != adapter.fingerprint.get(POOLED_NAME)
+        ):
             raise ACEAdapterFormatError(
                 f"'{folder}': the tensors do not match the architecture fingerprint recorded in "
                 f"{CONFIG_NAME}; "
@@ -343,3 +376,16 @@ def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
                 f"gate_weight {tuple(f.gate_weight.shape)}, gate_bias {tuple(f.gate_bias.shape)}; expected "
                 "(r, d_text), (d_k, r), (r, d_text), (d_v, r), (d_text,), (1,)."
             )
+
+
+def _validate_pooled(pooled: PooledFactors | None) -> None:
+    if pooled is None:
+        return
+    if not isinstance(pooled, PooledFactors):
+        raise ACEAdapterFormatError(
+            f"pooled: expected a PooledFactors (p_down, p_up, gate_weight, gate_bias) or None, got "
+            f"{type(pooled).__name__}."
+        )
+    problem = pooled.problems()
+    if problem is not None:
+        raise ACEAdapterFormatError(f"The pooled-embedding edit is corrupted: {problem}.")

@@ -11,6 +11,10 @@ values the same way::
 forward pass, the fitters, baking/fusing and the figures). It is mixed into :class:`LayerFactors` (plain
 tensors: what is saved, fitted and baked) and into the processor's buffer module, so the attention
 forward and every offline computation run the same operations in the same order.
+
+SDXL also feeds the pooled text embedding ``p`` (``text_embeds``) into the time conditioning, where no
+cross-attention sees it. :class:`PooledFactors` edits it with the same formula and one projection
+``"p"``: ``p' = p + m · g(p) · (p A_pᵀ) B_pᵀ`` (A_p = p_down (r, d_pool), B_p = p_up (d_pool, r)).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import Any
 import torch
 
 from ..errors import ACEAdapterFormatError
-from ..format import TENSOR_KEYS
+from ..format import POOLED_KEYS, TENSOR_KEYS
 
 PROJECTIONS = ("k", "v")
+POOLED_PROJECTION = "p"
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -96,13 +101,7 @@ class LayerFactors(GatedLowRank):
     gate_bias: torch.Tensor
 
     def __post_init__(self) -> None:
-        for key in TENSOR_KEYS:
-            value = getattr(self, key)
-            if not isinstance(value, torch.Tensor):
-                raise ACEAdapterFormatError(
-                    f"LayerFactors.{key} must be a torch.Tensor, got {type(value).__name__}; convert it "
-                    "with torch.as_tensor(..., dtype=torch.float32)."
-                )
+        _check_tensors("LayerFactors", {key: getattr(self, key) for key in TENSOR_KEYS})
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -118,3 +117,61 @@ class LayerFactors(GatedLowRank):
 
     def to(self, *args: Any, **kwargs: Any) -> LayerFactors:
         return LayerFactors(**{k: v.to(*args, **kwargs) for k, v in self.tensors().items()})
+
+
+def _check_tensors(owner: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            raise ACEAdapterFormatError(
+                f"{owner}.{key} must be a torch.Tensor, got {type(value).__name__}; convert it "
+                "with torch.as_tensor(..., dtype=torch.float32)."
+            )
+
+
+@dataclass
+class PooledFactors(GatedLowRank):
+    """The edit of the pooled text embedding: ``p' = p + g(p)·(p A_pᵀ) B_pᵀ`` (projection ``"p"``)."""
+
+    p_down: torch.Tensor
+    p_up: torch.Tensor
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+
+    def __post_init__(self) -> None:
+        _check_tensors("PooledFactors", self.tensors())
+
+    @property
+    def dim(self) -> int:
+        """``d_pool``: the width of the pooled embedding this edit reads and writes."""
+        return self.p_down.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.p_down.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in POOLED_KEYS}
+
+    def to(self, *args: Any, **kwargs: Any) -> PooledFactors:
+        return PooledFactors(**{k: v.to(*args, **kwargs) for k, v in self.tensors().items()})
+
+    def problems(self) -> str | None:
+        """What is wrong with the shapes or values, or None (for the adapter's checks)."""
+        r, d = self.p_down.shape if self.p_down.ndim == 2 else (0, 0)
+        ok = (
+            r > 0
+            and self.p_up.shape == (d, r)
+            and self.gate_weight.shape == (d,)
+            and self.gate_bias.numel() == 1
+        )
+        if not ok:
+            return (
+                f"inconsistent factor shapes p_down {tuple(self.p_down.shape)}, "
+                f"p_up {tuple(self.p_up.shape)}, "
+                f"gate_weight {tuple(self.gate_weight.shape)}, gate_bias {tuple(self.gate_bias.shape)}; "
+                "expected (r, d_pool), (d_pool, r), (d_pool,), (1,)"
+            )
+        for key, t in self.tensors().items():
+            if not t.is_floating_point() or not all_finite(t):
+                return f"tensor '{key}' must be floating-point and finite"
+        return None

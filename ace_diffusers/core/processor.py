@@ -37,7 +37,28 @@ from .factors import GatedLowRank
 ACE_STACK_ATTR = "ace_stack"
 
 
-class ACELayerDelta(nn.Module, GatedLowRank):
+class SwitchedDelta(nn.Module):
+    """One adapter's frozen factors in one place (non-persistent buffers) with its 0-d switches
+    ``scale`` and ``active``; the attention layers' and the pooled embedding's deltas share this."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(name, value, persistent=False)
+        ref = next(iter(tensors.values()))
+        self.register_buffer(
+            "scale", torch.tensor(float(scale), dtype=ref.dtype, device=ref.device), persistent=False
+        )
+        self.register_buffer(
+            "active", torch.tensor(1.0, dtype=ref.dtype, device=ref.device), persistent=False
+        )
+
+    def multiplier(self, enabled: torch.Tensor) -> torch.Tensor:
+        """``m = enabled · scale · active``: 0-d tensors changed in place (no recompilation)."""
+        return enabled * self.scale * self.active
+
+
+class ACELayerDelta(SwitchedDelta, GatedLowRank):
     """One adapter's gated low-rank K/V delta for one cross-attention layer (frozen buffers).
 
     The formula is :class:`~ace_diffusers.core.factors.GatedLowRank`'s, shared with every offline use.
@@ -53,27 +74,8 @@ class ACELayerDelta(nn.Module, GatedLowRank):
         gate_bias: torch.Tensor,
         scale: float = 1.0,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("k_down", k_down),
-            ("k_up", k_up),
-            ("v_down", v_down),
-            ("v_up", v_up),
-            ("gate_weight", gate_weight),
-            ("gate_bias", gate_bias.reshape(1)),
-        ):
-            self.register_buffer(name, value, persistent=False)
-        ref = k_down
-        self.register_buffer(
-            "scale", torch.tensor(float(scale), dtype=ref.dtype, device=ref.device), persistent=False
-        )
-        self.register_buffer(
-            "active", torch.tensor(1.0, dtype=ref.dtype, device=ref.device), persistent=False
-        )
-
-    def multiplier(self, enabled: torch.Tensor) -> torch.Tensor:
-        """``m = enabled · scale · active``: 0-d tensors changed in place (no recompilation)."""
-        return enabled * self.scale * self.active
+        tensors = {"k_down": k_down, "k_up": k_up, "v_down": v_down, "v_up": v_up}
+        super().__init__({**tensors, "gate_weight": gate_weight, "gate_bias": gate_bias.reshape(1)}, scale)
 
 
 class ACEAdapterStack(nn.Module):

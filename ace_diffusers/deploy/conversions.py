@@ -49,5 +49,7 @@ def carry_adapters(source: nn.Module, target: nn.Module) -> list[str]:
     set_enabled(target, float(next(iter(adapter_stacks(source))).enabled) != 0.0)
     state = fused_state(source)
     if state is not None:  # the fused weights came with the copy; so does the record that undoes them
-        target.__dict__[FUSED_ATTR] = FusedState(dict(state.originals), dict(state.adapters))
+        target.__dict__[FUSED_ATTR] = FusedState(
+            dict(state.originals), dict(state.adapters), state.pooled_original
+        )
     return list(adapters)

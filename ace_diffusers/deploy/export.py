@@ -20,6 +20,9 @@ Key formats (``format=`` names the layout or the tool that loads it, :data:`TOOL
   UNets); SDXL kohya files from kohya's own trainer use SGM block names instead, which diffusers also
   reads, but other tools may expect them. ComfyUI and AUTOMATIC1111 read this layout (and no PEFT
   key of an SD UNet), so it is the command line's default.
+* An adapter with a pooled-embedding edit (SDXL) adds one module, ``add_embedding.linear_1`` (kohya: its
+  original-UNet name ``label_emb.0.0``, which diffusers' kohya reader maps back), carrying that edit
+  with its gate dropped (:func:`pooled_lora_factors`).
 
 diffusers' ``pipe.load_lora_weights`` logs "No LoRA keys associated to CLIPTextModel" for every
 UNet-only LoRA (its text-encoder step finds nothing); ``pipe.unet.load_lora_adapter(path,
@@ -41,7 +44,7 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS
 from ..errors import ACEValueError
 from ..integration.attach import adapter_scale, loaded_adapters, single_loaded_adapter
-from ..integration.modules import get_unet
+from ..integration.modules import get_unet, pooled_embedding_module, projection_weight
 from ..version import __version__
 from .bake import BakedEdit, BakeSettings, bake
 from .fuse import fused_state
@@ -106,6 +109,51 @@ def _plain_factors(
     }, baked
 
 
+POOLED_LORA_MODULE = "add_embedding.linear_1"  # the layer that reads SDXL's pooled embedding
+# kohya names SDXL's added-conditioning MLP as the original (SGM) UNet does; diffusers' kohya reader maps
+# "label_emb.0.0" back to add_embedding.linear_1 and drops a diffusers-spelled key
+KOHYA_NAMES = {POOLED_LORA_MODULE: "label_emb.0.0"}
+
+
+def pooled_lora_factors(
+    adapter: ACEAdapter, pipe: Any, *, scale: float, rank: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(down, up)`` of the LoRA on ``add_embedding.linear_1`` that carries the pooled edit: that layer
+    reads ``[p, t]``, and ``W[:, :d] (p + s·B_p A_p p)`` adds ``(W[:, :d] s·B_p) (A_p p)``, so
+    ``down = [A_p, 0]`` and ``up = W[:, :d] s·B_p`` (the gate dropped, as fusing does). None without a
+    pooled edit."""
+    if adapter.pooled is None:
+        return None
+    module = pooled_embedding_module(get_unet(pipe)) if pipe is not None else None
+    if module is None:
+        raise ACEValueError(
+            "This adapter also edits the pooled text embedding (SDXL), and a LoRA carries that edit on the "
+            "UNet's add_embedding.linear_1, whose weights the export needs: pass the SDXL pipeline it was "
+            "fitted for (pipe=...)."
+        )
+    weight = projection_weight(module.linear_1).detach().cpu().double()
+    dim = adapter.pooled.dim
+    down = torch.zeros(adapter.pooled.rank, weight.shape[1], dtype=torch.float64)
+    down[:, :dim] = adapter.pooled.p_down.detach().cpu().double()
+    up = weight[:, :dim] @ adapter.pooled.p_up.detach().cpu().double() * float(scale)
+    if rank is not None and rank < down.shape[0]:
+        u, s, vh = torch.linalg.svd(up @ down, full_matrices=False)
+        down, up = vh[:rank], u[:, :rank] * s[:rank]
+    return down.float(), up.float()
+
+
+def _module_tensors(
+    module: str, down: torch.Tensor, up: torch.Tensor, format: str, rank: int
+) -> dict[str, torch.Tensor]:
+    """One module's LoRA tensors in ``format``'s key layout."""
+    down, up = down.contiguous(), up.contiguous()
+    if format == "diffusers-lora":
+        return {f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up}
+    key = "lora_unet_" + KOHYA_NAMES.get(module, module).replace(".", "_")
+    alpha = torch.tensor(float(rank), dtype=down.dtype)
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": alpha}
+
+
 def _pad(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad factors to ``rank`` so every module has the same rank (one LoRA config, scaling 1)."""
     missing = rank - down.shape[0]
@@ -138,23 +186,17 @@ def lora_state_dict(
     factors, baked = _plain_factors(
         adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked
     )
-    r = max(down.shape[0] for layer in factors.values() for down, _ in layer.values())
+    modules = {f"{name}.to_{proj}": factors[name][proj] for name in sorted(factors) for proj in PROJECTIONS}
+    pooled = pooled_lora_factors(adapter, pipe, scale=scale, rank=rank)
+    if pooled is not None:
+        modules[POOLED_LORA_MODULE] = pooled
+    r = max(down.shape[0] for down, _ in modules.values())
     tensors: dict[str, torch.Tensor] = {}
     targets = []
-    for name in sorted(factors):
-        for proj in PROJECTIONS:
-            down, up = _pad(*factors[name][proj], r)
-            down, up = down.to(dtype).contiguous(), up.to(dtype).contiguous()
-            if format == "diffusers-lora":
-                module = f"{name}.to_{proj}"
-                targets.append(module)
-                tensors[f"unet.{module}.lora_A.weight"] = down
-                tensors[f"unet.{module}.lora_B.weight"] = up
-            else:
-                module = "lora_unet_" + f"{name}.to_{proj}".replace(".", "_")
-                tensors[f"{module}.lora_down.weight"] = down
-                tensors[f"{module}.lora_up.weight"] = up
-                tensors[f"{module}.alpha"] = torch.tensor(float(r), dtype=dtype)
+    for module, pair in modules.items():
+        down, up = _pad(*pair, r)
+        tensors.update(_module_tensors(module, down.to(dtype), up.to(dtype), format, r))
+        targets.append(module)
 
     metadata = {
         "format": "pt",

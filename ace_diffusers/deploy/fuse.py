@@ -5,6 +5,10 @@ weights in place, keeps a CPU copy of the original weights, and switches the ada
 (its ``active`` multiplier is set to 0), so nothing is applied twice. :func:`unfuse_adapter` copies the
 originals back (bit-exact) and switches the gated path back on. The fuse call returns the
 :func:`.fidelity.fidelity` figures of each fused adapter and keeps them (:func:`fused_reports`).
+
+An adapter with a pooled-embedding edit (SDXL) is fused into ``add_embedding.linear_1`` too: that layer
+reads ``[p, t]`` (pooled embedding, time ids), so replacing ``p`` by ``p + s·B_p A_p p`` (the edit with its
+gate at 1, as the K/V bake averages the gate away) is ``W[:, :d] ← W[:, :d] (I + s·B_p A_p)``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from ..integration.attach import (
 )
 from ..integration.carriers import controlnets
 from ..integration.consistency import changing_state
-from ..integration.modules import cross_attention_modules, get_unet, projection_weight
+from ..integration.modules import (
+    cross_attention_modules,
+    get_unet,
+    pooled_embedding_module,
+    projection_weight,
+)
 from .bake import BakedEdit, BakeSettings, bake
 from .fidelity import fidelity
 
@@ -44,6 +53,7 @@ class FusedAdapter:
     baked: BakedEdit
     report: dict[str, dict[str, float]]
     active_before: float
+    pooled_delta: torch.Tensor | None = None  # float64 change of add_embedding.linear_1's weight (SDXL)
 
 
 @dataclass
@@ -52,6 +62,7 @@ class FusedState:
 
     originals: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # CPU copies, original dtype
     adapters: dict[str, FusedAdapter] = field(default_factory=dict)  # in fuse order
+    pooled_original: torch.Tensor | None = None  # add_embedding.linear_1's weight before fusing (SDXL)
 
 
 def fuse_fidelity(
@@ -177,7 +188,9 @@ def fuse_adapter(
         baked = bake(pipe, adapter, scale=adapter_scale(unet, name), settings=settings)
         report = fidelity(pipe, adapter, baked, prompt_sets, base_weights=base)
         delta = next(iter(adapter_deltas(unet, name)))
-        planned[name] = FusedAdapter(baked=baked, report=report, active_before=float(delta.active))
+        original = state.pooled_original if state is not None else None
+        pooled = pooled_weight_delta(unet, adapter, adapter_scale(unet, name), original)
+        planned[name] = FusedAdapter(baked, report, float(delta.active), pooled)
 
     with changing_state(unet):  # no forward of another thread sees half-fused weights
         if state is None:
@@ -193,11 +206,42 @@ def fuse_adapter(
                 for record in planned.values():
                     new = _add_delta(new, record.baked.layers[layer].delta_weight(proj))
                 weight.data.copy_(new.to(weight.device))
+        _fuse_pooled(unet, state, [r.pooled_delta for r in planned.values() if r.pooled_delta is not None])
         for name, record in planned.items():
             for delta in adapter_deltas(unet, name):
                 delta.active.fill_(0.0)
             state.adapters[name] = record
     return {name: record.report for name, record in planned.items()}
+
+
+def pooled_weight_delta(
+    unet: nn.Module, adapter: ACEAdapter, scale: float, original: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``W[:, :d] · s·B_p A_p`` padded with zero columns to ``add_embedding.linear_1``'s weight (float64,
+    CPU): what fusing ``adapter``'s pooled edit adds to it; None without a pooled edit. ``W`` is the
+    weight before anything was fused (``original``, if some adapter is), as the hook adds every adapter's
+    edit of the same ``p``."""
+    module = pooled_embedding_module(unet)
+    if adapter.pooled is None or module is None:
+        return None
+    weight = original if original is not None else projection_weight(module.linear_1).detach()
+    weight = weight.cpu().double()
+    dim = adapter.pooled.dim
+    delta = torch.zeros_like(weight)
+    delta[:, :dim] = weight[:, :dim] @ (adapter.pooled.delta_weight("p").double() * float(scale))
+    return delta
+
+
+def _fuse_pooled(unet: nn.Module, state: FusedState, deltas: list[torch.Tensor]) -> None:
+    if not deltas:
+        return
+    weight = projection_weight(pooled_embedding_module(unet).linear_1)
+    if state.pooled_original is None:
+        state.pooled_original = weight.detach().to("cpu", copy=True)
+    new = weight.detach().cpu()
+    for delta in deltas:
+        new = _add_delta(new, delta)
+    weight.data.copy_(new.to(weight.device))
 
 
 def _add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -237,23 +281,35 @@ def unfuse_adapter(pipe: Any) -> list[str]:
 
 
 def _restore_weights(unet: nn.Module, state: FusedState) -> list[str]:
-    """Put the original K/V weights back; returns the weights changed since fusing (ACE part subtracted)."""
+    """Put the original K/V (and pooled-input) weights back; returns the weights changed since fusing (ACE
+    part subtracted)."""
     modules = cross_attention_modules(unet)
     changed = []
     for (layer, proj), original in state.originals.items():
         linear = getattr(modules[layer], f"to_{proj}")
-        weight = projection_weight(linear)
-        expected = original
-        for record in state.adapters.values():
-            expected = _add_delta(expected, record.baked.layers[layer].delta_weight(proj))
-        current = weight.detach().cpu()
-        if current.dtype == expected.dtype and torch.equal(current, expected):
-            weight.data.copy_(original.to(weight.device))
-        else:
+        deltas = [record.baked.layers[layer].delta_weight(proj) for record in state.adapters.values()]
+        if not _restore(projection_weight(linear), original, deltas):
             changed.append(f"{layer}.to_{proj}")
-            applied = expected.double() - original.double()
-            weight.data.copy_((current.double() - applied).to(weight.dtype).to(weight.device))
+    if state.pooled_original is not None:
+        deltas = [r.pooled_delta for r in state.adapters.values() if r.pooled_delta is not None]
+        weight = projection_weight(pooled_embedding_module(unet).linear_1)
+        if not _restore(weight, state.pooled_original, deltas):
+            changed.append("add_embedding.linear_1")
     return changed
+
+
+def _restore(weight: torch.Tensor, original: torch.Tensor, deltas: list[torch.Tensor]) -> bool:
+    """Put ``original`` back if ``weight`` is still original + ``deltas`` (True); else subtract them."""
+    expected = original
+    for delta in deltas:
+        expected = _add_delta(expected, delta)
+    current = weight.detach().cpu()
+    if current.dtype == expected.dtype and torch.equal(current, expected):
+        weight.data.copy_(original.to(weight.device))
+        return True
+    applied = expected.double() - original.double()
+    weight.data.copy_((current.double() - applied).to(weight.dtype).to(weight.device))
+    return False
 
 
 def check_not_fused(pipe: Any, names: str | Sequence[str]) -> None:

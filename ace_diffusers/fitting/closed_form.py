@@ -26,6 +26,7 @@ from ..integration.modules import cross_attention_modules, get_unet, projection_
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
 from .neighbours import mine_neighbours, mining_record
+from .pooled import fit_pooled
 from .presets import ErasureSpec, resolve_spec
 from .solvers import FitData, default_rank, fit_gate, low_rank_edits, solve_text_map
 from .text import TextEmbedder
@@ -54,7 +55,7 @@ def fit_adapter(
     check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
     check_fit_size(embedder, spec, settings, d_text)
-    with tqdm(total=4, desc="ACE closed form", disable=not progress, leave=False) as bar:
+    with tqdm(total=5, desc="ACE closed form", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("mining neighbours")
         if neighbours is None:
             neighbours = mine_neighbours(
@@ -71,6 +72,9 @@ def fit_adapter(
         bar.set_postfix_str("low-rank edits")
         layers = _layer_factors(modules, h, root, rank, gate_w, gate_b)
         bar.update()
+        bar.set_postfix_str("pooled embedding")
+        pooled = fit_pooled(pipe, fit_jobs(spec, settings, neighbours), settings, rank)
+        bar.update()
 
     fit = {
         "settings": {**settings.to_dict(), "rank": rank},
@@ -79,6 +83,7 @@ def fit_adapter(
         "preserve": spec.preserve,
         "mined_neighbours": mining_record(spec, neighbours, settings.neighbours),
         "stats": stats,
+        **({"pooled": {k: round(v, 6) for k, v in pooled[1].items()}} if pooled is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
@@ -90,6 +95,7 @@ def fit_adapter(
         method="closed-form",
         fit=fit,
         base_model=base_model if isinstance(base_model, str) else None,
+        pooled=pooled[0] if pooled is not None else None,
     )
 
 

@@ -406,4 +406,5 @@ class ACETrainer:
             method="ace",
             fit=fit,
             base_model=base.base_model,
+            pooled=base.pooled,  # the closed form's pooled edit (SDXL), kept as fitted
         )

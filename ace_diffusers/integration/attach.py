@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,11 +22,33 @@ from torch import nn
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors, all_finite
+from ..core.pooled import (
+    ACEPooledDelta,
+    ACEPooledStack,
+    get_pooled_stack,
+    install_pooled_stack,
+    uninstall_pooled_stack,
+)
 from ..core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACELayerDelta, get_stack
-from ..errors import ACEAdapterFormatError, ACEAdapterNameError, ACECompatibilityError, ACEValueError
+from ..errors import (
+    ACEAdapterFormatError,
+    ACEAdapterNameError,
+    ACEArchitectureMismatchError,
+    ACECompatibilityError,
+    ACEPooledPathWarning,
+    ACEValueError,
+)
 from . import compat
 from .consistency import changing_state
-from .modules import attention_modules, cross_attention_modules, layer_shapes, projection_weight, unwrap_model
+from .modules import (
+    attention_modules,
+    cross_attention_modules,
+    layer_shapes,
+    pooled_embedding_module,
+    pooled_width_problem,
+    projection_weight,
+    unwrap_model,
+)
 
 _ADAPTERS_ATTR = "_ace_adapters"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -163,6 +186,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
             factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
             check_factors_fit_layer(layer, factors, attn)
             deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
+        pooled = _pooled_delta(unet, adapter, scale)
 
         compat.install(unet, attention_modules(unet))
         for layer, attn in modules.items():
@@ -171,7 +195,53 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
                 stack = ACEAdapterStack(projection_weight(attn.to_k))
                 attn.add_module(ACE_STACK_ATTR, stack)
             stack.adapters[name] = deltas[layer]
+        if pooled is not None:
+            module = pooled_embedding_module(unet)
+            install_pooled_stack(module, adapter.pooled.dim, projection_weight(module.linear_1)).adapters[
+                name
+            ] = pooled
         adapters[name] = adapter
+
+
+def _pooled_delta(unet: nn.Module, adapter: ACEAdapter, scale: float) -> ACEPooledDelta | None:
+    """The run-time pooled edit of ``adapter`` on ``unet`` (checked), or None; warns when ``unet`` reads a
+    pooled embedding the adapter does not edit."""
+    module = pooled_embedding_module(unet)
+    if adapter.pooled is None:
+        if module is not None:
+            warnings.warn(
+                f"ACE adapter {adapter.concepts[:3]} edits the cross-attention only, but this UNet also "
+                "reads a pooled text embedding (SDXL's text_embeds), which still carries the concept. "
+                "Re-fit the adapter with this ace-diffusers (erase_concept / ACETrainer fit the pooled edit "
+                "too).",
+                ACEPooledPathWarning,
+                stacklevel=4,
+            )
+        return None
+    problem = pooled_width_problem(unet, adapter.pooled.dim)
+    if problem is not None:
+        raise ACEArchitectureMismatchError(
+            f"The adapter edits a {adapter.pooled.dim}-d pooled text embedding, but {problem}. Load an "
+            "adapter fitted for this base model, or fit a new one with erase_concept()."
+        )
+    weight = projection_weight(module.linear_1)
+    factors = adapter.pooled.to(device=weight.device, dtype=weight.dtype)
+    problem = factors.problems()
+    if problem is not None:
+        raise ACEAdapterFormatError(
+            f"The pooled-embedding edit does not fit this UNet's dtype {weight.dtype}: {problem}. Load the "
+            "pipeline in float32 (or bfloat16), or use another adapter."
+        )
+    # the edit maps p to p + g·B A p: bounded by MAX_DELTA_RATIO times the identity it adds to, as K/V are
+    edit = float(torch.linalg.matrix_norm(factors.delta_weight("p").detach().float()))
+    gate = max(float(factors.gate_weight.float().abs().max()), float(factors.gate_bias.float().abs().max()))
+    if not (edit <= MAX_DELTA_RATIO * factors.dim**0.5 and gate <= MAX_GATE):
+        raise ACEAdapterFormatError(
+            f"The pooled-embedding edit has norm {edit:.3g} and gate values up to {gate:.3g}, beyond "
+            f"{MAX_DELTA_RATIO:g}x the identity it adds to or {MAX_GATE:g}; the adapter file is corrupted. "
+            "Re-download it or fit a new one."
+        )
+    return ACEPooledDelta(**factors.tensors(), scale=scale)
 
 
 def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
@@ -184,26 +254,37 @@ def detach_adapter(unet: nn.Module, name: str) -> ACEAdapter:
             stack = get_stack(attn)
             if stack is not None and name in stack.adapters:
                 del stack.adapters[name]
+        pooled = _pooled_stack(unet)
+        if pooled is not None and name in pooled.adapters:
+            del pooled.adapters[name]
         adapter = adapters.pop(name)
         if not adapters:
             _uninstall(unet)
         return adapter
 
 
-def adapter_deltas(unet: nn.Module, name: str) -> Iterable[ACELayerDelta]:
-    """The buffers of adapter ``name`` in every cross-attention layer."""
-    for attn in cross_attention_modules(unet).values():
-        stack = get_stack(attn)
-        if stack is not None and name in stack.adapters:
+def adapter_deltas(unet: nn.Module, name: str) -> Iterable[ACELayerDelta | ACEPooledDelta]:
+    """The buffers of adapter ``name`` in every cross-attention layer, then its pooled edit (if any):
+    everything whose switches move together."""
+    for stack in adapter_stacks(unet):
+        if name in stack.adapters:
             yield stack.adapters[name]
 
 
-def adapter_stacks(unet: nn.Module) -> Iterable[ACEAdapterStack]:
-    """Every cross-attention layer's adapter store."""
+def adapter_stacks(unet: nn.Module) -> Iterable[ACEAdapterStack | ACEPooledStack]:
+    """Every cross-attention layer's adapter store, then the pooled embedding's (if any)."""
     for attn in cross_attention_modules(unet).values():
         stack = get_stack(attn)
         if stack is not None:
             yield stack
+    pooled = _pooled_stack(unet)
+    if pooled is not None:
+        yield pooled
+
+
+def _pooled_stack(unet: nn.Module) -> ACEPooledStack | None:
+    module = pooled_embedding_module(unet)
+    return get_pooled_stack(module) if module is not None else None
 
 
 def _requested_scales(
@@ -245,6 +326,7 @@ def set_active_adapters(
                 if scale_of.get(adapter_name) is not None:
                     delta.scale.fill_(float(scale_of[adapter_name]))
 
+
 def set_enabled(unet: nn.Module, enabled: bool) -> None:
     with changing_state(unet):
         for stack in adapter_stacks(unet):
@@ -280,4 +362,7 @@ def _uninstall(unet: nn.Module) -> None:
     for attn in modules.values():
         if ACE_STACK_ATTR in attn._modules:
             del attn._modules[ACE_STACK_ATTR]
+    pooled = pooled_embedding_module(unet)
+    if pooled is not None:
+        uninstall_pooled_stack(pooled)
     compat.uninstall(unet, modules)

@@ -69,3 +69,29 @@ def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
         f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
         "Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint variants)."
     )
+
+
+def pooled_embedding_module(unet: nn.Module) -> nn.Module | None:
+    """The module that reads the pooled text embedding, or None: SDXL-style UNets (and their ControlNets)
+    with ``addition_embed_type="text_time"`` feed ``[text_embeds, embedded time ids]`` to
+    ``add_embedding``."""
+    unet = unwrap_model(unet)
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) != "text_time":
+        return None
+    module = getattr(unet, "add_embedding", None)
+    return module if isinstance(getattr(module, "linear_1", None), nn.Module) else None
+
+
+def pooled_width_problem(unet: nn.Module, dim: int) -> str | None:
+    """Why a pooled edit of width ``dim`` cannot sit on ``unet``'s pooled input, or None if it can."""
+    module = pooled_embedding_module(unet)
+    if module is None:
+        return "this UNet reads no pooled text embedding (its addition_embed_type is not 'text_time')"
+    width = projection_weight(module.linear_1).shape[1]
+    step = getattr(unwrap_model(unet).config, "addition_time_embed_dim", None) or 1
+    if not 0 < dim < width or (width - dim) % step:
+        return (
+            f"its add_embedding reads {width} features, which is not a {dim}-d pooled embedding followed by "
+            f"{step}-d time-id embeddings"
+        )
+    return None

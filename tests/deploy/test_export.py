@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ace_diffusers.deploy.bake import BakeSettings, bake
 from ace_diffusers.deploy.export import lora_state_dict, save_lora, to_diffusers_lora
+from ace_diffusers.deploy.fuse import pooled_weight_delta
 from ace_diffusers.errors import ACEValueError
 from ace_diffusers.integration.modules import cross_attention_modules, projection_weight
 from ace_diffusers.testing import tiny_sd_pipeline
@@ -229,9 +230,23 @@ def test_sdxl_exports_load(fmt, tmp_path):
     pipe = tiny_sdxl_pipeline(text_dim=64)
     adapter = pipe.erase_concept("Van Gogh", kind="style", load=False)
     baked = bake(pipe, adapter, settings=BakeSettings(rank=8))
-    path = save_lora(adapter, tmp_path / "sdxl.safetensors", baked=baked, format=fmt)
+    with pytest.raises(ACEValueError, match="pooled text embedding"):  # the pooled edit needs the weights
+        save_lora(adapter, tmp_path / "no.safetensors", baked=baked, format=fmt)
+    assert not (tmp_path / "no.safetensors").exists()
+    path = save_lora(adapter, tmp_path / "sdxl.safetensors", pipe, baked=baked, format=fmt)
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
     expected = predicted_kv(pipe, baked, x)
+    linear = pipe.unet.add_embedding.linear_1
+    pooled_in = torch.randn(2, linear.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # the LoRA's add_embedding.linear_1 = the weight pooled_weight_delta fuses
+        expected_pooled = (
+            pooled_in.double() @ (linear.weight.double() + pooled_weight_delta(pipe.unet, adapter, 1.0)).T
+        )
+        expected_pooled = expected_pooled.float() + linear.bias
     pipe.load_lora_weights(str(path))
     for key, value in actual_kv(pipe, x).items():
         assert torch.allclose(value, expected[key], atol=1e-5), key
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pipe.unet.add_embedding.linear_1(pooled_in), expected_pooled, atol=1e-5, rtol=0
+        )

@@ -247,6 +247,8 @@ def test_sdxl_fuse_matches_gated_and_unfuses_exactly():
     before = snapshot(pipe.unet)
     report = pipe.fuse_ace_adapter()
     assert next(iter(report.values()))["concept"]["edit_rel_error"] < KV_EDIT_TOL
+    key = "add_embedding.linear_1.weight"  # the pooled-embedding edit is fused too
+    assert not torch.equal(pipe.unet.state_dict()[key], before[key])
     assert (generate(pipe, prompt) - gated).norm() < IMAGE_CONCEPT_TOL * (gated - stock).norm()
     pipe.unfuse_ace_adapter()
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
