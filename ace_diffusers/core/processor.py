@@ -20,8 +20,9 @@ and otherwise performs exactly the math of diffusers' ``AttnProcessor2_0``. Why 
 
 Variants, for diffusers features that install their own processors while an adapter is loaded (the
 guard in :mod:`ace_diffusers.integration.compat` swaps them in; see ``docs/compatibility.md``):
-``ACESlicedAttnProcessor`` (attention slicing) and ``ACEIPAdapterAttnProcessor`` (IP-Adapter). Each is
-bit-identical to the stock processor it stands in for when every multiplier is zero.
+``ACESlicedAttnProcessor`` (attention slicing), ``ACEIPAdapterAttnProcessor`` (IP-Adapter) and
+``ACESanaAttnProcessor`` (Sana's cross-attention). Each is bit-identical to the stock processor it stands
+in for when every multiplier is zero.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def _ace_forward(
     return hidden_states
 
 
-def _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_length):
+def _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_length, per_head_norms=True):
     """``AttnProcessor2_0``'s math: one fused scaled-dot-product attention over all heads."""
     if attention_mask is not None:
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
@@ -174,9 +175,9 @@ def _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_l
     key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
     value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
 
-    if attn.norm_q is not None:
+    if per_head_norms and attn.norm_q is not None:
         query = attn.norm_q(query)
-    if attn.norm_k is not None:
+    if per_head_norms and attn.norm_k is not None:
         key = attn.norm_k(key)
 
     hidden_states = F.scaled_dot_product_attention(
@@ -184,6 +185,15 @@ def _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_l
     )
     hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
     return hidden_states.to(query.dtype), query
+
+
+def _across_heads_kernel(attn, query, key, value, attention_mask, batch_size, sequence_length):
+    """``SanaAttnProcessor2_0``'s math: the q/k norms over all heads at once, then the SDPA kernel."""
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return _sdpa_kernel(attn, query, key, value, attention_mask, batch_size, sequence_length, False)
 
 
 def _sliced_kernel(slice_size: int):
@@ -251,6 +261,20 @@ class ACESlicedAttnProcessor(ACEAttnProcessor):
     ) -> torch.Tensor:
         kernel = _sdpa_kernel if self.slice_size is None else _sliced_kernel(self.slice_size)
         return _ace_forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kernel)
+
+
+class ACESanaAttnProcessor:
+    """Sana's cross-attention (as its ``SanaAttnProcessor2_0``: q/k norms across heads) plus the ACE delta."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kernel = _across_heads_kernel
+        return _ace_forward(attn, hidden_states, encoder_hidden_states, attention_mask, None, kernel)
 
 
 class ACEIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
@@ -380,4 +404,5 @@ def _image_attention(attn, query, states, to_k_ip, to_v_ip, batch_size, head_dim
 ACE_PROCESSORS = (
     ACEAttnProcessor,
     ACEIPAdapterAttnProcessor,
+    ACESanaAttnProcessor,
 )  # ACESlicedAttnProcessor is an ACEAttnProcessor

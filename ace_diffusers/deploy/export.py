@@ -109,6 +109,22 @@ def _plain_factors(
     }, baked
 
 
+def denoiser_prefix(adapter: ACEAdapter, pipe: Any, format: str) -> str:
+    """``"unet"`` or ``"transformer"``: the pipeline attribute of the model the adapter edits (from ``pipe``,
+    else from the adapter's layer names: a transformer's are ``transformer_blocks.*``); refuses the kohya
+    layout, which names UNet modules only, for a transformer."""
+    if pipe is not None:
+        transformer = getattr(pipe, "transformer", None) is get_unet(pipe)
+    else:
+        transformer = all(n.startswith("transformer_blocks.") for n in adapter.layers)
+    if transformer and format == "kohya":
+        raise ACEValueError(
+            "The kohya layout names UNet modules (lora_unet_...); this adapter is for a transformer "
+            "(PixArt, Sana). Export it with format='diffusers' (docs/guides/models.md shows how to load it)."
+        )
+    return "transformer" if transformer else "unet"
+
+
 POOLED_LORA_MODULE = "add_embedding.linear_1"  # the layer that reads SDXL's pooled embedding
 # kohya names SDXL's added-conditioning MLP as the original (SGM) UNet does; diffusers' kohya reader maps
 # "label_emb.0.0" back to add_embedding.linear_1 and drops a diffusers-spelled key
@@ -143,12 +159,12 @@ def pooled_lora_factors(
 
 
 def _module_tensors(
-    module: str, down: torch.Tensor, up: torch.Tensor, format: str, rank: int
+    module: str, down: torch.Tensor, up: torch.Tensor, format: str, rank: int, prefix: str
 ) -> dict[str, torch.Tensor]:
-    """One module's LoRA tensors in ``format``'s key layout."""
+    """One module's LoRA tensors in ``format``'s key layout (``prefix``: the denoiser's pipeline name)."""
     down, up = down.contiguous(), up.contiguous()
     if format == "diffusers-lora":
-        return {f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up}
+        return {f"{prefix}.{module}.lora_A.weight": down, f"{prefix}.{module}.lora_B.weight": up}
     key = "lora_unet_" + KOHYA_NAMES.get(module, module).replace(".", "_")
     alpha = torch.tensor(float(rank), dtype=down.dtype)
     return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": alpha}
@@ -181,6 +197,7 @@ def lora_state_dict(
             f"Unknown LoRA format {format!r}; name the tool that will load it, one of {list(TOOL_FORMATS)}."
         )
     format = TOOL_FORMATS[format]
+    prefix = denoiser_prefix(adapter, pipe, format)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ACEValueError(f"rank must be a positive integer or None, got {rank!r}.")
     factors, baked = _plain_factors(
@@ -195,7 +212,7 @@ def lora_state_dict(
     targets = []
     for module, pair in modules.items():
         down, up = _pad(*pair, r)
-        tensors.update(_module_tensors(module, down.to(dtype), up.to(dtype), format, r))
+        tensors.update(_module_tensors(module, down.to(dtype), up.to(dtype), format, r, prefix))
         targets.append(module)
 
     metadata = {
@@ -211,7 +228,7 @@ def lora_state_dict(
     if baked is not None:
         metadata["ace_bake_settings"] = json.dumps(baked.settings.to_dict())
     if format == "diffusers-lora":
-        config = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
+        config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": r, f"{prefix}.target_modules": targets}
         metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
     else:
         metadata.update(

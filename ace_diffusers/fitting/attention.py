@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..core.factors import LayerFactors
 from ..integration.modules import cross_attention_modules, projection_weight
+from .denoiser import run_denoiser, sample_size
 from .embedding_cache import EMBEDDINGS
 from .presets import filled
 from .text import TextEmbedder
@@ -38,28 +38,16 @@ class QueryLayer:
 
 def encode_full(embedder: TextEmbedder, prompts: list[str], *, persistent: bool = False) -> torch.Tensor:
     """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees
-    them; ``persistent``: prompts that do not depend on the concept, kept in the embedding cache."""
+    them; ``persistent``: prompts that do not depend on the concept, kept in the embedding cache. Where
+    the denoiser masks padding out (:attr:`TextEmbedder.masked_context`) the rows stop at each prompt's
+    end and are filled up with zeros."""
     if persistent:
         jobs = [(p, None, None) for p in prompts]
-        return torch.stack([e.embeddings for e in EMBEDDINGS.encode(embedder, jobs, persistent=jobs)])
-    return torch.stack([e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)])
-
-
-def _unet_kwargs(unet: torch.nn.Module, batch: int, size: int) -> dict[str, Any]:
-    """The extra conditioning an SDXL-style UNet needs (zeros: only the queries' shapes matter)."""
-    config = unet.config
-    if getattr(config, "addition_embed_type", None) != "text_time":
-        return {}
-    dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
-    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return {
-        "added_cond_kwargs": {
-            "text_embeds": torch.zeros(batch, pooled_dim, device=device, dtype=dtype),
-            "time_ids": torch.tensor(
-                [[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype
-            ),
-        }
-    }
+        rows = [e.embeddings for e in EMBEDDINGS.encode(embedder, jobs, persistent=jobs)]
+    else:
+        rows = [e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)]
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r.new_zeros(width - len(r), r.shape[1])]) for r in rows])
 
 
 @torch.no_grad()
@@ -73,7 +61,8 @@ def capture_queries(
     seed: int,
     max_size: int = 16,
 ) -> list[QueryLayer]:
-    """Real cross-attention queries: the UNet on noised latents with the empty and a few neutral prompts."""
+    """Real cross-attention queries: the denoiser on noised latents with the empty and a few neutral
+    prompts."""
     modules = cross_attention_modules(unet)
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
 
@@ -84,19 +73,12 @@ def capture_queries(
     try:
         prompts = [""] + [filled(t, neutral) for t in templates[:3]]
         context = encode_full(embedder, prompts, persistent=True)
-        config = unet.config
-        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-        size = min(size, max_size)
+        size = min(sample_size(unet), max_size)
         generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn(len(prompts), config.in_channels, size, size, generator=generator)
+        latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
         timesteps = torch.randint(50, 950, (len(prompts),), generator=generator)
         dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
-        unet(
-            latents.to(device, dtype),
-            timesteps.to(device),
-            encoder_hidden_states=context.to(device, dtype),
-            **_unet_kwargs(unet, len(prompts), size),
-        )
+        run_denoiser(unet, latents.to(device, dtype), timesteps.to(device), context.to(device, dtype))
     finally:
         for handle in hooks:
             handle.remove()

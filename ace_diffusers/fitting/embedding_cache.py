@@ -60,7 +60,10 @@ def cache_root() -> Path | None:
 @torch.no_grad()
 def fingerprint(embedder: TextEmbedder) -> str:
     """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
-    digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} penultimate={embedder.penultimate}".encode())
+    layout = f"{embedder.penultimate} {embedder.max_length} {embedder.masked_context}"  # what rows hold
+    digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} {layout}".encode())
+    if embedder.context_map is not None:  # a transformer's caption projection: part of what is cached
+        _digest_weights(digest, "context", embedder.context_map)
     for tokenizer, encoder in embedder.encoders:
         special = (
             tokenizer.bos_token_id,
@@ -70,13 +73,19 @@ def fingerprint(embedder: TextEmbedder) -> str:
         digest.update(
             f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.model_max_length} {special}".encode()
         )
-        digest.update(f"{type(encoder).__name__} {encoder.config.to_json_string(use_diff=False)}".encode())
-        for name, param in encoder.state_dict().items():
-            flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
-            digest.update(f"{name} {tuple(param.shape)} {param.dtype}".encode())
-            digest.update(flat[::step].float().cpu().numpy().tobytes())
+        config = encoder.config.to_json_string(use_diff=False)
+        _digest_weights(digest, f"{type(encoder).__name__} {config}", encoder)
     return digest.hexdigest()[:32]
+
+
+def _digest_weights(digest: Any, header: str, module: torch.nn.Module) -> None:
+    """Feed ``header`` and every tensor's name, shape, dtype and strided sample of values to ``digest``."""
+    digest.update(header.encode())
+    for name, param in module.state_dict().items():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+        digest.update(f"{name} {tuple(param.shape)} {param.dtype}".encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
 
 
 def _digest(value: Any) -> str:
@@ -294,15 +303,18 @@ class EncoderMemory:
 
 def _signature(embedder: TextEmbedder) -> tuple:
     """In-place edits bump parameter versions; ``.to(dtype/device)`` does not, so those are part of it."""
-    return tuple(
+    modules = [(len(tok), enc) for tok, enc in embedder.encoders]
+    if embedder.context_map is not None:
+        modules.append((-1, embedder.context_map))
+    return (embedder.max_length,) + tuple(
         (
-            len(tok),
-            sum(p._version for p in enc.parameters()),
-            sum(1 for _ in enc.parameters()),
-            str(next(enc.parameters()).dtype),
-            str(next(enc.parameters()).device),
+            size,
+            sum(p._version for p in module.parameters()),
+            sum(1 for _ in module.parameters()),
+            str(next(module.parameters()).dtype),
+            str(next(module.parameters()).device),
         )
-        for tok, enc in embedder.encoders
+        for size, module in modules
     )
 
 

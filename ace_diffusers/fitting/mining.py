@@ -57,6 +57,8 @@ def mine_synonyms(
             continue
         lowered = concept.lower()
         candidates = [w for w in words if w not in banned and w not in lowered and w not in found]
+        if not candidates:
+            continue
         index = torch.tensor([words[w] for w in candidates])
         sims = table_n[index] @ F.normalize(table[ids].mean(0), dim=-1)
         nearest = [candidates[i] for i in sims.topk(min(pool, len(candidates))).indices.tolist()]

@@ -1,7 +1,10 @@
 """Prompts -> the per-token text embeddings a pipeline's UNet cross-attends to.
 
-Mirrors ``encode_prompt`` of the SD 1/2 pipelines (last hidden state of one encoder) and of SDXL
-(penultimate hidden states of both encoders, concatenated), and additionally reports which tokens
+Mirrors ``encode_prompt`` of the SD 1/2 pipelines (last hidden state of one encoder), of SDXL
+(penultimate hidden states of both encoders, concatenated) and of PixArt-α/Σ (a T5 encoder with its
+attention mask, ``max_sequence_length`` tokens), followed by whatever the denoiser runs on the encoder
+output before its cross-attention reads it (PixArt's ``caption_projection``:
+:func:`~ace_diffusers.integration.modules.context_projection`), and additionally reports which tokens
 spell the concept (character offsets -> token span), which the fitter needs to align concept tokens
 with neutral-anchor tokens.
 
@@ -15,13 +18,15 @@ per-layer keys/values are computed once and every prompt's remaining tokens atte
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..errors import ACECompatibilityError
+from ..integration.modules import context_projection, get_unet
 from .clip_packing import PrefixStore, clip_text_model, encode_with_shared_prefixes
 
 
@@ -50,13 +55,27 @@ class TextEmbedder:
                 f"pipeline's "
                 "text encoder(s) to find the concept's embeddings."
             )
+        if "complex_human_instruction" in inspect.signature(type(pipe).__call__).parameters:
+            raise ACECompatibilityError(
+                f"{type(pipe).__name__} encodes prompts behind an instruction prefix (Sana's "
+                "complex_human_instruction) that ace-diffusers does not reproduce yet, so it cannot fit an "
+                "erasure for it. Adapters load, scale and unload on it; fitting needs a supported pipeline "
+                "(SD 1.x/2.x, SDXL, PixArt-α/Σ)."
+            )
         self.encoders = encoders
         # SDXL-style pipelines (two encoders) cross-attend to the penultimate layer of each encoder.
         self.penultimate = getattr(pipe, "text_encoder_2", None) is not None
         self.causal = all(
             isinstance(enc, (CLIPTextModel, CLIPTextModelWithProjection)) for _, enc in encoders
         )
-        self.max_length = min(tok.model_max_length for tok, _ in encoders)
+        self.max_length = _sequence_length(pipe) or min(tok.model_max_length for tok, _ in encoders)
+        # T5 pipelines (PixArt) pass the prompt's attention mask to the encoder and to the denoiser, whose
+        # cross-attention then never reads a padding position: their rows are left out
+        self.masked_context = all(isinstance(enc, T5EncoderModel) for _, enc in encoders)
+        try:
+            self.context_map = context_projection(get_unet(pipe))
+        except ACECompatibilityError:  # no denoiser: the encoder output as it is
+            self.context_map = None
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +138,8 @@ class TextEmbedder:
             self.max_length if e is None or not truncates else min(self.max_length, lengths[i] + e)
             for i, e in enumerate(extra)
         ]
+        if self.masked_context:  # the denoiser masks padding out: only the prompt's own tokens matter
+            keep = [min(k, lengths[i]) for i, k in enumerate(keep)]
         if self._prefix_sharing:
             # split each row before its phrase; rows whose tokens before the split agree share that prefix
             # (any split point is exact: each encoder groups rows by its own tokens)
@@ -131,7 +152,9 @@ class TextEmbedder:
                 for (_, encoder), ids, store in zip(self.encoders, all_ids, stores, strict=True)
             ]
             rows = [
-                torch.cat([part[i] for part in parts], dim=-1) if len(parts) > 1 else parts[0][i]
+                self.to_context(
+                    torch.cat([part[i] for part in parts], dim=-1) if len(parts) > 1 else parts[0][i]
+                )
                 for i in range(len(prompts))
             ]
         else:
@@ -151,7 +174,7 @@ class TextEmbedder:
                 self.run_encoder(encoder, {"input_ids": ids[idx], "attention_mask": mask[idx]}, width)
                 for (_, encoder), ids in zip(self.encoders, all_ids, strict=True)
             ]
-            embeddings = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            embeddings = self.to_context(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
             for row, i in enumerate(idx):
                 rows[i] = embeddings[row, : keep[i]]
         return rows  # type: ignore[return-value]
@@ -164,15 +187,31 @@ class TextEmbedder:
             for _, enc in self.encoders
         )
 
+    @torch.no_grad()
+    def to_context(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the cross-attention reads of these encoder outputs (float32)."""
+        if self.context_map is None:
+            return embeddings
+        weight = next(self.context_map.parameters())
+        return self.context_map(embeddings.to(weight.device, weight.dtype)).float()
+
     def run_encoder(self, encoder: nn.Module, tokens: dict, keep: int) -> torch.Tensor:
         input_ids = tokens["input_ids"][:, :keep].to(self.device)
         mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
+        if isinstance(encoder, T5EncoderModel) or getattr(encoder.config, "use_attention_mask", False):
             mask = tokens["attention_mask"][:, :keep].to(self.device)
         if self.penultimate:
             out = encoder(input_ids, attention_mask=mask, output_hidden_states=True)
             return out.hidden_states[-2].float()
         return encoder(input_ids, attention_mask=mask)[0].float()
+
+
+def _sequence_length(pipe: object) -> int | None:
+    """The prompt length a pipeline encodes by default when it says (``max_sequence_length``: PixArt's
+    120/300 T5 tokens), else None (the tokenizer's own limit: CLIP's 77)."""
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    default = getattr(parameter, "default", None)
+    return default if isinstance(default, int) and not isinstance(default, bool) and default > 0 else None
 
 
 def _token_span(

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
-from ..errors import ACEValueError
+from ..errors import ACECompatibilityError, ACEValueError
 from ..integration.modules import get_unet
 from .adversary import soft_adversary
 from .attention import QueryLayer, capture_queries, detached, encode_full, unedited_outputs
@@ -90,6 +90,15 @@ def _synonym_list(synonyms: Any) -> list[str]:
     return kept
 
 
+def check_trainable(pipe: Any) -> None:
+    """Refuse, before any work, pipelines the fine-tuning does not model yet (T5 pipelines: PixArt)."""
+    if TextEmbedder(pipe).masked_context:
+        raise ACECompatibilityError(
+            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its denoiser masks the padding of T5 "
+            "prompts, which the trainer's attention targets do not model. pipe.erase_concept() works."
+        )
+
+
 class ACETrainer:
     """Fit an erasure adapter in two stages (closed form, then adversarial fine-tuning).
 
@@ -130,6 +139,7 @@ class ACETrainer:
     ) -> None:
         self.pipe = pipe
         self.unet = get_unet(pipe)
+        check_trainable(pipe)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
         self.synonyms = _synonym_list(synonyms)
         if rank is not None:  # refused now, not after the query bank is built

@@ -26,17 +26,26 @@ from .text import TextEmbedder
 BATCH = 512
 
 
+SENTENCEPIECE_SPACE = "\u2581"  # "▁": a sentencepiece piece that starts a word
+
+
 def vocabulary_words(embedder: TextEmbedder) -> dict[str, int]:
-    """Whole alphabetic words (> 2 letters) of the first tokenizer's vocabulary, with their token ids."""
+    """Whole alphabetic words (> 2 letters) of the first tokenizer's vocabulary, with their token ids.
+
+    Word pieces are told apart by each family's mark: CLIP's BPE ends words with ``</w>``, WordPiece
+    (BERT) starts continuations with ``##``, sentencepiece (T5) starts words with ``▁``."""
     tokenizer, encoder = embedder.encoders[0]
     rows = encoder.get_input_embeddings().weight.shape[0]
     vocab = tokenizer.get_vocab()
-    clip_style = any(token.endswith("</w>") for token in vocab)  # BPE marks word ends, WordPiece "##" pieces
+    clip_style = any(token.endswith("</w>") for token in vocab)
+    piece_style = not clip_style and any(token.startswith(SENTENCEPIECE_SPACE) for token in vocab)
     words = {}
     for token, index in vocab.items():
         if clip_style != token.endswith("</w>") or token.startswith("##") or index >= rows:
             continue
-        word = token[:-4] if clip_style else token
+        if piece_style and not token.startswith(SENTENCEPIECE_SPACE):
+            continue
+        word = token[:-4] if clip_style else token.removeprefix(SENTENCEPIECE_SPACE)
         if word.isalpha() and len(word) > 2:
             words[word.lower()] = index
     return words

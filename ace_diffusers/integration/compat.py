@@ -45,12 +45,14 @@ from diffusers.models.attention_processor import (
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 from torch import nn
 
 from ..core.processor import (
     ACE_PROCESSORS,
     ACEAttnProcessor,
     ACEIPAdapterAttnProcessor,
+    ACESanaAttnProcessor,
     ACESlicedAttnProcessor,
     get_stack,
 )
@@ -62,6 +64,7 @@ IP_ADAPTER_PROCESSORS = (IPAdapterAttnProcessor2_0, IPAdapterAttnProcessor)
 _BASE_ATTR = "_ace_base_processor"  # Attention.__dict__: the processor restored when ACE is unloaded
 _GUARDS_ATTR = "_ace_guarded_methods"  # UNet.__dict__: names of the instance-level guards installed
 _SHARED = ACEAttnProcessor()  # stateless: one instance serves every module
+_SHARED_SANA = ACESanaAttnProcessor()
 
 
 def base_processor(attn: nn.Module) -> Any:
@@ -127,8 +130,12 @@ def plan_processor(
         return requested, (SlicedAttnProcessor(slice_size) if slice_size else AttnProcessor2_0())
     if isinstance(requested, ACEIPAdapterAttnProcessor):
         return requested, requested.diffusers_processor()
+    if isinstance(requested, ACESanaAttnProcessor):
+        return requested, SanaAttnProcessor2_0()
     if kind in STOCK_PROCESSORS:
         return _SHARED, requested
+    if kind is SanaAttnProcessor2_0:
+        return _SHARED_SANA, requested
     if kind is SlicedAttnProcessor:
         return ACESlicedAttnProcessor(requested.slice_size), requested
     if not attn.is_cross_attention:
@@ -183,6 +190,8 @@ def stock_equivalent(processor: Any) -> Any:
         return processor.diffusers_processor()
     if isinstance(processor, ACESlicedAttnProcessor) and processor.slice_size:
         return SlicedAttnProcessor(processor.slice_size)
+    if isinstance(processor, ACESanaAttnProcessor):
+        return SanaAttnProcessor2_0()
     if isinstance(processor, ACEAttnProcessor):
         return AttnProcessor2_0()
     return processor

@@ -58,17 +58,41 @@ def layer_shapes(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def get_unet(pipe_or_unet: Any) -> UNet2DConditionModel:
-    """The ``UNet2DConditionModel`` of a pipeline (or the UNet itself)."""
+def get_unet(pipe_or_unet: Any) -> nn.Module:
+    """The denoiser whose cross-attention ACE edits: ``pipe.unet`` (SD 1.x/2.x, SDXL) or ``pipe.transformer``
+    (PixArt-α/Σ, Sana: transformers with ordinary cross-attention), or such a model itself."""
     if isinstance(pipe_or_unet, UNet2DConditionModel):
         return pipe_or_unet
-    unet = getattr(pipe_or_unet, "unet", None)
-    if isinstance(unet, nn.Module) and has_cross_attention(unet):
-        return unet
+    if isinstance(pipe_or_unet, nn.Module) and has_cross_attention(pipe_or_unet):
+        return pipe_or_unet
+    for attr in DENOISER_ATTRIBUTES:
+        model = getattr(pipe_or_unet, attr, None)
+        if isinstance(model, nn.Module) and has_cross_attention(model):
+            return model
     raise ACECompatibilityError(
-        f"{type(pipe_or_unet).__name__} has no UNet with cross-attention (pipe.unet); ACE adapters work on "
-        "Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint variants)."
+        f"{type(pipe_or_unet).__name__} has no UNet or transformer with cross-attention (pipe.unet, "
+        "pipe.transformer); "
+        "ACE adapters work on Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint "
+        "variants) and on cross-attention transformers (PixArt-α/Σ, Sana). Joint-attention models (SD3, "
+        "FLUX) are not supported yet."
     )
+
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def context_projection(model: nn.Module) -> nn.Module | None:
+    """The layers a transformer runs on the text encoder's output before its cross-attention reads it —
+    PixArt: ``caption_projection``; Sana: ``caption_projection`` then ``caption_norm`` (per token) — or
+    None (UNets read the encoder output itself)."""
+    model = unwrap_model(model)
+    if isinstance(model, UNet2DConditionModel):
+        return None
+    projection = getattr(model, "caption_projection", None)
+    if not isinstance(projection, nn.Module):
+        return None
+    norm = getattr(model, "caption_norm", None)
+    return nn.Sequential(projection, norm) if isinstance(norm, nn.Module) else projection
 
 
 def pooled_embedding_module(unet: nn.Module) -> nn.Module | None:

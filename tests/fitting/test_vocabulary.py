@@ -47,3 +47,11 @@ def test_an_altered_table_is_ignored_with_a_warning(cache_dir, recwarn):
     EMBEDDINGS.clear()
     encode_words(embedder, ["painting"])  # encoded again
     assert any("vocabulary table" in str(w.message) for w in recwarn.list)
+
+
+def test_sentencepiece_words_are_read_without_their_space_mark():
+    from ace_diffusers.testing import tiny_pixart_pipeline
+
+    words = vocabulary_words(TextEmbedder(tiny_pixart_pipeline()))
+    assert {"painting", "gogh", "portrait"} <= set(words) and not any(w.startswith("\u2581") for w in words)
+    assert "ab" not in words and all(w.isalpha() and len(w) > 2 for w in words)

@@ -30,7 +30,7 @@ def test_the_cross_attention_layers_and_their_shapes(sd_pipe):
 
 def test_get_unet_takes_a_pipeline_or_a_unet_and_refuses_others(sd_pipe):
     assert get_unet(sd_pipe) is sd_pipe.unet and get_unet(sd_pipe.unet) is sd_pipe.unet
-    with pytest.raises(ACECompatibilityError, match="no UNet with cross-attention"):
+    with pytest.raises(ACECompatibilityError, match="no UNet or transformer with cross-attention"):
         get_unet(types.SimpleNamespace(unet=torch.nn.Linear(2, 2)))
 
 
@@ -47,3 +47,22 @@ def test_projection_weight_sees_through_peft_lora_layers(sd_pipe):
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_k"]))
     assert not hasattr(attn.to_k, "weight") or attn.to_k.weight is before
     assert projection_weight(attn.to_k) is before
+
+
+def test_joint_attention_models_are_refused_by_name():
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+    )
+    with pytest.raises(ACECompatibilityError, match=r"Joint-attention models \(SD3, FLUX\) are not supported"):
+        get_unet(types.SimpleNamespace(transformer=sd3))

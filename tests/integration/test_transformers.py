@@ -1,0 +1,172 @@
+"""Cross-attention transformers (PixArt-α, Sana): the same verbs as on UNets, on tiny models from configs."""
+
+import json
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ace_diffusers.core.processor import ACESanaAttnProcessor
+from ace_diffusers.deploy.export import export_lora
+from ace_diffusers.errors import ACECompatibilityError, ACEValueError
+from ace_diffusers.fitting.data import FitSettings
+from ace_diffusers.fitting.text import TextEmbedder
+from ace_diffusers.integration.attach import attach_adapter, detach_adapter, set_active_adapters
+from ace_diffusers.integration.modules import attention_modules, context_projection, get_unet
+from ace_diffusers.testing import random_adapter, tiny_pixart_pipeline, tiny_sana_transformer
+
+PROMPT, UNRELATED = "a painting by Van Gogh", "a photo of a cat"
+CORE = FitSettings(neighbours=0, context_prompts=0)  # random tiny T5: mined words and pairings mean nothing
+
+
+def _images(pipe, prompt=PROMPT):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=generator,
+        clean_caption=False,
+        use_resolution_binning=False,
+    ).images
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return tiny_pixart_pipeline(text_dim=64, width=32)
+
+
+def test_the_transformer_is_the_denoiser_and_its_caption_projection_the_context_map(pixart):
+    assert get_unet(pixart) is pixart.transformer
+    assert context_projection(pixart.transformer) is pixart.transformer.caption_projection
+    sana = tiny_sana_transformer()
+    mapped = context_projection(sana)
+    assert list(mapped) == [sana.caption_projection, sana.caption_norm]
+    assert TextEmbedder(pixart).max_length == 120  # PixArt-α's max_sequence_length default
+
+
+def test_an_adapter_on_pixart_is_bit_identical_when_off_and_gone_when_unloaded(pixart):
+    base = _images(pixart)
+    pixart.load_ace_adapter(random_adapter(pixart.transformer, rank=4), adapter_name="r")
+    assert not torch.equal(_images(pixart), base)
+    pixart.set_ace_adapters("r", 0.0)
+    assert torch.equal(_images(pixart), base)
+    pixart.unload_ace_adapter("r")
+    assert torch.equal(_images(pixart), base)
+    assert {type(m.processor) for m in attention_modules(pixart.transformer).values()} == {AttnProcessor2_0}
+
+
+def test_the_fitted_context_is_what_pixarts_cross_attention_reads(pixart):
+    seen = []
+    attn = pixart.transformer.transformer_blocks[0].attn2
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
+    )
+    try:
+        _images(pixart, PROMPT)
+    finally:
+        handle.remove()
+    (row,) = TextEmbedder(pixart).encode([PROMPT])
+    conditional = seen[0][1]  # classifier-free guidance: [negative, prompt]
+    assert row.length == row.embeddings.shape[0] < conditional.shape[0]  # padding, masked out, is left out
+    torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+def test_sanas_cross_attention_carries_ace_and_its_linear_attention_stays(qk_norm):
+    sana = tiny_sana_transformer(qk_norm=qk_norm).eval()
+    generator = torch.Generator().manual_seed(0)
+    latents, context = (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.randn(2, 6, 32, generator=generator),
+    )
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+
+    def run():
+        with torch.no_grad():
+            return sana(
+                latents,
+                encoder_hidden_states=context,
+                timestep=torch.tensor([10, 500]),
+                encoder_attention_mask=mask,
+            ).sample
+
+    base = run()
+    before = {n: type(m.processor) for n, m in attention_modules(sana).items()}
+    attach_adapter(sana, random_adapter(sana, rank=4), "a")
+    kinds = {n: type(m.processor) for n, m in attention_modules(sana).items()}
+    assert {k for n, k in kinds.items() if n.endswith("attn2")} == {ACESanaAttnProcessor}
+    assert {n: k for n, k in kinds.items() if n.endswith("attn1")} == {
+        n: k for n, k in before.items() if n.endswith("attn1")
+    }
+    assert not torch.equal(run(), base)
+    requested = {
+        f"{name}.processor": SanaAttnProcessor2_0() if name.endswith("attn2") else module.processor
+        for name, module in attention_modules(sana).items()
+    }
+    sana.set_attn_processor(requested)
+    assert {type(sana.transformer_blocks[0].attn2.processor)} == {ACESanaAttnProcessor}
+    assert not torch.equal(run(), base)  # a stock Sana processor set under ACE keeps the erasure
+    set_active_adapters(sana, "a", 0.0)
+    assert torch.equal(run(), base)
+    detach_adapter(sana, "a")
+    assert (
+        torch.equal(run(), base)
+        and {n: type(m.processor) for n, m in attention_modules(sana).items()} == before
+    )
+
+
+def test_erase_fuse_unfuse_and_export_on_pixart(pixart, tmp_path):
+    base, base_unrelated = _images(pixart), _images(pixart, UNRELATED)
+    adapter = pixart.erase_concept("Van Gogh", kind="style", settings=CORE, adapter_name="vg")
+    assert set(adapter.layers) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    gated = _images(pixart)
+    assert (gated - base).norm() > 0.1
+    before = {k: v.clone() for k, v in pixart.transformer.state_dict().items()}
+    pixart.fuse_ace_adapter("vg")
+    fused = _images(pixart)
+    assert (fused - gated).norm() < 0.3 * (gated - base).norm()
+    path = export_lora(pixart, tmp_path / "lora.safetensors", format="diffusers")
+    with pytest.raises(ACEValueError, match="kohya layout names UNet modules"):
+        export_lora(pixart, tmp_path / "kohya.safetensors", format="kohya")
+    pixart.unfuse_ace_adapter()
+    assert all(torch.equal(before[k], v) for k, v in pixart.transformer.state_dict().items())
+    pixart.unload_ace_adapter("vg")
+    assert torch.equal(_images(pixart, UNRELATED), base_unrelated)
+    # diffusers has no LoRA loader for PixArt; PEFT reads the file (docs/deploy.md has the recipe)
+    config = json.loads(safe_open(str(path), "pt").metadata()["lora_adapter_metadata"])
+    fresh = tiny_pixart_pipeline(text_dim=64, width=32)
+    inject_adapter_in_model(
+        LoraConfig(
+            r=config["transformer.r"],
+            lora_alpha=config["transformer.lora_alpha"],
+            target_modules=config["transformer.target_modules"],
+        ),
+        fresh.transformer,
+    )
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    assert not set_peft_model_state_dict(fresh.transformer, state).unexpected_keys
+    torch.testing.assert_close(_images(fresh), fused, atol=1e-5, rtol=0)
+
+
+def test_what_is_not_supported_yet_is_refused_before_any_work(pixart):
+    from ace_diffusers import ACETrainer
+
+    with pytest.raises(ACECompatibilityError, match="does not fine-tune PixArtAlphaPipeline yet"):
+        ACETrainer(pixart, "Van Gogh", kind="style")
+
+    class SanaLike:  # what TextEmbedder looks at: the pipeline's call signature
+        tokenizer, text_encoder, transformer = pixart.tokenizer, pixart.text_encoder, pixart.transformer
+
+        def __call__(self, prompt, complex_human_instruction=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(ACECompatibilityError, match="instruction prefix"):
+        TextEmbedder(SanaLike())
