@@ -4,9 +4,8 @@
   (2 denoising steps at 32x32 take ~0.1 s), for exercising every code path.
 * ``sd15_shaped_pipeline`` / ``sdxl_shaped_unet``: random weights at the real sizes, for speed/memory
   benchmarks. Their *outputs* mean nothing; their *costs* are the real ones.
-* ``tiny_pixart_pipeline`` / ``tiny_sana_transformer``: PixArt-α with a tiny T5 encoder, and a tiny Sana
-  transformer (cross-attention transformers); ``t5_tokenizer`` a small sentencepiece-style (Unigram)
-  tokenizer trained at call time on a fixed word list, as T5's own is — no download.
+* transformer-based pipelines (PixArt, Sana, SD3) and a T5 tokenizer:
+  :mod:`ace_diffusers.testing_transformers`.
 * ``clip_tokenizer``: the real CLIP BPE tokenizer, built from the vocabulary that ships inside the
   ``open-clip-torch`` wheel (``pip install --no-deps open-clip-torch``): token ids match SD's tokenizer.
 """
@@ -21,22 +20,15 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    PixArtAlphaPipeline,
-    PixArtTransformer2DModel,
-    SanaTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
 )
 
 from .core.adapter import ACEAdapter
@@ -96,7 +88,7 @@ def clip_text_config(
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
@@ -108,7 +100,7 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -138,11 +130,11 @@ def tiny_sd_pipeline(
     )
     text_encoder = CLIPTextModel(clip_text_config(text_dim, 2, 4, 2 * text_dim, text_dim))
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=tiny_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -173,13 +165,13 @@ def tiny_sdxl_pipeline(seed: int = 0, *, text_dim: int = 64) -> StableDiffusionX
         norm_num_groups=1,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=CLIPTextModel(clip_text_config(half, 2, 4, 2 * half, half)),
         text_encoder_2=CLIPTextModelWithProjection(clip_text_config(half, 2, 4, 2 * half, half)),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=tiny_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -205,7 +197,7 @@ def sd15_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -270,97 +262,4 @@ def random_adapter(
         )
     return ACEAdapter(
         layers, concepts=list(concepts), neutral=[""] * len(concepts), method="random", pooled=pooled
-    )
-
-
-T5_WORDS = " ".join(
-    [
-        "a an the of by in on with and or to photo painting picture image drawing sketch artwork art artist",
-        "style van gogh monet picasso cat dog bird horse car house tree city street night day bowl fruit",
-        "table red blue green yellow black white big small old new portrait landscape sea mountain river",
-        "flower garden man woman child face hat chair wooden glass sky sun moon star snow rain field road",
-        "boat train",
-    ]
-)
-
-
-@functools.lru_cache(maxsize=2)
-def t5_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
-    """A T5-style sentencepiece (Unigram) tokenizer: ``<pad>`` = 0, ``</s>`` = 1 appended, ``<unk>`` = 2;
-    the words of :data:`T5_WORDS` are single pieces, any other word is spelled from letter pieces."""
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + w, -2.0) for w in dict.fromkeys(T5_WORDS.split())]
-    pieces += [("▁", -8.0)] + [(c, -10.0) for c in letters + list(",.!?'-")]
-    pieces += [("▁" + c, -9.0) for c in letters]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=model_max_length,
-    )
-
-
-def tiny_pixart_pipeline(seed: int = 0, *, text_dim: int = 32, width: int = 24) -> PixArtAlphaPipeline:
-    """PixArt-α from configs: a 2-layer T5 encoder (``text_dim``), a 2-block transformer of ``width``
-    whose cross-attention reads the caption projection of the T5 tokens; 2 steps at 32x32 in ~0.05 s.
-    Call it with ``max_sequence_length`` at most 32 (the tokenizer's limit) or leave the default."""
-    torch.manual_seed(seed)
-    tokenizer = t5_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4
-        )
-    )
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=width // 8,
-        caption_channels=text_dim,
-        in_channels=4,
-        cross_attention_dim=width,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    )
-    text_encoder.eval()  # as from_pretrained leaves it: T5's dropout off
-    pipe = PixArtAlphaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=_tiny_vae(),
-        transformer=transformer,
-        scheduler=_scheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sana_transformer(seed: int = 0, *, caption_dim: int = 32, qk_norm: str | None = None):
-    """A 2-block Sana transformer (linear self-attention, SDPA cross-attention over the projected and
-    RMS-normed caption); ``qk_norm="rms_norm_across_heads"`` as Sana 1.5 has."""
-    torch.manual_seed(seed)
-    return SanaTransformer2DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=8,
-        cross_attention_dim=16,
-        caption_channels=caption_dim,
-        sample_size=8,
-        patch_size=1,
-        qk_norm=qk_norm,
     )

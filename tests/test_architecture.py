@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "ace_diffusers": 6,  # the package's __init__: the public face
     "ace_diffusers.shapes": 7,
     "ace_diffusers.testing": 7,
+    "ace_diffusers.testing_transformers": 7,  # beside testing, and built on it
     "ace_diffusers.eval": 8,
     "ace_diffusers.bench": 9,
     "ace_diffusers.cli": 10,

@@ -27,7 +27,7 @@ from .. import helptext
 from ..deploy.fuse import fuse_adapter, unfuse_adapter
 from ..fitting.solvers import default_rank
 from ..integration.attach import attach_adapter, detach_adapter
-from ..integration.modules import cross_attention_modules, layer_shapes
+from ..integration.modules import cross_attention_modules, kv_projection_names, layer_shapes
 from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_shaped_unet
 
 COUNTS = (1, 10, 100)
@@ -82,7 +82,7 @@ def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict
         fuse_adapter(pipe, "bench-fused")
         try:
             weights = {f"{name}.{proj}": getattr(attn, proj).weight.detach().clone()
-                       for name, attn in modules.items() for proj in ("to_k", "to_v")}
+                       for name, attn in modules.items() for proj in kv_projection_names(attn)}
         finally:
             unfuse_adapter(pipe)
     finally:
@@ -96,7 +96,8 @@ def _kv_weights(
     """``(K/V projections, their stock weights, the weights with ``adapter`` fused in)``; the last is empty
     unless ``fused``, and must differ from the stock weights."""
     projections = {f"{name}.{proj}": getattr(attn, proj)
-                   for name, attn in cross_attention_modules(unet).items() for proj in ("to_k", "to_v")}
+                   for name, attn in cross_attention_modules(unet).items()
+                   for proj in kv_projection_names(attn)}
     stock_weights = {k: m.weight.detach().clone() for k, m in projections.items()}
     t0 = time.perf_counter()
     fused_weights = fused_kv_weights(unet, adapter, seed) if fused else {}

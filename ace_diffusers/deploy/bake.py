@@ -36,8 +36,10 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS, gate_values
 from ..errors import ACEValueError
 from ..fitting.data import FitSettings, collect_fit_data
+from ..fitting.joint import JointFitData
 from ..fitting.presets import ErasureSpec, fill_phrase, load_presets
 from ..fitting.text import TextEmbedder
+from ..integration.modules import cross_attention_modules, get_unet, is_joint
 
 
 # ---------------------------------------------------------------------- settings and results
@@ -152,10 +154,10 @@ def default_prompt_sets(adapter: ACEAdapter, spec: ErasureSpec | None = None) ->
 
 
 # ---------------------------------------------------------------------- the bake
-def _gate_groups(adapter: ACEAdapter) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Layers grouped by identical gates (closed-form adapters share one gate across all layers)."""
+def _gate_groups(adapter: ACEAdapter, names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """``names`` grouped by identical gates (closed-form adapters share one gate across all layers)."""
     groups: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-    for name in sorted(adapter.layers):
+    for name in sorted(names):
         f = adapter.layers[name]
         w, b = f.gate_weight.detach().cpu().double(), f.gate_bias.detach().cpu().double().reshape(1)
         for gw, gb, names in groups:
@@ -183,21 +185,61 @@ def bake(
 ) -> BakedEdit:
     """Solve for the plain weight edit that best reproduces ``adapter``'s gated edit (module docstring).
 
-    Needs only ``pipe``'s tokenizer(s) and text encoder(s) (the token set), not its UNet weights.
+    Needs ``pipe``'s tokenizer(s) and text encoder(s) (the token set); for joint attention (SD3) also its
+    transformer, which gives each block's own text tokens (:class:`.JointFitData`).
     ``spec`` overrides the prompts the adapter records in ``adapter.fit``.
     """
     settings = settings or BakeSettings()
     _check_settings(settings, adapter)
     spec = spec or erasure_spec(adapter)
-    embedder = TextEmbedder(pipe)
-    data = collect_fit_data(embedder, spec, recorded_fit_settings(adapter))
+    layers: dict[str, BakedLayer] = {}
+    gate_means: list[tuple[float, float]] = []
+    counts = [0, 0]
+    for names, (xc, xo) in token_sets(pipe, adapter, spec):
+        layers.update(_bake_layers(adapter, names, xc, xo, settings, float(scale), gate_means))
+        counts = [max(counts[0], len(xc)), max(counts[1], len(xo))]
+    stats = {
+        "concept_tokens": counts[0],
+        "other_tokens": counts[1],
+        "gate_mean_concept_tokens": sum(m[0] for m in gate_means) / len(gate_means),
+        "gate_mean_other_tokens": sum(m[1] for m in gate_means) / len(gate_means),
+    }
+    return BakedEdit(
+        layers, concepts=list(adapter.concepts), scale=float(scale), settings=settings, stats=stats
+    )
+
+
+def token_sets(
+    pipe: Any, adapter: ACEAdapter, spec: ErasureSpec
+) -> list[tuple[list[str], tuple[torch.Tensor, torch.Tensor]]]:
+    """``[(layers, (concept tokens, other tokens))]`` (float64, CPU): one set for every layer where all
+    layers read the same text (UNets, PixArt), one per block for joint attention (SD3)."""
+    fit_settings = recorded_fit_settings(adapter)
+    model = get_unet(pipe)
+    if any(is_joint(m) for m in cross_attention_modules(model).values()):
+        data = JointFitData.collect(pipe, spec, fit_settings)
+        return [([n], (data.concept[n].double(), data.others[n].double())) for n in sorted(adapter.layers)]
+    data = collect_fit_data(TextEmbedder(pipe), spec, fit_settings)
     d_text = next(iter(adapter.layers.values())).shape[0]
     if data.concept.shape[1] != d_text:
         raise ACEValueError(
             f"The pipeline's text encoder produces {data.concept.shape[1]}-d tokens but the adapter expects "
             f"{d_text}-d tokens: bake with the base model the adapter was fitted for."
         )
-    xc, xo = data.concept.double().cpu(), data.others.double().cpu()
+    return [(sorted(adapter.layers), (data.concept.double().cpu(), data.others.double().cpu()))]
+
+
+def _bake_layers(
+    adapter: ACEAdapter,
+    names: list[str],
+    xc: torch.Tensor,
+    xo: torch.Tensor,
+    settings: BakeSettings,
+    scale: float,
+    gate_means: list[tuple[float, float]],
+) -> dict[str, BakedLayer]:
+    """The baked edit of ``names`` (which read the tokens ``xc``, ``xo``); appends each gate's means."""
+    d_text = xc.shape[1]
     wc, wo = 1.0 / len(xc), settings.other_weight / len(xo)
     moment = wc * xc.T @ xc + wo * xo.T @ xo
     energy = torch.trace(moment) / (d_text * (1.0 + settings.other_weight))
@@ -205,34 +247,23 @@ def bake(
     m_sqrt = m_inv_sqrt = None
     if settings.rank is not None and settings.rank < adapter.rank:
         m_sqrt, m_inv_sqrt = _metric_sqrt(moment)
-
-    layers: dict[str, BakedLayer] = {}
-    gate_means = []
-    for gate_w, gate_b, names in _gate_groups(adapter):
+    layers = {}
+    for gate_w, gate_b, group in _gate_groups(adapter, names):
         gc, go = gate_values(xc, gate_w, gate_b), gate_values(xo, gate_w, gate_b)
         gate_means.append((float(gc.mean()), float(go.mean())))
         gated = wc * (xc * gc.unsqueeze(1)).T @ xc + wo * (xo * go.unsqueeze(1)).T @ xo  # S
         text_map = torch.linalg.solve(moment, gated).T  # S M^-1 (S, M symmetric)
-        for name in names:
+        for name in group:
             f = adapter.layers[name]
             parts = {}
             for proj in PROJECTIONS:
                 down = getattr(f, f"{proj}_down").detach().cpu().double() @ text_map
-                up = getattr(f, f"{proj}_up").detach().cpu().double() * float(scale)
+                up = getattr(f, f"{proj}_up").detach().cpu().double() * scale
                 if m_sqrt is not None:
                     down, up = _truncate(up, down, m_sqrt, m_inv_sqrt, settings.rank)
                 parts[f"{proj}_down"], parts[f"{proj}_up"] = down.float(), up.float()
             layers[name] = BakedLayer(**parts)
-
-    stats = {
-        "concept_tokens": int(len(xc)),
-        "other_tokens": int(len(xo)),
-        "gate_mean_concept_tokens": sum(m[0] for m in gate_means) / len(gate_means),
-        "gate_mean_other_tokens": sum(m[1] for m in gate_means) / len(gate_means),
-    }
-    return BakedEdit(
-        layers, concepts=list(adapter.concepts), scale=float(scale), settings=settings, stats=stats
-    )
+    return layers
 
 
 def _truncate(

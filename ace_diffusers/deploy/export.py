@@ -44,7 +44,14 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS
 from ..errors import ACEValueError
 from ..integration.attach import adapter_scale, loaded_adapters, single_loaded_adapter
-from ..integration.modules import get_unet, pooled_embedding_module, projection_weight
+from ..integration.modules import (
+    cross_attention_modules,
+    get_unet,
+    kv_projection_names,
+    pooled_embedding_module,
+    pooled_module_name,
+    projection_weight,
+)
 from ..version import __version__
 from .bake import BakedEdit, BakeSettings, bake
 from .fuse import fused_state
@@ -125,29 +132,39 @@ def denoiser_prefix(adapter: ACEAdapter, pipe: Any, format: str) -> str:
     return "transformer" if transformer else "unet"
 
 
-POOLED_LORA_MODULE = "add_embedding.linear_1"  # the layer that reads SDXL's pooled embedding
+def projection_names(layer: str, pipe: Any) -> tuple[str, str]:
+    """The K/V projection modules of ``layer``: from the pipeline's model when given, else from diffusers'
+    naming (SD3's joint attention is a block's ``attn``, cross-attention is ``attn2``)."""
+    if pipe is not None:
+        return kv_projection_names(cross_attention_modules(get_unet(pipe))[layer])
+    return ("add_k_proj", "add_v_proj") if layer.endswith(".attn") else ("to_k", "to_v")
+
+
 # kohya names SDXL's added-conditioning MLP as the original (SGM) UNet does; diffusers' kohya reader maps
 # "label_emb.0.0" back to add_embedding.linear_1 and drops a diffusers-spelled key
-KOHYA_NAMES = {POOLED_LORA_MODULE: "label_emb.0.0"}
+KOHYA_NAMES = {"add_embedding.linear_1": "label_emb.0.0"}
 
 
 def pooled_lora_factors(
     adapter: ACEAdapter, pipe: Any, *, scale: float, rank: int | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(down, up)`` of the LoRA on ``add_embedding.linear_1`` that carries the pooled edit: that layer
-    reads ``[p, t]``, and ``W[:, :d] (p + s·B_p A_p p)`` adds ``(W[:, :d] s·B_p) (A_p p)``, so
-    ``down = [A_p, 0]`` and ``up = W[:, :d] s·B_p`` (the gate dropped, as fusing does). None without a
-    pooled edit."""
+    """``(down, up)`` of the LoRA on the first layer that reads the pooled embedding (SDXL's
+    ``add_embedding.linear_1`` reads ``[p, t]``, SD3's ``time_text_embed.text_embedder.linear_1`` ``p``):
+    ``W[:, :d] (p + s·B_p A_p p)`` adds ``(W[:, :d] s·B_p) (A_p p)``, so ``down = [A_p, 0]`` and
+    ``up = W[:, :d] s·B_p`` (the gate dropped, as fusing does). None without a pooled edit."""
     if adapter.pooled is None:
         return None
     module = pooled_embedding_module(get_unet(pipe)) if pipe is not None else None
     if module is None:
         raise ACEValueError(
-            "This adapter also edits the pooled text embedding (SDXL), and a LoRA carries that edit on the "
-            "UNet's add_embedding.linear_1, whose weights the export needs: pass the SDXL pipeline it was "
-            "fitted for (pipe=...)."
+            "This adapter also edits the pooled text embedding (SDXL, SD3), and a LoRA carries that edit "
+            "on the layer that reads it (SDXL: add_embedding.linear_1), whose weights the export needs: "
+            "pass the pipeline it was fitted for (pipe=...)."
         )
-    weight = projection_weight(module.linear_1).detach().cpu().double()
+    state = fused_state(get_unet(pipe))  # a fused pipeline's weight already carries the edit
+    original = state.pooled_original if state is not None else None
+    weight = original if original is not None else projection_weight(module.linear_1).detach()
+    weight = weight.cpu().double()
     dim = adapter.pooled.dim
     down = torch.zeros(adapter.pooled.rank, weight.shape[1], dtype=torch.float64)
     down[:, :dim] = adapter.pooled.p_down.detach().cpu().double()
@@ -203,10 +220,14 @@ def lora_state_dict(
     factors, baked = _plain_factors(
         adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked
     )
-    modules = {f"{name}.to_{proj}": factors[name][proj] for name in sorted(factors) for proj in PROJECTIONS}
+    modules = {
+        f"{name}.{module}": factors[name][proj]
+        for name in sorted(factors)
+        for proj, module in zip(PROJECTIONS, projection_names(name, pipe), strict=True)
+    }
     pooled = pooled_lora_factors(adapter, pipe, scale=scale, rank=rank)
     if pooled is not None:
-        modules[POOLED_LORA_MODULE] = pooled
+        modules[pooled_module_name(get_unet(pipe))] = pooled
     r = max(down.shape[0] for down, _ in modules.values())
     tensors: dict[str, torch.Tensor] = {}
     targets = []

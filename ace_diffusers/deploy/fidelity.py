@@ -12,8 +12,15 @@ import torch
 from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS, gate_values
 from ..errors import ACEValueError
+from ..fitting.joint import BlockStreams
 from ..fitting.text import TextEmbedder
-from ..integration.modules import cross_attention_modules, get_unet, projection_weight
+from ..integration.modules import (
+    cross_attention_modules,
+    get_unet,
+    is_joint,
+    kv_projections,
+    projection_weight,
+)
 from .bake import BakedEdit, default_prompt_sets
 
 
@@ -47,24 +54,31 @@ def fidelity(
     prompt_sets = prompt_sets if prompt_sets is not None else default_prompt_sets(adapter)
     if base_weights is None:
         modules = cross_attention_modules(get_unet(pipe))
-        base_weights = {n: (projection_weight(m.to_k), projection_weight(m.to_v)) for n, m in modules.items()}
+        base_weights = {n: tuple(projection_weight(p) for p in kv_projections(m)) for n, m in modules.items()}
     missing = sorted(set(baked.layers) - set(base_weights))
     if missing:
         raise ACEValueError(f"The pipeline has no cross-attention layer {missing[0]!r} of the baked edit.")
-    tokens = _encode_sets(TextEmbedder(pipe), prompt_sets)
-    d_text = next(iter(tokens.values()))[1].shape[1]
-    # ||W x||^2 summed over a set's tokens is <W^T W, X^T X>: one d_out x d^2 product per weight serves every
-    # set, cheaper than W X for all tokens once the sets hold more than d_text tokens together.
-    use_gram = sum(x.shape[0] for _, x in tokens.values()) > d_text
-    plan, stacked = _plan(adapter, baked, base_weights, use_gram)
+    tokens = _set_tokens(pipe, prompt_sets)
     gates = {
         name: (f.gate_weight.detach().cpu().double(), f.gate_bias.detach().cpu().double())
         for name, f in adapter.layers.items()
         if name in baked.layers
     }
+    plans = {}  # one per token group: all layers (one text for all), or each block (joint attention)
+    for key in next(iter(tokens.values()))[1]:
+        names = list(baked.layers) if key is None else [key]
+        # ||W x||^2 summed over a set's tokens is <W^T W, X^T X>: one d_out x d^2 product per weight serves
+        # every set, cheaper than W X for all tokens once the sets hold more than d_text tokens together.
+        x_all = [xs[key] for _, xs in tokens.values()]
+        use_gram = sum(x.shape[0] for x in x_all) > x_all[0].shape[1]
+        plans[key] = (*_plan(adapter, baked, base_weights, use_gram, names), use_gram)
     report: dict[str, dict[str, float]] = {}
-    for set_name, (n_prompts, x) in tokens.items():
-        acc = _accumulate(x, plan, stacked, gates, scale, x.T @ x if use_gram else None)
+    for set_name, (n_prompts, xs) in tokens.items():
+        acc: dict[str, float] = {}
+        for key, (plan, stacked, use_gram) in plans.items():
+            x = xs[key]
+            part = _accumulate(x, plan, stacked, gates, scale, x.T @ x if use_gram else None)
+            acc = {k: acc.get(k, 0.0) + v for k, v in part.items()}
         report[set_name] = {
             "k_rel_error": _ratio(acc["err_k"], acc["gated_k"]),
             "v_rel_error": _ratio(acc["err_v"], acc["gated_v"]),
@@ -72,9 +86,28 @@ def fidelity(
             "gated_change": _ratio(acc["edit"], acc["base"]),
             "fused_change": _ratio(acc["fused_edit"], acc["base"]),
             "prompts": n_prompts,
-            "tokens": int(x.shape[0]),
+            "tokens": int(next(iter(xs.values())).shape[0]),
         }
     return report
+
+
+def _set_tokens(
+    pipe: Any, prompt_sets: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[int, dict[str | None, torch.Tensor]]]:
+    """``{set: (prompts, {None: all tokens (N, d)})}`` (float64); for joint attention (SD3) the tokens each
+    block reads, ``{block: (N_b, d)}``, captured by running the transformer (:class:`BlockStreams`)."""
+    model = get_unet(pipe)
+    modules = cross_attention_modules(model)
+    if not any(is_joint(m) for m in modules.values()):
+        return {k: (n, {None: x}) for k, (n, x) in _encode_sets(TextEmbedder(pipe), prompt_sets).items()}
+    streams, tokens = BlockStreams(pipe, model, modules), {}
+    for set_name, prompts in prompt_sets.items():
+        if prompts:
+            captured = streams.capture(list(prompts))
+            tokens[set_name] = (len(prompts), {n: c.flatten(0, 2).double() for n, c in captured.items()})
+    if not tokens:
+        raise ACEValueError("All prompt sets are empty; give at least one prompt.")
+    return tokens
 
 
 def _encode_sets(
@@ -97,11 +130,13 @@ def _plan(
     baked: BakedEdit,
     base_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     use_gram: bool,
+    names: list[str],
 ) -> tuple[list[dict[str, Any]], torch.Tensor]:
-    """Every low-rank quantity of every layer comes from one float32 product ``x @ P^T`` per set, with P
-    stacking, per layer and projection, A (r rows), the baked down (r' rows) and Bᵀ W (r rows)."""
+    """Every low-rank quantity of the layers ``names`` comes from one float32 product ``x @ P^T`` per set,
+    with P stacking, per layer and projection, A (r rows), the baked down (r' rows) and Bᵀ W (r rows)."""
     plan, rows = [], []
-    for name, layer in baked.layers.items():
+    for name in names:
+        layer = baked.layers[name]
         f = adapter.layers[name]
         for proj, weight in zip(PROJECTIONS, base_weights[name], strict=True):
             w32 = weight.detach().cpu().float()

@@ -37,6 +37,8 @@ from ..integration.consistency import changing_state
 from ..integration.modules import (
     cross_attention_modules,
     get_unet,
+    kv_projection_names,
+    kv_projections,
     pooled_embedding_module,
     projection_weight,
 )
@@ -182,7 +184,7 @@ def fuse_adapter(
 
     # Everything is computed before anything changes: a failure leaves the pipeline as it was.
     planned: dict[str, FusedAdapter] = {}
-    base = {n: (projection_weight(m.to_k), projection_weight(m.to_v)) for n, m in modules.items()}
+    base = {n: tuple(projection_weight(p) for p in kv_projections(m)) for n, m in modules.items()}
     for name in names:
         adapter = loaded[name]
         baked = bake(pipe, adapter, scale=adapter_scale(unet, name), settings=settings)
@@ -197,7 +199,7 @@ def fuse_adapter(
             state = FusedState()
             unet.__dict__[FUSED_ATTR] = state
         for layer, attn in modules.items():
-            for proj, linear in zip(PROJECTIONS, (attn.to_k, attn.to_v), strict=True):
+            for proj, linear in zip(PROJECTIONS, kv_projections(attn), strict=True):
                 weight = projection_weight(linear)
                 key = (layer, proj)
                 if key not in state.originals:
@@ -286,10 +288,11 @@ def _restore_weights(unet: nn.Module, state: FusedState) -> list[str]:
     modules = cross_attention_modules(unet)
     changed = []
     for (layer, proj), original in state.originals.items():
-        linear = getattr(modules[layer], f"to_{proj}")
+        linear = dict(zip(PROJECTIONS, kv_projections(modules[layer]), strict=True))[proj]
         deltas = [record.baked.layers[layer].delta_weight(proj) for record in state.adapters.values()]
         if not _restore(projection_weight(linear), original, deltas):
-            changed.append(f"{layer}.to_{proj}")
+            names = dict(zip(PROJECTIONS, kv_projection_names(modules[layer]), strict=True))
+            changed.append(f"{layer}.{names[proj]}")
     if state.pooled_original is not None:
         deltas = [r.pooled_delta for r in state.adapters.values() if r.pooled_delta is not None]
         weight = projection_weight(pooled_embedding_module(unet).linear_1)

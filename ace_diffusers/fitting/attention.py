@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.factors import LayerFactors
-from ..integration.modules import cross_attention_modules, projection_weight
+from ..integration.modules import cross_attention_modules, kv_projections, projection_weight
 from .denoiser import run_denoiser, sample_size
 from .embedding_cache import EMBEDDINGS
 from .presets import filled
@@ -118,8 +118,8 @@ def _projected(layer: QueryLayer, context: torch.Tensor) -> KeysValues:
     # detached: the model's own weights are never trained (no gradient is computed for or left on them)
     attn = layer.attn
     return (
-        context @ projection_weight(attn.to_k).detach().float().T,
-        context @ projection_weight(attn.to_v).detach().float().T,
+        context @ projection_weight(kv_projections(attn)[0]).detach().float().T,
+        context @ projection_weight(kv_projections(attn)[1]).detach().float().T,
     )
 
 

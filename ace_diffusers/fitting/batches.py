@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integration.modules import projection_weight
+from ..integration.modules import kv_projections, projection_weight
 from .attention import (
     KeysValues,
     QueryLayer,
@@ -33,7 +33,7 @@ def kept_projections(layers: list[QueryLayer], rows: int, tokens: int) -> bool:
     """Whether every training prompt's unedited keys/values fit in :data:`KEPT_PROJECTIONS_BYTES`
     (the miniature world: a few MB; many long prompts at SDXL size: recomputed at every step)."""
     width = sum(
-        projection_weight(layer.attn.to_k).shape[0] + projection_weight(layer.attn.to_v).shape[0]
+        sum(projection_weight(p).shape[0] for p in kv_projections(layer.attn))
         for layer in layers
     )
     return rows * tokens * width * 4 <= KEPT_PROJECTIONS_BYTES

@@ -22,9 +22,16 @@ from tqdm.auto import tqdm
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACETruncationWarning, ACEValueError
-from ..integration.modules import cross_attention_modules, get_unet, projection_weight
+from ..integration.modules import (
+    cross_attention_modules,
+    get_unet,
+    is_joint,
+    kv_projections,
+    projection_weight,
+)
 from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
 from .embedding_cache import EMBEDDINGS, cache_root
+from .joint import fit_joint_adapter
 from .neighbours import mine_neighbours, mining_record
 from .pooled import fit_pooled
 from .presets import ErasureSpec, resolve_spec
@@ -49,8 +56,9 @@ def fit_adapter(
     started = time.perf_counter()
     unet = get_unet(pipe)
     modules = cross_attention_modules(unet)
-    names = sorted(modules)
-    d_text = projection_weight(modules[names[0]].to_k).shape[1]
+    if any(is_joint(m) for m in modules.values()):  # SD3: one fit per block, on its own text stream
+        return fit_joint_adapter(pipe, spec, settings, progress=progress)
+    d_text = projection_weight(kv_projections(modules[min(modules)])[0]).shape[1]
     rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
     check_rank(rank, d_text)
     embedder = TextEmbedder(pipe)
@@ -104,11 +112,7 @@ def _layer_factors(
 ) -> dict[str, LayerFactors]:
     """Every layer's best rank-``rank`` K/V edit of the shared text map, with the shared gate."""
     names = sorted(modules)
-    weights = [
-        projection_weight(getattr(modules[n], proj)).detach().cpu()
-        for n in names
-        for proj in ("to_k", "to_v")
-    ]
+    weights = [projection_weight(proj).detach().cpu() for n in names for proj in kv_projections(modules[n])]
     factors = low_rank_edits(weights, h.float(), root.float(), rank)
     layers = {}
     for i, name in enumerate(names):

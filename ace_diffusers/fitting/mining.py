@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..integration.modules import projection_weight
+from ..integration.modules import kv_projections, projection_weight
 from .attention import QueryLayer, attention_output
 from .embedding_cache import EMBEDDINGS
 from .presets import ErasureSpec, filled, normalize_prompt
@@ -77,7 +77,7 @@ def projection_gram(layers: list[QueryLayer]) -> torch.Tensor:
     tokens, ``cos(Pt, Pc) = tᵀGc / sqrt(tᵀGt · cᵀGc)``, without projecting each word to every layer."""
     gram = None
     for layer in layers:
-        for proj in (layer.attn.to_k, layer.attn.to_v):
+        for proj in kv_projections(layer.attn):
             weight = projection_weight(proj).detach().float().cpu()
             gram = weight.T @ weight if gram is None else gram.addmm_(weight.T, weight)
     return gram

@@ -84,13 +84,27 @@ def fit_pooled(
     n_concept = len(jobs.concept)
     concept, neutral = encoded[:n_concept], encoded[n_concept : 2 * n_concept]
     others = encoded[2 * n_concept :]
+    weights = torch.ones(n_concept)
+    if jobs.neighbour_jobs:
+        weights[n_concept - jobs.neighbour_jobs :] = settings.neighbour_weight
+    return fit_pooled_vectors(concept, neutral, others, weights, settings, rank)
+
+
+def fit_pooled_vectors(
+    concept: torch.Tensor,
+    neutral: torch.Tensor,
+    others: torch.Tensor,
+    weights: torch.Tensor,
+    settings: FitSettings,
+    rank: int,
+) -> tuple[PooledFactors, dict] | None:
+    """The pooled edit of the module docstring from pooled vectors (rows): ``concept`` and their anchors'
+    ``neutral``, the ``others`` to keep, each concept row's weight; None when no concept row differs from
+    its anchor's."""
     changed = (concept - neutral).norm(dim=-1) / concept.norm(dim=-1).clamp_min(1e-8)
     positive = changed > CHANGED_TOKEN_THRESHOLD
     if not bool(positive.any()):  # the text encoder does not tell the concept from its anchor
         return None
-    weights = torch.ones(n_concept)
-    if jobs.neighbour_jobs:
-        weights[n_concept - jobs.neighbour_jobs :] = settings.neighbour_weight
     gate_w, gate_b, gate_stats = fit_gate(
         concept[positive], torch.cat([concept[~positive], others]), ridge=settings.gate_ridge
     )

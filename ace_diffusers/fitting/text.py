@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..errors import ACECompatibilityError
-from ..integration.modules import context_projection, get_unet
+from ..integration.modules import context_projection, cross_attention_modules, get_unet, is_joint
 from .clip_packing import PrefixStore, clip_text_model, encode_with_shared_prefixes
 
 
@@ -68,14 +68,21 @@ class TextEmbedder:
         self.causal = all(
             isinstance(enc, (CLIPTextModel, CLIPTextModelWithProjection)) for _, enc in encoders
         )
-        self.max_length = _sequence_length(pipe) or min(tok.model_max_length for tok, _ in encoders)
+        self.max_length = sequence_length(pipe) or min(tok.model_max_length for tok, _ in encoders)
         # T5 pipelines (PixArt) pass the prompt's attention mask to the encoder and to the denoiser, whose
         # cross-attention then never reads a padding position: their rows are left out
         self.masked_context = all(isinstance(enc, T5EncoderModel) for _, enc in encoders)
         try:
-            self.context_map = context_projection(get_unet(pipe))
+            denoiser = get_unet(pipe)
         except ACECompatibilityError:  # no denoiser: the encoder output as it is
-            self.context_map = None
+            denoiser = None
+        if denoiser is not None and any(is_joint(m) for m in cross_attention_modules(denoiser).values()):
+            raise ACECompatibilityError(
+                f"{type(pipe).__name__}'s transformer reads the text through joint attention (SD3), whose "
+                "per-block text streams this step does not model yet. The closed form (pipe.erase_concept), "
+                "fusing, LoRA export and loading, scaling and unloading adapters have their own path."
+            )
+        self.context_map = context_projection(denoiser) if denoiser is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +135,7 @@ class TextEmbedder:
         tokens = self._tokenize(first_tokenizer, prompts)
         lengths = tokens["attention_mask"].sum(dim=1).tolist()
         spans = [
-            _token_span(tokens["offset_mapping"][i], phrase_spans[i], lengths[i]) for i in range(len(prompts))
+            token_span(tokens["offset_mapping"][i], phrase_spans[i], lengths[i]) for i in range(len(prompts))
         ]
         all_ids = [tokens["input_ids"]] + [
             self._tokenize(tok, prompts)["input_ids"] for tok, _ in self.encoders[1:]
@@ -206,7 +213,7 @@ class TextEmbedder:
         return encoder(input_ids, attention_mask=mask)[0].float()
 
 
-def _sequence_length(pipe: object) -> int | None:
+def sequence_length(pipe: object) -> int | None:
     """The prompt length a pipeline encodes by default when it says (``max_sequence_length``: PixArt's
     120/300 T5 tokens), else None (the tokenizer's own limit: CLIP's 77)."""
     parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
@@ -214,7 +221,7 @@ def _sequence_length(pipe: object) -> int | None:
     return default if isinstance(default, int) and not isinstance(default, bool) and default > 0 else None
 
 
-def _token_span(
+def token_span(
     offsets: list[tuple[int, int]], chars: tuple[int, int] | None, length: int
 ) -> tuple[int, int] | None:
     if chars is None:

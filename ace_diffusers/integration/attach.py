@@ -43,6 +43,7 @@ from .consistency import changing_state
 from .modules import (
     attention_modules,
     cross_attention_modules,
+    kv_projections,
     layer_shapes,
     pooled_embedding_module,
     pooled_width_problem,
@@ -136,14 +137,14 @@ def check_factors_fit_layer(layer: str, factors: LayerFactors, attn: nn.Module) 
     erasure moves the concept's directions, so it is at most about as large as ``W``), and gate weights
     and bias within ``MAX_GATE``.
     """
-    dtype = projection_weight(attn.to_k).dtype
+    dtype = projection_weight(kv_projections(attn)[0]).dtype
     for key, t in factors.tensors().items():
         if not all_finite(t):
             raise ACEAdapterFormatError(
                 f"Layer '{layer}': tensor '{key}' is not finite in {dtype} (NaN, Inf, or values beyond "
                 f"the range of {dtype}). Load the pipeline in float32 (or bfloat16), or use another adapter."
             )
-    for projection, proj in (("k", attn.to_k), ("v", attn.to_v)):
+    for projection, proj in zip(("k", "v"), kv_projections(attn), strict=True):
         edit = float(torch.linalg.matrix_norm(factors.delta_weight(projection).detach().float()))
         limit = MAX_DELTA_RATIO * float(torch.linalg.matrix_norm(projection_weight(proj).detach().float()))
         if not edit <= limit:
@@ -182,7 +183,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
 
         deltas = {}
         for layer, attn in modules.items():
-            ref = projection_weight(attn.to_k)
+            ref = projection_weight(kv_projections(attn)[0])
             factors = adapter.layers[layer].to(device=ref.device, dtype=ref.dtype)
             check_factors_fit_layer(layer, factors, attn)
             deltas[layer] = ACELayerDelta(**factors.tensors(), scale=scale)
@@ -192,7 +193,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
         for layer, attn in modules.items():
             stack = get_stack(attn)
             if stack is None:
-                stack = ACEAdapterStack(projection_weight(attn.to_k))
+                stack = ACEAdapterStack(projection_weight(kv_projections(attn)[0]))
                 attn.add_module(ACE_STACK_ATTR, stack)
             stack.adapters[name] = deltas[layer]
         if pooled is not None:
@@ -210,8 +211,9 @@ def _pooled_delta(unet: nn.Module, adapter: ACEAdapter, scale: float) -> ACEPool
     if adapter.pooled is None:
         if module is not None:
             warnings.warn(
-                f"ACE adapter {adapter.concepts[:3]} edits the cross-attention only, but this UNet also "
-                "reads a pooled text embedding (SDXL's text_embeds), which still carries the concept. "
+                f"ACE adapter {adapter.concepts[:3]} edits the cross-attention only, but this model also "
+                "reads a pooled text embedding (SDXL's text_embeds, SD3's pooled_projections), which still "
+                "carries the concept. "
                 "Re-fit the adapter with this ace-diffusers (erase_concept / ACETrainer fit the pooled edit "
                 "too).",
                 ACEPooledPathWarning,

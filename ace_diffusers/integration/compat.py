@@ -42,12 +42,14 @@ from diffusers.models.attention_processor import (
     FusedAttnProcessor2_0,
     IPAdapterAttnProcessor,
     IPAdapterAttnProcessor2_0,
+    JointAttnProcessor2_0,
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 from torch import nn
 
+from ..core.joint import ACEJointAttnProcessor
 from ..core.processor import (
     ACE_PROCESSORS,
     ACEAttnProcessor,
@@ -57,7 +59,7 @@ from ..core.processor import (
     get_stack,
 )
 from ..errors import ACECompatibilityError
-from .modules import attention_modules
+from .modules import attention_modules, reads_text
 
 STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 IP_ADAPTER_PROCESSORS = (IPAdapterAttnProcessor2_0, IPAdapterAttnProcessor)
@@ -65,6 +67,9 @@ _BASE_ATTR = "_ace_base_processor"  # Attention.__dict__: the processor restored
 _GUARDS_ATTR = "_ace_guarded_methods"  # UNet.__dict__: names of the instance-level guards installed
 _SHARED = ACEAttnProcessor()  # stateless: one instance serves every module
 _SHARED_SANA = ACESanaAttnProcessor()
+_SHARED_JOINT = ACEJointAttnProcessor()
+# stock processors with an exact ACE stand-in: {stock class: (shared ACE processor, its ACE class)}
+STAND_INS = {SanaAttnProcessor2_0: _SHARED_SANA, JointAttnProcessor2_0: _SHARED_JOINT}
 
 
 def base_processor(attn: nn.Module) -> Any:
@@ -130,15 +135,15 @@ def plan_processor(
         return requested, (SlicedAttnProcessor(slice_size) if slice_size else AttnProcessor2_0())
     if isinstance(requested, ACEIPAdapterAttnProcessor):
         return requested, requested.diffusers_processor()
-    if isinstance(requested, ACESanaAttnProcessor):
-        return requested, SanaAttnProcessor2_0()
+    if isinstance(requested, (ACESanaAttnProcessor, ACEJointAttnProcessor)):
+        return requested, stock_equivalent(requested)
     if kind in STOCK_PROCESSORS:
         return _SHARED, requested
-    if kind is SanaAttnProcessor2_0:
-        return _SHARED_SANA, requested
+    if kind in STAND_INS:
+        return STAND_INS[kind], requested
     if kind is SlicedAttnProcessor:
         return ACESlicedAttnProcessor(requested.slice_size), requested
-    if not attn.is_cross_attention:
+    if not reads_text(attn):
         return requested, requested  # no ACE delta on self-attention: any processor is fine
     if kind in IP_ADAPTER_PROCESSORS:
         return ACEIPAdapterAttnProcessor.wrap(requested), requested
@@ -192,6 +197,8 @@ def stock_equivalent(processor: Any) -> Any:
         return SlicedAttnProcessor(processor.slice_size)
     if isinstance(processor, ACESanaAttnProcessor):
         return SanaAttnProcessor2_0()
+    if isinstance(processor, ACEJointAttnProcessor):
+        return JointAttnProcessor2_0()
     if isinstance(processor, ACEAttnProcessor):
         return AttnProcessor2_0()
     return processor
@@ -201,7 +208,7 @@ def adapters_in_effect(unet: nn.Module) -> list[str]:
     """Loaded adapters whose gated path changes outputs now (active, scaled, enabled; fused ones are off)."""
     names: dict[str, None] = {}
     for attn in attention_modules(unet).values():
-        stack = get_stack(attn) if attn.is_cross_attention else None
+        stack = get_stack(attn) if reads_text(attn) else None
         for name, delta in (stack.adapters.items() if stack is not None else ()):
             if float(delta.multiplier(stack.enabled)) != 0.0:
                 names[name] = None
@@ -234,7 +241,7 @@ def _unet_fuse_qkv_projections(self: nn.Module) -> None:
     # the pipeline's fuse_qkv_projections sets ``fusing_unet`` before calling us: make its later
     # unfuse_qkv_projections a no-op instead of an AttributeError (diffusers' fuse sets this first too)
     self.__dict__.setdefault("original_attn_processors", None)
-    name, attn = next((n, a) for n, a in attention_modules(self).items() if a.is_cross_attention)
+    name, attn = next((n, a) for n, a in attention_modules(self).items() if reads_text(a))
     plan_processor(attn, FusedAttnProcessor2_0(), name=name, call="fuse_qkv_projections")  # raises today
     type(self).fuse_qkv_projections(self)
 
@@ -243,7 +250,7 @@ def _unet_set_use_memory_efficient_attention_xformers(
     self: nn.Module, valid: bool, attention_op: Any = None
 ) -> None:
     if valid:
-        name, attn = next((n, a) for n, a in attention_modules(self).items() if a.is_cross_attention)
+        name, attn = next((n, a) for n, a in attention_modules(self).items() if reads_text(a))
         plan_processor(
             attn, XFormersAttnProcessor(), name=name, call="enable_xformers_memory_efficient_attention"
         )
@@ -299,5 +306,5 @@ def uninstall(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
     for attn in modules.values():
         attn.__dict__["set_processor"] = _StockOnly(attn)
         base = attn.__dict__.pop(_BASE_ATTR, None)
-        if isinstance(attn.processor, ACE_PROCESSORS):
+        if isinstance(attn.processor, (*ACE_PROCESSORS, ACEJointAttnProcessor)):
             type(attn).set_processor(attn, base if base is not None else AttnProcessor2_0())

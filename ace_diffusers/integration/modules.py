@@ -31,14 +31,38 @@ def attention_modules(unet: nn.Module) -> dict[str, Attention]:
     return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
 
 
+def reads_text(attn: nn.Module) -> bool:
+    """Whether ``attn``'s keys/values are computed from text tokens: a cross-attention (``attn2`` of SD
+    UNets and PixArt/Sana) or a joint attention (SD3's blocks: the text tokens' own ``add_k_proj`` /
+    ``add_v_proj``, joined with the image tokens)."""
+    return isinstance(attn, Attention) and (attn.is_cross_attention or is_joint(attn))
+
+
+def is_joint(attn: nn.Module) -> bool:
+    """A joint attention: text tokens get their own K/V projections (``add_k_proj``, ``add_v_proj``)."""
+    return isinstance(getattr(attn, "add_k_proj", None), nn.Module) and not attn.is_cross_attention
+
+
+def kv_projections(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The projections that turn text tokens into keys and values: ``(to_k, to_v)`` of a cross-attention,
+    ``(add_k_proj, add_v_proj)`` of a joint one."""
+    names = kv_projection_names(attn)
+    return getattr(attn, names[0]), getattr(attn, names[1])
+
+
+def kv_projection_names(attn: nn.Module) -> tuple[str, str]:
+    return ("add_k_proj", "add_v_proj") if is_joint(attn) else ("to_k", "to_v")
+
+
 def cross_attention_modules(unet: nn.Module) -> dict[str, Attention]:
-    """Attention modules whose K/V read the text embeddings (``attn2`` in SD UNets)."""
-    return {name: m for name, m in attention_modules(unet).items() if m.is_cross_attention}
+    """Attention modules whose K/V read the text (:func:`reads_text`): ``attn2`` in SD UNets and
+    PixArt/Sana, every block's joint ``attn`` in SD3."""
+    return {name: m for name, m in attention_modules(unet).items() if reads_text(m)}
 
 
 def has_cross_attention(unet: nn.Module) -> bool:
-    """Whether any attention module reads text embeddings (stops at the first one found)."""
-    return any(isinstance(m, Attention) and m.is_cross_attention for m in unwrap_model(unet).modules())
+    """Whether any attention module reads text tokens (stops at the first one found)."""
+    return any(reads_text(m) for m in unwrap_model(unet).modules())
 
 
 def projection_weight(linear: nn.Module) -> torch.Tensor:
@@ -53,7 +77,7 @@ def layer_shapes(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
     """``{layer name: (d_text, d_k, d_v)}`` for every cross-attention layer: the architecture fingerprint."""
     shapes = {}
     for name, attn in cross_attention_modules(unet).items():
-        k_weight, v_weight = projection_weight(attn.to_k), projection_weight(attn.to_v)
+        k_weight, v_weight = (projection_weight(p) for p in kv_projections(attn))
         shapes[name] = (k_weight.shape[1], k_weight.shape[0], v_weight.shape[0])
     return shapes
 
@@ -73,8 +97,8 @@ def get_unet(pipe_or_unet: Any) -> nn.Module:
         f"{type(pipe_or_unet).__name__} has no UNet or transformer with cross-attention (pipe.unet, "
         "pipe.transformer); "
         "ACE adapters work on Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint "
-        "variants) and on cross-attention transformers (PixArt-α/Σ, Sana). Joint-attention models (SD3, "
-        "FLUX) are not supported yet."
+        "variants), on cross-attention transformers (PixArt-α/Σ, Sana) and on SD3's joint attention. FLUX "
+        "(its own FluxAttention modules) is not supported yet."
     )
 
 
@@ -96,22 +120,32 @@ def context_projection(model: nn.Module) -> nn.Module | None:
 
 
 def pooled_embedding_module(unet: nn.Module) -> nn.Module | None:
-    """The module that reads the pooled text embedding, or None: SDXL-style UNets (and their ControlNets)
-    with ``addition_embed_type="text_time"`` feed ``[text_embeds, embedded time ids]`` to
-    ``add_embedding``."""
+    """The module that reads the pooled text embedding first, or None. SDXL-style UNets (and their
+    ControlNets) with ``addition_embed_type="text_time"`` feed ``[text_embeds, embedded time ids]`` to
+    ``add_embedding``; SD3 feeds ``pooled_projections`` alone to ``time_text_embed.text_embedder``."""
     unet = unwrap_model(unet)
-    if getattr(getattr(unet, "config", None), "addition_embed_type", None) != "text_time":
-        return None
-    module = getattr(unet, "add_embedding", None)
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        module = getattr(unet, "add_embedding", None)
+    else:
+        module = getattr(getattr(unet, "time_text_embed", None), "text_embedder", None)
     return module if isinstance(getattr(module, "linear_1", None), nn.Module) else None
+
+
+def pooled_module_name(unet: nn.Module) -> str:
+    """The qualified name of :func:`pooled_embedding_module`'s first linear layer (``add_embedding.linear_1``,
+    ``time_text_embed.text_embedder.linear_1``)."""
+    target = pooled_embedding_module(unet).linear_1
+    return next(name for name, m in unwrap_model(unet).named_modules() if m is target)
 
 
 def pooled_width_problem(unet: nn.Module, dim: int) -> str | None:
     """Why a pooled edit of width ``dim`` cannot sit on ``unet``'s pooled input, or None if it can."""
     module = pooled_embedding_module(unet)
     if module is None:
-        return "this UNet reads no pooled text embedding (its addition_embed_type is not 'text_time')"
+        return "this model reads no pooled text embedding"
     width = projection_weight(module.linear_1).shape[1]
+    if getattr(unwrap_model(unet).config, "addition_embed_type", None) != "text_time":
+        return None if dim == width else f"its pooled projection reads {width} features"
     step = getattr(unwrap_model(unet).config, "addition_time_embed_dim", None) or 1
     if not 0 < dim < width or (width - dim) % step:
         return (

@@ -3,7 +3,8 @@
 import torch
 
 from ace_diffusers.fitting.denoiser import run_denoiser, sample_size
-from ace_diffusers.testing import tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from ace_diffusers.testing_transformers import tiny_pixart_pipeline
 
 
 def _read_by_first_cross_attention(model, latents, context):

@@ -50,7 +50,7 @@ def test_an_altered_table_is_ignored_with_a_warning(cache_dir, recwarn):
 
 
 def test_sentencepiece_words_are_read_without_their_space_mark():
-    from ace_diffusers.testing import tiny_pixart_pipeline
+    from ace_diffusers.testing_transformers import tiny_pixart_pipeline
 
     words = vocabulary_words(TextEmbedder(tiny_pixart_pipeline()))
     assert {"painting", "gogh", "portrait"} <= set(words) and not any(w.startswith("\u2581") for w in words)

@@ -49,20 +49,25 @@ def test_projection_weight_sees_through_peft_lora_layers(sd_pipe):
     assert projection_weight(attn.to_k) is before
 
 
-def test_joint_attention_models_are_refused_by_name():
-    from diffusers import SD3Transformer2DModel
+def test_flux_is_refused_by_name_and_sd3_is_found():
+    from diffusers import FluxTransformer2DModel
 
-    sd3 = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
+    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+
+    flux = FluxTransformer2DModel(
+        patch_size=1,
         in_channels=4,
         num_layers=1,
+        num_single_layers=1,
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=16,
-        caption_projection_dim=16,
         pooled_projection_dim=16,
-        out_channels=4,
+        axes_dims_rope=(2, 2, 4),
     )
-    with pytest.raises(ACECompatibilityError, match=r"Joint-attention models \(SD3, FLUX\) are not supported"):
-        get_unet(types.SimpleNamespace(transformer=sd3))
+    with pytest.raises(
+        ACECompatibilityError, match=r"FLUX \(its own FluxAttention modules\) is not supported"
+    ):
+        get_unet(types.SimpleNamespace(transformer=flux))
+    sd3 = tiny_sd3_pipeline()
+    assert get_unet(sd3) is sd3.transformer

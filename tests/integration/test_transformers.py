@@ -17,7 +17,8 @@ from ace_diffusers.fitting.data import FitSettings
 from ace_diffusers.fitting.text import TextEmbedder
 from ace_diffusers.integration.attach import attach_adapter, detach_adapter, set_active_adapters
 from ace_diffusers.integration.modules import attention_modules, context_projection, get_unet
-from ace_diffusers.testing import random_adapter, tiny_pixart_pipeline, tiny_sana_transformer
+from ace_diffusers.testing import random_adapter
+from ace_diffusers.testing_transformers import tiny_pixart_pipeline, tiny_sana_transformer
 
 PROMPT, UNRELATED = "a painting by Van Gogh", "a photo of a cat"
 CORE = FitSettings(neighbours=0, context_prompts=0)  # random tiny T5: mined words and pairings mean nothing
