@@ -52,3 +52,15 @@ def test_site_builds_strictly(tmp_path):
 @pytest.mark.parametrize("code", list(runnable_snippets()))
 def test_runnable_snippets_run(code):
     exec(compile(code, "<docs snippet>", "exec"), {"__name__": "__docs__"})
+
+
+def test_every_test_the_docs_name_exists():
+    """A docs cell that says 'backed by tests/x.py::test_y' must point at a real test."""
+    missing = []
+    for page in Path(__file__).resolve().parents[1].joinpath("docs").rglob("*.md"):
+        for ref in set(re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?", page.read_text(encoding="utf-8"))):
+            path, name = ref
+            source = Path(__file__).resolve().parents[1] / path
+            if not source.is_file() or (name and f"def {name}(" not in source.read_text(encoding="utf-8")):
+                missing.append(f"{page.name}: {path}::{name}")
+    assert not missing, missing

@@ -10,6 +10,8 @@
   round, and compared by their medians, so machine noise hits all of them alike.
 * Size: parameters and bytes of an adapter per concept count at SD1.5 and SDXL shapes (built on the
   ``meta`` device: nothing is allocated).
+* Per family (SD1.5, SDXL, SD3, PixArt-α): size and step overhead of a one-concept adapter
+  (:mod:`.families`).
 """
 
 from __future__ import annotations
@@ -29,18 +31,9 @@ from ..fitting.solvers import default_rank
 from ..integration.attach import attach_adapter, detach_adapter
 from ..integration.modules import cross_attention_modules, kv_projection_names, layer_shapes
 from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_shaped_unet
+from .families import SDXL_POOLED_DIM, adapter_parameters, family_overhead, family_sizes, format_families
 
 COUNTS = (1, 10, 100)
-
-
-SDXL_POOLED_DIM = 1280  # SDXL's pooled text embedding (text_encoder_2's projection width)
-
-
-def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int, pooled_dim: int = 0) -> int:
-    """Per layer: A_k, A_v (r x d_text), B_k (d_k x r), B_v (d_v x r), gate (d_text + 1); with a pooled
-    edit also A_p (r x d_pool), B_p (d_pool x r), its gate (d_pool + 1)."""
-    pooled = 2 * min(rank, pooled_dim) * pooled_dim + pooled_dim + 1 if pooled_dim else 0
-    return pooled + sum(rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values())
 
 
 def sizes() -> list[dict[str, Any]]:
@@ -199,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--size-only", action="store_true")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-weights configuration")
+    parser.add_argument("--family-rounds", type=int, default=5, help="rounds of the per-family timing")
+    parser.add_argument("--family-latent", type=int, default=64, help="latent side of the per-family timing")
     args = parser.parse_args(argv)
     over = None if args.size_only else overhead(args.rounds, args.latent, args.threads,
                                                 fused=not args.no_fused, progress=True)
     print(format_report(over, sizes()))
+    families = (None if args.size_only
+                else family_overhead(args.family_rounds, args.family_latent, progress=True))
+    print(format_families(family_sizes(), families))
     return 0

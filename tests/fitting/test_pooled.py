@@ -58,3 +58,43 @@ def test_the_erase_command_prints_the_pooled_shift(erased, capsys, tmp_path, mon
 def test_sd_fits_have_no_pooled_edit():
     adapter = tiny_sd_pipeline().erase_concept("Van Gogh", kind="style", load=False)
     assert adapter.pooled is None and "pooled" not in adapter.fit and adapter.format_version == 1
+
+
+def test_the_pooled_path_itself_is_erased_in_a_pipeline_call(erased):
+    """Fails if only the K/V were edited: what add_embedding receives for the concept prompt moves to the
+    anchor prompt's pooled embedding; an unrelated prompt's stays as it was."""
+    pipe, adapter = erased
+    seen = []
+    linear = pipe.unet.add_embedding.linear_1  # its input: after the ACE hook on add_embedding
+    handle = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, :128]))
+
+    def pooled_input(prompt):
+        seen.clear()
+        pipe(prompt, num_inference_steps=1, output_type="pt", height=32, width=32, guidance_scale=1.0)
+        return seen[-1][0]
+
+    try:
+        template = adapter.fit["templates"][0]  # a phrasing the fit used
+        prompt, anchor = template.format("Van Gogh"), template.format(adapter.neutral[0])
+        stock_concept, stock_anchor, stock_other = (
+            pooled_input(p) for p in (prompt, anchor, UNSEEN_UNRELATED[0])
+        )
+        pipe.load_ace_adapter(adapter, adapter_name="vg")
+        erased_concept, erased_other = pooled_input(prompt), pooled_input(UNSEEN_UNRELATED[0])
+        pipe.unload_ace_adapter("vg")
+    finally:
+        handle.remove()
+    gap = (stock_concept - stock_anchor).norm()
+    assert (erased_concept - stock_anchor).norm() < 0.3 * gap
+    assert (erased_other - stock_other).norm() < 0.01 * stock_other.norm()
+
+
+def test_the_trainer_fine_tunes_sdxl_and_keeps_the_pooled_edit():
+    from ace_diffusers import ACETrainer
+
+    pipe = tiny_sdxl_pipeline()
+    adapter = ACETrainer(pipe, "Van Gogh", kind="style", steps=3, adversarial=False, progress=False).fit()
+    assert adapter.method == "ace" and adapter.fit["fine_tuning"]["steps_run"] == 3
+    assert adapter.pooled is not None and "pooled" in adapter.fit  # kept from the closed form
+    pipe.load_ace_adapter(adapter, adapter_name="vg")
+    assert pipe.get_active_ace_adapters() == ["vg"]
