@@ -23,11 +23,17 @@ from ..core.adapter import ACEAdapter
 from ..deploy.bake import BakeSettings
 from ..deploy.export import CLI_DEFAULT_FORMAT, DTYPES, MODES, TOOL_FORMATS, save_lora
 from ..errors import ACEError, ACEValueError
-from ..integration.modules import layer_shapes
+from ..integration.modules import get_unet, layer_shapes
 
 
 def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
-    """The base pipeline with only its tokenizer(s) and text encoder(s) loaded; checks the architecture."""
+    """The base pipeline with only its tokenizer(s) and text encoder(s) loaded; checks the architecture.
+    An adapter with a pooled edit (SDXL, SD3) or joint-attention layers (SD3) needs the denoiser's weights
+    too (the pooled LoRA module's weight; each block's text stream): then the whole pipeline is loaded."""
+    if adapter.pooled is not None or any(name.endswith(".attn") for name in adapter.layers):
+        pipe = DiffusionPipeline.from_pretrained(base)
+        adapter.check_compatible(layer_shapes(get_unet(pipe)))
+        return pipe
     config = DiffusionPipeline.load_config(base)
     keep = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
     skip = {

@@ -39,7 +39,7 @@ from ..fitting.data import FitSettings, collect_fit_data
 from ..fitting.joint import JointFitData
 from ..fitting.presets import ErasureSpec, fill_phrase, load_presets
 from ..fitting.text import TextEmbedder
-from ..integration.modules import cross_attention_modules, get_unet, is_joint
+from ..integration.modules import reads_joint_text
 
 
 # ---------------------------------------------------------------------- settings and results
@@ -215,8 +215,7 @@ def token_sets(
     """``[(layers, (concept tokens, other tokens))]`` (float64, CPU): one set for every layer where all
     layers read the same text (UNets, PixArt), one per block for joint attention (SD3)."""
     fit_settings = recorded_fit_settings(adapter)
-    model = get_unet(pipe)
-    if any(is_joint(m) for m in cross_attention_modules(model).values()):
+    if reads_joint_text(pipe):
         data = JointFitData.collect(pipe, spec, fit_settings)
         return [([n], (data.concept[n].double(), data.others[n].double())) for n in sorted(adapter.layers)]
     data = collect_fit_data(TextEmbedder(pipe), spec, fit_settings)

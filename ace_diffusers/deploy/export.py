@@ -46,6 +46,7 @@ from ..errors import ACEValueError
 from ..integration.attach import adapter_scale, loaded_adapters, single_loaded_adapter
 from ..integration.modules import (
     cross_attention_modules,
+    find_denoiser,
     get_unet,
     kv_projection_names,
     pooled_embedding_module,
@@ -120,8 +121,9 @@ def denoiser_prefix(adapter: ACEAdapter, pipe: Any, format: str) -> str:
     """``"unet"`` or ``"transformer"``: the pipeline attribute of the model the adapter edits (from ``pipe``,
     else from the adapter's layer names: a transformer's are ``transformer_blocks.*``); refuses the kohya
     layout, which names UNet modules only, for a transformer."""
-    if pipe is not None:
-        transformer = getattr(pipe, "transformer", None) is get_unet(pipe)
+    model = find_denoiser(pipe) if pipe is not None else None
+    if model is not None:
+        transformer = getattr(pipe, "transformer", None) is model
     else:
         transformer = all(n.startswith("transformer_blocks.") for n in adapter.layers)
     if transformer and format == "kohya":
@@ -135,8 +137,9 @@ def denoiser_prefix(adapter: ACEAdapter, pipe: Any, format: str) -> str:
 def projection_names(layer: str, pipe: Any) -> tuple[str, str]:
     """The K/V projection modules of ``layer``: from the pipeline's model when given, else from diffusers'
     naming (SD3's joint attention is a block's ``attn``, cross-attention is ``attn2``)."""
-    if pipe is not None:
-        return kv_projection_names(cross_attention_modules(get_unet(pipe))[layer])
+    model = find_denoiser(pipe) if pipe is not None else None
+    if model is not None:
+        return kv_projection_names(cross_attention_modules(model)[layer])
     return ("add_k_proj", "add_v_proj") if layer.endswith(".attn") else ("to_k", "to_v")
 
 
@@ -154,7 +157,8 @@ def pooled_lora_factors(
     ``up = W[:, :d] s·B_p`` (the gate dropped, as fusing does). None without a pooled edit."""
     if adapter.pooled is None:
         return None
-    module = pooled_embedding_module(get_unet(pipe)) if pipe is not None else None
+    model = find_denoiser(pipe) if pipe is not None else None
+    module = pooled_embedding_module(model) if model is not None else None
     if module is None:
         raise ACEValueError(
             "This adapter also edits the pooled text embedding (SDXL, SD3), and a LoRA carries that edit "

@@ -17,9 +17,9 @@ from ..fitting.text import TextEmbedder
 from ..integration.modules import (
     cross_attention_modules,
     get_unet,
-    is_joint,
     kv_projections,
     projection_weight,
+    reads_joint_text,
 )
 from .bake import BakedEdit, default_prompt_sets
 
@@ -96,11 +96,10 @@ def _set_tokens(
 ) -> dict[str, tuple[int, dict[str | None, torch.Tensor]]]:
     """``{set: (prompts, {None: all tokens (N, d)})}`` (float64); for joint attention (SD3) the tokens each
     block reads, ``{block: (N_b, d)}``, captured by running the transformer (:class:`BlockStreams`)."""
-    model = get_unet(pipe)
-    modules = cross_attention_modules(model)
-    if not any(is_joint(m) for m in modules.values()):
+    if not reads_joint_text(pipe):
         return {k: (n, {None: x}) for k, (n, x) in _encode_sets(TextEmbedder(pipe), prompt_sets).items()}
-    streams, tokens = BlockStreams(pipe, model, modules), {}
+    model = get_unet(pipe)
+    streams, tokens = BlockStreams(pipe, model, cross_attention_modules(model)), {}
     for set_name, prompts in prompt_sets.items():
         if prompts:
             captured = streams.capture(list(prompts))

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from ..errors import ACECompatibilityError
-from ..integration.modules import context_projection, cross_attention_modules, get_unet, is_joint
+from ..integration.modules import context_projection, find_denoiser, reads_joint_text
 from .clip_packing import PrefixStore, clip_text_model, encode_with_shared_prefixes
 
 
@@ -72,11 +72,8 @@ class TextEmbedder:
         # T5 pipelines (PixArt) pass the prompt's attention mask to the encoder and to the denoiser, whose
         # cross-attention then never reads a padding position: their rows are left out
         self.masked_context = all(isinstance(enc, T5EncoderModel) for _, enc in encoders)
-        try:
-            denoiser = get_unet(pipe)
-        except ACECompatibilityError:  # no denoiser: the encoder output as it is
-            denoiser = None
-        if denoiser is not None and any(is_joint(m) for m in cross_attention_modules(denoiser).values()):
+        denoiser = find_denoiser(pipe)  # None: a text-only pipeline, the encoder output as it is
+        if reads_joint_text(pipe):
             raise ACECompatibilityError(
                 f"{type(pipe).__name__}'s transformer reads the text through joint attention (SD3), whose "
                 "per-block text streams this step does not model yet. The closed form (pipe.erase_concept), "

@@ -105,6 +105,20 @@ def get_unet(pipe_or_unet: Any) -> nn.Module:
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
+def find_denoiser(pipe: Any) -> nn.Module | None:
+    """:func:`get_unet`, or None for a pipeline loaded without its denoiser (text components only)."""
+    try:
+        return get_unet(pipe)
+    except ACECompatibilityError:
+        return None
+
+
+def reads_joint_text(pipe: Any) -> bool:
+    """Whether ``pipe``'s denoiser reads the text through joint attention (SD3); False without one."""
+    model = find_denoiser(pipe)
+    return model is not None and any(is_joint(m) for m in cross_attention_modules(model).values())
+
+
 def context_projection(model: nn.Module) -> nn.Module | None:
     """The layers a transformer runs on the text encoder's output before its cross-attention reads it —
     PixArt: ``caption_projection``; Sana: ``caption_projection`` then ``caption_norm`` (per token) — or

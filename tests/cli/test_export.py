@@ -74,3 +74,27 @@ def test_cli_export(fitted, tmp_path, capsys):
         == 1
     )
     assert "different base model" in capsys.readouterr().err
+
+
+def test_cli_export_of_an_sdxl_adapter_carries_the_pooled_edit(tmp_path, capsys):
+    from ace_diffusers.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    pipe.erase_concept("Van Gogh", kind="style", load=False).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "sdxl.safetensors"
+    code = cli_main(
+        [
+            "export",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--format",
+            "diffusers",
+            "--output",
+            str(out),
+            "--base",
+            str(tmp_path / "base"),
+        ]
+    )
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    assert "unet.add_embedding.linear_1.lora_A.weight" in load_file(str(out))
