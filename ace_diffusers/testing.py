@@ -206,15 +206,18 @@ def sd15_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def sdxl_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
-    """Random-weight UNet at SDXL's real sizes (70 cross-attention layers, text width 2048)."""
+def sdxl_shaped_unet(
+    seed: int = 0, *, transformer_layers: int | tuple[int, ...] = (1, 2, 10)
+) -> UNet2DConditionModel:
+    """Random-weight UNet at SDXL's real sizes (70 cross-attention layers, text width 2048); fewer
+    ``transformer_layers`` per block keep its widths at a fraction of the depth (for timing on a CPU)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=128,
         block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
+        transformer_layers_per_block=transformer_layers,
         attention_head_dim=(5, 10, 20),
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -42,21 +42,8 @@ def _sd15(depth: int | None = None) -> UNet2DConditionModel:
 
 
 def _sdxl(depth: int | None = None) -> UNet2DConditionModel:
-    if depth is None:
-        return sdxl_shaped_unet()
-    return UNet2DConditionModel(  # SDXL's widths and text width, one transformer layer per block
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=1,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        cross_attention_dim=2048,
-    )
+    # timing: SDXL's widths and text width, ``depth`` transformer layers per block (of 1-10)
+    return sdxl_shaped_unet() if depth is None else sdxl_shaped_unet(transformer_layers=depth)
 
 
 def _sd3(depth: int | None = None) -> SD3Transformer2DModel:

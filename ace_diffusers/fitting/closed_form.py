@@ -29,7 +29,15 @@ from ..integration.modules import (
     kv_projections,
     projection_weight,
 )
-from .data import FitSettings, Job, collect_fit_data, fit_jobs, other_tokens, template_jobs
+from .data import (
+    FitSettings,
+    Job,
+    closed_form_adapter,
+    collect_fit_data,
+    fit_jobs,
+    other_tokens,
+    template_jobs,
+)
 from .embedding_cache import EMBEDDINGS, cache_root
 from .joint import fit_joint_adapter
 from .neighbours import mine_neighbours, mining_record
@@ -91,20 +99,9 @@ def fit_adapter(
         "preserve": spec.preserve,
         "mined_neighbours": mining_record(spec, neighbours, settings.neighbours),
         "stats": stats,
-        **({"pooled": {k: round(v, 6) for k, v in pooled[1].items()}} if pooled is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
-    return ACEAdapter(
-        layers,
-        concepts=spec.concepts,
-        neutral=spec.neutral,
-        kind=spec.kind,
-        method="closed-form",
-        fit=fit,
-        base_model=base_model if isinstance(base_model, str) else None,
-        pooled=pooled[0] if pooled is not None else None,
-    )
+    return closed_form_adapter(pipe, spec, layers, fit, pooled)
 
 
 def _layer_factors(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..core.adapter import ACEAdapter
 from ..errors import ACEValueError
 from .embedding_cache import EMBEDDINGS, Job
 from .presets import ErasureSpec, fill_phrase, filled, load_presets
@@ -247,3 +248,23 @@ def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, 
         if j < rows_n:
             pairs.append((i, j))
     return pairs
+
+
+def closed_form_adapter(
+    pipe: Any, spec: ErasureSpec, layers: dict, fit: dict[str, Any], pooled: tuple | None
+) -> ACEAdapter:
+    """A closed-form fit as an :class:`ACEAdapter`: ``layers``, the ``pooled`` edit with its statistics
+    (or None), the ``fit`` record, and the pipeline's model id as ``base_model`` when it has one."""
+    if pooled is not None:
+        fit = {**fit, "pooled": {k: round(v, 6) for k, v in pooled[1].items()}}
+    base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
+    return ACEAdapter(
+        layers,
+        concepts=spec.concepts,
+        neutral=spec.neutral,
+        kind=spec.kind,
+        method="closed-form",
+        fit=fit,
+        base_model=base_model if isinstance(base_model, str) else None,
+        pooled=pooled[0] if pooled is not None else None,
+    )

@@ -29,7 +29,7 @@ from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
 from ..integration.modules import cross_attention_modules, get_unet, kv_projections, projection_weight
-from .data import CHANGED_TOKEN_THRESHOLD, FitSettings, align_tokens, fit_jobs
+from .data import CHANGED_TOKEN_THRESHOLD, FitSettings, align_tokens, closed_form_adapter, fit_jobs
 from .denoiser import sample_size
 from .pooled import fit_pooled_vectors
 from .presets import ErasureSpec
@@ -67,20 +67,9 @@ def fit_joint_adapter(
         "templates": spec.templates,
         "preserve": spec.preserve,
         "joint_attention": {"timesteps": list(TIMESTEPS), "per_block": stats},
-        **({"pooled": {k: round(v, 6) for k, v in pooled[1].items()}} if pooled is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
-    return ACEAdapter(
-        layers,
-        concepts=spec.concepts,
-        neutral=spec.neutral,
-        kind=spec.kind,
-        method="closed-form",
-        fit=fit,
-        base_model=base_model if isinstance(base_model, str) else None,
-        pooled=pooled[0] if pooled is not None else None,
-    )
+    return closed_form_adapter(pipe, spec, layers, fit, pooled)
 
 
 @dataclass
