@@ -136,3 +136,20 @@ def test_an_absurd_pooled_edit_is_refused_before_anything_changes(pipe):
     with pytest.raises(ACEAdapterFormatError, match="pooled-embedding edit has norm"):
         pipe.load_ace_adapter(adapter, adapter_name="bad")
     assert pipe.get_list_ace_adapters() == [] and get_pooled_stack(pipe.unet.add_embedding) is None
+
+
+def test_a_deepcopied_unet_owns_its_pooled_hook(pipe):
+    import copy
+
+    from ace_diffusers.integration.attach import attach_adapter, detach_adapter
+
+    unet = copy.deepcopy(pipe.unet)  # leave the shared pipeline alone
+    embeds = torch.randn(2, POOLED_DIM + 48, generator=torch.Generator().manual_seed(0))
+    base = unet.add_embedding(embeds)
+    attach_adapter(unet, _pooled_only(unet), "p")
+    on = unet.add_embedding(embeds)
+    twin = copy.deepcopy(unet)
+    assert torch.equal(twin.add_embedding(embeds), on)
+    detach_adapter(twin, "p")  # removes the twin's hook, not the original's
+    assert torch.equal(twin.add_embedding(embeds), base) and not twin.add_embedding._forward_pre_hooks
+    assert torch.equal(unet.add_embedding(embeds), on)
