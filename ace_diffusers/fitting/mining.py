@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..integration.modules import kv_projections, projection_weight
 from .attention import QueryLayer, attention_output
 from .embedding_cache import EMBEDDINGS
-from .presets import ErasureSpec, filled, normalize_prompt
+from .presets import ErasureSpec, fill_phrase, filled, normalize_prompt
 from .text import TextEmbedder
 from .vocabulary import encode_words, vocabulary_words
 
@@ -116,7 +116,7 @@ def in_context(
         [
             _signatures(embedder, layers, prompts(anchors[:1])),
             _signatures(embedder, layers, prompts(anchors[1:]), persistent=True),
-            _signatures(embedder, layers, prompts(shortlist)),
+            _signatures(embedder, layers, *_marked(templates, shortlist)),
         ]
     )
     signature = signature.view(len(phrases), len(templates), -1).flatten(1)
@@ -131,20 +131,39 @@ def in_context(
     ]
 
 
+def _marked(templates: list[str], words: list[str]) -> tuple[list[str], list[tuple[int, int] | None]]:
+    """Each word in each template, with the word's character span (None where filling changed spacing)."""
+    prompts, spans = [], []
+    for word in words:
+        for template in templates:
+            prompt, span = fill_phrase(template, word)
+            prompts.append(normalize_prompt(prompt))
+            spans.append(span if prompts[-1] == prompt else None)
+    return prompts, spans
+
+
 def _signatures(
-    embedder: TextEmbedder, layers: list[QueryLayer], prompts: list[str], *, persistent: bool = False
+    embedder: TextEmbedder,
+    layers: list[QueryLayer],
+    prompts: list[str],
+    spans: list[tuple[int, int] | None] | None = None,
+    *,
+    persistent: bool = False,
 ) -> torch.Tensor:
     """``(prompts, features)``: every layer's attention output of its query bank over each prompt.
 
     A causal encoder's prompts stop :data:`SIGNATURE_PAD_TOKENS` after their EOS (an exact prefix of the
-    full encoding, at a fraction of its cost); a bidirectional encoder's keep every padding token.
+    full encoding, at a fraction of its cost); a bidirectional encoder's keep every padding token. With
+    ``spans`` (each word's place in its prompt), prompts of one template encode their shared beginning
+    once (:func:`.clip_packing.encode_with_shared_prefixes`: exact for causal encoders, but for float
+    rounding: about 2e-6 at SD1.5 size, where it takes stage 3 from ~3.7 s to ~2.2 s on this CPU).
     """
     pad = SIGNATURE_PAD_TOKENS if embedder.causal else None
     jobs = [(p, None, pad) for p in prompts]
     encoded = (
         EMBEDDINGS.encode(embedder, jobs, persistent=jobs)
         if persistent
-        else embedder.encode(prompts, extra_pad_tokens=pad)
+        else embedder.encode(prompts, spans, extra_pad_tokens=pad)
     )
     out = torch.empty(len(prompts), 0)
     by_length: dict[int, list[int]] = {}
