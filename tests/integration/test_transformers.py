@@ -171,3 +171,31 @@ def test_what_is_not_supported_yet_is_refused_before_any_work(pixart):
 
     with pytest.raises(ACECompatibilityError, match="instruction prefix"):
         TextEmbedder(SanaLike())
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_guards_and_model_offload_keep_the_erasure_on_transformers(family):
+    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_pixart_pipeline()
+    kwargs = {} if family == "sd3" else {"clean_caption": False, "use_resolution_binning": False}
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            PROMPT,
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=generator,
+            **kwargs,
+        ).images
+
+    pooled = 32 if family == "sd3" else None
+    pipe.load_ace_adapter(random_adapter(pipe.transformer, rank=4, pooled_dim=pooled), adapter_name="r")
+    erased = run()
+    with pytest.raises(ACECompatibilityError, match="fuse_qkv_projections would replace the ACE processor"):
+        pipe.transformer.fuse_qkv_projections()
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks around the transformer
+    torch.testing.assert_close(run(), erased, atol=1e-6, rtol=0)
