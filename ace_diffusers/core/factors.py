@@ -128,8 +128,23 @@ def _check_tensors(owner: str, values: dict[str, Any]) -> None:
             )
 
 
+class PooledEdit(GatedLowRank):
+    """The gated low-rank formula on the pooled embedding (the one projection ``"p"``), for
+    :class:`PooledFactors` and the run-time buffer module alike."""
+
+    def pooled_delta(
+        self, pooled: torch.Tensor, multiplier: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """``m · g(p) · (p A_pᵀ) B_pᵀ``: what the edit adds to the pooled embeddings ``p`` (rows)."""
+        return self.delta(pooled, POOLED_PROJECTION, multiplier)
+
+    def pooled_weight(self) -> torch.Tensor:
+        """``B_p A_p`` (d_pool, d_pool): the edit as a plain matrix when the gate is 1."""
+        return self.delta_weight(POOLED_PROJECTION)
+
+
 @dataclass
-class PooledFactors(GatedLowRank):
+class PooledFactors(PooledEdit):
     """The edit of the pooled text embedding: ``p' = p + g(p)·(p A_pᵀ) B_pᵀ`` (projection ``"p"``)."""
 
     p_down: torch.Tensor

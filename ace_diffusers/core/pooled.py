@@ -1,14 +1,16 @@
-"""The pooled-embedding edit at run time: a store on SDXL's ``add_embedding`` and the hook that applies it.
+"""The pooled-embedding edit at run time: a store on the module that reads the pooled text embedding
+(SDXL's ``add_embedding``, SD3's ``time_text_embed.text_embedder``) and the hook that applies it.
 
 SDXL's UNet concatenates the pooled text embedding ``p`` (``added_cond_kwargs["text_embeds"]``, from the
 second text encoder) with the embedded size and crop ids and passes the result to ``add_embedding``,
 whose output joins the timestep embedding of every ResNet block. No cross-attention sees ``p``, so an
-edit of the K/V projections alone leaves the concept this path. A forward pre-hook on ``add_embedding``
-replaces the first ``d_pool`` columns of its input::
+edit of the K/V projections alone leaves the concept this path (SD3 feeds ``pooled_projections`` alone
+to ``time_text_embed.text_embedder`` the same way). A forward pre-hook on that module replaces the first
+``d_pool`` columns of its input::
 
     p' = p + sum_a  m_a * g_a(p) * (p A_pa^T) B_pa^T        g_a(p) = sigmoid(p . w_a + b_a)
 
-(:class:`~ace_diffusers.core.factors.GatedLowRank` with projection ``"p"``; ``m_a`` the same switches
+(:class:`~ace_diffusers.core.factors.PooledEdit`; ``m_a`` the same switches
 as the adapter's K/V deltas). Why the UNet side and not the text encoder's ``text_projection``: the edit
 then reaches every pooled vector the UNet is given, also ones computed elsewhere (``pooled_prompt_embeds``
 passed to the pipeline, prompt-weighting libraries), and it travels with the UNet like the K/V edit.
@@ -20,13 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .factors import GatedLowRank
+from .factors import PooledEdit
 from .processor import SwitchedDelta
 
 POOLED_STACK_ATTR = "ace_pooled_stack"
 
 
-class ACEPooledDelta(SwitchedDelta, GatedLowRank):
+class ACEPooledDelta(SwitchedDelta, PooledEdit):
     """One adapter's gated low-rank edit of the pooled embedding (frozen buffers and switches)."""
 
     def __init__(
@@ -58,7 +60,7 @@ class ACEPooledStack(nn.Module):
         pooled = embeds[..., : self.dim]
         edited = pooled
         for delta in self.adapters.values():
-            edited = edited + delta.delta(pooled, "p", delta.multiplier(self.enabled)).to(pooled.dtype)
+            edited = edited + delta.pooled_delta(pooled, delta.multiplier(self.enabled)).to(pooled.dtype)
         return torch.cat([edited, embeds[..., self.dim :]], dim=-1)
 
 

@@ -230,7 +230,7 @@ def pooled_weight_delta(
     weight = weight.cpu().double()
     dim = adapter.pooled.dim
     delta = torch.zeros_like(weight)
-    delta[:, :dim] = weight[:, :dim] @ (adapter.pooled.delta_weight("p").double() * float(scale))
+    delta[:, :dim] = weight[:, :dim] @ (adapter.pooled.pooled_weight().double() * float(scale))
     return delta
 
 

@@ -44,10 +44,6 @@ class PooledEncoder:
             )
         self.tokenizer, self.encoder = found[0]
 
-    @property
-    def dim(self) -> int:
-        return int(self.encoder.config.projection_dim)
-
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """``(len(prompts), d_pool)`` float32. CLIP is causal and pools at the EOS token, so each batch
@@ -135,7 +131,7 @@ def pooled_shift(
     f = factors.to(torch.float32)
 
     def edited(p: torch.Tensor) -> torch.Tensor:
-        return p + f.delta(p.float(), "p", multiplier)
+        return p + f.pooled_delta(p.float(), multiplier)
 
     gap = (concept - neutral).norm(dim=-1).clamp_min(1e-12)
     towards = 1 - (edited(concept) - neutral).norm(dim=-1) / gap

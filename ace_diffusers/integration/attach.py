@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import ACEAdapter
-from ..core.factors import LayerFactors, all_finite
+from ..core.factors import LayerFactors, PooledFactors, all_finite
 from ..core.pooled import (
     ACEPooledDelta,
     ACEPooledStack,
@@ -129,6 +129,11 @@ MAX_DELTA_RATIO = 100.0  # an edit 100x larger than the projection it edits is n
 MAX_GATE = 1e4  # fitted gate weights and biases are tens; the sigmoid saturates long before this
 
 
+def gate_reach(factors: LayerFactors | PooledFactors) -> float:
+    """The largest gate weight or bias magnitude (bounded by :data:`MAX_GATE`)."""
+    return max(float(factors.gate_weight.float().abs().max()), float(factors.gate_bias.float().abs().max()))
+
+
 def check_factors_fit_layer(layer: str, factors: LayerFactors, attn: nn.Module) -> None:
     """Refuse factors that cannot give finite, meaningful outputs on ``attn`` in its dtype.
 
@@ -153,7 +158,7 @@ def check_factors_fit_layer(layer: str, factors: LayerFactors, attn: nn.Module) 
                 f"{MAX_DELTA_RATIO:g}x the projection it edits ({limit / MAX_DELTA_RATIO:.3g}); the adapter "
                 "file is corrupted or was made for another model. Re-download it or fit a new one."
             )
-    gate = max(float(factors.gate_weight.float().abs().max()), float(factors.gate_bias.float().abs().max()))
+    gate = gate_reach(factors)
     if not gate <= MAX_GATE:
         raise ACEAdapterFormatError(
             f"Layer '{layer}': gate values reach {gate:.3g}, beyond {MAX_GATE:g}; the adapter file is "
@@ -235,8 +240,8 @@ def _pooled_delta(unet: nn.Module, adapter: ACEAdapter, scale: float) -> ACEPool
             "pipeline in float32 (or bfloat16), or use another adapter."
         )
     # the edit maps p to p + g·B A p: bounded by MAX_DELTA_RATIO times the identity it adds to, as K/V are
-    edit = float(torch.linalg.matrix_norm(factors.delta_weight("p").detach().float()))
-    gate = max(float(factors.gate_weight.float().abs().max()), float(factors.gate_bias.float().abs().max()))
+    edit = float(torch.linalg.matrix_norm(factors.pooled_weight().detach().float()))
+    gate = gate_reach(factors)
     if not (edit <= MAX_DELTA_RATIO * factors.dim**0.5 and gate <= MAX_GATE):
         raise ACEAdapterFormatError(
             f"The pooled-embedding edit has norm {edit:.3g} and gate values up to {gate:.3g}, beyond "
