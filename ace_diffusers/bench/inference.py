@@ -1,7 +1,9 @@
 """Inference overhead and adapter size at real model shapes (random weights: costs are real, outputs not).
 
+* Operations per cross-attention call, stock vs ACE with 1, 2 and 10 adapters (:mod:`.ops`).
 * Overhead: one UNet denoising step (batch 2, as with classifier-free guidance) of an SD1.5-shaped UNet
-  at a small latent size, stock processors vs ACE adapters of the size ``erase_concept`` fits for 1,
+  at a small latent size and at SD1.5's own 64x64 (on the GPU when one is present), stock processors
+  vs ACE adapters of the size ``erase_concept`` fits for 1,
   10 and 100 concepts, and an adapter *fused* into the ``to_k``/``to_v`` weights by
   :func:`ace_diffusers.deploy.fuse.fuse_adapter` (then unloaded: stock processors on edited weights, the
   deployment path with no plugin at inference). A fused model has the stock weight shapes whatever
@@ -32,6 +34,7 @@ from ..integration.attach import attach_adapter, detach_adapter
 from ..integration.modules import cross_attention_modules, kv_projection_names, layer_shapes
 from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_shaped_unet
 from .families import SDXL_POOLED_DIM, adapter_parameters, family_overhead, family_sizes, format_families
+from .ops import format_ops, op_counts
 
 COUNTS = (1, 10, 100)
 
@@ -68,6 +71,7 @@ def fused_kv_weights(unet: torch.nn.Module, adapter: Any, seed: int = 0) -> dict
     d_text = next(iter(layer_shapes(unet).values()))[0]
     torch.manual_seed(seed)
     encoder = CLIPTextModel(clip_text_config(d_text, 1, 8, 4 * d_text, d_text)).eval()
+    encoder.to(next(unet.parameters()).device)
     pipe = SimpleNamespace(unet=unet, tokenizer=clip_tokenizer(), text_encoder=encoder)
     modules = cross_attention_modules(unet)
     attach_adapter(unet, adapter, "bench-fused")
@@ -104,28 +108,47 @@ def _kv_weights(
     return projections, stock_weights, fused_weights
 
 
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a timing covers it (nothing to wait for on a CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is present, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _adapters(unet: torch.nn.Module) -> dict[int, Any]:
+    """Random adapters of the rank ``erase_concept`` fits for each of :data:`COUNTS` concepts."""
+    return {
+        n: random_adapter(unet, rank=default_rank(n, 768), seed=n, concepts=tuple(f"c{i}" for i in range(n)))
+        for n in COUNTS
+    }
+
+
 def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, seed: int = 0,
-             fused: bool = True, progress: bool = False) -> dict[str, Any]:
+             fused: bool = True, progress: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Median step time per configuration (module docstring); ``fused`` adds the fused-weights model."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=latent).eval()
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, latent, latent, generator=generator)
-    context = torch.randn(2, 77, 768, generator=generator)
-    timestep = torch.tensor([500, 500])
-    adapters = {
-        n: random_adapter(unet, rank=default_rank(n, 768), seed=n, concepts=tuple(f"c{i}" for i in range(n)))
-        for n in COUNTS
-    }
+    sample = torch.randn(2, 4, latent, latent, generator=generator).to(device)
+    context = torch.randn(2, 77, 768, generator=generator).to(device)
+    timestep = torch.tensor([500, 500], device=device)
+    adapters = {n: a.to(device) for n, a in _adapters(unet).items()}
 
     def step() -> float:
+        synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             unet(sample, timestep, encoder_hidden_states=context)
+        synchronize(device)
         return time.perf_counter() - t0
 
+    unet.to(device)
     projections, stock_weights, fused_weights = _kv_weights(unet, adapters[min(COUNTS)], seed, fused,
                                                             progress)
 
@@ -157,6 +180,7 @@ def overhead(rounds: int = 15, latent: int = 16, threads: int | None = None, see
     return {
         "latent": latent,
         "rounds": rounds,
+        "device": device,
         "threads": torch.get_num_threads(),
         "median_seconds": {k: round(v, 4) for k, v in medians.items()},
         "ratio_vs_stock": {k: round(v / medians["stock"], 3) for k, v in medians.items()},
@@ -169,13 +193,16 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
     lines = []
     if over:
         lines.append(f"# denoising step, SD1.5-shaped UNet, latent {over['latent']}x{over['latent']}, "
-                     f"batch 2, {over['rounds']} interleaved rounds, {over['threads']} threads")
+                     f"batch 2, {over['rounds']} interleaved rounds, {over.get('device', 'cpu')}, "
+                     f"{over['threads']} threads")
         lines.append(f"{'config':<12}{'median s':>10}{'ratio':>8}")
         for k, v in over["median_seconds"].items():
             lines.append(f"{k:<12}{v:>10.4f}{over['ratio_vs_stock'][k]:>8.3f}")
         r1, r100 = over["ratio_vs_stock"]["ACE 1"], over["ratio_vs_stock"]["ACE 100"]
         lines.append(f"target <= 1.03x for 1 concept: {'met' if r1 <= 1.03 else 'NOT MET'} ({r1:.3f}); "
                      f"<= 1.10x for 100 concepts: {'met' if r100 <= 1.10 else 'NOT MET'} ({r100:.3f})")
+    if not size_rows:
+        return "\n".join(lines)
     lines.append("# adapter size (default rank of erase_concept)")
     lines.append(f"{'model':<7}{'layers':>7}{'concepts':>9}{'rank':>6}{'parameters':>12}{'MB fp16':>9}"
                  f"{'KB/concept':>11}")
@@ -187,17 +214,24 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = helptext.parser("bench inference", __doc__)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds at latents up to 32")
+    parser.add_argument("--large-rounds", type=int, default=3, help="rounds at larger latents (64: SD1.5's)")
+    parser.add_argument("--latent", type=int, nargs="+", default=[16, 64],
+                        help="latent sides of the step timing (default: a small one and SD1.5's 64)")
+    parser.add_argument("--device", default=default_device(), help="default: cuda when present, else cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--size-only", action="store_true")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-weights configuration")
     parser.add_argument("--family-rounds", type=int, default=5, help="rounds of the per-family timing")
     parser.add_argument("--family-latent", type=int, default=64, help="latent side of the per-family timing")
     args = parser.parse_args(argv)
-    over = None if args.size_only else overhead(args.rounds, args.latent, args.threads,
-                                                fused=not args.no_fused, progress=True)
-    print(format_report(over, sizes()))
+    print(format_ops(op_counts(max(args.latent), args.device)))
+    for latent in [] if args.size_only else args.latent:
+        rounds = args.rounds if latent <= 32 else args.large_rounds
+        over = overhead(rounds, latent, args.threads, fused=not args.no_fused, progress=True,
+                        device=args.device)
+        print(format_report(over, []))
+    print(format_report(None, sizes()))
     families = (None if args.size_only
                 else family_overhead(args.family_rounds, args.family_latent, progress=True))
     print(format_families(family_sizes(), families))

@@ -16,8 +16,12 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from .. import helptext
+from ..core.adapter import ACEAdapter
+from ..errors import ACECompatibilityError, ACEValueError
+from ..fitting.erase import erase_concept
 from ..fitting.pooled import describe_pooled_shift
 from ..fitting.trainer import ACETrainer
+from ..fitting.trainer_args import untrainable_reason
 from ..shapes.pipeline import load_shapes_pipeline
 
 MINIATURE_NAMES = ("shapes", "miniature", "miniature-world")
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="fine-tuning steps (0 = closed form only; default 450, +50 per extra concept, at most 2000)",
+        help="fine-tuning steps (0 = closed form only, the one choice on SD3 and PixArt for now; "
+        "default 450, +50 per extra concept, at most 2000)",
     )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole fit")
     parser.add_argument("--no-adversarial", action="store_true", help="skip adversarial augmentation")
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = load_model(args.model)
     neutral = args.neutral[0] if args.neutral and len(args.neutral) == 1 else args.neutral
+    reason = untrainable_reason(pipe)
+    if reason is not None:
+        adapter = _closed_form_only(pipe, args, neutral, reason)
+        _finish(adapter, adapter, args, started)
+        return 0
     trainer = ACETrainer(
         pipe,
         args.concept,
@@ -83,15 +93,35 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=True,
     )
-    adapter = trainer.fit()
+    _finish(trainer.fit(), trainer, args, started)
+    return 0
+
+
+def _closed_form_only(pipe: Any, args: argparse.Namespace, neutral: Any, reason: str) -> ACEAdapter:
+    """The closed form, for pipelines the fine-tuning does not model yet: only with ``--steps 0``, and
+    without the options only the fine-tuning reads (refused with the reason before any fitting)."""
+    if args.steps != 0:
+        raise ACECompatibilityError(f"{reason} Run with --steps 0 to fit the closed form only.")
+    if args.synonym:
+        raise ACEValueError(
+            "--synonym is used by the fine-tuning, which this pipeline does not run; give the synonyms as "
+            "further --concept options to erase them in the closed form."
+        )
+    return erase_concept(
+        pipe, args.concept, neutral=neutral, kind=args.kind, preserve=args.preserve, rank=args.rank,
+        templates=args.template, load=False, progress=True,
+    )
+
+
+def _finish(adapter: ACEAdapter, saver: Any, args: argparse.Namespace, started: float) -> None:
+    """Record the base model, save (and publish) through ``saver`` (the trainer or the adapter), report."""
     if args.model not in MINIATURE_NAMES and not os.path.isdir(args.model):
         adapter.base_model = args.model
-    folder = trainer.save(args.output)
+    folder = saver.save(args.output) if isinstance(saver, ACETrainer) else saver.save_pretrained(args.output)
     print(f"{adapter!r} fitted in {adapter.fit['seconds']:.1f} s; saved to {folder}")
     if "pooled" in adapter.fit:
         print(describe_pooled_shift(adapter.fit["pooled"]))
     if args.push_to_hub:
-        url = trainer.push_to_hub(args.push_to_hub, private=args.private)
+        url = saver.push_to_hub(args.push_to_hub, private=args.private)
         print(f"published: {url}")
     print(f"done in {time.perf_counter() - started:.1f} s")
-    return 0

@@ -70,18 +70,24 @@ class GatedLowRank:
         weight = self.gate(context).unsqueeze(-1)
         return weight if multiplier is None else weight * multiplier
 
+    def gated(self, context: torch.Tensor, projection: str, weight: torch.Tensor) -> torch.Tensor:
+        """``((c Aᵀ) ∘ weight) Bᵀ``: the gate scales the up-projection's input (r numbers per token, not
+        d_out), as the packed forward of :mod:`.packed` does."""
+        down, up = self.factors_of(projection)
+        return ((context @ down.T) * weight) @ up.T
+
     def delta(
         self, context: torch.Tensor, projection: str, multiplier: torch.Tensor | float | None = None
     ) -> torch.Tensor:
         """``m · g(c) · (c Aᵀ) Bᵀ`` for ``"k"`` or ``"v"``."""
-        return self.low_rank(context, projection) * self.weighting(context, multiplier)
+        return self.gated(context, projection, self.weighting(context, multiplier))
 
     def deltas(
         self, context: torch.Tensor, multiplier: torch.Tensor | float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ΔK, ΔV)`` with the gate computed once."""
         weight = self.weighting(context, multiplier)
-        return self.low_rank(context, "k") * weight, self.low_rank(context, "v") * weight
+        return self.gated(context, "k", weight), self.gated(context, "v", weight)
 
     def delta_weight(self, projection: str) -> torch.Tensor:
         """``B A`` (d_out, d_text): the edit as a plain weight when the gate is 1 everywhere."""

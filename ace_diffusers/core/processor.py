@@ -34,6 +34,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from torch import nn
 
 from .factors import GatedLowRank
+from .packed import PackingCache
 
 ACE_STACK_ATTR = "ace_stack"
 
@@ -88,11 +89,18 @@ class ACEAdapterStack(nn.Module):
         self.register_buffer(
             "enabled", torch.tensor(1.0, dtype=reference.dtype, device=reference.device), persistent=False
         )
+        self.__dict__["packing"] = PackingCache()  # not a module attribute: never saved or moved
 
     def add_delta(
         self, context: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        for delta in self.adapters.values():
+        """``key``/``value`` plus every adapter's delta: one packed computation (:mod:`.packed`), or,
+        while ``torch.compile`` traces or for inference-mode factors, the per-adapter formula."""
+        deltas = list(self.adapters.values())
+        usable, packed = self.__dict__["packing"].lookup(deltas, self.enabled)
+        if usable:
+            return (key, value) if packed is None else packed.add_to(context, key, value)
+        for delta in deltas:
             delta_k, delta_v = delta.deltas(context, delta.multiplier(self.enabled))
             key = key + delta_k.to(key.dtype)
             value = value + delta_v.to(value.dtype)

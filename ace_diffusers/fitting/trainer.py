@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
-from ..errors import ACECompatibilityError, ACEValueError
+from ..errors import ACEValueError
 from ..integration.modules import get_unet
 from .adversary import soft_adversary
 from .attention import QueryLayer, capture_queries, detached, encode_full, unedited_outputs
@@ -46,57 +46,21 @@ from .mining import mine_synonyms
 from .phrases import search_phrases
 from .presets import filled, normalize_prompt, resolve_spec
 from .text import TextEmbedder
+from .trainer_args import (
+    check_trainable,
+    default_steps,
+    positive_float,
+    positive_int,
+    synonym_list,
+)
 
-MAX_DEFAULT_STEPS = 2000
+LOSS_READ_EVERY = 10  # steps between reading the losses back from the device (progress, divergence check)
+
 # How far (a share of each token's input-embedding norm) an adversary may move from the concept's own
 # tokens. On the miniature world (the other object of "a red hexagon and a striped blue square" still
 # drawn, 64 images) 0.5 left 80 % of hexagon's and 75 % of cross's kept objects, 0.25 kept 95 % and
 # 100 % with every erasure bar still met: a wider ball reaches what the prompt's other words read like.
 ADVERSARIAL_RADIUS = 0.25
-
-
-def default_steps(n_concepts: int) -> int:
-    """450 for one concept, +50 per extra concept, at most 2000.
-
-    Each step draws a fixed-size batch, so every concept of a multi-concept adapter is seen less often
-    per step. On the miniature world (``ace-diffusers bench trainer``, 4 images per prompt) 300 steps
-    left held-out synonyms of *cross* at 18.8 % Acc_g and of *square* in a 4-concept adapter at 18.8 %;
-    450 and 600 steps brought them to 12.5 % and 3.1 %.
-    """
-    return min(450 + 50 * (n_concepts - 1), MAX_DEFAULT_STEPS)
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ACEValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ACEValueError(f"{name} must be a positive number, got {value!r}.")
-    return float(value)
-
-
-def _synonym_list(synonyms: Any) -> list[str]:
-    """The user's synonyms as a list of non-empty strings (one string is one synonym, not its letters)."""
-    if isinstance(synonyms, str):
-        synonyms = [synonyms]
-    if synonyms is not None and not isinstance(synonyms, (list, tuple)):
-        raise ACEValueError(f"synonyms must be a list of strings, got {type(synonyms).__name__}.")
-    kept = [s for s in (synonyms or []) if isinstance(s, str) and s.strip()]
-    if synonyms is not None and len(kept) != len(synonyms):
-        raise ACEValueError("synonyms must be a list of non-empty strings.")
-    return kept
-
-
-def check_trainable(pipe: Any) -> None:
-    """Refuse, before any work, pipelines the fine-tuning does not model yet (T5 pipelines: PixArt)."""
-    if TextEmbedder(pipe).masked_context:
-        raise ACECompatibilityError(
-            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its denoiser masks the padding of T5 "
-            "prompts, which the trainer's attention targets do not model. pipe.erase_concept() works."
-        )
 
 
 class ACETrainer:
@@ -141,7 +105,7 @@ class ACETrainer:
         self.unet = get_unet(pipe)
         check_trainable(pipe)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
-        self.synonyms = _synonym_list(synonyms)
+        self.synonyms = synonym_list(synonyms)
         if rank is not None:  # refused now, not after the query bank is built
             width = self.unet.config.cross_attention_dim
             check_rank(rank, max(width) if isinstance(width, (list, tuple)) else int(width))
@@ -149,20 +113,20 @@ class ACETrainer:
         self.steps = (
             default_steps(len(self.spec.concepts))
             if steps is None
-            else _positive_int(steps, "steps", minimum=0)
+            else positive_int(steps, "steps", minimum=0)
         )
-        self.learning_rate = _positive_float(learning_rate, "learning_rate")
+        self.learning_rate = positive_float(learning_rate, "learning_rate")
         self.adversarial = bool(adversarial)
-        self.adversarial_every = _positive_int(adversarial_every, "adversarial_every")
-        self.adversarial_steps = _positive_int(adversarial_steps, "adversarial_steps")
-        self.adversarial_radius = _positive_float(adversarial_radius, "adversarial_radius")
-        self.mined_synonyms = _positive_int(mined_synonyms, "mined_synonyms", minimum=0)
-        self.search_phrases = _positive_int(search_phrases, "search_phrases", minimum=0)
-        self.mining_pool = _positive_int(mining_pool, "mining_pool")
-        self.preserve_weight = _positive_float(preserve_weight, "preserve_weight")
-        self.queries_per_layer = _positive_int(queries_per_layer, "queries_per_layer")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.time_budget = None if time_budget is None else _positive_float(time_budget, "time_budget")
+        self.adversarial_every = positive_int(adversarial_every, "adversarial_every")
+        self.adversarial_steps = positive_int(adversarial_steps, "adversarial_steps")
+        self.adversarial_radius = positive_float(adversarial_radius, "adversarial_radius")
+        self.mined_synonyms = positive_int(mined_synonyms, "mined_synonyms", minimum=0)
+        self.search_phrases = positive_int(search_phrases, "search_phrases", minimum=0)
+        self.mining_pool = positive_int(mining_pool, "mining_pool")
+        self.preserve_weight = positive_float(preserve_weight, "preserve_weight")
+        self.queries_per_layer = positive_int(queries_per_layer, "queries_per_layer")
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.time_budget = None if time_budget is None else positive_float(time_budget, "time_budget")
         self.seed = int(seed)
         self.progress = progress
         self.adapter: ACEAdapter | None = None
@@ -190,6 +154,7 @@ class ACETrainer:
         )
         adversaries = 0
         bar = tqdm(range(self.steps), desc="ACE fine-tuning", disable=not self.progress, leave=False)
+        pending: list[torch.Tensor] = []  # losses of steps not yet read back (see _read_losses)
         for step in bar:
             if self.time_budget is not None and time.perf_counter() - started > self.time_budget:
                 break
@@ -200,8 +165,10 @@ class ACETrainer:
                     data.add(*found)
                     adversaries += 1
             with clock("steps"):
-                loss_erase, loss_keep = self._step(data, layers, params, optimizer, step)
-            bar.set_postfix(erase=f"{loss_erase:.4f}", keep=f"{loss_keep:.4f}")
+                pending.append(self._step(data, layers, params, optimizer))
+            if len(pending) == LOSS_READ_EVERY:
+                self._read_losses(pending, bar)
+        self._read_losses(pending, bar)
         bar.close()
         with torch.no_grad():
             self.final_loss = float(data.fixed_loss(layers, params))
@@ -261,11 +228,12 @@ class ACETrainer:
         )
 
     def _step(
-        self, data: TrainingSet, layers: list[QueryLayer], params: dict, optimizer: Any, step: int
-    ) -> tuple[float, float]:
+        self, data: TrainingSet, layers: list[QueryLayer], params: dict, optimizer: Any
+    ) -> torch.Tensor:
         """One optimiser step. The user's words and the augmentations fill half of every erase batch
         each (many augmentations must never crowd out the concept itself); keep prompts fill a batch of
-        the same size. Returns the two losses."""
+        the same size. Returns ``(loss, erase loss, keep loss)``, detached and still on the device: no
+        host-device synchronisation per step."""
         idx_g, idx_x = self._erase_batch(len(data.given), len(data.extra))
         idx_k = torch.randint(len(data.keep), (min(self.batch_size, len(data.keep)),))
         loss_erase, loss_keep = data.losses(layers, params, idx_g, idx_x, idx_k)
@@ -273,14 +241,24 @@ class ACETrainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        self.history.append(float(loss.detach()))
-        if not math.isfinite(self.history[-1]):
-            raise ACEValueError(
-                f"Training diverged at step {step + 1} of {self.steps} (loss {self.history[-1]}): "
-                f"learning_rate={self.learning_rate:g} is too large for this model. Try 2e-3 (the "
-                "default) or lower; the closed-form adapter is unaffected."
-            )
-        return float(loss_erase.detach()), float(loss_keep.detach())
+        return torch.stack([loss, loss_erase, loss_keep]).detach()
+
+    def _read_losses(self, pending: list[torch.Tensor], bar: Any) -> None:
+        """Read the losses of the ``pending`` steps back in one transfer (every :data:`LOSS_READ_EVERY`
+        steps and at the end), record them and stop a diverged fit, naming its first non-finite step."""
+        if not pending:
+            return
+        losses = torch.stack(pending).cpu().tolist()
+        pending.clear()
+        for total, _, _ in losses:
+            self.history.append(total)
+            if not math.isfinite(total):
+                raise ACEValueError(
+                    f"Training diverged at step {len(self.history)} of {self.steps} (loss {total}): "
+                    f"learning_rate={self.learning_rate:g} is too large for this model. Try 2e-3 (the "
+                    "default) or lower; the closed-form adapter is unaffected."
+                )
+        bar.set_postfix(erase=f"{losses[-1][1]:.4f}", keep=f"{losses[-1][2]:.4f}")
 
     def _erase_batch(self, given: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of one erase batch: half the user's words, half the augmentations (all the user's words

@@ -42,3 +42,24 @@ def test_the_parser_takes_repeatable_concepts_and_refuses_unknown_kinds():
     assert args.concept == ["a", "b"] and args.steps is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "m", "--concept", "a", "--output", "o", "--kind", "painting"])
+
+
+def test_sd3_gets_the_closed_form_with_steps_0_and_a_clear_refusal_without(tmp_path, capsys):
+    from ace_diffusers.errors import ACECompatibilityError, ACEValueError
+    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+
+    model = tmp_path / "sd3"
+    tiny_sd3_pipeline(t5=True).save_pretrained(model)
+    base = ["erase", "--model", str(model), "--concept", "Van Gogh", "--kind", "style"]
+    with pytest.raises(ACECompatibilityError, match="joint attention.*--steps 0"):
+        main([*base, "--output", str(tmp_path / "never")])
+    with pytest.raises(ACEValueError, match="--synonym"):
+        main([*base, "--steps", "0", "--synonym", "Vincent", "--output", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    out = tmp_path / "erase-van-gogh"
+    assert main([*base, "--steps", "0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "saved to" in printed and "pooled" in printed  # SD3's pooled projection is erased too
+    adapter = ACEAdapter.from_pretrained(out)
+    assert adapter.concepts == ["Van Gogh"] and "fine_tuning" not in adapter.fit
+    assert adapter.pooled is not None

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from ace_diffusers.fitting import batches
 from ace_diffusers.fitting.closed_form import fit_adapter
 from ace_diffusers.fitting.data import FitSettings
 from ace_diffusers.fitting.presets import resolve_spec
-from ace_diffusers.fitting.trainer import MAX_DEFAULT_STEPS, ACETrainer, default_steps
+from ace_diffusers.fitting.trainer import LOSS_READ_EVERY, ACETrainer
+from ace_diffusers.fitting.trainer_args import MAX_DEFAULT_STEPS, default_steps
 from ace_diffusers.testing import tiny_sd_pipeline
 
 
@@ -143,3 +146,36 @@ def test_a_diverging_fit_says_so(pipe):
     with pytest.raises(ACEValueError, match="Training diverged at step .*learning_rate=1e\\+30"):
         trainer.fit()
     assert trainer.adapter is None
+
+
+def test_the_step_loop_reads_the_losses_back_in_batches_not_every_step(pipe, monkeypatch):
+    reads = []
+    original = ACETrainer._read_losses
+
+    def counted(self, pending, bar):
+        reads.append(len(pending))
+        assert all(isinstance(p, torch.Tensor) and p.shape == (3,) for p in pending)  # no float per step
+        return original(self, pending, bar)
+
+    monkeypatch.setattr(ACETrainer, "_read_losses", counted)
+    trainer = small_trainer(pipe, steps=LOSS_READ_EVERY * 2 + 3, adversarial=False, mined_synonyms=0)
+    trainer.fit()
+    assert [r for r in reads if r] == [LOSS_READ_EVERY, LOSS_READ_EVERY, 3]
+    assert len(trainer.history) == LOSS_READ_EVERY * 2 + 3
+
+
+def test_a_bfloat16_pipeline_trains_in_float32_and_keeps_its_dtype():
+    """Half-precision pipelines (what GPUs run) fine-tune: the trainer's factors and losses are float32
+    whatever the pipeline's dtype, and the loaded adapter runs in the pipeline's dtype."""
+    from ace_diffusers.testing import tiny_sd_pipeline
+
+    half = tiny_sd_pipeline().to(torch.bfloat16)
+    trainer = small_trainer(half, steps=3, adversarial=False, mined_synonyms=0, queries_per_layer=8)
+    adapter = trainer.fit()
+    assert all(math.isfinite(loss) for loss in trainer.history) and len(trainer.history) == 3
+    assert all(t.dtype == torch.float32 for f in adapter.layers.values() for t in f.tensors().values())
+    half.load_ace_adapter(adapter)
+    image = half("a painting by Van Gogh", num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.dtype == torch.bfloat16 and bool(torch.isfinite(image).all())
+    assert half.unet.dtype == torch.bfloat16

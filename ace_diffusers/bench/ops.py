@@ -1,0 +1,94 @@
+"""Tensor operations per cross-attention call: stock diffusers vs ACE with 1, 2 and 10 adapters.
+
+On a GPU every tensor operation is at least one kernel launch, so the number of operations a call runs
+matters there even where CPU timings cannot tell it apart. One SD1.5-shaped cross-attention layer (the
+first down block's: 320 channels, 8 heads, text width 768; ``latent²`` queries, batch 2) is run once
+under ``torch.profiler``; the table counts
+
+* **top-level** operations: the ``aten::`` calls the processor itself makes (what it launches), and
+* **all** ``aten::`` events, the operations those expand into as well (views, reshapes, ``mm``).
+
+The ACE adapters are random, of ``erase_concept``'s rank for one concept each; the target (issue:
+zero-cost inference) is at most 12 added top-level operations, the same for any number of adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.profiler import ProfilerActivity, profile
+
+from ..core.factors import LayerFactors
+from ..core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta
+from ..fitting.solvers import default_rank
+
+ADAPTER_COUNTS = (1, 2, 10)
+MAX_ADDED_OPS = 12
+CHANNELS, HEADS, TEXT_WIDTH, TEXT_TOKENS = 320, 8, 768, 77
+
+
+def random_factors(rank: int, d_text: int, d_out: int, generator: torch.Generator) -> LayerFactors:
+    """Random factors of one layer (their values do not change the operations run)."""
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    return LayerFactors(
+        rand(rank, d_text), rand(d_out, rank), rand(rank, d_text), rand(d_out, rank), rand(d_text), rand(1)
+    )
+
+
+def count_ops(attn: Attention, hidden: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:
+    """``(top-level, all)`` ``aten::`` operations of one ``attn(hidden, context)`` call (after a warm-up)."""
+    with torch.no_grad():
+        attn(hidden, encoder_hidden_states=context)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            attn(hidden, encoder_hidden_states=context)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), len(events)
+
+
+def op_counts(latent: int = 64, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Operation counts of stock attention and of ACE with each of :data:`ADAPTER_COUNTS` adapters."""
+    generator = torch.Generator().manual_seed(seed)
+    attn = Attention(CHANNELS, cross_attention_dim=TEXT_WIDTH, heads=HEADS, dim_head=CHANNELS // HEADS)
+    attn = attn.to(device).eval()
+    hidden = torch.randn(2, latent * latent, CHANNELS, generator=generator).to(device)
+    context = torch.randn(2, TEXT_TOKENS, TEXT_WIDTH, generator=generator).to(device)
+    attn.set_processor(AttnProcessor2_0())
+    rows = {"stock": count_ops(attn, hidden, context)}
+    attn.set_processor(ACEAttnProcessor())
+    for count in ADAPTER_COUNTS:
+        stack = ACEAdapterStack(hidden)
+        for i in range(count):
+            factors = random_factors(default_rank(1, TEXT_WIDTH), TEXT_WIDTH, CHANNELS, generator)
+            stack.adapters[f"a{i}"] = ACELayerDelta(**factors.to(device).tensors())
+        setattr(attn, ACE_STACK_ATTR, stack)
+        rows[f"ACE, {count} adapter{'s' if count > 1 else ''}"] = count_ops(attn, hidden, context)
+    stock_top, stock_all = rows["stock"]
+    return {
+        "latent": latent,
+        "device": device,
+        "rows": [
+            {"configuration": k, "top_level": top, "all": every, "added_top_level": top - stock_top,
+             "added_all": every - stock_all}
+            for k, (top, every) in rows.items()
+        ],
+    }
+
+
+def format_ops(result: dict[str, Any]) -> str:
+    lines = [f"# operations per cross-attention call (SD1.5 first-block layer, latent {result['latent']}x"
+             f"{result['latent']}, {result['device']})",
+             f"{'configuration':<18}{'top-level':>10}{'added':>7}{'all aten':>10}{'added':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['configuration']:<18}{r['top_level']:>10}{r['added_top_level']:>7}{r['all']:>10}"
+                     f"{r['added_all']:>7}")
+    added = [r["added_top_level"] for r in result["rows"][1:]]
+    met = max(added) <= MAX_ADDED_OPS and len(set(added[1:])) <= 1
+    lines.append(f"target <= {MAX_ADDED_OPS} added top-level operations, the same for 2 or more adapters: "
+                 f"{'met' if met else 'NOT MET'} (added: {', '.join(map(str, added))})")
+    return "\n".join(lines)
