@@ -39,7 +39,7 @@ def h_heldout(row: dict[str, Any]) -> float | None:
     return harmonic(row["acc_e"], row["acc_s"], row["acc_heldout"])
 
 
-def _cell(rate: float | None, n: int | None) -> str:
+def rate_cell(rate: float | None, n: int | None) -> str:
     if rate is None or not n:
         return "—"
     lo, hi = wilson_interval(round(rate * n), n)
@@ -157,7 +157,7 @@ def versus_uce(rows: list[dict[str, Any]]) -> list[str]:
 
 def _table_row(run: str, concept: str, row: dict[str, Any], seconds: float | None) -> str:
     counts = row.get("counts", {})
-    cells = [_cell(row.get(key), counts.get(pset)) for key, _, pset in COLUMNS]
+    cells = [rate_cell(row.get(key), counts.get(pset)) for key, _, pset in COLUMNS]
     h = h_heldout(row) if row.get("acc_e") is not None else None
     return (
         "| "

@@ -33,9 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run every benchmark and write docs/benchmarks.md (--quick: ~15 min)",
     ),
     "bench closed-form": ("ace_diffusers.bench.closed_form", "closed-form fit speed at SD1.5 shape"),
+    "bench mass": ("ace_diffusers.bench.mass", "1,000 words and two shapes erased at once, miniature world"),
     "bench inference": (
         "ace_diffusers.bench.inference",
-        "denoising-step overhead and adapter size at SD1.5/SDXL shape",
+        "operations per attention call, denoising-step overhead and adapter size at SD1.5/SDXL shape",
     ),
     "bench trainer": (
         "ace_diffusers.bench.trainer",

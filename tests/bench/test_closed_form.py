@@ -77,8 +77,19 @@ def test_timing_row_takes_medians_per_concept_and_ranges_of_repeated_fits():
 
 
 def test_concept_names_are_distinct_and_bounded():
-    names = concept_names(100)
-    assert len(set(names)) == 100 and names[:2] == ["Anna Varga", "Boris Varga"]
-    assert concept_names(3) == names[:3]
-    with pytest.raises(ValueError, match="at most 100"):
-        concept_names(101)
+    names = concept_names(1000)
+    assert len(set(names)) == 1000 and names[:2] == ["Anna Varga", "Boris Varga"]
+    assert concept_names(3) == names[:3] and names[100] == "Anna A. Varga"  # the first 100 as they were
+    with pytest.raises(ValueError, match="at most 2000"):
+        concept_names(2001)
+
+
+def test_a_thousand_concepts_are_checked_against_the_mass_erasure_targets():
+    checks = {
+        target: (measured, met)
+        for target, measured, met in target_checks(_row(1000, 58.0, 9.0, 150.0, 190.0))
+    }
+    assert checks["1000 concepts, cold (nothing cached): ≤ 60 s"] == ("58.0 s", True)
+    assert checks["1000 concepts, prepared, new process: ≤ 0.2 s/concept"] == ("0.150 s/concept", True)
+    assert checks["1000 concepts, prepared, warm: ≤ 0.2 s/concept"] == ("0.190 s/concept", True)
+    assert not target_checks(_row(1000, 61.0, 9.0, 150.0, 210.0))[-1][2]
