@@ -38,3 +38,20 @@ def test_the_report_gives_intervals_and_names_every_failing_bar():
     assert "| circle | mass closed form | 0.0% (0–11) | 25.0% (15–39) |" in text
     assert "- circle: closed-form bars (Acc_s >= base - 2 pts, in context >= base - 5 pts): met" in text
     assert "- square: closed-form bars" in text and "NOT MET: acc_s 90.0% < base 100.0%" in text
+
+
+def test_a_saved_run_is_rewritten_into_its_section_of_the_page(tmp_path):
+    import json
+
+    from ace_diffusers.bench.mass import SECTION, main
+
+    result = {"words": 1000, "concepts": 1002, "sample": ["apple"], "rank": 256, "fit_seconds": 1.0,
+              "peak_extra_rss_mb": 1.0, "torch_threads": 2, "images_per_prompt": 4, "seconds": 10.0,
+              "command": "ace-diffusers bench mass", "rows": [_row("circle", 1.0)]}
+    saved, page = tmp_path / "mass.json", tmp_path / "benchmarks.md"
+    saved.write_text(json.dumps(result))
+    page.write_text("# Benchmarks\n")
+    assert main(["--from-json", str(saved), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert text.count(SECTION[0]) == 1 and "Command: `ace-diffusers bench mass` (10 s)" in text
+    assert main(["--from-json", str(saved), "--docs", str(page)]) == 0 and page.read_text() == text
