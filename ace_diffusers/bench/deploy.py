@@ -293,6 +293,17 @@ def write_section(path: str | os.PathLike, body: str, **where: Any) -> Path:
     return atomic_write_text(path, replace_section(path.read_text(encoding="utf-8"), body, **where))
 
 
+def kept_section(page: Path, markers: tuple[str, str], heading: str) -> str:
+    """The generated section of ``page`` between ``markers`` as it stands, under its ``heading`` (for the
+    suite, which rewrites the rest of the page), or "" when the page has none."""
+    start, end = markers
+    old = page.read_text(encoding="utf-8") if page.exists() else ""
+    if old.count(start) != 1 or old.count(end) != 1 or old.index(start) > old.index(end):
+        return ""
+    block = old[old.index(start) : old.index(end) + len(end)]
+    return f"\n## {heading}\n\n{block}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = helptext.parser("bench deploy", __doc__, first_paragraph=True)
     parser.add_argument(

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import mass, trainer_report
 from .closed_form import TARGET_SECONDS_PER_CONCEPT, target_checks
+from .deploy import kept_section
 from .efficacy_plans import ATTACK_NAMES, METHODS
+from .ops import ops_markdown, ops_target
 from .plots import PLOTS, plot_asr, plot_fit_seconds, plot_h, plot_overhead, plots
 from .results import (
     TARGET_ASR,
@@ -27,29 +30,13 @@ from .results import (
     method_keys,
     pooled_asr,
 )
-from .trainer_report import kept_section
 
 # Importable from here as before the plots and the result readers got their own modules.
-__all__ = [
-    "PLOTS",
-    "TARGET_ASR",
-    "TARGET_H",
-    "TARGET_OVERHEAD_1",
-    "TARGET_OVERHEAD_100",
-    "TARGET_SPEEDUP",
-    "efficacy_markdown",
-    "inference_markdown",
-    "markdown",
-    "plot_asr",
-    "plot_fit_seconds",
-    "plot_h",
-    "plot_overhead",
-    "plots",
-    "pooled_asr",
-    "speed_markdown",
-    "targets",
-    "write",
-]
+__all__ = ["PLOTS", "TARGET_ASR", "TARGET_H", "TARGET_OVERHEAD_1", "TARGET_OVERHEAD_100", "TARGET_SPEEDUP",
+           "efficacy_markdown", "inference_markdown", "markdown", "plot_asr", "plot_fit_seconds", "plot_h",
+           "plot_overhead", "plots", "pooled_asr", "speed_markdown", "targets", "write"]
+# sections other commands write into the same page, kept when the suite rewrites it
+KEPT_SECTIONS = ((trainer_report.SECTION, trainer_report.HEADING), (mass.SECTION, mass.HEADING))
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -122,6 +109,8 @@ def _cost_targets(sections: dict[str, Any], erasures: list[dict[str, Any]]) -> l
                             "not measured" if ratio is None else f"{ratio:.3f}×",
                             None if ratio is None else ratio <= limit))
 
+    if (sections.get("inference") or {}).get("ops"):
+        rows.append(_target(*ops_target(sections["inference"]["ops"])))
     speed = (sections.get("speed") or {}).get("closed_form")
     if speed:
         for r in speed["rows"]:
@@ -361,6 +350,7 @@ def inference_markdown(result: dict[str, Any], image_dir: str = "images") -> lis
                         [[k, _num(v, 4), f"{over['ratio_vs_stock'][k]:.3f}×"]
                          for k, v in over["median_seconds"].items()])
         lines += ["", f"![overhead vs concepts]({image_dir}/{PLOTS['overhead']})", ""]
+    lines += ops_markdown(inf.get("ops"))
     lines += ["## 4. Adapter size", "",
               "Parameters of an adapter of `erase_concept`'s default rank (K and V factors and the gate of "
               "every cross-attention layer); bytes at fp16.", ""]
@@ -414,7 +404,8 @@ def write(result: dict[str, Any], output: str | Path) -> dict[str, Path]:
     for name, data in plots(result).items():
         paths[name] = atomic_write_bytes(output.parent / "images" / name, data)
     paths["json"] = atomic_write_json(output.with_suffix(".json"), result)
-    page = markdown(result, "images", paths["json"].name) + kept_section(output)
+    page = markdown(result, "images", paths["json"].name)
+    page += "".join(kept_section(output, markers, heading) for markers, heading in KEPT_SECTIONS)
     paths["markdown"] = atomic_write_text(output, page)
     return paths
 

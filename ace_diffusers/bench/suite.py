@@ -38,7 +38,7 @@ import torch
 
 from .. import helptext
 from ..eval.common import partial_state
-from . import closed_form, efficacy, inference
+from . import closed_form, efficacy, inference, ops
 from .efficacy_plans import ERASERS, FULL, MULTI_CONCEPTS, QUICK
 from .report import targets, write
 
@@ -123,7 +123,8 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
         t0 = time.perf_counter()
         _say(f"[bench] inference: {settings['rounds']} interleaved rounds at latent {settings['latent']}")
         over = inference.overhead(rounds=settings["rounds"], latent=settings["latent"], progress=True)
-        out["inference"] = {"overhead": over, "sizes": inference.sizes(), "seconds": time.perf_counter() - t0}
+        out["inference"] = {"overhead": over, "sizes": inference.sizes(), "ops": ops.op_counts(64),
+                            "seconds": time.perf_counter() - t0}
         _say(inference.format_report(over, out["inference"]["sizes"]))
     state.wait_for_everyone()
     return {"sections": out}

@@ -3,7 +3,6 @@ rate, and issue #22's bars checked cell by cell (the failing cells named)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..shapes.erasure import harmonic
@@ -173,13 +172,3 @@ def _table_row(run: str, concept: str, row: dict[str, Any], seconds: float | Non
         )
         + " |"
     )
-
-
-def kept_section(page: Path) -> str:
-    """This section of ``page`` as it stands (for the suite, which rewrites the rest of the page), or ""."""
-    start, end = SECTION
-    old = page.read_text(encoding="utf-8") if page.exists() else ""
-    if old.count(start) != 1 or old.count(end) != 1 or old.index(start) > old.index(end):
-        return ""
-    block = old[old.index(start) : old.index(end) + len(end)]
-    return f"\n## {HEADING}\n\n{block}\n"

@@ -1,4 +1,4 @@
-from ace_diffusers.bench.ops import ADAPTER_COUNTS, MAX_ADDED_OPS, format_ops, op_counts
+from ace_diffusers.bench.ops import ADAPTER_COUNTS, MAX_ADDED_OPS, format_ops, op_counts, ops_markdown
 
 
 def test_ace_adds_at_most_a_dozen_operations_whatever_the_number_of_adapters():
@@ -10,4 +10,7 @@ def test_ace_adds_at_most_a_dozen_operations_whatever_the_number_of_adapters():
     assert 0 < max(added) <= MAX_ADDED_OPS
     assert len(set(added[1:])) == 1  # 2 adapters cost what 10 cost
     text = format_ops(result)
-    assert "met (added:" in text and "NOT MET" not in text
+    assert ": met (added: 1 adapter" in text and "NOT MET" not in text
+    lines = ops_markdown(result)
+    assert lines[2] == "| configuration | top-level | added | all aten | added |" and len(lines) == 4 + 1 + 4
+    assert ops_markdown(None) == []

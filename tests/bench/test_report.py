@@ -110,6 +110,21 @@ def test_write_plots_json_and_markdown_atomically(tmp_path):
     assert not [p for p in (tmp_path / "docs").rglob("*") if ".tmp" in p.name]
 
 
+def test_the_suite_page_keeps_the_sections_other_commands_write(tmp_path):
+    from ace_diffusers.bench import mass, trainer_report
+    from ace_diffusers.bench.deploy import write_section
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nold suite text\n", encoding="utf-8")
+    write_section(page, "trainer figures", markers=trainer_report.SECTION, heading=trainer_report.HEADING)
+    write_section(page, "mass figures", markers=mass.SECTION, heading=mass.HEADING)
+    text = report.write(fake_result(), page)["markdown"].read_text(encoding="utf-8")
+    assert "old suite text" not in text and "## 1. Efficacy" in text
+    for (start, end), heading, body in ((trainer_report.SECTION, trainer_report.HEADING, "trainer figures"),
+                                        (mass.SECTION, mass.HEADING, "mass figures")):
+        assert text.count(start) == text.count(end) == 1 and f"## {heading}" in text and body in text
+
+
 def test_names_that_moved_are_still_importable_from_here():
     assert report.pooled_asr is results.pooled_asr and report.TARGET_H == results.TARGET_H
     assert report.plots is plots.plots and report.PLOTS is plots.PLOTS and report.plot_h is plots.plot_h

@@ -2,7 +2,6 @@
 by cell, and the suite's page keeps the section when it rewrites itself."""
 
 from ace_diffusers.bench import trainer_report
-from ace_diffusers.bench.deploy import write_section
 
 COUNTS = {"erased": 32, "synonyms": 48, "heldout": 32, "others": 112, "pairs": 64}
 BASE = {
@@ -56,15 +55,6 @@ def test_every_rate_has_its_interval_and_base_rows_come_first():
     assert "| circle | circle | base |" in text and text.index("| base |") < text.index("| closed form |")
     assert "50.0% (36–64)" in text  # 24 of 48 trained-synonym images
     assert "closed form: **not met**: acc_g 50.0% > 30%" in text and "ACE (full): all bars met" in text
-
-
-def test_the_suite_page_keeps_the_trainer_section(tmp_path):
-    page = tmp_path / "benchmarks.md"
-    page.write_text("# Benchmarks\n\nold suite text\n", encoding="utf-8")
-    write_section(page, "trainer figures", markers=trainer_report.SECTION, heading=trainer_report.HEADING)
-    assert "trainer figures" in page.read_text(encoding="utf-8")
-    kept = trainer_report.kept_section(page)
-    assert "trainer figures" in kept and kept.count(trainer_report.SECTION[0]) == 1
 
 
 def test_the_closed_form_is_compared_with_uce_where_it_must_beat_it():
