@@ -207,7 +207,7 @@ def fuse_adapter(
                 new = weight.detach().cpu()
                 for record in planned.values():
                     new = _add_delta(new, record.baked.layers[layer].delta_weight(proj))
-                weight.data.copy_(new.to(weight.device))
+                write_weight(weight, new)
         _fuse_pooled(unet, state, [r.pooled_delta for r in planned.values() if r.pooled_delta is not None])
         for name, record in planned.items():
             for delta in adapter_deltas(unet, name):
@@ -243,7 +243,15 @@ def _fuse_pooled(unet: nn.Module, state: FusedState, deltas: list[torch.Tensor])
     new = weight.detach().cpu()
     for delta in deltas:
         new = _add_delta(new, delta)
-    weight.data.copy_(new.to(weight.device))
+    write_weight(weight, new)
+
+
+def write_weight(weight: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``weight`` in place, as an ordinary in-place write: unlike ``weight.data.copy_``
+    it advances the parameter's version counter, which caches of anything computed from the weights
+    (the miner's query bank) read to know they are stale."""
+    with torch.no_grad():
+        weight.copy_(value.to(weight.device))
 
 
 def _add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -308,10 +316,10 @@ def _restore(weight: torch.Tensor, original: torch.Tensor, deltas: list[torch.Te
         expected = _add_delta(expected, delta)
     current = weight.detach().cpu()
     if current.dtype == expected.dtype and torch.equal(current, expected):
-        weight.data.copy_(original.to(weight.device))
+        write_weight(weight, original)
         return True
     applied = expected.double() - original.double()
-    weight.data.copy_((current.double() - applied).to(weight.dtype).to(weight.device))
+    write_weight(weight, (current.double() - applied).to(weight.dtype))
     return False
 
 

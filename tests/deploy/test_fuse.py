@@ -96,14 +96,19 @@ def test_unfuse_restores_weights_and_outputs_bit_exactly(erased):
     pipe, _, _, gated = erased
     before = snapshot(pipe.unet)
     deltas = list(adapter_deltas(pipe.unet, "van_gogh"))
+    weight = next(iter(cross_attention_modules(pipe.unet).values())).to_k.weight
+    version = weight._version
     pipe.fuse_ace_adapter("van_gogh")
+    assert weight._version > version  # caches keyed on version counters (the miner's) see the change
     after = pipe.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
     assert len(changed) == 2 * len(cross_attention_modules(pipe.unet))
     assert all(float(d.active) == 0.0 for d in deltas)  # gated path off: nothing applied twice
     assert pipe.get_active_ace_adapters() == []
+    version = weight._version
     assert pipe.unfuse_ace_adapter() == ["van_gogh"]
+    assert weight._version > version
     restored = pipe.unet.state_dict()
     assert all(torch.equal(before[k], restored[k]) for k in before)
     assert all(float(d.active) == 1.0 for d in deltas)
