@@ -31,7 +31,7 @@ from ..fitting.closed_form import fit_adapter
 from ..fitting.data import FitSettings
 from ..fitting.presets import resolve_spec
 from ..shapes.classifier import load_shapes_classifier
-from ..shapes.erasure import DEFAULT_NEUTRAL, fit_templates, measure, metric_sets
+from ..shapes.erasure import DEFAULT_NEUTRAL, fit_templates, image_counts, measure
 from ..shapes.heldout import candidate_words, heldout_words
 from ..shapes.pipeline import load_shapes_pipeline
 from ..shapes.vocab import SHAPES, STYLES
@@ -78,7 +78,7 @@ def run(words: int = WORDS, erased: tuple[str, ...] = ERASED, images_per_prompt:
         pipe.unload_ace_adapter(name)
     rows = []
     for c in erased:
-        counts = _image_counts(c, list(erased), images_per_prompt)
+        counts = image_counts(c, list(erased), images_per_prompt)
         rows.append({"concept": c, "method": "closed form", "counts": counts, **after[c],
                      **{f"base_{k}": v for k, v in base[c].items()}})
     return {
@@ -92,10 +92,6 @@ def run(words: int = WORDS, erased: tuple[str, ...] = ERASED, images_per_prompt:
         "images_per_prompt": images_per_prompt,
         "rows": rows,
     }
-
-
-def _image_counts(concept: str, erased: list[str], images_per_prompt: int) -> dict[str, int]:
-    return {name: len(ps.prompts) * images_per_prompt for name, ps in metric_sets(concept, erased).items()}
 
 
 def format_report(result: dict[str, Any]) -> str:

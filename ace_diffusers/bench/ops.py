@@ -17,27 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ..core.factors import LayerFactors
-from ..core.processor import ACE_STACK_ATTR, ACEAdapterStack, ACEAttnProcessor, ACELayerDelta
 from ..fitting.solvers import default_rank
+from ..integration.attach import attach_adapter
+from ..testing import random_adapter
 
 ADAPTER_COUNTS = (1, 2, 10)
 MAX_ADDED_OPS = 12
 CHANNELS, HEADS, TEXT_WIDTH, TEXT_TOKENS = 320, 8, 768, 77
-
-
-def random_factors(rank: int, d_text: int, d_out: int, generator: torch.Generator) -> LayerFactors:
-    """Random factors of one layer (their values do not change the operations run)."""
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * 0.02
-
-    return LayerFactors(
-        rand(rank, d_text), rand(d_out, rank), rand(rank, d_text), rand(d_out, rank), rand(d_text), rand(1)
-    )
 
 
 def count_ops(attn: Attention, hidden: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:
@@ -52,22 +42,24 @@ def count_ops(attn: Attention, hidden: torch.Tensor, context: torch.Tensor) -> t
 
 
 def op_counts(latent: int = 64, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """Operation counts of stock attention and of ACE with each of :data:`ADAPTER_COUNTS` adapters."""
+    """Operation counts of stock attention and of ACE with each of :data:`ADAPTER_COUNTS` adapters, attached
+    the way pipelines attach them (:func:`~ace_diffusers.integration.attach.attach_adapter`)."""
     generator = torch.Generator().manual_seed(seed)
-    attn = Attention(CHANNELS, cross_attention_dim=TEXT_WIDTH, heads=HEADS, dim_head=CHANNELS // HEADS)
-    attn = attn.to(device).eval()
+    holder = nn.Module()  # one cross-attention layer is all the "UNet" there is
+    holder.attn2 = Attention(
+        CHANNELS, cross_attention_dim=TEXT_WIDTH, heads=HEADS, dim_head=CHANNELS // HEADS
+    )
+    holder.to(device).eval()
     hidden = torch.randn(2, latent * latent, CHANNELS, generator=generator).to(device)
     context = torch.randn(2, TEXT_TOKENS, TEXT_WIDTH, generator=generator).to(device)
-    attn.set_processor(AttnProcessor2_0())
-    rows = {"stock": count_ops(attn, hidden, context)}
-    attn.set_processor(ACEAttnProcessor())
+    rows = {"stock": count_ops(holder.attn2, hidden, context)}
+    attached = 0
     for count in ADAPTER_COUNTS:
-        stack = ACEAdapterStack(hidden)
-        for i in range(count):
-            factors = random_factors(default_rank(1, TEXT_WIDTH), TEXT_WIDTH, CHANNELS, generator)
-            stack.adapters[f"a{i}"] = ACELayerDelta(**factors.to(device).tensors())
-        setattr(attn, ACE_STACK_ATTR, stack)
-        rows[f"ACE, {count} adapter{'s' if count > 1 else ''}"] = count_ops(attn, hidden, context)
+        for i in range(attached, count):
+            adapter = random_adapter(holder, rank=default_rank(1, TEXT_WIDTH), seed=seed + i)
+            attach_adapter(holder, adapter, f"a{i}")
+        attached = count
+        rows[f"ACE, {count} adapter{'s' if count > 1 else ''}"] = count_ops(holder.attn2, hidden, context)
     stock_top, stock_all = rows["stock"]
     return {
         "latent": latent,

@@ -28,9 +28,9 @@ from ..shapes.erasure import (
     concept_kind,
     erase_arguments,
     fit_templates,
+    image_counts,
     measure,
     measure_erased,
-    metric_sets,
     neutral_floor,
 )
 from ..shapes.pipeline import load_shapes_pipeline
@@ -70,10 +70,7 @@ class _Erasure:
         ipp = self.measured["images_per_prompt"]
         self.base = {c: measure(self.pipe, self.classifier, c, **self.measured)[0] for c in self.concepts}
         self.floor = {c: neutral_floor(self.pipe, self.classifier, c, **self.measured) for c in self.concepts}
-        self.counts = {
-            c: {name: len(ps.prompts) * ipp for name, ps in metric_sets(c, self.concepts).items()}
-            for c in self.concepts
-        }
+        self.counts = {c: image_counts(c, self.concepts, ipp) for c in self.concepts}
 
     def record(self, method: str, seconds: float) -> None:
         """Measure the pipeline as it is now: one row per concept."""

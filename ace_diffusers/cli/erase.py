@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     neutral = args.neutral[0] if args.neutral and len(args.neutral) == 1 else args.neutral
     reason = untrainable_reason(pipe)
     if reason is not None:
-        adapter = _closed_form_only(pipe, args, neutral, reason)
-        _finish(adapter, adapter, args, started)
+        _finish(_closed_form_only(pipe, args, neutral, reason), args, started)
         return 0
     trainer = ACETrainer(
         pipe,
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=True,
     )
-    _finish(trainer.fit(), trainer, args, started)
+    _finish(trainer.fit(), args, started)
     return 0
 
 
@@ -113,15 +112,15 @@ def _closed_form_only(pipe: Any, args: argparse.Namespace, neutral: Any, reason:
     )
 
 
-def _finish(adapter: ACEAdapter, saver: Any, args: argparse.Namespace, started: float) -> None:
-    """Record the base model, save (and publish) through ``saver`` (the trainer or the adapter), report."""
+def _finish(adapter: ACEAdapter, args: argparse.Namespace, started: float) -> None:
+    """Record the base model, save (and publish) ``adapter``, report."""
     if args.model not in MINIATURE_NAMES and not os.path.isdir(args.model):
         adapter.base_model = args.model
-    folder = saver.save(args.output) if isinstance(saver, ACETrainer) else saver.save_pretrained(args.output)
+    folder = adapter.save_pretrained(args.output)
     print(f"{adapter!r} fitted in {adapter.fit['seconds']:.1f} s; saved to {folder}")
     if "pooled" in adapter.fit:
         print(describe_pooled_shift(adapter.fit["pooled"]))
     if args.push_to_hub:
-        url = saver.push_to_hub(args.push_to_hub, private=args.private)
+        url = adapter.push_to_hub(args.push_to_hub, private=args.private)
         print(f"published: {url}")
     print(f"done in {time.perf_counter() - started:.1f} s")

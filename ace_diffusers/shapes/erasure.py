@@ -289,6 +289,11 @@ def per_prompt(pset: PromptSet, images_per_prompt: int, min_images: int | None =
     return max(1, math.ceil(min_images / max(1, len(pset.prompts))))
 
 
+def image_counts(concept: str, erased: list[str], images_per_prompt: int) -> dict[str, int]:
+    """Images :func:`measure` generates per prompt set of ``concept`` (``erased``: every erased concept)."""
+    return {name: len(ps.prompts) * images_per_prompt for name, ps in metric_sets(concept, erased).items()}
+
+
 def harmonic(acc_e: float, acc_s: float, acc_g: float) -> float:
     """MACE's H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g)); 0 when any term is 0."""
     terms = (1 - acc_e, acc_s, 1 - acc_g)

@@ -24,18 +24,17 @@ PROMPT, UNRELATED = "a painting by Van Gogh", "a photo of a cat"
 CORE = FitSettings(neighbours=0, context_prompts=0)  # random tiny T5: mined words and pairings mean nothing
 
 
-def _images(pipe, prompt=PROMPT):
+def _generate(pipe, prompt=PROMPT, **kwargs):
+    """Two steps at 32x32 with a fixed seed, as tensors."""
     generator = torch.Generator().manual_seed(0)
     return pipe(
-        prompt,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="pt",
-        generator=generator,
-        clean_caption=False,
-        use_resolution_binning=False,
+        prompt, num_inference_steps=2, height=32, width=32, output_type="pt", generator=generator, **kwargs
     ).images
+
+
+def _images(pipe, prompt=PROMPT):
+    """:func:`_generate` for PixArt (no caption cleaning, no resolution binning at 32x32)."""
+    return _generate(pipe, prompt, clean_caption=False, use_resolution_binning=False)
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +180,7 @@ def test_guards_and_model_offload_keep_the_erasure_on_transformers(family):
     kwargs = {} if family == "sd3" else {"clean_caption": False, "use_resolution_binning": False}
 
     def run():
-        generator = torch.Generator().manual_seed(0)
-        return pipe(
-            PROMPT,
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            output_type="pt",
-            generator=generator,
-            **kwargs,
-        ).images
+        return _generate(pipe, PROMPT, **kwargs)
 
     pooled = 32 if family == "sd3" else None
     pipe.load_ace_adapter(random_adapter(pipe.transformer, rank=4, pooled_dim=pooled), adapter_name="r")

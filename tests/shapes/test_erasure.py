@@ -5,6 +5,7 @@ import pytest
 from ace_diffusers.shapes.erasure import (
     PAIR_PROMPTS,
     erase_arguments,
+    image_counts,
     metric_sets,
     neutral_floor,
     pair_set,
@@ -61,3 +62,10 @@ def test_min_images_gives_each_set_just_enough_images():
         assert images >= 32 and (counts[name] == 1 or (counts[name] - 1) * len(pset.prompts) < 32)
     assert per_prompt(sets["others"], 4) == 4  # without min_images: the given count for every set
     assert per_prompt(PromptSet("big", ["a"] * 40, [{}] * 40), 4, 32) == 1
+
+
+def test_image_counts_are_each_sets_prompts_times_the_images_per_prompt():
+    sets = metric_sets("circle", ["circle", "square"])
+    counts = image_counts("circle", ["circle", "square"], 4)
+    assert counts == {name: 4 * len(ps.prompts) for name, ps in sets.items()}
+    assert set(counts) >= {"erased", "synonyms", "others"} and counts["erased"] >= 32
