@@ -4,6 +4,8 @@
 * ``tiny_pixart_pipeline``: PixArt-α with a tiny T5 encoder (cross-attention over projected T5 tokens).
 * ``tiny_sana_transformer``: a Sana transformer (linear self-attention, SDPA cross-attention).
 * ``tiny_sd3_pipeline``: SD3 with two tiny CLIP encoders (and optionally a tiny T5): joint attention.
+* ``tiny_flux_pipeline``: FLUX with a tiny CLIP (pooled) and T5 (tokens) encoder: double- and
+  single-stream blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import functools
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
@@ -20,7 +24,13 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from .testing import clip_text_config, clip_tokenizer, tiny_scheduler, tiny_vae
 
@@ -156,6 +166,41 @@ def tiny_sd3_pipeline(seed: int = 0, *, clip_dim: int = 16, t5: bool = False) ->
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, *, width: int = 64, guidance: bool = False) -> FluxPipeline:
+    """FLUX from configs: a tiny CLIP encoder (its pooled output is ``pooled_projections``), a 2-layer T5
+    encoder of ``width`` (the text tokens), a transformer with one double-stream and two single-stream
+    blocks; ``guidance``: a guidance-distilled model (FLUX.1-dev) instead of one without (schnell).
+    Call it with ``max_sequence_length`` at most 32 (the T5 tokenizer's limit)."""
+    torch.manual_seed(seed)
+    tokenizer_2 = t5_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer_2), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=width,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.0)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=CLIPTextModel(clip_text_config(16, 2, 4, 32, 16)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(config).eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -2,7 +2,12 @@
 
 import torch
 
-from ace_diffusers.testing_transformers import t5_tokenizer, tiny_pixart_pipeline, tiny_sd3_pipeline
+from ace_diffusers.testing_transformers import (
+    t5_tokenizer,
+    tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sd3_pipeline,
+)
 
 
 def test_the_t5_tokenizer_keeps_known_words_whole_and_spells_the_rest():
@@ -18,6 +23,8 @@ def test_the_tiny_pipelines_generate_the_same_images_twice():
     for pipe, kwargs in (
         (tiny_pixart_pipeline(), {"clean_caption": False, "use_resolution_binning": False}),
         (tiny_sd3_pipeline(t5=True), {}),
+        (tiny_flux_pipeline(), {"max_sequence_length": 32}),
+        (tiny_flux_pipeline(guidance=True), {"max_sequence_length": 32}),
     ):
         images = [
             pipe(

@@ -2,10 +2,11 @@
 
 * Size: the default one-concept adapter (``erase_concept``'s rank, K/V of every layer that reads the text,
   plus the pooled edit where the family has one) at each family's real shape, built on the ``meta``
-  device, so nothing is allocated: SD1.5, SDXL, SD3-medium, PixArt-α XL.
+  device, so nothing is allocated: SD1.5, SDXL, SD3-medium, PixArt-α XL, FLUX.1-dev.
 * Overhead: one denoising step (batch 2, as with classifier-free guidance; latent 64x64 by default, i.e. a
   512-pixel image) with and without a loaded one-concept adapter, interleaved round by round and compared
-  by medians. The text tokens are fixed (77 CLIP, 333 for SD3, 120 for PixArt) while image tokens grow with
+  by medians. The text tokens are fixed (77 CLIP, 333 for SD3, 120 for PixArt, 512 T5 tokens for FLUX) while
+image tokens grow with
   the image, so the ratio shrinks at larger sizes. Real-width models are too
   large to time on a CPU at full depth, so each family is timed on a *slice* at its real widths and
   token counts (named in the table): the ratio per block is what an adapter adds, the depth only repeats
@@ -20,7 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 from ..fitting.solvers import default_rank
 from ..integration.attach import attach_adapter, detach_adapter
@@ -80,12 +86,28 @@ def _pixart(depth: int | None = None) -> PixArtTransformer2DModel:
     )
 
 
+def _flux(depth: int | None = None) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(  # FLUX.1-dev: 19 double- and 38 single-stream blocks of width 3072
+        patch_size=1,
+        in_channels=64,
+        num_layers=depth or 19,
+        num_single_layers=depth or 38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
 # family: (builder, pooled width, slice depth for timing, how the timed slice is described)
 FAMILIES: dict[str, tuple[Callable[..., torch.nn.Module], int, int | None, str]] = {
     "SD1.5": (_sd15, 0, None, "full UNet"),
     "SDXL": (_sdxl, 1280, 1, "SDXL widths, 1 transformer layer per block (of 1-10)"),
     "SD3": (_sd3, 2048, 2, "2 of 24 joint blocks, full width"),
     "PixArt-α": (_pixart, 0, 2, "2 of 28 blocks, full width"),
+    "FLUX.1": (_flux, 768, 1, "1 of 19 double- and 1 of 38 single-stream blocks, full width"),
 }
 
 
@@ -130,6 +152,8 @@ def _inputs(model: torch.nn.Module, pooled: int, latent: int, generator: torch.G
                 "time_ids": ids,
             }
         return inputs
+    if isinstance(model, FluxTransformer2DModel):
+        return _flux_inputs(model, latent, generator)
     if isinstance(model, SD3Transformer2DModel):
         return {
             "hidden_states": sample,
@@ -144,6 +168,24 @@ def _inputs(model: torch.nn.Module, pooled: int, latent: int, generator: torch.G
         "added_cond_kwargs": conditions,  # PixArt-α
         "encoder_hidden_states": torch.randn(batch, 120, config.caption_channels, generator=generator),
     }
+
+
+def _flux_inputs(model: FluxTransformer2DModel, latent: int, generator: torch.Generator) -> dict[str, Any]:
+    """FLUX's step inputs for batch 2: the latent packed 2x2 into (latent/2)² tokens, 512 T5 tokens, their
+    position ids, the pooled CLIP embedding and (guidance-distilled models) the guidance."""
+    config, batch, side = model.config, 2, max(latent // 2, 1)
+    rows, cols = torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+    inputs = {
+        "hidden_states": torch.randn(batch, side * side, config.in_channels, generator=generator),
+        "timestep": torch.tensor([0.5, 0.5]),
+        "encoder_hidden_states": torch.randn(batch, 512, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
+        "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3),
+        "txt_ids": torch.zeros(512, 3),
+    }
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5, 3.5])
+    return inputs
 
 
 def family_overhead(rounds: int = 5, latent: int = 64, progress: bool = False) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@
   round, and compared by their medians, so machine noise hits all of them alike.
 * Size: parameters and bytes of an adapter per concept count at SD1.5 and SDXL shapes (built on the
   ``meta`` device: nothing is allocated).
-* Per family (SD1.5, SDXL, SD3, PixArt-α): size and step overhead of a one-concept adapter
+* Per family (SD1.5, SDXL, SD3, PixArt-α, FLUX.1): size and step overhead of a one-concept adapter
   (:mod:`.families`).
 """
 

@@ -34,12 +34,12 @@ import torch
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS, gate_values
-from ..errors import ACEValueError
+from ..errors import ACECompatibilityError, ACEValueError
 from ..fitting.data import FitSettings, collect_fit_data
 from ..fitting.joint import JointFitData
 from ..fitting.presets import ErasureSpec, fill_phrase, load_presets
 from ..fitting.text import TextEmbedder
-from ..integration.modules import reads_joint_text
+from ..integration.modules import find_denoiser, reads_joint_text, single_stream_layers
 
 
 # ---------------------------------------------------------------------- settings and results
@@ -175,6 +175,27 @@ def _metric_sqrt(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec * eigval.rsqrt()) @ eigvec.T
 
 
+SINGLE_STREAM_PREFIX = "single_transformer_blocks."  # FLUX's single-stream blocks, by diffusers' naming
+
+
+def check_weight_editable(adapter: ACEAdapter, pipe: Any = None) -> None:
+    """Refuse, before any work, an adapter that no plain weight edit can carry: one with layers on FLUX
+    single-stream blocks, whose ``to_k``/``to_v`` project the image rows too (an edit there would change
+    every image, not only the concept's text rows). Read from ``pipe``'s model, else from layer names."""
+    model = find_denoiser(pipe) if pipe is not None else None
+    if model is not None:
+        single = [n for n in single_stream_layers(model) if n in adapter.layers]
+    else:
+        single = [n for n in adapter.layers if n.startswith(SINGLE_STREAM_PREFIX)]
+    if single:
+        raise ACECompatibilityError(
+            f"This adapter edits {len(single)} FLUX single-stream block(s) ({single[0]}, ...), where text "
+            "and image tokens share to_k/to_v: a fused weight or a LoRA would edit the image tokens too. "
+            "Nothing was changed. Keep the adapter loaded unfused (pipe.load_ace_adapter), which edits the "
+            "text rows only."
+        )
+
+
 def bake(
     pipe: Any,
     adapter: ACEAdapter,
@@ -191,6 +212,7 @@ def bake(
     """
     settings = settings or BakeSettings()
     _check_settings(settings, adapter)
+    check_weight_editable(adapter, pipe)
     spec = spec or erasure_spec(adapter)
     layers: dict[str, BakedLayer] = {}
     gate_means: list[tuple[float, float]] = []

@@ -54,7 +54,7 @@ from ..integration.modules import (
     projection_weight,
 )
 from ..version import __version__
-from .bake import BakedEdit, BakeSettings, bake
+from .bake import BakedEdit, BakeSettings, bake, check_weight_editable
 from .fuse import fused_state
 
 FORMATS = ("diffusers-lora", "kohya")  # the two key layouts written
@@ -85,6 +85,7 @@ def _plain_factors(
     """``({layer: {"k"|"v": (down, up)}}, baked edit or None)`` of the plain LoRA to write."""
     if mode not in MODES:
         raise ACEValueError(f"Unknown export mode {mode!r}; choose one of {list(MODES)}.")
+    check_weight_editable(adapter, pipe)
     if mode == "ungated":
         out = {}
         for name, f in adapter.layers.items():

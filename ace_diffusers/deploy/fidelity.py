@@ -12,7 +12,7 @@ import torch
 from ..core.adapter import ACEAdapter
 from ..core.factors import PROJECTIONS, gate_values
 from ..errors import ACEValueError
-from ..fitting.joint import BlockStreams
+from ..fitting.joint import block_streams
 from ..fitting.text import TextEmbedder
 from ..integration.modules import (
     cross_attention_modules,
@@ -95,11 +95,10 @@ def _set_tokens(
     pipe: Any, prompt_sets: Mapping[str, Sequence[str]]
 ) -> dict[str, tuple[int, dict[str | None, torch.Tensor]]]:
     """``{set: (prompts, {None: all tokens (N, d)})}`` (float64); for joint attention (SD3) the tokens each
-    block reads, ``{block: (N_b, d)}``, captured by running the transformer (:class:`BlockStreams`)."""
+    block reads, ``{block: (N_b, d)}``, captured by running the transformer (:func:`.joint.block_streams`)."""
     if not reads_joint_text(pipe):
         return {k: (n, {None: x}) for k, (n, x) in _encode_sets(TextEmbedder(pipe), prompt_sets).items()}
-    model = get_unet(pipe)
-    streams, tokens = BlockStreams(pipe, model, cross_attention_modules(model)), {}
+    streams, tokens = block_streams(pipe), {}
     for set_name, prompts in prompt_sets.items():
         if prompts:
             captured = streams.capture(list(prompts))

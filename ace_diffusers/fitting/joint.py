@@ -1,4 +1,4 @@
-"""The closed form for joint attention (SD3 / SD3.5): one gate and one K/V edit per block, on that
+"""The closed form for joint attention (SD3 / SD3.5, FLUX): one gate and one K/V edit per block, on that
 block's own text stream.
 
 In SD1.x/SDXL/PixArt every cross-attention layer reads the same text tokens, so one text map serves all
@@ -13,6 +13,12 @@ prompts (:func:`.data.align_tokens`, on the CLIP and on the T5 segment), ``p_j``
 keep, the objective and its minimiser are :mod:`.solvers`' with that block's ``W = add_k_proj / add_v_proj``
 and its own gate. Approximation: each block is fitted on the *unedited* streams of the blocks before it.
 
+FLUX (:class:`FluxBlockStreams`) is the same fit with FLUX's inputs: its prompt embeddings are T5's tokens
+alone (CLIP gives only the pooled embedding), the transformer runs on packed latents with position ids,
+and a single-stream block's text rows are the first ``T`` rows of what its attention reads (text and image
+concatenated; ``T`` the prompt length). There ``W`` is the block's ``to_k`` / ``to_v``, which the image
+rows share; the fitted delta is applied to the text rows only (:mod:`ace_diffusers.core.flux`).
+
 The pooled embedding (``pooled_projections``) gets the SDXL edit (:func:`.pooled.fit_pooled_vectors`).
 """
 
@@ -23,12 +29,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from tqdm.auto import tqdm
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
-from ..integration.modules import cross_attention_modules, get_unet, kv_projections, projection_weight
+from ..integration.modules import (
+    cross_attention_modules,
+    get_unet,
+    is_joint,
+    kv_projections,
+    projection_weight,
+    unwrap_model,
+)
 from .data import CHANGED_TOKEN_THRESHOLD, FitSettings, align_tokens, closed_form_adapter, fit_jobs
 from .denoiser import sample_size
 from .pooled import fit_pooled_vectors
@@ -38,6 +52,8 @@ from .text import EncodedPrompt, sequence_length, token_span
 
 TIMESTEPS = (300, 700)  # where each prompt's text streams are captured (of the scheduler's 1000)
 MAX_OTHER_ROWS = 4096  # per block: a sample of the kept prompts' tokens is enough for their moment
+FLUX_GRID = 16  # FLUX: the packed latent grid the text streams are captured with (16 x 16 image tokens)
+FLUX_GUIDANCE = 3.5  # FLUX.1-dev's default guidance, for guidance-distilled transformers
 
 
 def fit_joint_adapter(
@@ -86,12 +102,14 @@ class JointFitData:
     def collect(cls, pipe: Any, spec: ErasureSpec, settings: FitSettings) -> JointFitData:
         """The prompts of :func:`.data.fit_jobs` (no mined neighbours: the miner reads one CLIP encoder)
         through the transformer."""
-        model = get_unet(pipe)
         jobs = fit_jobs(spec, settings, None)
         concept, neutral = [j[0] for j in jobs.concept], [j[0] for j in jobs.neutral]
         others = list(dict.fromkeys([j[0] for j in jobs.other] + neutral))
-        streams = BlockStreams(pipe, model, cross_attention_modules(model))
-        pairs = [aligned_rows(pipe, c, n) for c, n in zip(jobs.concept, jobs.neutral, strict=True)]
+        streams = block_streams(pipe)
+        pairs = [
+            aligned_rows(pipe, c, n, streams.segments())
+            for c, n in zip(jobs.concept, jobs.neutral, strict=True)
+        ]
         c_rows, n_rows = streams.paired(concept, neutral, pairs)
         return cls(c_rows, n_rows, streams.rows(others), (concept, neutral, others), streams)
 
@@ -116,13 +134,7 @@ class BlockStreams:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.encoded]
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start : start + self.batch_size]
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=batch,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                max_sequence_length=sequence_length(self.pipe) or 256,
-            )
+            embeds, pooled = self._encode_batch(batch)
             for i, prompt in enumerate(batch):
                 self.encoded[prompt] = (embeds[i].float().cpu(), pooled[i].float().cpu())
         return (
@@ -130,8 +142,40 @@ class BlockStreams:
             torch.stack([self.encoded[p][1] for p in prompts]),
         )
 
+    def _encode_batch(self, batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=batch,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=sequence_length(self.pipe) or 256,
+        )
+        return embeds, pooled
+
+    def segments(self) -> list[tuple[Any, int, int]]:
+        """``(tokenizer, rows, first row)`` of each encoder's segment of the prompt embeddings: SD3's CLIP
+        rows (both CLIP encoders share the tokenizer), then its T5 rows if it has a T5 encoder."""
+        pipe = self.pipe
+        segments = [(pipe.tokenizer, pipe.tokenizer_max_length, 0)]
+        if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None):
+            segments.append((pipe.tokenizer_3, sequence_length(pipe) or 256, pipe.tokenizer_max_length))
+        return segments
+
     def pooled(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts)[1]
+
+    def _forward(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: int):
+        param = next(self.model.parameters())
+        self.model(
+            hidden_states=latents.to(param.device, param.dtype),
+            encoder_hidden_states=embeds.to(param.device, param.dtype),
+            pooled_projections=pooled.to(param.device, param.dtype),
+            timestep=torch.full((len(latents),), float(timestep), device=param.device),
+        )
+
+    def _text_rows(self, name: str, kwargs: dict, text_length: int) -> torch.Tensor:
+        """The text rows a joint attention receives: its ``encoder_hidden_states``."""
+        return kwargs["encoder_hidden_states"]
 
     @torch.no_grad()
     def capture(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -142,24 +186,18 @@ class BlockStreams:
 
         def hook(name: str):
             return lambda m, args, kwargs: captured[name].append(
-                kwargs["encoder_hidden_states"].float().cpu()
+                self._text_rows(name, kwargs, embeds.shape[1]).float().cpu()
             )
 
         handles = [
             attn.register_forward_pre_hook(hook(n), with_kwargs=True) for n, attn in self.modules.items()
         ]
-        param = next(self.model.parameters())
         try:
             for timestep in TIMESTEPS:
                 for start in range(0, len(prompts), self.batch_size):
                     stop = min(start + self.batch_size, len(prompts))
                     latents = torch.stack([self._latents(i) for i in range(start, stop)])
-                    self.model(
-                        hidden_states=latents.to(param.device, param.dtype),
-                        encoder_hidden_states=embeds[start:stop].to(param.device, param.dtype),
-                        pooled_projections=pooled[start:stop].to(param.device, param.dtype),
-                        timestep=torch.full((stop - start,), float(timestep), device=param.device),
-                    )
+                    self._forward(latents, embeds[start:stop], pooled[start:stop], timestep)
         finally:
             for handle in handles:
                 handle.remove()
@@ -222,13 +260,14 @@ def _block_factors(attn, c, n, others, settings: FitSettings, rank: int) -> tupl
     return LayerFactors(k_down, k_up, v_down, v_up, gate_w, gate_b), stats
 
 
-def aligned_rows(pipe: Any, concept_job: tuple, neutral_job: tuple) -> list[tuple[int, int]]:
-    """Aligned (concept row, anchor row) of SD3's prompt embeddings: the CLIP segment (the first
-    ``tokenizer_max_length`` rows), then the T5 segment, each aligned around the marked phrase."""
+def aligned_rows(
+    pipe: Any, concept_job: tuple, neutral_job: tuple, segments: list[tuple[Any, int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """Aligned (concept row, anchor row) of the prompt embeddings, segment by segment (default: SD3's
+    CLIP rows, then its T5 rows; :meth:`BlockStreams.segments`), each aligned around the marked phrase."""
     pairs = []
-    segments = [(pipe.tokenizer, pipe.tokenizer_max_length, 0)]
-    if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
-        segments.append((pipe.tokenizer_3, sequence_length(pipe) or 256, pipe.tokenizer_max_length))
+    if segments is None:
+        segments = block_streams(pipe).segments()
     for tokenizer, length, offset in segments:
         c_enc, n_enc = (_segment(tokenizer, job, length) for job in (concept_job, neutral_job))
         pairs += [(offset + i, offset + j) for i, j in align_tokens(c_enc, n_enc)]
@@ -245,3 +284,54 @@ def _segment(tokenizer: Any, job: tuple, length: int) -> EncodedPrompt:
     used = sum(tokens["attention_mask"])
     span = token_span(tokens["offset_mapping"], chars, used)
     return EncodedPrompt(prompt, torch.zeros(length, 1), span, used)
+
+
+class FluxBlockStreams(BlockStreams):
+    """:class:`BlockStreams` for FLUX: T5 tokens as the prompt embeddings, packed latents with position
+    ids, and the text rows of single-stream blocks (module docstring)."""
+
+    def _encode_batch(self, batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=batch, prompt_2=None, max_sequence_length=sequence_length(self.pipe) or 512
+        )
+        return embeds, pooled
+
+    def segments(self) -> list[tuple[Any, int, int]]:
+        return [(self.pipe.tokenizer_2, sequence_length(self.pipe) or 512, 0)]
+
+    def _latents(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        return torch.randn(FLUX_GRID * FLUX_GRID, self.model.config.in_channels, generator=generator)
+
+    def _forward(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: int):
+        param = next(self.model.parameters())
+        side = torch.arange(FLUX_GRID, dtype=torch.float32)
+        rows, cols = torch.meshgrid(side, side, indexing="ij")
+        image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)  # (0, row, col)
+        batch = len(latents)
+        guidance = None
+        if unwrap_model(self.model).config.guidance_embeds:
+            guidance = torch.full((batch,), FLUX_GUIDANCE, device=param.device, dtype=param.dtype)
+        self.model(
+            hidden_states=latents.to(param.device, param.dtype),
+            encoder_hidden_states=embeds.to(param.device, param.dtype),
+            pooled_projections=pooled.to(param.device, param.dtype),
+            timestep=torch.full((batch,), timestep / 1000, device=param.device, dtype=param.dtype),
+            img_ids=image_ids.to(param.device, param.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=param.device, dtype=param.dtype),
+            guidance=guidance,
+        )
+
+    def _text_rows(self, name: str, kwargs: dict, text_length: int) -> torch.Tensor:
+        """Double-stream: the text stream; single-stream: the first ``text_length`` rows of
+        ``[text; image]``."""
+        if is_joint(self.modules[name]):
+            return kwargs["encoder_hidden_states"]
+        return kwargs["hidden_states"][:, :text_length]
+
+
+def block_streams(pipe: Any) -> BlockStreams:
+    """The text-stream capture for ``pipe``'s joint-attention transformer (SD3, or FLUX)."""
+    model = get_unet(pipe)
+    kind = FluxBlockStreams if isinstance(unwrap_model(model), FluxTransformer2DModel) else BlockStreams
+    return kind(pipe, model, cross_attention_modules(model))

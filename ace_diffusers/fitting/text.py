@@ -75,9 +75,10 @@ class TextEmbedder:
         denoiser = find_denoiser(pipe)  # None: a text-only pipeline, the encoder output as it is
         if reads_joint_text(pipe):
             raise ACECompatibilityError(
-                f"{type(pipe).__name__}'s transformer reads the text through joint attention (SD3), whose "
-                "per-block text streams this step does not model yet. The closed form (pipe.erase_concept), "
-                "fusing, LoRA export and loading, scaling and unloading adapters have their own path."
+                f"{type(pipe).__name__}'s transformer reads the text through joint attention (SD3, FLUX), "
+                "whose per-block text streams this step does not model yet. The closed form "
+                "(pipe.erase_concept), fusing, LoRA export and loading, scaling and unloading adapters have "
+                "their own path."
             )
         self.context_map = context_projection(denoiser) if denoiser is not None else None
 

@@ -49,12 +49,13 @@ def synonym_list(synonyms: Any) -> list[str]:
 
 
 def untrainable_reason(pipe: Any) -> str | None:
-    """Why the fine-tuning does not model ``pipe`` yet (SD3's joint attention, T5 pipelines: PixArt), or
+    """Why the fine-tuning does not model ``pipe`` yet (joint attention: SD3, FLUX; T5 pipelines: PixArt), or
     None. Pipelines nothing can fit (Sana) raise :class:`ACECompatibilityError` here already."""
     if reads_joint_text(pipe):
         return (
             f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its transformer reads the text "
-            "through joint attention (SD3), whose per-block text streams the fine-tuning does not model."
+            "through joint attention (SD3, FLUX), whose per-block text streams the fine-tuning does not "
+            "model."
         )
     if TextEmbedder(pipe).masked_context:
         return (

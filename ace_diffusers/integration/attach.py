@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors, PooledFactors, all_finite
+from ..core.flux import install_text_length_hooks, remove_text_length_hooks
 from ..core.pooled import (
     ACEPooledDelta,
     ACEPooledStack,
@@ -195,6 +196,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
         pooled = _pooled_delta(unet, adapter, scale)
 
         compat.install(unet, attention_modules(unet))
+        install_text_length_hooks(unet)  # FLUX single-stream blocks: their attention learns the text length
         for layer, attn in modules.items():
             stack = get_stack(attn)
             if stack is None:
@@ -217,8 +219,8 @@ def _pooled_delta(unet: nn.Module, adapter: ACEAdapter, scale: float) -> ACEPool
         if module is not None:
             warnings.warn(
                 f"ACE adapter {adapter.concepts[:3]} edits the cross-attention only, but this model also "
-                "reads a pooled text embedding (SDXL's text_embeds, SD3's pooled_projections), which still "
-                "carries the concept. "
+                "reads a pooled text embedding (SDXL's text_embeds, SD3's and FLUX's pooled_projections), "
+                "which still carries the concept. "
                 "Re-fit the adapter with this ace-diffusers (erase_concept / ACETrainer fit the pooled edit "
                 "too).",
                 ACEPooledPathWarning,
@@ -372,4 +374,5 @@ def _uninstall(unet: nn.Module) -> None:
     pooled = pooled_embedding_module(unet)
     if pooled is not None:
         uninstall_pooled_stack(pooled)
+    remove_text_length_hooks(unet)
     compat.uninstall(unet, modules)

@@ -47,8 +47,10 @@ from diffusers.models.attention_processor import (
     XFormersAttnProcessor,
 )
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
+from ..core.flux import ACEFluxAttnProcessor
 from ..core.joint import ACEJointAttnProcessor
 from ..core.processor import (
     ACE_PROCESSORS,
@@ -68,8 +70,14 @@ _GUARDS_ATTR = "_ace_guarded_methods"  # UNet.__dict__: names of the instance-le
 _SHARED = ACEAttnProcessor()  # stateless: one instance serves every module
 _SHARED_SANA = ACESanaAttnProcessor()
 _SHARED_JOINT = ACEJointAttnProcessor()
-# stock processors with an exact ACE stand-in: {stock class: (shared ACE processor, its ACE class)}
-STAND_INS = {SanaAttnProcessor2_0: _SHARED_SANA, JointAttnProcessor2_0: _SHARED_JOINT}
+_SHARED_FLUX = ACEFluxAttnProcessor()
+# stock processors with an exact ACE stand-in: {stock class: the shared ACE processor}
+STAND_INS = {
+    SanaAttnProcessor2_0: _SHARED_SANA,
+    JointAttnProcessor2_0: _SHARED_JOINT,
+    FluxAttnProcessor: _SHARED_FLUX,
+}
+ACE_TRANSFORMER_PROCESSORS = (ACESanaAttnProcessor, ACEJointAttnProcessor, ACEFluxAttnProcessor)
 
 
 def base_processor(attn: nn.Module) -> Any:
@@ -135,7 +143,7 @@ def plan_processor(
         return requested, (SlicedAttnProcessor(slice_size) if slice_size else AttnProcessor2_0())
     if isinstance(requested, ACEIPAdapterAttnProcessor):
         return requested, requested.diffusers_processor()
-    if isinstance(requested, (ACESanaAttnProcessor, ACEJointAttnProcessor)):
+    if isinstance(requested, ACE_TRANSFORMER_PROCESSORS):
         return requested, stock_equivalent(requested)
     if kind in STOCK_PROCESSORS:
         return _SHARED, requested
@@ -199,6 +207,8 @@ def stock_equivalent(processor: Any) -> Any:
         return SanaAttnProcessor2_0()
     if isinstance(processor, ACEJointAttnProcessor):
         return JointAttnProcessor2_0()
+    if isinstance(processor, ACEFluxAttnProcessor):
+        return FluxAttnProcessor()
     if isinstance(processor, ACEAttnProcessor):
         return AttnProcessor2_0()
     return processor
@@ -279,6 +289,12 @@ _UNET_GUARDS = {
 def check_can_carry(modules: dict[str, nn.Module]) -> None:
     """Raise (changing nothing) unless ACE can be installed on every module's current processor."""
     for name, attn in modules.items():
+        if isinstance(attn.processor, FluxAttnProcessor) and getattr(attn, "fused_projections", False):
+            # FLUX fuses without changing the processor (which then reads to_qkv): check the module
+            raise ACECompatibilityError(
+                f"Attention layer '{name}' runs fused QKV projections, which bypass the ACE K/V edit. "
+                f"Nothing was loaded. {_fix_hint(FusedAttnProcessor2_0(), 'load_ace_adapter')}"
+            )
         plan_processor(attn, attn.processor, name=name, call="load_ace_adapter")
 
 
@@ -306,5 +322,5 @@ def uninstall(unet: nn.Module, modules: dict[str, nn.Module]) -> None:
     for attn in modules.values():
         attn.__dict__["set_processor"] = _StockOnly(attn)
         base = attn.__dict__.pop(_BASE_ATTR, None)
-        if isinstance(attn.processor, (*ACE_PROCESSORS, ACEJointAttnProcessor)):
+        if isinstance(attn.processor, (*ACE_PROCESSORS, *ACE_TRANSFORMER_PROCESSORS)):
             type(attn).set_processor(attn, base if base is not None else AttnProcessor2_0())

@@ -11,9 +11,13 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
+from ..core.flux import is_single_stream
 from ..errors import ACECompatibilityError
+
+ATTENTION_TYPES = (Attention, FluxAttention)  # diffusers' attention modules (FLUX has its own class)
 
 
 def unwrap_model(module: Any) -> Any:
@@ -25,22 +29,33 @@ def unwrap_model(module: Any) -> Any:
     return module
 
 
-def attention_modules(unet: nn.Module) -> dict[str, Attention]:
-    """Every diffusers ``Attention`` module, by qualified name."""
+def attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    """Every diffusers attention module (``Attention``, FLUX's ``FluxAttention``), by qualified name."""
     unet = unwrap_model(unet)
-    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+    return {name: module for name, module in unet.named_modules() if isinstance(module, ATTENTION_TYPES)}
 
 
 def reads_text(attn: nn.Module) -> bool:
     """Whether ``attn``'s keys/values are computed from text tokens: a cross-attention (``attn2`` of SD
-    UNets and PixArt/Sana) or a joint attention (SD3's blocks: the text tokens' own ``add_k_proj`` /
-    ``add_v_proj``, joined with the image tokens)."""
+    UNets and PixArt/Sana), a joint attention (SD3's and FLUX's double-stream blocks: the text tokens'
+    own ``add_k_proj`` / ``add_v_proj``, joined with the image tokens) or a FLUX single-stream attention
+    (text rows first, through the same ``to_k`` / ``to_v`` as the image rows)."""
+    if isinstance(attn, FluxAttention):
+        return True
     return isinstance(attn, Attention) and (attn.is_cross_attention or is_joint(attn))
 
 
 def is_joint(attn: nn.Module) -> bool:
     """A joint attention: text tokens get their own K/V projections (``add_k_proj``, ``add_v_proj``)."""
-    return isinstance(getattr(attn, "add_k_proj", None), nn.Module) and not attn.is_cross_attention
+    return isinstance(getattr(attn, "add_k_proj", None), nn.Module) and not getattr(
+        attn, "is_cross_attention", False
+    )
+
+
+def single_stream_layers(unet: nn.Module) -> list[str]:
+    """Names of the FLUX single-stream attentions: their ``to_k``/``to_v`` also project the image rows, so
+    no weight edit can carry a text-only delta there (fuse and LoRA export refuse them)."""
+    return [name for name, m in cross_attention_modules(unet).items() if is_single_stream(m)]
 
 
 def kv_projections(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -54,9 +69,9 @@ def kv_projection_names(attn: nn.Module) -> tuple[str, str]:
     return ("add_k_proj", "add_v_proj") if is_joint(attn) else ("to_k", "to_v")
 
 
-def cross_attention_modules(unet: nn.Module) -> dict[str, Attention]:
+def cross_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
     """Attention modules whose K/V read the text (:func:`reads_text`): ``attn2`` in SD UNets and
-    PixArt/Sana, every block's joint ``attn`` in SD3."""
+    PixArt/Sana, every block's ``attn`` in SD3 and FLUX."""
     return {name: m for name, m in attention_modules(unet).items() if reads_text(m)}
 
 
@@ -97,8 +112,8 @@ def get_unet(pipe_or_unet: Any) -> nn.Module:
         f"{type(pipe_or_unet).__name__} has no UNet or transformer with cross-attention (pipe.unet, "
         "pipe.transformer); "
         "ACE adapters work on Stable Diffusion-style pipelines (SD 1.x/2.x, SDXL, their img2img/inpaint "
-        "variants), on cross-attention transformers (PixArt-α/Σ, Sana) and on SD3's joint attention. FLUX "
-        "(its own FluxAttention modules) is not supported yet."
+        "variants), on cross-attention transformers (PixArt-α/Σ, Sana) and on the joint attention of SD3 "
+        "and FLUX."
     )
 
 
@@ -114,7 +129,8 @@ def find_denoiser(pipe: Any) -> nn.Module | None:
 
 
 def reads_joint_text(pipe: Any) -> bool:
-    """Whether ``pipe``'s denoiser reads the text through joint attention (SD3); False without one."""
+    """Whether ``pipe``'s denoiser reads the text through joint attention (SD3, FLUX); False without
+    one."""
     model = find_denoiser(pipe)
     return model is not None and any(is_joint(m) for m in cross_attention_modules(model).values())
 

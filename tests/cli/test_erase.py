@@ -44,12 +44,15 @@ def test_the_parser_takes_repeatable_concepts_and_refuses_unknown_kinds():
         build_parser().parse_args(["--model", "m", "--concept", "a", "--output", "o", "--kind", "painting"])
 
 
-def test_sd3_gets_the_closed_form_with_steps_0_and_a_clear_refusal_without(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_gets_the_closed_form_with_steps_0_and_a_clear_refusal_without(
+    family, tmp_path, capsys
+):
     from ace_diffusers.errors import ACECompatibilityError, ACEValueError
-    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    model = tmp_path / "sd3"
-    tiny_sd3_pipeline(t5=True).save_pretrained(model)
+    model = tmp_path / family
+    (tiny_sd3_pipeline(t5=True) if family == "sd3" else tiny_flux_pipeline()).save_pretrained(model)
     base = ["erase", "--model", str(model), "--concept", "Van Gogh", "--kind", "style"]
     with pytest.raises(ACECompatibilityError, match="joint attention.*--steps 0"):
         main([*base, "--output", str(tmp_path / "never")])
@@ -59,7 +62,7 @@ def test_sd3_gets_the_closed_form_with_steps_0_and_a_clear_refusal_without(tmp_p
     out = tmp_path / "erase-van-gogh"
     assert main([*base, "--steps", "0", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "saved to" in printed and "pooled" in printed  # SD3's pooled projection is erased too
+    assert "saved to" in printed and "pooled" in printed  # the pooled projection is erased too
     adapter = ACEAdapter.from_pretrained(out)
     assert adapter.concepts == ["Van Gogh"] and "fine_tuning" not in adapter.fit
     assert adapter.pooled is not None

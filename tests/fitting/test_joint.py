@@ -1,12 +1,12 @@
-"""The joint-attention closed form (SD3) on a tiny SD3 pipeline with CLIP and T5 encoders."""
+"""The joint-attention closed form on tiny SD3 (CLIP and T5 encoders) and FLUX pipelines."""
 
 import pytest
 import torch
 
-from ace_diffusers.deploy.export import export_lora
+from ace_diffusers.deploy.export import export_lora, save_lora
 from ace_diffusers.errors import ACECompatibilityError
-from ace_diffusers.fitting.joint import aligned_rows
-from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+from ace_diffusers.fitting.joint import aligned_rows, block_streams
+from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPT, UNRELATED = "a painting by Van Gogh", ["a photo of a cat", "a red car in the city"]
 
@@ -73,3 +73,63 @@ def test_the_fine_tuning_is_refused_with_the_reason(sd3):
 
     with pytest.raises(ACECompatibilityError, match="joint attention"):
         ACETrainer(sd3[0], "Van Gogh", kind="style")
+
+
+# ---------------------------------------------------------------------- FLUX
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_flux_pipeline()
+    before = {p: _images(pipe, p) for p in [PROMPT, *UNRELATED]}
+    adapter = pipe.erase_concept("Van Gogh", kind="style", adapter_name="vg")
+    return pipe, adapter, before
+
+
+def test_flux_rows_are_aligned_in_its_t5_segment_alone():
+    pipe = tiny_flux_pipeline()
+    segments = block_streams(pipe).segments()
+    assert [(tokenizer, offset) for tokenizer, _, offset in segments] == [(pipe.tokenizer_2, 0)]
+    anchor = ("a painting by art", (14, 17), None)
+    pairs = dict(aligned_rows(pipe, (PROMPT, (14, 22), None), anchor, segments))
+    assert pairs[2] == 2 and pairs[3] == 3 and pairs[4] == 3  # "van", "gogh" both become "art"
+
+
+def test_flux_fits_every_double_and_single_stream_block_and_the_pooled_path(flux, tmp_path):
+    pipe, adapter, before = flux
+    assert set(adapter.layers) == {
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    }
+    gates = [f.gate_weight for f in adapter.layers.values()]
+    assert not torch.equal(gates[0], gates[1]) and not torch.equal(gates[1], gates[2])
+    assert adapter.pooled is not None and adapter.fit["pooled"]["concept_towards_neutral"] > 0.8
+    erased = _images(pipe)
+    concept_change = (erased - before[PROMPT]).abs().max()
+    unrelated_change = max((_images(pipe, p) - before[p]).abs().max() for p in UNRELATED)
+    assert concept_change > 3 * unrelated_change
+    adapter.save_pretrained(tmp_path / "vg")  # the adapter file round-trips on FLUX too
+    pipe.unload_ace_adapter("vg")
+    assert torch.equal(_images(pipe), before[PROMPT])
+    pipe.load_ace_adapter(str(tmp_path / "vg"), adapter_name="vg")
+    assert torch.equal(_images(pipe), erased)
+
+
+def test_flux_weight_edits_are_refused_before_anything_changes(flux, tmp_path):
+    pipe, adapter, _ = flux
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(ACECompatibilityError, match="single-stream"):
+        pipe.fuse_ace_adapter("vg")
+    with pytest.raises(ACECompatibilityError, match="single-stream"):
+        export_lora(pipe, tmp_path / "flux.safetensors", "vg", mode="ungated")
+    with pytest.raises(ACECompatibilityError, match="single-stream"):  # no pipeline: read from the names
+        save_lora(adapter, tmp_path / "flux.safetensors", mode="ungated")
+    assert not list(tmp_path.iterdir())
+    assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert pipe.get_active_ace_adapters() == ["vg"]
+
+
+def test_flux_fine_tuning_is_refused_with_the_reason(flux):
+    from ace_diffusers import ACETrainer
+
+    with pytest.raises(ACECompatibilityError, match="joint attention"):
+        ACETrainer(flux[0], "Van Gogh", kind="style")

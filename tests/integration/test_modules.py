@@ -49,25 +49,22 @@ def test_projection_weight_sees_through_peft_lora_layers(sd_pipe):
     assert projection_weight(attn.to_k) is before
 
 
-def test_flux_is_refused_by_name_and_sd3_is_found():
-    from diffusers import FluxTransformer2DModel
+def test_flux_and_sd3_transformers_are_found_with_every_block_that_reads_text():
+    from ace_diffusers.integration.modules import kv_projection_names, single_stream_layers
+    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
-
-    flux = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    )
-    with pytest.raises(
-        ACECompatibilityError, match=r"FLUX \(its own FluxAttention modules\) is not supported"
-    ):
-        get_unet(types.SimpleNamespace(transformer=flux))
+    flux = tiny_flux_pipeline()
+    assert get_unet(flux) is flux.transformer
+    modules = cross_attention_modules(flux.transformer)
+    assert list(modules) == [
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    ]
+    assert kv_projection_names(modules["transformer_blocks.0.attn"]) == ("add_k_proj", "add_v_proj")
+    assert kv_projection_names(modules["single_transformer_blocks.0.attn"]) == ("to_k", "to_v")
+    assert single_stream_layers(flux.transformer) == list(modules)[1:]
     sd3 = tiny_sd3_pipeline()
-    assert get_unet(sd3) is sd3.transformer
+    assert get_unet(sd3) is sd3.transformer and single_stream_layers(sd3.transformer) == []
+    with pytest.raises(ACECompatibilityError, match="joint attention of SD3 and FLUX"):
+        get_unet(types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)))

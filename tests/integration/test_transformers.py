@@ -172,20 +172,21 @@ def test_what_is_not_supported_yet_is_refused_before_any_work(pixart):
         TextEmbedder(SanaLike())
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart"])
+@pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
 def test_guards_and_model_offload_keep_the_erasure_on_transformers(family):
-    from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_pixart_pipeline()
-    kwargs = {} if family == "sd3" else {"clean_caption": False, "use_resolution_binning": False}
+    pipe = {"sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline, "flux": tiny_flux_pipeline}[family]()
+    kwargs = {"pixart": {"clean_caption": False, "use_resolution_binning": False}}.get(family, {})
 
     def run():
         return _generate(pipe, PROMPT, **kwargs)
 
-    pooled = 32 if family == "sd3" else None
+    pooled = {"sd3": 32, "flux": 16}.get(family)
     pipe.load_ace_adapter(random_adapter(pipe.transformer, rank=4, pooled_dim=pooled), adapter_name="r")
     erased = run()
     with pytest.raises(ACECompatibilityError, match="fuse_qkv_projections would replace the ACE processor"):
         pipe.transformer.fuse_qkv_projections()
+    assert not any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
     pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks around the transformer
     torch.testing.assert_close(run(), erased, atol=1e-6, rtol=0)
