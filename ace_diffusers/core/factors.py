@@ -94,6 +94,10 @@ class GatedLowRank:
         down, up = self.factors_of(projection)
         return up @ down
 
+    def edits(self) -> bool:
+        """Whether the delta can be non-zero: some up-projection entry (``B_k``, ``B_v``) is not 0."""
+        return any(bool(self.factors_of(p)[1].any()) for p in ("k", "v"))
+
 
 @dataclass
 class LayerFactors(GatedLowRank):

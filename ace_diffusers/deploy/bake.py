@@ -179,20 +179,23 @@ SINGLE_STREAM_PREFIX = "single_transformer_blocks."  # FLUX's single-stream bloc
 
 
 def check_weight_editable(adapter: ACEAdapter, pipe: Any = None) -> None:
-    """Refuse, before any work, an adapter that no plain weight edit can carry: one with layers on FLUX
+    """Refuse, before any work, an adapter that no plain weight edit can carry: one that edits FLUX
     single-stream blocks, whose ``to_k``/``to_v`` project the image rows too (an edit there would change
-    every image, not only the concept's text rows). Read from ``pipe``'s model, else from layer names."""
+    every image, not only the concept's text rows). Read from ``pipe``'s model, else from layer names;
+    layers whose edit is exactly zero (``FitSettings(single_stream=False)``) pass."""
     model = find_denoiser(pipe) if pipe is not None else None
     if model is not None:
-        single = [n for n in single_stream_layers(model) if n in adapter.layers]
+        names = [n for n in single_stream_layers(model) if n in adapter.layers]
     else:
-        single = [n for n in adapter.layers if n.startswith(SINGLE_STREAM_PREFIX)]
+        names = [n for n in adapter.layers if n.startswith(SINGLE_STREAM_PREFIX)]
+    single = [n for n in names if adapter.layers[n].edits()]
     if single:
         raise ACECompatibilityError(
             f"This adapter edits {len(single)} FLUX single-stream block(s) ({single[0]}, ...), where text "
             "and image tokens share to_k/to_v: a fused weight or a LoRA would edit the image tokens too. "
             "Nothing was changed. Keep the adapter loaded unfused (pipe.load_ace_adapter), which edits the "
-            "text rows only."
+            "text rows only, or fit one without them: "
+            "erase_concept(..., settings=FitSettings(single_stream=False))."
         )
 
 

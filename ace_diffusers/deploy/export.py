@@ -225,9 +225,10 @@ def lora_state_dict(
     factors, baked = _plain_factors(
         adapter, pipe, mode=mode, rank=rank, scale=scale, settings=settings, baked=baked
     )
-    modules = {
+    modules = {  # layers the adapter leaves unedited (a FLUX fit without single-stream blocks) get none
         f"{name}.{module}": factors[name][proj]
         for name in sorted(factors)
+        if adapter.layers[name].edits()
         for proj, module in zip(PROJECTIONS, projection_names(name, pipe), strict=True)
     }
     pooled = pooled_lora_factors(adapter, pipe, scale=scale, rank=rank)

@@ -41,6 +41,7 @@ from ..integration.modules import (
     is_joint,
     kv_projections,
     projection_weight,
+    single_stream_layers,
     unwrap_model,
 )
 from .data import CHANGED_TOKEN_THRESHOLD, FitSettings, align_tokens, closed_form_adapter, fit_jobs
@@ -59,10 +60,12 @@ FLUX_GUIDANCE = 3.5  # FLUX.1-dev's default guidance, for guidance-distilled tra
 def fit_joint_adapter(
     pipe: Any, spec: ErasureSpec, settings: FitSettings, *, progress: bool | None
 ) -> ACEAdapter:
-    """The whole closed-form fit on a joint-attention pipeline (SD3); nothing is loaded into it."""
+    """The whole closed-form fit on a joint-attention pipeline (SD3, FLUX); nothing is loaded into it.
+    With ``settings.single_stream`` False, FLUX's single-stream blocks get an exact zero edit."""
     started = time.perf_counter()
     model = get_unet(pipe)
     modules = cross_attention_modules(model)
+    unedited = set() if settings.single_stream else set(single_stream_layers(model))
     d_text = projection_weight(kv_projections(next(iter(modules.values())))[0]).shape[1]
     rank = settings.rank if settings.rank is not None else default_rank(len(spec.concepts), d_text)
     with tqdm(
@@ -72,9 +75,12 @@ def fit_joint_adapter(
         bar.update()
         layers, stats = {}, {}
         for name in sorted(modules):
-            layers[name], stats[name] = _block_factors(
-                modules[name], data.concept[name], data.target[name], data.others[name], settings, rank
-            )
+            if name in unedited:
+                layers[name], stats[name] = zero_factors(modules[name], rank), {"edited": False}
+            else:
+                layers[name], stats[name] = _block_factors(
+                    modules[name], data.concept[name], data.target[name], data.others[name], settings, rank
+                )
             bar.update()
         pooled = fit_pooled_vectors(*data.pooled(), torch.ones(len(data.prompts[0])), settings, rank)
         bar.update()
@@ -258,6 +264,16 @@ def _block_factors(attn, c, n, others, settings: FitSettings, rank: int) -> tupl
     (k_down, k_up), (v_down, v_up) = low_rank_edits(weights, h.float(), root.float(), rank)
     stats = {k: round(float(v), 6) for k, v in {**gate_stats, **stats}.items()}
     return LayerFactors(k_down, k_up, v_down, v_up, gate_w, gate_b), stats
+
+
+def zero_factors(attn: torch.nn.Module, rank: int) -> LayerFactors:
+    """Factors that add exactly nothing (``B = 0``; gate shut): a block the fit leaves unedited."""
+    (d_k, d_text), (d_v, _) = (projection_weight(p).shape for p in kv_projections(attn))
+    zeros = torch.zeros
+    return LayerFactors(
+        zeros(rank, d_text), zeros(d_k, rank), zeros(rank, d_text), zeros(d_v, rank), zeros(d_text),
+        torch.full((1,), -10.0),
+    )
 
 
 def aligned_rows(

@@ -1,5 +1,6 @@
 """Per model family: the exported LoRA, loaded by plain diffusers in a process that never imports
-ace_diffusers, reproduces the fused pipeline (SDXL with its pooled edit, SD3 with its joint attention)."""
+ace_diffusers, reproduces the fused pipeline (SDXL with its pooled edit, SD3 with its joint attention,
+FLUX fitted without its single-stream blocks)."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from ace_diffusers.deploy.export import export_lora
+from ace_diffusers.fitting.data import FitSettings
 from ace_diffusers.testing import tiny_sdxl_pipeline
-from ace_diffusers.testing_transformers import tiny_sd3_pipeline
+from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPTS = ["a painting by Van Gogh", "a photo of a cat"]
 
@@ -51,13 +53,19 @@ def _images(pipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_plain_diffusers_reproduces_the_fused_pipeline(family, tmp_path):
     torch.set_num_threads(1)  # as in the subprocess: the same float kernels
-    pipe = tiny_sdxl_pipeline(text_dim=64) if family == "sdxl" else tiny_sd3_pipeline(t5=True)
+    builders = {
+        "sdxl": lambda: tiny_sdxl_pipeline(text_dim=64),
+        "sd3": lambda: tiny_sd3_pipeline(t5=True),
+        "flux": tiny_flux_pipeline,
+    }
+    pipe = builders[family]()
     pipe.save_pretrained(tmp_path / "base")  # before anything is erased: the stock weights
-    adapter = pipe.erase_concept("Van Gogh", kind="style", adapter_name="vg")
-    assert adapter.pooled is not None  # both families carry a pooled edit in the file too
+    settings = FitSettings(single_stream=False) if family == "flux" else None  # FLUX: fusable blocks only
+    adapter = pipe.erase_concept("Van Gogh", kind="style", adapter_name="vg", settings=settings)
+    assert adapter.pooled is not None  # every family here carries a pooled edit in the file too
     pipe.fuse_ace_adapter("vg")
     fused = _images(pipe)
     lora = export_lora(pipe, tmp_path / "lora.safetensors", format="diffusers")

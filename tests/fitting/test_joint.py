@@ -133,3 +133,30 @@ def test_flux_fine_tuning_is_refused_with_the_reason(flux):
 
     with pytest.raises(ACECompatibilityError, match="joint attention"):
         ACETrainer(flux[0], "Van Gogh", kind="style")
+
+
+def test_a_flux_fit_without_single_stream_blocks_fuses_unfuses_and_exports(tmp_path):
+    from ace_diffusers.fitting.data import FitSettings
+
+    pipe = tiny_flux_pipeline()
+    before = _images(pipe)
+    adapter = pipe.erase_concept(
+        "Van Gogh", kind="style", adapter_name="vg", settings=FitSettings(single_stream=False)
+    )
+    single = [n for n in adapter.layers if n.startswith("single_transformer_blocks.")]
+    assert single and not any(adapter.layers[n].edits() for n in single)
+    assert adapter.layers["transformer_blocks.0.attn"].edits()
+    gated = _images(pipe)
+    assert not torch.equal(gated, before)
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.fuse_ace_adapter("vg")
+    fused = _images(pipe)
+    path = export_lora(pipe, tmp_path / "flux.safetensors", format="diffusers")
+    pipe.unfuse_ace_adapter()
+    assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert torch.equal(_images(pipe), gated)
+    fresh = tiny_flux_pipeline()
+    fresh.load_lora_weights(str(path))
+    targets = next(iter(fresh.transformer.peft_config.values())).target_modules
+    assert targets and not any("single_transformer_blocks" in n for n in targets)
+    torch.testing.assert_close(_images(fresh), fused, atol=1e-5, rtol=0)
