@@ -7,8 +7,15 @@ An ACE adapter on disk is a folder with two files (and a model card when pushed 
                               "<layer>.gate_bias" (1,); format 2 may add the pooled-embedding
                               edit "pooled.p_down" (r, d_pool), "pooled.p_up" (d_pool, r),
                               "pooled.gate_weight" (d_pool,), "pooled.gate_bias" (1,)
+                              format 3, "storage": "text_space" (a closed form where every layer
+                              reads one text): instead of the layers' six tensors "text_space.basis"
+                              (d_text, k), "text_space.down_basis" (k, d_text), "text_space.gate_weight",
+                              "text_space.gate_bias" and per layer "<layer>.k_right", "<layer>.v_right"
+                              (k, r); the factors are rebuilt from the model's K/V weights
+                              (:mod:`ace_diffusers.core.text_space`)
     ace_config.json           format version, concepts, neutral anchors, kind, rank, fit settings,
-                              base model, architecture fingerprint, weights checksum
+                              base model, architecture fingerprint (the layer shapes), weights checksum,
+                              "storage" (format 3)
 
 safetensors and JSON only: loading an adapter from a stranger never executes code. This module knows the
 layout but not the :class:`~ace_diffusers.core.adapter.ACEAdapter` class, so the Hub code can check a
@@ -29,8 +36,10 @@ from .errors import ACEAdapterFormatError
 
 WEIGHTS_NAME = "ace_adapter.safetensors"
 CONFIG_NAME = "ace_config.json"
-FORMAT_VERSION = 2  # the newest this package reads; an adapter is written with the oldest that holds it
+FORMAT_VERSION = 3  # the newest this package reads; an adapter is written with the oldest that holds it
 POOLED_FORMAT_VERSION = 2  # the first version with a pooled-embedding edit (SDXL's ``text_embeds``)
+TEXT_SPACE_FORMAT_VERSION = 3  # the first version storing a closed-form edit as one text map
+TEXT_SPACE_STORAGE = "text_space"  # ``ace_config.json`` "storage": how the K/V edit is stored
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 TENSOR_KEYS = ("k_down", "k_up", "v_down", "v_up", "gate_weight", "gate_bias")
 POOLED_NAME = "pooled"  # the tensor-name prefix of the pooled-embedding edit (no UNet module has this name)
@@ -126,7 +135,29 @@ OPTIONAL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "extra": ((dict,), "a JSON object"),
     "fingerprint": ((dict,), "a JSON object"),
     "weights_sha256": ((str,), "a hex string"),
+    "storage": ((str,), "a string"),
 }
+
+
+def text_space_shapes(config: Mapping[str, Any], source: Path) -> dict[str, tuple[int, int, int]]:
+    """The layer shapes a text-space adapter records (its factors are rebuilt from the model's weights,
+    so the file holds no per-layer shape of its own): ``fingerprint.layers``, checked."""
+    if config.get("storage") != TEXT_SPACE_STORAGE:
+        raise ACEAdapterFormatError(
+            f"'{source}': unknown storage {config.get('storage')!r}; this ace-diffusers reads "
+            f"'{TEXT_SPACE_STORAGE}' (or none). Upgrade ace-diffusers."
+        )
+    layers = (config.get("fingerprint") or {}).get("layers") or {}
+    shapes = {}
+    for name, shape in layers.items():
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
+            raise ACEAdapterFormatError(f"'{source}': fingerprint layer '{name}' has no (d_text, d_k, d_v).")
+        shapes[name] = tuple(shape)
+    if not shapes:
+        raise ACEAdapterFormatError(
+            f"'{source}': a text-space adapter must list its layers in 'fingerprint'."
+        )
+    return shapes
 
 
 def split_pooled_tensors(

@@ -28,7 +28,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from ..fitting.solvers import default_rank
+from ..fitting.solvers import default_rank, sketch_width
 from ..integration.attach import attach_adapter, detach_adapter
 from ..integration.modules import layer_shapes
 from ..testing import random_adapter, sdxl_shaped_unet
@@ -39,8 +39,23 @@ SDXL_POOLED_DIM = 1280  # SDXL's pooled text embedding (text_encoder_2's project
 def adapter_parameters(shapes: dict[str, tuple[int, int, int]], rank: int, pooled_dim: int = 0) -> int:
     """Per layer: A_k, A_v (r x d_text), B_k (d_k x r), B_v (d_v x r), gate (d_text + 1); with a pooled
     edit also A_p (r x d_pool), B_p (d_pool x r), its gate (d_pool + 1)."""
-    pooled = 2 * min(rank, pooled_dim) * pooled_dim + pooled_dim + 1 if pooled_dim else 0
-    return pooled + sum(rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values())
+    return _pooled_parameters(rank, pooled_dim) + sum(
+        rank * (2 * d_text + d_k + d_v) + d_text + 1 for d_text, d_k, d_v in shapes.values()
+    )
+
+
+def text_space_parameters(shapes: dict[str, tuple[int, int, int]], rank: int, pooled_dim: int = 0) -> int:
+    """What a closed-form file holds where all layers read one text (:mod:`ace_diffusers.core.text_space`):
+    ``H`` and ``D`` (``2·k·d_text``), per layer ``R_k``, ``R_v`` (``k`` x their rank), one gate, the pooled
+    edit; ``k`` the sketch width."""
+    d_text = next(iter(shapes.values()))[0]
+    k = sketch_width(rank, d_text)
+    rights = sum(k * (min(rank, d_k, k) + min(rank, d_v, k)) for _, d_k, d_v in shapes.values())
+    return 2 * k * d_text + rights + d_text + 1 + _pooled_parameters(rank, pooled_dim)
+
+
+def _pooled_parameters(rank: int, pooled_dim: int) -> int:
+    return 2 * min(rank, pooled_dim) * pooled_dim + pooled_dim + 1 if pooled_dim else 0
 
 
 def _sd15(depth: int | None = None) -> UNet2DConditionModel:
@@ -111,6 +126,9 @@ FAMILIES: dict[str, tuple[Callable[..., torch.nn.Module], int, int | None, str]]
 }
 
 
+SHARED_TEXT = {"SD1.5", "SDXL", "PixArt-α"}  # every layer reads one text: the closed form saves its text map
+
+
 def family_sizes() -> list[dict[str, Any]]:
     """One row per family: layers, rank and size of the default one-concept adapter (module docstring)."""
     rows = []
@@ -120,6 +138,7 @@ def family_sizes() -> list[dict[str, Any]]:
         d_text = next(iter(shapes.values()))[0]
         rank = default_rank(1, d_text)
         params = adapter_parameters(shapes, rank, pooled)
+        saved = text_space_parameters(shapes, rank, pooled) if family in SHARED_TEXT else params
         rows.append(
             {
                 "family": family,
@@ -129,6 +148,7 @@ def family_sizes() -> list[dict[str, Any]]:
                 "pooled": pooled,
                 "parameters": params,
                 "mb_fp16": round(params * 2 / 2**20, 2),
+                "file_mb_fp16": round(saved * 2 / 2**20, 2),
             }
         )
     return rows
@@ -231,11 +251,12 @@ def format_families(size_rows: list[dict[str, Any]], over_rows: list[dict[str, A
     lines = ["# per family: the default one-concept adapter (K/V of every text-reading layer + pooled edit)"]
     lines.append(
         f"{'family':<10}{'layers':>7}{'text dim':>9}{'rank':>6}{'pooled':>8}{'parameters':>12}{'MB fp16':>9}"
+        f"{'closed-form file MB':>21}"
     )
     for r in size_rows:
         lines.append(
             f"{r['family']:<10}{r['layers']:>7}{r['text_width']:>9}{r['rank']:>6}{r['pooled']:>8}"
-            f"{r['parameters']:>12}{r['mb_fp16']:>9.2f}"
+            f"{r['parameters']:>12}{r['mb_fp16']:>9.2f}{r['file_mb_fp16']:>21.2f}"
         )
     if over_rows:
         lines.append("# per family: denoising step, batch 2, stock vs one-concept adapter (medians)")

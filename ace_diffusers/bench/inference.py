@@ -11,7 +11,9 @@
   gigabytes here, and would time the same matrices). Configurations are timed *interleaved*, round after
   round, and compared by their medians, so machine noise hits all of them alike.
 * Size: parameters and bytes of an adapter per concept count at SD1.5 and SDXL shapes (built on the
-  ``meta`` device: nothing is allocated).
+  ``meta`` device: nothing is allocated): the closed form's file (its text-space form,
+  :mod:`ace_diffusers.core.text_space`) and a fine-tuned adapter's (every layer's factors), with the
+  targets for one concept (≤ 1 MB at SD1.5 shape, ≤ 4 MB at SDXL shape, fp16).
 * Per family (SD1.5, SDXL, SD3, PixArt-α, FLUX.1): size and step overhead of a one-concept adapter
   (:mod:`.families`).
 """
@@ -33,10 +35,22 @@ from ..fitting.solvers import default_rank
 from ..integration.attach import attach_adapter, detach_adapter
 from ..integration.modules import cross_attention_modules, kv_projection_names, layer_shapes
 from ..testing import clip_text_config, clip_tokenizer, random_adapter, sdxl_shaped_unet
-from .families import SDXL_POOLED_DIM, adapter_parameters, family_overhead, family_sizes, format_families
+from .families import (
+    SDXL_POOLED_DIM,
+    adapter_parameters,
+    family_overhead,
+    family_sizes,
+    format_families,
+    text_space_parameters,
+)
 from .ops import format_ops, op_counts
 
 COUNTS = (1, 10, 100)
+SIZE_TARGETS_MB = {"SD1.5": 1.0, "SDXL": 4.0}  # one concept, the closed form's file, fp16
+
+
+def mb_fp16(parameters: int) -> float:
+    return round(parameters * 2 / 2**20, 2)
 
 
 def sizes() -> list[dict[str, Any]]:
@@ -49,11 +63,24 @@ def sizes() -> list[dict[str, Any]]:
         d_text = next(iter(shapes.values()))[0]
         for n in COUNTS:
             rank = default_rank(n, d_text)
-            params = adapter_parameters(shapes, rank, pooled_dim)
+            params = text_space_parameters(shapes, rank, pooled_dim)
+            full = adapter_parameters(shapes, rank, pooled_dim)
             rows.append({"model": model, "layers": len(shapes), "concepts": n, "rank": rank,
-                         "parameters": params, "mb_fp16": round(params * 2 / 2**20, 2),
-                         "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1)})
+                         "parameters": params, "mb_fp16": mb_fp16(params),
+                         "kb_fp16_per_concept": round(params * 2 / 1024 / n, 1),
+                         "fine_tuned_parameters": full, "fine_tuned_mb_fp16": mb_fp16(full)})
     return rows
+
+
+def size_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """``(target, measured, met)`` for the one-concept closed-form file per model."""
+    out = []
+    for r in rows:
+        if r["concepts"] == 1 and r["model"] in SIZE_TARGETS_MB:
+            limit = SIZE_TARGETS_MB[r["model"]]
+            out.append((f"1-concept closed-form adapter at {r['model']} shape: <= {limit:g} MB (fp16)",
+                        f"{r['mb_fp16']:.2f} MB", r["mb_fp16"] <= limit))
+    return out
 
 
 FUSED = "fused"
@@ -203,12 +230,14 @@ def format_report(over: dict[str, Any] | None, size_rows: list[dict[str, Any]]) 
                      f"<= 1.10x for 100 concepts: {'met' if r100 <= 1.10 else 'NOT MET'} ({r100:.3f})")
     if not size_rows:
         return "\n".join(lines)
-    lines.append("# adapter size (default rank of erase_concept)")
+    lines.append("# adapter size (default rank of erase_concept): the closed form's file, and fine-tuned")
     lines.append(f"{'model':<7}{'layers':>7}{'concepts':>9}{'rank':>6}{'parameters':>12}{'MB fp16':>9}"
-                 f"{'KB/concept':>11}")
+                 f"{'KB/concept':>11}{'fine-tuned MB':>15}")
     for r in size_rows:
         lines.append(f"{r['model']:<7}{r['layers']:>7}{r['concepts']:>9}{r['rank']:>6}{r['parameters']:>12}"
-                     f"{r['mb_fp16']:>9.2f}{r['kb_fp16_per_concept']:>11.1f}")
+                     f"{r['mb_fp16']:>9.2f}{r['kb_fp16_per_concept']:>11.1f}{r['fine_tuned_mb_fp16']:>15.2f}")
+    for target, measured, met in size_targets(size_rows):
+        lines.append(f"target {target}: {'met' if met else 'NOT MET'} ({measured})")
     return "\n".join(lines)
 
 

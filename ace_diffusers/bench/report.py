@@ -16,6 +16,7 @@ from . import mass, trainer_report
 from .closed_form import TARGET_SECONDS_PER_CONCEPT, target_checks
 from .deploy import kept_section
 from .efficacy_plans import ATTACK_NAMES, METHODS
+from .inference import size_targets
 from .ops import ops_markdown, ops_target
 from .plots import PLOTS, plot_asr, plot_fit_seconds, plot_h, plot_overhead, plots
 from .results import (
@@ -111,6 +112,7 @@ def _cost_targets(sections: dict[str, Any], erasures: list[dict[str, Any]]) -> l
 
     if (sections.get("inference") or {}).get("ops"):
         rows.append(_target(*ops_target(sections["inference"]["ops"])))
+    rows += [_target(*t) for t in size_targets((sections.get("inference") or {}).get("sizes") or [])]
     speed = (sections.get("speed") or {}).get("closed_form")
     if speed:
         for r in speed["rows"]:
@@ -352,11 +354,15 @@ def inference_markdown(result: dict[str, Any], image_dir: str = "images") -> lis
         lines += ["", f"![overhead vs concepts]({image_dir}/{PLOTS['overhead']})", ""]
     lines += ops_markdown(inf.get("ops"))
     lines += ["## 4. Adapter size", "",
-              "Parameters of an adapter of `erase_concept`'s default rank (K and V factors and the gate of "
-              "every cross-attention layer); bytes at fp16.", ""]
-    lines += _table(["model", "layers", "concepts", "rank", "parameters", "MB (fp16)", "KB per concept"],
+              "Parameters of an adapter of `erase_concept`'s default rank, bytes at fp16: the closed form's "
+              "file (its text-space form: one text map shared by every layer, the per-layer factors "
+              "rebuilt from the model's own K/V weights at load) and, for comparison, an adapter that "
+              "stores every layer's K and V factors and gate (what fine-tuning produces).", ""]
+    lines += _table(["model", "layers", "concepts", "rank", "parameters", "MB (fp16)", "KB per concept",
+                     "fine-tuned MB (fp16)"],
                     [[r["model"], str(r["layers"]), str(r["concepts"]), str(r["rank"]),
-                      f"{r['parameters']:,}", _num(r["mb_fp16"], 2), _num(r["kb_fp16_per_concept"], 1)]
+                      f"{r['parameters']:,}", _num(r["mb_fp16"], 2), _num(r["kb_fp16_per_concept"], 1),
+                      _num(r.get("fine_tuned_mb_fp16", r["mb_fp16"]), 2)]
                      for r in inf["sizes"]])
     lines.append("")
     return lines

@@ -23,14 +23,20 @@ from ..core.adapter import ACEAdapter
 from ..deploy.bake import BakeSettings
 from ..deploy.export import CLI_DEFAULT_FORMAT, DTYPES, MODES, TOOL_FORMATS, save_lora
 from ..errors import ACEError, ACEValueError
+from ..integration.attach import materialized
 from ..integration.modules import get_unet, layer_shapes
 
 
 def _load_text_pipeline(base: str, adapter: ACEAdapter) -> Any:
     """The base pipeline with only its tokenizer(s) and text encoder(s) loaded; checks the architecture.
-    An adapter with a pooled edit (SDXL, SD3) or joint-attention layers (SD3) needs the denoiser's weights
-    too (the pooled LoRA module's weight; each block's text stream): then the whole pipeline is loaded."""
-    if adapter.pooled is not None or any(name.endswith(".attn") for name in adapter.layers):
+    An adapter with a pooled edit (SDXL, SD3), joint-attention layers (SD3) or stored in text-space form
+    needs the denoiser's weights too (the pooled LoRA module's weight; each block's text stream; the K/V
+    weights its factors are rebuilt from): then the whole pipeline is loaded."""
+    if (
+        adapter.pooled is not None
+        or adapter.pending
+        or any(name.endswith(".attn") for name in adapter.shapes)
+    ):
         pipe = DiffusionPipeline.from_pretrained(base)
         adapter.check_compatible(layer_shapes(get_unet(pipe)))
         return pipe
@@ -89,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         adapter = ACEAdapter.from_pretrained(args.adapter)
         pipe = None
-        if args.mode == "baked":
+        if args.mode == "baked" or adapter.pending:
             base = args.base or adapter.base_model
             if not base:
                 raise ACEValueError(
-                    "The adapter records no base model; pass --base MODEL (folder or repo id) for the baked "
-                    "export, or --mode ungated."
+                    "The adapter records no base model; pass --base MODEL (folder or repo id): the baked "
+                    "export needs its text encoder, and an adapter saved in text-space form (the closed "
+                    "form's) needs its K/V weights."
                 )
             pipe = _load_text_pipeline(base, adapter)
+            adapter = materialized(adapter, get_unet(pipe))
         settings = BakeSettings(other_weight=args.other_weight, ridge=args.ridge)
         path = save_lora(
             adapter,

@@ -24,7 +24,8 @@ from ..errors import ACEAdapterFormatError, ACEArchitectureMismatchError
 from ..format import (
     CONFIG_NAME,
     POOLED_NAME,
-    TENSOR_KEYS,
+    TEXT_SPACE_FORMAT_VERSION,
+    TEXT_SPACE_STORAGE,
     WEIGHTS_NAME,
     check_not_special,
     fingerprint_of,
@@ -32,13 +33,22 @@ from ..format import (
     group_layer_tensors,
     read_config,
     split_pooled_tensors,
+    text_space_shapes,
     weights_metadata,
 )
 from ..hub.card import base_model_license, build_model_card
 from ..hub.download import clean_subfolder, resolve_adapter_dir
 from ..hub.push import push_adapter_folder
 from ..version import __version__
-from .factors import LayerFactors, PooledFactors, all_finite
+from .factors import LayerFactors, PooledFactors, validate_layers, validate_pooled
+from .text_space import TextSpaceEdit
+
+PENDING = (
+    "This adapter was read from a file that stores its closed-form edit as a text map (the text-space "
+    "form): its per-layer factors are rebuilt from the K/V weights of the model it is loaded onto. Load it "
+    "onto the pipeline (pipe.load_ace_adapter(...)), or rebuild them with "
+    "ace_diffusers.integration.attach.materialized(adapter, pipe.unet)."
+)
 
 
 class ACEAdapter:
@@ -46,12 +56,15 @@ class ACEAdapter:
 
     It stores *what is applied*; how it was found (closed form, trainer) is recorded in ``fit`` only.
     ``pooled``: the edit of the pooled text embedding, for UNets that also read one (SDXL's
-    ``text_embeds``); ``None`` for SD 1.x/2.x.
+    ``text_embeds``); ``None`` for SD 1.x/2.x. ``text_space``: the same K/V edit as one text map shared
+    by every layer (:mod:`.text_space`), which is what gets saved when present. An adapter read from such
+    a file is *pending* (``layers is None`` given, ``layer_shapes`` from the file) until
+    :meth:`materialized` rebuilds its factors from a model's weights.
     """
 
     def __init__(
         self,
-        layers: Mapping[str, LayerFactors],
+        layers: Mapping[str, LayerFactors] | None,
         *,
         concepts: list[str],
         neutral: list[str] | None = None,
@@ -61,10 +74,29 @@ class ACEAdapter:
         base_model: str | None = None,
         extra: Mapping[str, Any] | None = None,
         pooled: PooledFactors | None = None,
+        text_space: TextSpaceEdit | None = None,
+        layer_shapes: Mapping[str, tuple[int, int, int]] | None = None,
     ) -> None:
-        if not layers:
+        if layers is None and (text_space is None or not layer_shapes):
+            raise ACEAdapterFormatError(
+                "An ACEAdapter without layers needs its text-space edit and the layer shapes."
+            )
+        if layers is not None and not layers:
             raise ACEAdapterFormatError("An ACEAdapter needs at least one layer; got none.")
-        self.layers: dict[str, LayerFactors] = dict(layers)
+        self._layers: dict[str, LayerFactors] | None = None if layers is None else dict(layers)
+        if self._layers is not None:
+            validate_layers(self._layers)
+            layer_shapes = {name: f.shape for name, f in self._layers.items()}
+        self.shapes = {name: tuple(shape) for name, shape in sorted(layer_shapes.items())}
+        if text_space is not None and (
+            set(text_space.rights) != set(self.shapes)
+            or any(shape[0] != text_space.basis.shape[0] for shape in self.shapes.values())
+        ):
+            raise ACEAdapterFormatError(
+                "The text-space edit's layers or text width do not match the adapter's layers; the adapter "
+                "is corrupted. Re-download or re-save it."
+            )
+        self.text_space = text_space
         self.concepts = list(concepts)
         self.neutral = list(neutral or [])
         self.kind = kind
@@ -73,22 +105,44 @@ class ACEAdapter:
         self.base_model = base_model
         self.extra = dict(extra or {})
         self.pooled = pooled
-        _validate_layers(self.layers)
-        _validate_pooled(pooled)
+        validate_pooled(pooled)
 
     # ------------------------------------------------------------------ properties
     @property
+    def layers(self) -> dict[str, LayerFactors]:
+        """Per cross-attention layer, the factors applied (raises for a :attr:`pending` adapter)."""
+        if self._layers is None:
+            raise ACEAdapterFormatError(PENDING)
+        return self._layers
+
+    @property
+    def pending(self) -> bool:
+        """Whether the factors still have to be rebuilt from a model's weights (:meth:`materialized`)."""
+        return self._layers is None
+
+    def materialized(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> ACEAdapter:
+        """This adapter with its factors rebuilt from ``{layer: (W_k, W_v)}`` of the model it goes on
+        (itself if it is not pending)."""
+        if not self.pending:
+            return self
+        return self._with_layers(self.text_space.layer_factors(weights))
+
+    @property
     def rank(self) -> int:
+        if self.pending:
+            return self.text_space.rank
         return max(f.rank for f in self.layers.values())
 
     @property
     def fingerprint(self) -> dict[str, Any]:
         pooled_dim = self.pooled.dim if self.pooled is not None else None
-        return fingerprint_of({name: f.shape for name, f in self.layers.items()}, pooled_dim)
+        return fingerprint_of(self.shapes, pooled_dim)
 
     @property
     def format_version(self) -> int:
         """The adapter-file format this adapter is written in (the oldest that holds it)."""
+        if self.text_space is not None:
+            return TEXT_SPACE_FORMAT_VERSION
         return format_version_for(self.pooled is not None)
 
     @property
@@ -104,6 +158,7 @@ class ACEAdapter:
             "fit": self.fit,
             "base_model": self.base_model,
             "fingerprint": self.fingerprint,
+            **({"storage": TEXT_SPACE_STORAGE} if self.text_space is not None else {}),
             "weights_sha256": tensors_checksum(self.state_dict()),
             "created_with": f"ace-diffusers {__version__}",
             **({"extra": self.extra} if self.extra else {}),
@@ -113,22 +168,28 @@ class ACEAdapter:
         return sum(t.numel() for t in self.state_dict().values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {f"{name}.{key}": t for name, f in self.layers.items() for key, t in f.tensors().items()}
+        """The tensors written to the weights file: the text-space edit when there is one, else every
+        layer's factors; then the pooled edit."""
+        if self.text_space is not None:
+            tensors = dict(self.text_space.tensors())
+        else:
+            tensors = {f"{n}.{key}": t for n, f in self.layers.items() for key, t in f.tensors().items()}
         if self.pooled is not None:
             tensors.update({f"{POOLED_NAME}.{key}": t for key, t in self.pooled.tensors().items()})
         return tensors
 
     def to(self, *args: Any, **kwargs: Any) -> ACEAdapter:
         """A copy with every tensor converted, e.g. ``adapter.to(torch.float16)``."""
-        layers = {name: f.to(*args, **kwargs) for name, f in self.layers.items()}
+        layers = None if self.pending else {name: f.to(*args, **kwargs) for name, f in self.layers.items()}
         pooled = self.pooled.to(*args, **kwargs) if self.pooled is not None else None
-        return self._with_layers(layers, pooled=pooled)
+        text_space = self.text_space.to(*args, **kwargs) if self.text_space is not None else None
+        return self._with_layers(layers, pooled=pooled, text_space=text_space)
 
     def restricted(self, layer_shapes: Mapping[str, tuple[int, int, int]]) -> ACEAdapter:
         """The same edit on a subset of the layers: those of a model that shares some of the UNet's
         layers (a ControlNet copies its down and mid blocks). Every requested layer must be in the
         adapter with the same shape."""
-        missing = sorted(set(layer_shapes) - set(self.layers))
+        missing = sorted(set(layer_shapes) - set(self.shapes))
         if missing:
             raise ACEArchitectureMismatchError(
                 f"Layer '{missing[0]}' (and {len(missing) - 1} more) has no entry in the adapter: this model "
@@ -139,7 +200,10 @@ class ACEAdapter:
         adapter.check_compatible(layer_shapes)
         return adapter
 
-    def _with_layers(self, layers: Mapping[str, LayerFactors], **changes: Any) -> ACEAdapter:
+    def _with_layers(self, layers: Mapping[str, LayerFactors] | None, **changes: Any) -> ACEAdapter:
+        text_space = changes.get("text_space", self.text_space)
+        if text_space is not None and layers is not None and set(layers) != set(text_space.rights):
+            text_space = None  # a part of the layers (a ControlNet's): kept in memory only, never saved
         return ACEAdapter(
             layers,
             concepts=self.concepts,
@@ -150,19 +214,21 @@ class ACEAdapter:
             base_model=self.base_model,
             extra=self.extra,
             pooled=changes.get("pooled", self.pooled),
+            text_space=text_space,
+            layer_shapes=self.shapes,
         )
 
     def __repr__(self) -> str:
         return (
             f"ACEAdapter(concepts={self.concepts!r}, kind={self.kind!r}, rank={self.rank}, "
-            f"layers={len(self.layers)}, method={self.method!r}"
+            f"layers={len(self.shapes)}, method={self.method!r}"
             f"{', pooled=True' if self.pooled is not None else ''})"
         )
 
     # ------------------------------------------------------------------ compatibility
     def check_compatible(self, layer_shapes: Mapping[str, tuple[int, int, int]]) -> None:
         """Raise :class:`ACEArchitectureMismatchError` naming the first layer that does not fit."""
-        for name in sorted(set(self.layers) | set(layer_shapes)):
+        for name in sorted(set(self.shapes) | set(layer_shapes)):
             if name not in layer_shapes:
                 raise ACEArchitectureMismatchError(
                     f"Adapter layer '{name}' does not exist in this UNet: the adapter was fitted for a "
@@ -170,14 +236,14 @@ class ACEAdapter:
                     f"adapter "
                     "fitted for this base model, or fit a new one with erase_concept()."
                 )
-            if name not in self.layers:
+            if name not in self.shapes:
                 raise ACEArchitectureMismatchError(
                     f"UNet cross-attention layer '{name}' has no entry in the adapter: the adapter was "
                     "fitted "
                     f"for a different architecture (adapter fingerprint {self.fingerprint['hash']}). Load an "
                     "adapter fitted for this base model, or fit a new one with erase_concept()."
                 )
-            want, have = tuple(self.layers[name].shape), tuple(layer_shapes[name])
+            want, have = tuple(self.shapes[name]), tuple(layer_shapes[name])
             if want != have:
                 raise ACEArchitectureMismatchError(
                     f"Layer '{name}': adapter expects (text dim, key dim, value dim) = {want} but the UNet "
@@ -252,10 +318,7 @@ class ACEAdapter:
                 "re-download or re-save the adapter."
             ) from err
         layer_tensors, pooled = split_pooled_tensors(tensors, weights_path)
-        layers = {
-            name: LayerFactors(**group)
-            for name, group in group_layer_tensors(layer_tensors, weights_path).items()
-        }
+        layers, text_space, shapes = _read_edit(config, layer_tensors, folder, weights_path)
         adapter = cls(
             layers,
             concepts=config["concepts"],
@@ -266,6 +329,8 @@ class ACEAdapter:
             base_model=config.get("base_model"),
             extra=config.get("extra"),
             pooled=PooledFactors(**pooled) if pooled is not None else None,
+            text_space=text_space,
+            layer_shapes=shapes,
         )
         if pooled is not None and config["format_version"] < adapter.format_version:
             raise ACEAdapterFormatError(
@@ -338,54 +403,11 @@ class ACEAdapter:
             )
 
 
-# ---------------------------------------------------------------------- helpers
-def _validate_layers(layers: Mapping[str, LayerFactors]) -> None:
-    for name, f in layers.items():
-        if not isinstance(f, LayerFactors):
-            raise ACEAdapterFormatError(
-                f"Layer '{name}': expected a LayerFactors (six tensors: {', '.join(TENSOR_KEYS)}), got "
-                f"{type(f).__name__}."
-            )
-        for key, t in f.tensors().items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ACEAdapterFormatError(
-                    f"Layer '{name}': tensor '{key}' must be a floating-point tensor."
-                )
-            if not all_finite(t):
-                raise ACEAdapterFormatError(
-                    f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."
-                )
-        r, d_text = f.k_down.shape if f.k_down.ndim == 2 else (None, None)
-        ok = (
-            f.k_down.ndim == 2
-            and f.v_down.ndim == 2
-            and f.k_up.ndim == 2
-            and f.v_up.ndim == 2
-            and f.v_down.shape == (r, d_text)
-            and f.k_up.shape[1] == r
-            and f.v_up.shape[1] == r
-            and f.gate_weight.shape == (d_text,)
-            and f.gate_bias.numel() == 1
-            and r is not None
-            and r > 0
-        )
-        if not ok:
-            raise ACEAdapterFormatError(
-                f"Layer '{name}': inconsistent factor shapes k_down {tuple(f.k_down.shape)}, "
-                f"k_up {tuple(f.k_up.shape)}, v_down {tuple(f.v_down.shape)}, v_up {tuple(f.v_up.shape)}, "
-                f"gate_weight {tuple(f.gate_weight.shape)}, gate_bias {tuple(f.gate_bias.shape)}; expected "
-                "(r, d_text), (d_k, r), (r, d_text), (d_v, r), (d_text,), (1,)."
-            )
-
-
-def _validate_pooled(pooled: PooledFactors | None) -> None:
-    if pooled is None:
-        return
-    if not isinstance(pooled, PooledFactors):
-        raise ACEAdapterFormatError(
-            f"pooled: expected a PooledFactors (p_down, p_up, gate_weight, gate_bias) or None, got "
-            f"{type(pooled).__name__}."
-        )
-    problem = pooled.problems()
-    if problem is not None:
-        raise ACEAdapterFormatError(f"The pooled-embedding edit is corrupted: {problem}.")
+def _read_edit(config: dict, tensors: dict, folder: Path, weights_path: Path) -> tuple:
+    """``(layers, text space, layer shapes)`` of a weights file: every layer's factors, or (format 3,
+    ``"storage": "text_space"``) the text-space edit with the shapes its config records."""
+    if "storage" in config:
+        shapes = text_space_shapes(config, folder / CONFIG_NAME)
+        return None, TextSpaceEdit.from_tensors(tensors, weights_path), shapes
+    grouped = group_layer_tensors(tensors, weights_path)
+    return {name: LayerFactors(**group) for name, group in grouped.items()}, None, None

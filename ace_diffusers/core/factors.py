@@ -19,6 +19,7 @@ cross-attention sees it. :class:`PooledFactors` edits it with the same formula a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,3 +201,56 @@ class PooledFactors(PooledEdit):
             if not t.is_floating_point() or not all_finite(t):
                 return f"tensor '{key}' must be floating-point and finite"
         return None
+
+
+# ---------------------------------------------------------------------- validation
+def validate_layers(layers: Mapping[str, LayerFactors]) -> None:
+    for name, f in layers.items():
+        if not isinstance(f, LayerFactors):
+            raise ACEAdapterFormatError(
+                f"Layer '{name}': expected a LayerFactors (six tensors: {', '.join(TENSOR_KEYS)}), got "
+                f"{type(f).__name__}."
+            )
+        for key, t in f.tensors().items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ACEAdapterFormatError(
+                    f"Layer '{name}': tensor '{key}' must be a floating-point tensor."
+                )
+            if not all_finite(t):
+                raise ACEAdapterFormatError(
+                    f"Layer '{name}': tensor '{key}' contains NaN or Inf values; the adapter is corrupted."
+                )
+        r, d_text = f.k_down.shape if f.k_down.ndim == 2 else (None, None)
+        ok = (
+            f.k_down.ndim == 2
+            and f.v_down.ndim == 2
+            and f.k_up.ndim == 2
+            and f.v_up.ndim == 2
+            and f.v_down.shape == (r, d_text)
+            and f.k_up.shape[1] == r
+            and f.v_up.shape[1] == r
+            and f.gate_weight.shape == (d_text,)
+            and f.gate_bias.numel() == 1
+            and r is not None
+            and r > 0
+        )
+        if not ok:
+            raise ACEAdapterFormatError(
+                f"Layer '{name}': inconsistent factor shapes k_down {tuple(f.k_down.shape)}, "
+                f"k_up {tuple(f.k_up.shape)}, v_down {tuple(f.v_down.shape)}, v_up {tuple(f.v_up.shape)}, "
+                f"gate_weight {tuple(f.gate_weight.shape)}, gate_bias {tuple(f.gate_bias.shape)}; expected "
+                "(r, d_text), (d_k, r), (r, d_text), (d_v, r), (d_text,), (1,)."
+            )
+
+
+def validate_pooled(pooled: PooledFactors | None) -> None:
+    if pooled is None:
+        return
+    if not isinstance(pooled, PooledFactors):
+        raise ACEAdapterFormatError(
+            f"pooled: expected a PooledFactors (p_down, p_up, gate_weight, gate_bias) or None, got "
+            f"{type(pooled).__name__}."
+        )
+    problem = pooled.problems()
+    if problem is not None:
+        raise ACEAdapterFormatError(f"The pooled-embedding edit is corrupted: {problem}.")

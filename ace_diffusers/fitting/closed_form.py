@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
+from ..core.text_space import TextSpaceEdit
 from ..errors import ACETruncationWarning, ACEValueError
 from ..integration.modules import (
     cross_attention_modules,
@@ -86,7 +87,7 @@ def fit_adapter(
         gate_w, gate_b, h, root, stats = _gate_and_map(data, settings)
         bar.update()
         bar.set_postfix_str("low-rank edits")
-        layers = _layer_factors(modules, h, root, rank, gate_w, gate_b)
+        layers, text_space = _layer_factors(modules, h, root, rank, gate_w, gate_b)
         bar.update()
         bar.set_postfix_str("pooled embedding")
         pooled = fit_pooled(pipe, fit_jobs(spec, settings, neighbours), settings, rank)
@@ -101,21 +102,25 @@ def fit_adapter(
         "stats": stats,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return closed_form_adapter(pipe, spec, layers, fit, pooled)
+    return closed_form_adapter(pipe, spec, layers, fit, pooled, text_space=text_space)
 
 
 def _layer_factors(
     modules: dict, h: torch.Tensor, root: torch.Tensor, rank: int, gate_w: torch.Tensor, gate_b: torch.Tensor
-) -> dict[str, LayerFactors]:
-    """Every layer's best rank-``rank`` K/V edit of the shared text map, with the shared gate."""
+) -> tuple[dict[str, LayerFactors], TextSpaceEdit]:
+    """Every layer's best rank-``rank`` K/V edit of the shared text map, with the shared gate; and the
+    same edit in its text-space form (what is saved)."""
     names = sorted(modules)
     weights = [projection_weight(proj).detach().cpu() for n in names for proj in kv_projections(modules[n])]
-    factors = low_rank_edits(weights, h.float(), root.float(), rank)
+    shared: list = []
+    factors = low_rank_edits(weights, h.float(), root.float(), rank, shared=shared)
     layers = {}
     for i, name in enumerate(names):
         (k_down, k_up), (v_down, v_up) = factors[2 * i], factors[2 * i + 1]
         layers[name] = LayerFactors(k_down, k_up, v_down, v_up, gate_w.clone(), gate_b.clone())
-    return layers
+    basis, down_basis, rights = shared[0]
+    pairs = {name: (rights[2 * i], rights[2 * i + 1]) for i, name in enumerate(names)}
+    return layers, TextSpaceEdit(basis, down_basis, pairs, gate_w.clone(), gate_b.clone())
 
 
 def _gate_and_map(data: FitData, settings: FitSettings) -> tuple:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..core.adapter import ACEAdapter
+from ..core.text_space import TextSpaceEdit
 from ..errors import ACEValueError
 from .embedding_cache import EMBEDDINGS, Job
 from .presets import ErasureSpec, fill_phrase, filled, load_presets
@@ -253,10 +254,16 @@ def align_tokens(c_enc: EncodedPrompt, n_enc: EncodedPrompt) -> list[tuple[int, 
 
 
 def closed_form_adapter(
-    pipe: Any, spec: ErasureSpec, layers: dict, fit: dict[str, Any], pooled: tuple | None
+    pipe: Any,
+    spec: ErasureSpec,
+    layers: dict,
+    fit: dict[str, Any],
+    pooled: tuple | None,
+    text_space: TextSpaceEdit | None = None,
 ) -> ACEAdapter:
     """A closed-form fit as an :class:`ACEAdapter`: ``layers``, the ``pooled`` edit with its statistics
-    (or None), the ``fit`` record, and the pipeline's model id as ``base_model`` when it has one."""
+    (or None), the ``fit`` record, the pipeline's model id as ``base_model`` when it has one, and the
+    edit's text-space form (saved instead of the layers' factors) where all layers share one text map."""
     if pooled is not None:
         fit = {**fit, "pooled": {k: round(v, 6) for k, v in pooled[1].items()}}
     base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
@@ -269,4 +276,5 @@ def closed_form_adapter(
         fit=fit,
         base_model=base_model if isinstance(base_model, str) else None,
         pooled=pooled[0] if pooled is not None else None,
+        text_space=text_space,
     )

@@ -216,6 +216,7 @@ def low_rank_edits(
     *,
     seed: int = 0,
     power_iterations: int = 2,
+    shared: list | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-``rank`` approximation of each ``Δ* = W G`` in the metric of the objective: ``(A, B)``.
 
@@ -228,9 +229,12 @@ def low_rank_edits(
     equal shape as one batch). Right
     vectors are ``Q V_Y``, so ``A = V_Yᵀ (L⁻ᵀ Q)ᵀ`` with ``L⁻ᵀ Q`` solved once for all layers. When
     ``k`` reaches the text width, ``Q = I`` and the SVD is exact.
+
+    ``shared``: a list that receives ``(h Q, (L⁻ᵀ Q)ᵀ, [V_Y of each weight])`` — everything but ``W``
+    that the factors are made of (:class:`ace_diffusers.core.text_space.TextSpaceEdit`).
     """
     d = h.shape[1]
-    k = min(d, 2 * rank + 32)
+    k = sketch_width(rank, d)
     if k < d:
         generator = torch.Generator().manual_seed(seed)
         basis = torch.linalg.qr(h.T @ torch.randn(h.shape[0], k, generator=generator)).Q  # row space of h
@@ -241,6 +245,7 @@ def low_rank_edits(
     h_q = h @ basis  # (d, k)
     down_basis = torch.linalg.solve_triangular(root.T, basis, upper=True)  # L⁻ᵀ Q: (d, k)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
+    rights: list[torch.Tensor | None] = [None] * len(weights)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, w in enumerate(weights):
         by_shape.setdefault(tuple(w.shape), []).append(i)
@@ -265,7 +270,15 @@ def low_rank_edits(
         down = (down_basis @ right).mT  # V_Yᵀ (L⁻ᵀ Q)ᵀ = Vᵀ L⁻¹: (B, keep, d)
         for row, i in enumerate(members):
             out[i] = (down[row].contiguous(), up[row].contiguous())
+            rights[i] = right[row].contiguous()
+    if shared is not None:
+        shared.append((h_q.contiguous(), down_basis.T.contiguous(), rights))
     return out  # type: ignore[return-value]
+
+
+def sketch_width(rank: int, d_text: int) -> int:
+    """``k``: the width of the shared row-space sketch of :func:`low_rank_edits` (rank ``rank``)."""
+    return min(d_text, 2 * rank + 32)
 
 
 def default_rank(n_concepts: int, d_text: int) -> int:

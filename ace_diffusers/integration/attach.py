@@ -167,8 +167,23 @@ def check_factors_fit_layer(layer: str, factors: LayerFactors, attn: nn.Module) 
         )
 
 
+def materialized(adapter: ACEAdapter, unet: nn.Module) -> ACEAdapter:
+    """``adapter`` with its per-layer factors rebuilt from ``unet``'s K/V weights if it was read in the
+    text-space form (:attr:`ACEAdapter.pending`), else itself; checks the architecture first."""
+    if not adapter.pending:
+        return adapter
+    modules = cross_attention_modules(unet)
+    adapter.check_compatible(layer_shapes(unet))
+    weights = {}
+    for layer in adapter.shapes:
+        w_k, w_v = (projection_weight(p).detach() for p in kv_projections(modules[layer]))
+        weights[layer] = (w_k.float().cpu(), w_v.float().cpu())
+    return adapter.to(torch.float32).materialized(weights)
+
+
 def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
-    """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails)."""
+    """Attach ``adapter`` under ``name``; all-or-nothing (nothing changes if any check fails). A pending
+    adapter (text-space file) is rebuilt on ``unet`` first (:func:`materialized`)."""
     with changing_state(unet):
         unet = unwrap_model(unet)
         validate_adapter_name(name)
@@ -184,6 +199,7 @@ def attach_adapter(unet: nn.Module, adapter: ACEAdapter, name: str, *, scale: fl
             raise ACECompatibilityError(
                 "This UNet has no cross-attention layers, so it cannot carry an ACE adapter."
             )
+        adapter = materialized(adapter, unet)
         adapter.check_compatible(layer_shapes(unet))
         compat.check_can_carry(attention_modules(unet))
 

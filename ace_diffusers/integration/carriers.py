@@ -56,10 +56,13 @@ def part_for(adapter: ACEAdapter, controlnet: nn.Module) -> ACEAdapter:
 
 
 def attach_everywhere(pipe: Any, adapter: ACEAdapter, name: str, *, scale: float = 1.0) -> None:
-    """Attach ``adapter`` to every carrier of ``pipe``; all-or-nothing."""
+    """Attach ``adapter`` to every carrier of ``pipe``; all-or-nothing. A text-space adapter is rebuilt
+    on the UNet's weights, and ControlNets get the part of that (as for any adapter)."""
     done: list[nn.Module] = []
+    models = carriers(pipe)
+    adapter = attach.materialized(adapter, models[0])
     try:
-        for i, model in enumerate(carriers(pipe)):
+        for i, model in enumerate(models):
             attach.attach_adapter(model, adapter if i == 0 else part_for(adapter, model), name, scale=scale)
             done.append(model)
     except Exception:

@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from ace_diffusers.cli import main as cli_main
+from ace_diffusers.core.adapter import ACEAdapter
 from ace_diffusers.deploy.export import lora_state_dict
 from ace_diffusers.testing import tiny_sd_pipeline
 
@@ -40,23 +41,17 @@ def test_cli_export(fitted, tmp_path, capsys):
         == 1
     )
     assert "--base" in capsys.readouterr().err
-    assert (
-        cli_main(
-            [
-                "export",
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--output",
-                str(tmp_path / "u.safetensors"),
-                "--mode",
-                "ungated",
-                "--dtype",
-                "float16",
-            ]
-        )
-        == 0
-    )
+    ungated = ["--output", str(tmp_path / "u.safetensors"), "--mode", "ungated", "--dtype", "float16"]
+    # the closed form's file is a text map: even the ungated export needs the base model's K/V weights
+    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), *ungated]) == 1
+    assert "K/V weights" in capsys.readouterr().err
+    base = ["--base", str(tmp_path / "base")]
+    assert cli_main(["export", "--adapter", str(tmp_path / "adapter"), *ungated, *base]) == 0
     assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "u.safetensors")).values())
+    # an adapter stored layer by layer (as fine-tuning writes) exports ungated without a base
+    whole = ACEAdapter(adapter.layers, concepts=adapter.concepts, neutral=adapter.neutral, kind=adapter.kind)
+    whole.save_pretrained(tmp_path / "whole")
+    assert cli_main(["export", "--adapter", str(tmp_path / "whole"), *ungated]) == 0
     other = tiny_sd_pipeline(text_dim=64)
     other.save_pretrained(tmp_path / "other")
     assert (

@@ -77,8 +77,9 @@ def test_kept_projections_change_nothing_but_speed(pipe, monkeypatch):
 def test_zero_steps_returns_the_closed_form_solution(pipe):
     adapter = small_trainer(pipe, steps=0, mined_synonyms=0).fit()
     closed = fit_adapter(pipe, resolve_spec("Van Gogh", kind="style"), FitSettings(neighbours=0))
-    for key, tensor in closed.state_dict().items():
-        torch.testing.assert_close(adapter.state_dict()[key], tensor)
+    for name, factors in closed.layers.items():
+        for key, tensor in factors.tensors().items():
+            torch.testing.assert_close(adapter.layers[name].tensors()[key], tensor)
 
 
 def test_same_seed_same_adapter_other_seed_differs(pipe):
