@@ -67,6 +67,12 @@ def t5_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_t5(tokenizer: PreTrainedTokenizerFast, width: int) -> T5EncoderModel:
+    """A 2-layer T5 encoder of ``width`` for ``tokenizer``, in eval mode (as from_pretrained leaves it)."""
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2)
+    return T5EncoderModel(config).eval()
+
+
 def tiny_pixart_pipeline(seed: int = 0, *, text_dim: int = 32, width: int = 24) -> PixArtAlphaPipeline:
     """PixArt-α from configs: a 2-layer T5 encoder (``text_dim``), a 2-block transformer of ``width``
     whose cross-attention reads the caption projection of the T5 tokens; 2 steps at 32x32 in ~0.05 s.
@@ -139,8 +145,7 @@ def tiny_sd3_pipeline(seed: int = 0, *, clip_dim: int = 16, t5: bool = False) ->
     text_encoder_3 = tokenizer_3 = None
     if t5:
         tokenizer_3 = t5_tokenizer()
-        config = T5Config(vocab_size=len(tokenizer_3), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2)
-        text_encoder_3 = T5EncoderModel(config).eval()
+        text_encoder_3 = tiny_t5(tokenizer_3, width)
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
@@ -178,7 +183,7 @@ def tiny_flux_pipeline(seed: int = 0, *, width: int = 64, guidance: bool = False
     Call it with ``max_sequence_length`` at most 32 (the T5 tokenizer's limit)."""
     torch.manual_seed(seed)
     tokenizer_2 = t5_tokenizer()
-    config = T5Config(vocab_size=len(tokenizer_2), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2)
+    text_encoder_2 = tiny_t5(tokenizer_2, width)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
@@ -198,7 +203,7 @@ def tiny_flux_pipeline(seed: int = 0, *, width: int = 64, guidance: bool = False
         vae=vae,
         text_encoder=CLIPTextModel(clip_text_config(16, 2, 4, 32, 16)),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=T5EncoderModel(config).eval(),
+        text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
