@@ -19,6 +19,10 @@ The closed form erases the words it was shown. Fine-tuning makes the erasure gen
    closest to the *original* concept's (i.e. that slips through the current adapter), within a ball of
    ``adversarial_radius`` times each token's norm, in the concept's plain and paired ("X and Y")
    templates; the result is fed back as a training prompt with the neutral target (AdvUnlearn/RECE-style).
+   (c) *Concept vectors* (``concept_vectors=n``, off by default): innocuous prompts shifted along the
+   concept's direction in the encoder output, each aligned with its own unshifted self
+   (:mod:`.concept_vectors`) — the defence against the concept-vector attack; its cost is the
+   ``"concept vectors"`` phase of ``fit["fine_tuning"]["phase_seconds"]``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from .attention import QueryLayer, capture_queries, detached, encode_full, unedi
 from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
 from .clock import PhaseClock
 from .closed_form import check_rank, fit_adapter
+from .concept_vectors import concept_vector_pairs
 from .data import FitSettings, context_templates
 from .mining import mine_synonyms
 from .phrases import search_phrases
@@ -93,6 +98,7 @@ class ACETrainer:
         adversarial_radius: float = ADVERSARIAL_RADIUS,
         mined_synonyms: int = 16,
         search_phrases: int = 0,
+        concept_vectors: int = 0,
         mining_pool: int = 4096,
         preserve_weight: float = 2.0,
         queries_per_layer: int = 64,
@@ -122,6 +128,7 @@ class ACETrainer:
         self.adversarial_radius = positive_float(adversarial_radius, "adversarial_radius")
         self.mined_synonyms = positive_int(mined_synonyms, "mined_synonyms", minimum=0)
         self.search_phrases = positive_int(search_phrases, "search_phrases", minimum=0)
+        self.concept_vectors = positive_int(concept_vectors, "concept_vectors", minimum=0)
         self.mining_pool = positive_int(mining_pool, "mining_pool")
         self.preserve_weight = positive_float(preserve_weight, "preserve_weight")
         self.queries_per_layer = positive_int(queries_per_layer, "queries_per_layer")
@@ -149,6 +156,10 @@ class ACETrainer:
             data = self._training_set(embedder, layers, mined)
             with torch.no_grad():
                 self.initial_loss = float(data.fixed_loss(layers, params))
+        if self.concept_vectors:
+            with clock("concept vectors"):
+                for source, target in concept_vector_pairs(embedder, self.spec, self.concept_vectors):
+                    data.add(source, target)
         optimizer = torch.optim.Adam(
             [p for group in params.values() for p in group.values()], lr=self.learning_rate
         )
@@ -378,6 +389,7 @@ class ACETrainer:
             "adversarial_radius": self.adversarial_radius,
             "mined_synonyms": [w for w in mined if w not in self.searched],
             "searched_phrases": list(self.searched),
+            "concept_vectors": self.concept_vectors,
             "user_synonyms": self.synonyms,
             "preserve_weight": self.preserve_weight,
             "seed": self.seed,
