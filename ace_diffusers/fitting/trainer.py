@@ -116,11 +116,8 @@ class ACETrainer:
             width = self.unet.config.cross_attention_dim
             check_rank(rank, max(width) if isinstance(width, (list, tuple)) else int(width))
         self.rank = rank
-        self.steps = (
-            default_steps(len(self.spec.concepts))
-            if steps is None
-            else positive_int(steps, "steps", minimum=0)
-        )
+        n_concepts = len(self.spec.concepts)
+        self.steps = default_steps(n_concepts) if steps is None else positive_int(steps, "steps", minimum=0)
         self.learning_rate = positive_float(learning_rate, "learning_rate")
         self.adversarial = bool(adversarial)
         self.adversarial_every = positive_int(adversarial_every, "adversarial_every")
@@ -137,7 +134,7 @@ class ACETrainer:
         self.seed = int(seed)
         self.progress = progress
         self.adapter: ACEAdapter | None = None
-        self.searched: dict[str, str] = {}
+        self.searched: dict[str, str] = {}  # phrases found by search_phrases (set by fit)
         self.history: list[float] = []
         self.initial_loss = self.final_loss = float("nan")
 
