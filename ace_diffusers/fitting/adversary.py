@@ -44,7 +44,7 @@ def soft_adversary(
     with torch.no_grad():
         original = encode_full(embedder, [prompt])
         wanted = [attention_output(layer, original, None) for layer in layers]
-    embedding_module = encoder.get_input_embeddings()
+    embedding_module = token_embedding(encoder)
     init = embedding_module(tokens["input_ids"][:, span]).detach().float()
     soft = (
         init + 0.1 * init.norm(dim=-1, keepdim=True) * torch.randn_like(init) / math.sqrt(init.shape[-1])
@@ -81,14 +81,31 @@ def soft_adversary(
     return source.detach()
 
 
+def token_embedding(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The embedding module the encoder's forward calls on input ids: ``get_input_embeddings()``, or the
+    tied copy an encoder calls instead (T5's ``encoder.embed_tokens`` shares ``shared``'s weight) — where
+    a hook must sit to replace token embeddings."""
+    table = encoder.get_input_embeddings()
+    tied = [
+        m
+        for m in encoder.modules()
+        if isinstance(m, torch.nn.Embedding) and m is not table and m.weight is table.weight
+    ]
+    return tied[-1] if tied else table
+
+
 def run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor:
-    """The (first) text encoder's token embeddings of ``input_ids``, as the pipeline computes them."""
-    _, encoder = embedder.encoders[0]
-    return embedder.run_encoder(
-        encoder,
-        {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
-        input_ids.shape[1],
-    )
+    """What the cross-attention reads of ``input_ids`` (the first text encoder's tokens, through a
+    transformer's caption projection if it has one), differentiably; where the denoiser masks padding out
+    (T5 pipelines) the padding rows are zero, as :func:`.attention.encode_full` leaves them."""
+    tokenizer, encoder = embedder.encoders[0]
+    mask = torch.ones_like(input_ids)
+    if embedder.masked_context:
+        mask = (input_ids != tokenizer.pad_token_id).long()
+    out = embedder.run_encoder(encoder, {"input_ids": input_ids, "attention_mask": mask}, input_ids.shape[1])
+    if embedder.context_map is not None:
+        out = embedder.context_map(out.to(next(embedder.context_map.parameters()).dtype)).float()
+    return out * mask[..., None].to(out) if embedder.masked_context else out
 
 
 def concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:

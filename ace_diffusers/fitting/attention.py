@@ -34,19 +34,22 @@ class QueryLayer:
     name: str
     attn: torch.nn.Module
     queries: torch.Tensor  # (n_queries, heads, head_dim)
+    masked: bool = False  # the denoiser masks padding out: all-zero context rows are not attended to
 
 
 def encode_full(embedder: TextEmbedder, prompts: list[str], *, persistent: bool = False) -> torch.Tensor:
     """``(B, max_length, d)`` embeddings of ``prompts`` with every padding token, as the pipeline sees
     them; ``persistent``: prompts that do not depend on the concept, kept in the embedding cache. Where
     the denoiser masks padding out (:attr:`TextEmbedder.masked_context`) the rows stop at each prompt's
-    end and are filled up with zeros."""
+    end and are filled up with zeros to the full length (which :func:`attention_output` then masks)."""
     if persistent:
         jobs = [(p, None, None) for p in prompts]
         rows = [e.embeddings for e in EMBEDDINGS.encode(embedder, jobs, persistent=jobs)]
     else:
         rows = [e.embeddings for e in embedder.encode(prompts, extra_pad_tokens=None)]
     width = max(len(r) for r in rows)
+    if embedder.masked_context:
+        width = max(width, embedder.max_length)
     return torch.stack([torch.cat([r, r.new_zeros(width - len(r), r.shape[1])]) for r in rows])
 
 
@@ -87,7 +90,9 @@ def capture_queries(
         hidden = torch.cat([_tokens(h) for h in captured[name]])
         pick = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:per_layer]
         query = attn.to_q(hidden[pick]).float()
-        layers.append(QueryLayer(name, attn, query.reshape(len(pick), attn.heads, -1)))
+        layers.append(
+            QueryLayer(name, attn, query.reshape(len(pick), attn.heads, -1), embedder.masked_context)
+        )
     return layers
 
 
@@ -140,7 +145,10 @@ def attention_output(
     key = key.view(batch, tokens, heads, -1).transpose(1, 2)
     value = value.view(batch, tokens, heads, -1).transpose(1, 2)
     query = layer.queries.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
-    out = F.scaled_dot_product_attention(query, key, value)
+    mask = None
+    if layer.masked:  # as the denoiser's encoder_attention_mask: padding rows (zero) are never attended to
+        mask = (context.detach().abs().amax(-1) > 0)[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     return out.transpose(1, 2).reshape(batch, out.shape[2], -1)
 
 

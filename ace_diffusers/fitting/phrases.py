@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .adversary import concept_tokens, run_encoder
+from .adversary import concept_tokens, run_encoder, token_embedding
 from .attention import QueryLayer, attention_output, encode_full
 from .mining import in_context
 from .presets import ErasureSpec, filled
@@ -102,7 +102,7 @@ class PhraseSearch:
         )
         self.input_ids, self.span = tokens["input_ids"], span
         encoder = embedder.encoders[0][1]
-        self.embedding = encoder.get_input_embeddings()
+        self.embedding = token_embedding(encoder)
         self.table = self.embedding.weight.detach()
         self.mask = torch.ones(self.table.shape[0], dtype=torch.bool)
         self.mask[allowed] = False  # True: never a candidate

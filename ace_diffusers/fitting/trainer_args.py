@@ -49,19 +49,15 @@ def synonym_list(synonyms: Any) -> list[str]:
 
 
 def untrainable_reason(pipe: Any) -> str | None:
-    """Why the fine-tuning does not model ``pipe`` yet (joint attention: SD3, FLUX; T5 pipelines: PixArt), or
-    None. Pipelines nothing can fit (Sana) raise :class:`ACECompatibilityError` here already."""
+    """Why the fine-tuning does not model ``pipe`` yet (joint attention: SD3, FLUX), or None. Pipelines
+    nothing can fit (Sana) raise :class:`ACECompatibilityError` here already."""
     if reads_joint_text(pipe):
         return (
             f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its transformer reads the text "
             "through joint attention (SD3, FLUX), whose per-block text streams the fine-tuning does not "
             "model."
         )
-    if TextEmbedder(pipe).masked_context:
-        return (
-            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its denoiser masks the padding of T5 "
-            "prompts, which the trainer's attention targets do not model."
-        )
+    TextEmbedder(pipe)  # refuses what no fit can encode (Sana's instruction prefix), with the reason
     return None
 
 

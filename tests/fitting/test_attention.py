@@ -59,3 +59,21 @@ def test_alignment_is_zero_for_a_silent_edit_and_differentiable(sd_pipe):
     loss.backward()
     assert loss > 0 and open_params[layers[0].name]["k_up"].grad is not None
     assert not any(t.requires_grad for group in detached(open_params).values() for t in group.values())
+
+
+def test_a_masked_layer_never_attends_to_padding_rows():
+    """Where the denoiser masks padding (T5 pipelines), the zero rows ``encode_full`` pads with are left
+    out of the attention: the output equals the attention over the prompt's own rows."""
+    from ace_diffusers.fitting.attention import QueryLayer, attention_output
+    from ace_diffusers.testing_transformers import tiny_pixart_pipeline
+
+    attn = next(m for n, m in tiny_pixart_pipeline().transformer.named_modules() if n.endswith("attn2"))
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, attn.heads, attn.to_k.out_features // attn.heads, generator=generator)
+    rows = torch.randn(1, 4, attn.to_k.in_features, generator=generator)
+    padded = torch.cat([rows, torch.zeros(1, 6, rows.shape[-1])], dim=1)
+    masked, unmasked = QueryLayer("x", attn, queries, masked=True), QueryLayer("x", attn, queries)
+    with torch.no_grad():
+        short = attention_output(unmasked, rows, None)
+        torch.testing.assert_close(attention_output(masked, padded, None), short)
+        assert not torch.allclose(attention_output(unmasked, padded, None), short)
