@@ -45,17 +45,21 @@ T5_WORDS = " ".join(
 )
 
 
-@functools.lru_cache(maxsize=2)
-def t5_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
+@functools.lru_cache(maxsize=4)
+def t5_tokenizer(model_max_length: int = 32, *, cased: bool = False) -> PreTrainedTokenizerFast:
     """A T5-style sentencepiece (Unigram) tokenizer: ``<pad>`` = 0, ``</s>`` = 1 appended, ``<unk>`` = 2;
-    the words of :data:`T5_WORDS` are single pieces, any other word is spelled from letter pieces."""
+    the words of :data:`T5_WORDS` are single pieces, any other word is spelled from letter pieces.
+    ``cased``: like real T5, capitals are pieces of their own (the default lowercases everything)."""
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("▁" + w, -2.0) for w in dict.fromkeys(T5_WORDS.split())]
     pieces += [("▁", -8.0)] + [(c, -10.0) for c in letters + list(",.!?'-")]
     pieces += [("▁" + c, -9.0) for c in letters]
+    if cased:
+        pieces += [(c.upper(), -10.0) for c in letters[:26]] + [("▁" + c.upper(), -9.0) for c in letters[:26]]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tokenizer.normalizer = normalizers.Lowercase()
+    if not cased:
+        tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
@@ -73,12 +77,15 @@ def tiny_t5(tokenizer: PreTrainedTokenizerFast, width: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def tiny_pixart_pipeline(seed: int = 0, *, text_dim: int = 32, width: int = 24) -> PixArtAlphaPipeline:
+def tiny_pixart_pipeline(
+    seed: int = 0, *, text_dim: int = 32, width: int = 24, cased: bool = False
+) -> PixArtAlphaPipeline:
     """PixArt-α from configs: a 2-layer T5 encoder (``text_dim``), a 2-block transformer of ``width``
     whose cross-attention reads the caption projection of the T5 tokens; 2 steps at 32x32 in ~0.05 s.
-    Call it with ``max_sequence_length`` at most 32 (the tokenizer's limit) or leave the default."""
+    Call it with ``max_sequence_length`` at most 32 (the tokenizer's limit) or leave the default.
+    ``cased``: a case-sensitive tokenizer, as real T5's (:func:`t5_tokenizer`)."""
     torch.manual_seed(seed)
-    tokenizer = t5_tokenizer()
+    tokenizer = t5_tokenizer(cased=cased)
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4

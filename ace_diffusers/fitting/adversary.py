@@ -109,7 +109,9 @@ def run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor
 
 
 def concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:
-    """The padded tokenisation of ``prompt`` and the positions of the tokens that spell ``concept``."""
+    """The padded tokenisation of ``prompt`` (as the pipeline's tokenizer receives it) and the positions of
+    the tokens that spell ``concept``."""
+    (prompt,), ((start, _),) = embedder.as_read([prompt], [(start, start + len(concept))])
     tokens = embedder.encoders[0][0](
         prompt,
         padding="max_length",

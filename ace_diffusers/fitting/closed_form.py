@@ -159,7 +159,8 @@ def check_fit_size(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSetti
     """Warn about truncated concepts; refuse fits that would not fit in memory, before any work."""
     tokenizer = embedder.encoders[0][0]
     for concept in spec.concepts:
-        n_tokens = len(tokenizer(concept, add_special_tokens=False)["input_ids"])
+        text = embedder.as_read([concept], [None])[0][0]  # as the pipeline's tokenizer receives it
+        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n_tokens + 2 > embedder.max_length:
             warnings.warn(
                 f"Concept {concept[:60]!r} is {n_tokens} tokens long; the text encoder keeps "

@@ -60,7 +60,8 @@ def cache_root() -> Path | None:
 @torch.no_grad()
 def fingerprint(embedder: TextEmbedder) -> str:
     """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
-    layout = f"{embedder.penultimate} {embedder.max_length} {embedder.masked_context}"  # what rows hold
+    # what the rows hold
+    layout = f"{embedder.penultimate} {embedder.max_length} {embedder.masked_context} {embedder.lowercase}"
     digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} {layout}".encode())
     if embedder.context_map is not None:  # a transformer's caption projection: part of what is cached
         _digest_weights(digest, "context", embedder.context_map)

@@ -52,7 +52,7 @@ def mine_synonyms(
     table_n = F.normalize(table, dim=-1)
     found: dict[str, str] = {}
     for concept_index, concept in enumerate(spec.concepts):
-        ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(embedder.as_read([concept], [None])[0][0], add_special_tokens=False)["input_ids"]
         if not ids:
             continue
         lowered = concept.lower()

@@ -72,6 +72,9 @@ class TextEmbedder:
         # T5 pipelines (PixArt) pass the prompt's attention mask to the encoder and to the denoiser, whose
         # cross-attention then never reads a padding position: their rows are left out
         self.masked_context = all(isinstance(enc, T5EncoderModel) for _, enc in encoders)
+        # pipelines with a clean_caption switch (PixArt, Sana) lowercase and strip every prompt before their
+        # tokenizer sees it (clean_caption=True cleans further when bs4 and ftfy are installed)
+        self.lowercase = "clean_caption" in inspect.signature(type(pipe).__call__).parameters
         denoiser = find_denoiser(pipe)  # None: a text-only pipeline, the encoder output as it is
         if reads_joint_text(pipe):
             raise ACECompatibilityError(
@@ -129,14 +132,15 @@ class TextEmbedder:
             raise ValueError("phrase_spans and a list of extra_pad_tokens need one entry per prompt.")
         if not prompts:
             return []
+        texts, phrase_spans = self.as_read(prompts, phrase_spans)
         first_tokenizer = self.encoders[0][0]
-        tokens = self._tokenize(first_tokenizer, prompts)
+        tokens = self._tokenize(first_tokenizer, texts)
         lengths = tokens["attention_mask"].sum(dim=1).tolist()
         spans = [
             token_span(tokens["offset_mapping"][i], phrase_spans[i], lengths[i]) for i in range(len(prompts))
         ]
         all_ids = [tokens["input_ids"]] + [
-            self._tokenize(tok, prompts)["input_ids"] for tok, _ in self.encoders[1:]
+            self._tokenize(tok, texts)["input_ids"] for tok, _ in self.encoders[1:]
         ]
         truncates = self.causal or approximate
         keep = [
@@ -165,6 +169,20 @@ class TextEmbedder:
         else:
             rows = self._encode_batched(all_ids, tokens["attention_mask"], keep, batch_size)
         return [EncodedPrompt(prompts[i], rows[i], spans[i], int(lengths[i])) for i in range(len(prompts))]
+
+    def as_read(
+        self, prompts: list[str], spans: list[tuple[int, int] | None]
+    ) -> tuple[list[str], list[tuple[int, int] | None]]:
+        """The prompts as the pipeline's tokenizer receives them (PixArt/Sana: lowercased, stripped), with
+        the phrase spans moved to match."""
+        if not self.lowercase:
+            return prompts, spans
+        texts, moved = [], []
+        for prompt, span in zip(prompts, spans, strict=True):
+            cut = len(prompt) - len(prompt.lstrip())
+            texts.append(prompt.lower().strip())
+            moved.append(None if span is None else (span[0] - cut, span[1] - cut))
+        return texts, moved
 
     def _encode_batched(
         self, all_ids: list[torch.Tensor], mask: torch.Tensor, keep: list[int], batch_size: int

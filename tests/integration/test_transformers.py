@@ -78,6 +78,24 @@ def test_the_fitted_context_is_what_pixarts_cross_attention_reads(pixart):
     torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
 
 
+def test_the_fit_reads_a_cased_prompt_as_pixart_does_lowercased():
+    """PixArt lowercases every prompt before its (case-sensitive, like real T5's) tokenizer sees it: the
+    fit's rows are those of the lowercased prompt, and the concept's span is found in it."""
+    pixart = tiny_pixart_pipeline(text_dim=64, width=32, cased=True)
+    seen = []
+    attn = pixart.transformer.transformer_blocks[0].attn2
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
+    )
+    try:
+        _images(pixart, PROMPT)
+    finally:
+        handle.remove()
+    (row,) = TextEmbedder(pixart).encode([PROMPT], [(14, 22)])
+    torch.testing.assert_close(row.embeddings, seen[0][1][: row.length], atol=1e-5, rtol=0)
+    assert row.span == (3, 5)  # "van", "gogh": whole pieces once lowercased (capitals would be spelled)
+
+
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
 def test_sanas_cross_attention_carries_ace_and_its_linear_attention_stays(qk_norm):
     sana = tiny_sana_transformer(qk_norm=qk_norm).eval()
