@@ -3,6 +3,7 @@
 * ``t5_tokenizer``: a T5-style sentencepiece (Unigram) tokenizer built at call time from a fixed word list.
 * ``tiny_pixart_pipeline``: PixArt-α with a tiny T5 encoder (cross-attention over projected T5 tokens).
 * ``tiny_sana_transformer``: a Sana transformer (linear self-attention, SDPA cross-attention).
+* ``tiny_sana_pipeline``: Sana with a tiny Gemma 2 encoder behind its instruction prefix (no VAE: latents).
 * ``tiny_sd3_pipeline``: SD3 with two tiny CLIP encoders (and optionally a tiny T5): joint attention.
 * ``tiny_flux_pipeline``: FLUX with a tiny CLIP (pooled) and T5 (tokens) encoder: double- and
   single-stream blocks.
@@ -19,6 +20,7 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -27,6 +29,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
     PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
@@ -43,6 +47,50 @@ T5_WORDS = " ".join(
         "boat train",
     ]
 )
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A Gemma-style tokenizer: ``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2 put first, ``<unk>`` = 3; the
+    words of :data:`T5_WORDS` whole, anything else (Sana's long instruction too) from letter pieces."""
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -2.0) for w in dict.fromkeys(T5_WORDS.split())]
+    pieces += [("▁", -8.0)] + [(c, -10.0) for c in letters + list(",.!?'-:\n")]
+    pieces += [("▁" + c, -9.0) for c in letters]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=3))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        model_max_length=4096,
+    )
+
+
+def tiny_sana_pipeline(seed: int = 0, *, width: int = 32) -> SanaPipeline:
+    """Sana from configs: a 2-layer Gemma 2 encoder of ``width`` behind the pipeline's instruction prefix,
+    the 2-block :func:`tiny_sana_transformer`, no VAE (call it with ``output_type="latent"`` and
+    ``use_resolution_binning=False``)."""
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    pipe = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=Gemma2Model(config).eval(),
+        vae=None,
+        transformer=tiny_sana_transformer(seed, caption_dim=width),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @functools.lru_cache(maxsize=4)

@@ -60,9 +60,7 @@ def cache_root() -> Path | None:
 @torch.no_grad()
 def fingerprint(embedder: TextEmbedder) -> str:
     """A digest of everything that decides the embeddings: tokenizers, encoder configs and weights."""
-    # what the rows hold
-    layout = f"{embedder.penultimate} {embedder.max_length} {embedder.masked_context} {embedder.lowercase}"
-    digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} {layout}".encode())
+    digest = hashlib.sha256(f"ace-embeddings-v{FORMAT} {embedder.layout}".encode())
     if embedder.context_map is not None:  # a transformer's caption projection: part of what is cached
         _digest_weights(digest, "context", embedder.context_map)
     for tokenizer, encoder in embedder.encoders:

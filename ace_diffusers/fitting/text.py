@@ -28,6 +28,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 from ..errors import ACECompatibilityError
 from ..integration.modules import context_projection, find_denoiser, reads_joint_text
 from .clip_packing import PrefixStore, clip_text_model, encode_with_shared_prefixes
+from .instructed import Instruction, instruction_of
 
 
 @dataclass
@@ -55,13 +56,6 @@ class TextEmbedder:
                 f"pipeline's "
                 "text encoder(s) to find the concept's embeddings."
             )
-        if "complex_human_instruction" in inspect.signature(type(pipe).__call__).parameters:
-            raise ACECompatibilityError(
-                f"{type(pipe).__name__} encodes prompts behind an instruction prefix (Sana's "
-                "complex_human_instruction) that ace-diffusers does not reproduce yet, so it cannot fit an "
-                "erasure for it. Adapters load, scale and unload on it; fitting needs a supported pipeline "
-                "(SD 1.x/2.x, SDXL, PixArt-α/Σ)."
-            )
         self.encoders = encoders
         # SDXL-style pipelines (two encoders) cross-attend to the penultimate layer of each encoder.
         self.penultimate = getattr(pipe, "text_encoder_2", None) is not None
@@ -75,6 +69,10 @@ class TextEmbedder:
         # pipelines with a clean_caption switch (PixArt, Sana) lowercase and strip every prompt before their
         # tokenizer sees it (clean_caption=True cleans further when bs4 and ftfy are installed)
         self.lowercase = "clean_caption" in inspect.signature(type(pipe).__call__).parameters
+        # Sana: an instruction in front of every prompt, of whose rows only the last ones are kept
+        text = instruction_of(pipe)
+        self.instruction = Instruction.of(text, encoders[0][0], self.max_length) if text else None
+        self.masked_context = self.masked_context or self.instruction is not None
         denoiser = find_denoiser(pipe)  # None: a text-only pipeline, the encoder output as it is
         if reads_joint_text(pipe):
             raise ACECompatibilityError(
@@ -84,6 +82,12 @@ class TextEmbedder:
                 "their own path."
             )
         self.context_map = context_projection(denoiser) if denoiser is not None else None
+
+    @property
+    def layout(self) -> str:
+        """How prompts become rows (a cache key part): encoder layer, length, masking, casing, prefix."""
+        parts = (self.penultimate, self.max_length, self.masked_context, self.lowercase, self.instruction)
+        return " ".join(map(str, parts))
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +136,8 @@ class TextEmbedder:
             raise ValueError("phrase_spans and a list of extra_pad_tokens need one entry per prompt.")
         if not prompts:
             return []
+        if self.instruction is not None and not approximate:  # screening (approximate) skips the prefix
+            return self._encode_instructed(prompts, phrase_spans, batch_size)
         texts, phrase_spans = self.as_read(prompts, phrase_spans)
         first_tokenizer = self.encoders[0][0]
         tokens = self._tokenize(first_tokenizer, texts)
@@ -169,6 +175,34 @@ class TextEmbedder:
         else:
             rows = self._encode_batched(all_ids, tokens["attention_mask"], keep, batch_size)
         return [EncodedPrompt(prompts[i], rows[i], spans[i], int(lengths[i])) for i in range(len(prompts))]
+
+    def _encode_instructed(
+        self, prompts: list[str], phrase_spans: list[tuple[int, int] | None], batch_size: int
+    ) -> list[EncodedPrompt]:
+        """Sana's encoding (:mod:`.instructed`): ``instruction + prompt`` through the encoder with its
+        attention mask, the kept rows, each prompt's valid ones (its padding is masked out downstream)."""
+        texts, spans = self.as_read(prompts, phrase_spans)
+        tokenizer, encoder = self.encoders[0]
+        layout = self.instruction
+        tokens = tokenizer(
+            layout.texts(texts), padding="max_length", max_length=layout.total, truncation=True,
+            return_offsets_mapping=True, padding_side="right",
+        )
+        ids, mask = torch.tensor(tokens["input_ids"]), torch.tensor(tokens["attention_mask"])
+        rows = layout.rows()
+        device = self.device
+        parts = [
+            encoder(ids[i : i + batch_size].to(device), attention_mask=mask[i : i + batch_size].to(device))[0]
+            for i in range(0, len(prompts), batch_size)
+        ]
+        kept = torch.cat(parts).float()[:, rows.to(self.device)]
+        valid = mask[:, rows].sum(1).tolist()
+        out = []
+        for i, prompt in enumerate(prompts):
+            full = token_span(tokens["offset_mapping"][i], layout.chars(spans[i]), int(mask[i].sum()))
+            rows_i = self.to_context(kept[i, : valid[i]])
+            out.append(EncodedPrompt(prompt, rows_i, layout.span(full), int(valid[i])))
+        return out
 
     def as_read(
         self, prompts: list[str], spans: list[tuple[int, int] | None]

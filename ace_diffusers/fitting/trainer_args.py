@@ -57,7 +57,11 @@ def untrainable_reason(pipe: Any) -> str | None:
             "through joint attention (SD3, FLUX), whose per-block text streams the fine-tuning does not "
             "model."
         )
-    TextEmbedder(pipe)  # refuses what no fit can encode (Sana's instruction prefix), with the reason
+    if TextEmbedder(pipe).instruction is not None:
+        return (
+            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its prompts go behind an instruction "
+            "prefix (Sana's complex_human_instruction), which the fine-tuning's adversaries do not model."
+        )
     return None
 
 

@@ -195,15 +195,50 @@ def test_the_trainer_fine_tunes_pixart_on_its_masked_t5_prompts(tmp_path):
     assert concept_change > 1.5 * (_images(pipe, UNRELATED) - before[UNRELATED]).abs().max()
 
 
-def test_what_is_not_supported_yet_is_refused_before_any_work(pixart):
-    class SanaLike:  # what TextEmbedder looks at: the pipeline's call signature
-        tokenizer, text_encoder, transformer = pixart.tokenizer, pixart.text_encoder, pixart.transformer
+def _sana_latents(pipe, prompt=PROMPT):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt, num_inference_steps=2, height=256, width=256, output_type="latent",
+        use_resolution_binning=False, generator=generator,
+    ).images
 
-        def __call__(self, prompt, complex_human_instruction=None):
-            raise AssertionError("never called")
 
+def test_sanas_prompts_are_fitted_behind_its_instruction_as_its_cross_attention_reads_them():
+    """Sana writes its long instruction in front of every prompt and keeps BOS and the last rows: the fit
+    reads exactly the rows the first cross-attention receives (the valid ones: the rest is masked out),
+    finds the concept among them and fits a closed form that changes the concept's latents more than an
+    unrelated prompt's (a random tiny Gemma separates them only roughly); fusing (baked on those rows) and
+    unfusing are bit-exact, and so is unloading; the fine-tuning, which does not model the prefix yet, is
+    refused with the reason."""
+    from ace_diffusers import ACETrainer
+    from ace_diffusers.testing_transformers import tiny_sana_pipeline
+
+    pipe = tiny_sana_pipeline()
+    seen = []
+    attn = next(m for n, m in pipe.transformer.named_modules() if n.endswith("attn2"))
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
+    )
+    before = {p: _sana_latents(pipe, p) for p in (PROMPT, UNRELATED)}
+    handle.remove()
+    (row,) = TextEmbedder(pipe).encode([PROMPT], [(14, 22)])
+    conditional = seen[0][1]  # classifier-free guidance: [negative, prompt]
+    assert row.length < conditional.shape[0]  # the kept rows' padding, masked out, is left out
+    torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
+    assert row.span is not None and row.span[1] == row.length  # "van gogh": the prompt's last rows
+    pipe.erase_concept("Van Gogh", kind="style", adapter_name="vg", settings=CORE)
+    concept_change = (_sana_latents(pipe) - before[PROMPT]).abs().max()
+    assert concept_change > (_sana_latents(pipe, UNRELATED) - before[UNRELATED]).abs().max()
+    gated, weights = _sana_latents(pipe), {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.fuse_ace_adapter("vg")
+    assert not torch.equal(_sana_latents(pipe), before[PROMPT])
+    pipe.unfuse_ace_adapter()
+    assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert torch.equal(_sana_latents(pipe), gated)
+    pipe.unload_ace_adapter("vg")
+    assert torch.equal(_sana_latents(pipe), before[PROMPT])
     with pytest.raises(ACECompatibilityError, match="instruction prefix"):
-        TextEmbedder(SanaLike())
+        ACETrainer(pipe, "Van Gogh", kind="style")
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
