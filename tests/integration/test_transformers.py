@@ -62,18 +62,24 @@ def test_an_adapter_on_pixart_is_bit_identical_when_off_and_gone_when_unloaded(p
     assert {type(m.processor) for m in attention_modules(pixart.transformer).values()} == {AttnProcessor2_0}
 
 
-def test_the_fitted_context_is_what_pixarts_cross_attention_reads(pixart):
+def _read_by_cross_attention(pipe, generate):
+    """The context the first cross-attention receives for the prompt while ``generate()`` runs (with
+    classifier-free guidance the batch is [negative, prompt])."""
     seen = []
-    attn = pixart.transformer.transformer_blocks[0].attn2
+    attn = next(m for n, m in pipe.transformer.named_modules() if n.endswith("attn2"))
     handle = attn.register_forward_pre_hook(
         lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
     )
     try:
-        _images(pixart, PROMPT)
+        generate()
     finally:
         handle.remove()
+    return seen[0][1]
+
+
+def test_the_fitted_context_is_what_pixarts_cross_attention_reads(pixart):
+    conditional = _read_by_cross_attention(pixart, lambda: _images(pixart, PROMPT))
     (row,) = TextEmbedder(pixart).encode([PROMPT])
-    conditional = seen[0][1]  # classifier-free guidance: [negative, prompt]
     assert row.length == row.embeddings.shape[0] < conditional.shape[0]  # padding, masked out, is left out
     torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
 
@@ -82,17 +88,9 @@ def test_the_fit_reads_a_cased_prompt_as_pixart_does_lowercased():
     """PixArt lowercases every prompt before its (case-sensitive, like real T5's) tokenizer sees it: the
     fit's rows are those of the lowercased prompt, and the concept's span is found in it."""
     pixart = tiny_pixart_pipeline(text_dim=64, width=32, cased=True)
-    seen = []
-    attn = pixart.transformer.transformer_blocks[0].attn2
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
-    )
-    try:
-        _images(pixart, PROMPT)
-    finally:
-        handle.remove()
+    conditional = _read_by_cross_attention(pixart, lambda: _images(pixart, PROMPT))
     (row,) = TextEmbedder(pixart).encode([PROMPT], [(14, 22)])
-    torch.testing.assert_close(row.embeddings, seen[0][1][: row.length], atol=1e-5, rtol=0)
+    torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
     assert row.span == (3, 5)  # "van", "gogh": whole pieces once lowercased (capitals would be spelled)
 
 
@@ -214,15 +212,9 @@ def test_sanas_prompts_are_fitted_behind_its_instruction_as_its_cross_attention_
     from ace_diffusers.testing_transformers import tiny_sana_pipeline
 
     pipe = tiny_sana_pipeline()
-    seen = []
-    attn = next(m for n, m in pipe.transformer.named_modules() if n.endswith("attn2"))
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
-    )
+    conditional = _read_by_cross_attention(pipe, lambda: _sana_latents(pipe))
     before = {p: _sana_latents(pipe, p) for p in (PROMPT, UNRELATED)}
-    handle.remove()
     (row,) = TextEmbedder(pipe).encode([PROMPT], [(14, 22)])
-    conditional = seen[0][1]  # classifier-free guidance: [negative, prompt]
     assert row.length < conditional.shape[0]  # the kept rows' padding, masked out, is left out
     torch.testing.assert_close(row.embeddings, conditional[: row.length], atol=1e-5, rtol=0)
     assert row.span is not None and row.span[1] == row.length  # "van gogh": the prompt's last rows
