@@ -28,6 +28,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from ..fitting.joint import flux_image_ids
 from ..fitting.solvers import default_rank, sketch_width
 from ..integration.attach import attach_adapter, detach_adapter
 from ..integration.modules import layer_shapes
@@ -194,13 +195,12 @@ def _flux_inputs(model: FluxTransformer2DModel, latent: int, generator: torch.Ge
     """FLUX's step inputs for batch 2: the latent packed 2x2 into (latent/2)² tokens, 512 T5 tokens, their
     position ids, the pooled CLIP embedding and (guidance-distilled models) the guidance."""
     config, batch, side = model.config, 2, max(latent // 2, 1)
-    rows, cols = torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
     inputs = {
         "hidden_states": torch.randn(batch, side * side, config.in_channels, generator=generator),
         "timestep": torch.tensor([0.5, 0.5]),
         "encoder_hidden_states": torch.randn(batch, 512, config.joint_attention_dim, generator=generator),
         "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
-        "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3),
+        "img_ids": flux_image_ids(side),
         "txt_ids": torch.zeros(512, 3),
     }
     if config.guidance_embeds:

@@ -269,10 +269,9 @@ def _block_factors(attn, c, n, others, settings: FitSettings, rank: int) -> tupl
 def zero_factors(attn: torch.nn.Module, rank: int) -> LayerFactors:
     """Factors that add exactly nothing (``B = 0``; gate shut): a block the fit leaves unedited."""
     (d_k, d_text), (d_v, _) = (projection_weight(p).shape for p in kv_projections(attn))
-    zeros = torch.zeros
     return LayerFactors(
-        zeros(rank, d_text), zeros(d_k, rank), zeros(rank, d_text), zeros(d_v, rank), zeros(d_text),
-        torch.full((1,), -10.0),
+        torch.zeros(rank, d_text), torch.zeros(d_k, rank), torch.zeros(rank, d_text), torch.zeros(d_v, rank),
+        torch.zeros(d_text), torch.full((1,), -10.0),
     )
 
 
@@ -321,9 +320,7 @@ class FluxBlockStreams(BlockStreams):
 
     def _forward(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: int):
         param = next(self.model.parameters())
-        side = torch.arange(FLUX_GRID, dtype=torch.float32)
-        rows, cols = torch.meshgrid(side, side, indexing="ij")
-        image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)  # (0, row, col)
+        image_ids = flux_image_ids(FLUX_GRID)
         batch = len(latents)
         guidance = None
         if unwrap_model(self.model).config.guidance_embeds:
@@ -344,6 +341,13 @@ class FluxBlockStreams(BlockStreams):
         if is_joint(self.modules[name]):
             return kwargs["encoder_hidden_states"]
         return kwargs["hidden_states"][:, :text_length]
+
+
+def flux_image_ids(side: int) -> torch.Tensor:
+    """FLUX's position ids of a ``side x side`` grid of packed image tokens: ``(0, row, column)`` each."""
+    grid = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
 def block_streams(pipe: Any) -> BlockStreams:

@@ -42,7 +42,8 @@ class EncodedPrompt:
 
 
 class TextEmbedder:
-    """Encodes prompts exactly as ``pipe.encode_prompt`` would (SD 1.x/2.x and SDXL families)."""
+    """Encodes prompts exactly as ``pipe.encode_prompt`` would (SD 1.x/2.x, SDXL, PixArt, Sana), as the
+    rows the denoiser's cross-attention reads."""
 
     def __init__(self, pipe: object) -> None:
         encoders = []
@@ -93,15 +94,17 @@ class TextEmbedder:
     def device(self) -> torch.device:
         return next(self.encoders[0][1].parameters()).device
 
-    def _tokenize(self, tokenizer, prompts: list[str]) -> dict:
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int | None = None) -> dict:
         """Ids and mask as tensors, character offsets as lists (turning the nested offset lists into a
-        tensor cost more than the tokenizer itself)."""
+        tensor cost more than the tokenizer itself); right-padded to ``max_length`` (default the
+        embedder's), as the pipelines pad."""
         tokens = tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.max_length,
+            max_length=max_length or self.max_length,
             truncation=True,
             return_offsets_mapping=True,
+            padding_side="right",
         )
         return {
             "input_ids": torch.tensor(tokens["input_ids"]),
@@ -183,19 +186,15 @@ class TextEmbedder:
         attention mask, the kept rows, each prompt's valid ones (its padding is masked out downstream)."""
         texts, spans = self.as_read(prompts, phrase_spans)
         tokenizer, encoder = self.encoders[0]
-        layout = self.instruction
-        tokens = tokenizer(
-            layout.texts(texts), padding="max_length", max_length=layout.total, truncation=True,
-            return_offsets_mapping=True, padding_side="right",
-        )
-        ids, mask = torch.tensor(tokens["input_ids"]), torch.tensor(tokens["attention_mask"])
+        layout, device = self.instruction, self.device
+        tokens = self._tokenize(tokenizer, layout.texts(texts), layout.total)
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
         rows = layout.rows()
-        device = self.device
         parts = [
             encoder(ids[i : i + batch_size].to(device), attention_mask=mask[i : i + batch_size].to(device))[0]
             for i in range(0, len(prompts), batch_size)
         ]
-        kept = torch.cat(parts).float()[:, rows.to(self.device)]
+        kept = torch.cat(parts).float()[:, rows.to(device)]
         valid = mask[:, rows].sum(1).tolist()
         out = []
         for i, prompt in enumerate(prompts):

@@ -7,6 +7,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from ace_diffusers.core.flux import ACEFluxAttnProcessor, single_stream_blocks
 from ace_diffusers.core.processor import get_stack
 from ace_diffusers.errors import ACECompatibilityError
+from ace_diffusers.fitting.joint import flux_image_ids
 from ace_diffusers.integration.attach import attach_adapter, detach_adapter, set_active_adapters
 from ace_diffusers.integration.modules import attention_modules, cross_attention_modules
 from ace_diffusers.testing import random_adapter
@@ -20,8 +21,6 @@ def flux():
 
 def _inputs(model, text_length=6):
     generator = torch.Generator().manual_seed(0)
-    side = torch.arange(4.0)
-    rows, cols = torch.meshgrid(side, side, indexing="ij")
     return dict(
         hidden_states=torch.randn(2, 16, 16, generator=generator),
         encoder_hidden_states=torch.randn(
@@ -29,7 +28,7 @@ def _inputs(model, text_length=6):
         ),
         pooled_projections=torch.randn(2, 16, generator=generator),
         timestep=torch.tensor([0.2, 0.7]),
-        img_ids=torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3),
+        img_ids=flux_image_ids(4),
         txt_ids=torch.zeros(text_length, 3),
     )
 

@@ -160,3 +160,12 @@ def test_a_flux_fit_without_single_stream_blocks_fuses_unfuses_and_exports(tmp_p
     targets = next(iter(fresh.transformer.peft_config.values())).target_modules
     assert targets and not any("single_transformer_blocks" in n for n in targets)
     torch.testing.assert_close(_images(fresh), fused, atol=1e-5, rtol=0)
+
+
+def test_flux_image_ids_are_the_pipelines_own():
+    from diffusers import FluxPipeline
+
+    from ace_diffusers.fitting.joint import flux_image_ids
+
+    ids = FluxPipeline._prepare_latent_image_ids(1, 3, 3, "cpu", torch.float32)
+    assert torch.equal(flux_image_ids(3), ids)
