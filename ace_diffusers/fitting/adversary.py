@@ -102,23 +102,32 @@ def run_encoder(embedder: TextEmbedder, input_ids: torch.Tensor) -> torch.Tensor
     mask = torch.ones_like(input_ids)
     if embedder.masked_context:
         mask = (input_ids != tokenizer.pad_token_id).long()
-    out = embedder.run_encoder(encoder, {"input_ids": input_ids, "attention_mask": mask}, input_ids.shape[1])
+    if embedder.instruction is not None:  # Sana: ids of instruction + prompt (:func:`concept_tokens`)
+        out = embedder.run_instructed(input_ids, mask)
+        mask = mask[:, embedder.instruction.rows()]
+    else:
+        tokens = {"input_ids": input_ids, "attention_mask": mask}
+        out = embedder.run_encoder(encoder, tokens, input_ids.shape[1])
     if embedder.context_map is not None:
         out = embedder.context_map(out.to(next(embedder.context_map.parameters()).dtype)).float()
     return out * mask[..., None].to(out) if embedder.masked_context else out
 
 
 def concept_tokens(embedder: TextEmbedder, prompt: str, start: int, concept: str) -> tuple[dict, list[int]]:
-    """The padded tokenisation of ``prompt`` (as the pipeline's tokenizer receives it) and the positions of
-    the tokens that spell ``concept``."""
+    """The padded tokenisation of ``prompt`` (as the pipeline's tokenizer receives it: behind Sana's
+    instruction, right-padded) and the positions of the tokens that spell ``concept``."""
     (prompt,), ((start, _),) = embedder.as_read([prompt], [(start, start + len(concept))])
+    length, instruction = embedder.max_length, embedder.instruction
+    if instruction is not None:  # Sana reads the prompt behind its instruction (:mod:`.instructed`)
+        prompt, start, length = instruction.text + prompt, start + len(instruction.text), instruction.total
     tokens = embedder.encoders[0][0](
         prompt,
         padding="max_length",
-        max_length=embedder.max_length,
+        max_length=length,
         truncation=True,
         return_tensors="pt",
         return_offsets_mapping=True,
+        padding_side="right",
     )
     offsets = tokens["offset_mapping"][0]
     span = [

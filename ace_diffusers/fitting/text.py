@@ -185,23 +185,28 @@ class TextEmbedder:
         """Sana's encoding (:mod:`.instructed`): ``instruction + prompt`` through the encoder with its
         attention mask, the kept rows, each prompt's valid ones (its padding is masked out downstream)."""
         texts, spans = self.as_read(prompts, phrase_spans)
-        tokenizer, encoder = self.encoders[0]
-        layout, device = self.instruction, self.device
+        tokenizer, layout = self.encoders[0][0], self.instruction
         tokens = self._tokenize(tokenizer, layout.texts(texts), layout.total)
         ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        rows = layout.rows()
         parts = [
-            encoder(ids[i : i + batch_size].to(device), attention_mask=mask[i : i + batch_size].to(device))[0]
+            self.run_instructed(ids[i : i + batch_size], mask[i : i + batch_size])
             for i in range(0, len(prompts), batch_size)
         ]
-        kept = torch.cat(parts).float()[:, rows.to(device)]
-        valid = mask[:, rows].sum(1).tolist()
+        kept = torch.cat(parts)
+        valid = mask[:, layout.rows()].sum(1).tolist()
         out = []
         for i, prompt in enumerate(prompts):
             full = token_span(tokens["offset_mapping"][i], layout.chars(spans[i]), int(mask[i].sum()))
             rows_i = self.to_context(kept[i, : valid[i]])
             out.append(EncodedPrompt(prompt, rows_i, layout.span(full), int(valid[i])))
         return out
+
+    def run_instructed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The kept rows (float32, before any context map) of ``instruction + prompt`` token ids
+        (:mod:`.instructed`), differentiably: the encoder with the attention mask, as Sana runs it."""
+        device = self.device
+        out = self.encoders[0][1](input_ids.to(device), attention_mask=attention_mask.to(device))[0]
+        return out.float()[:, self.instruction.rows().to(device)]
 
     def as_read(
         self, prompts: list[str], spans: list[tuple[int, int] | None]

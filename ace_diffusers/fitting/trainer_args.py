@@ -50,18 +50,14 @@ def synonym_list(synonyms: Any) -> list[str]:
 
 def untrainable_reason(pipe: Any) -> str | None:
     """Why the fine-tuning does not model ``pipe`` yet (joint attention: SD3, FLUX), or None. Pipelines
-    nothing can fit (Sana) raise :class:`ACECompatibilityError` here already."""
+    nothing can fit raise :class:`ACECompatibilityError` here already."""
     if reads_joint_text(pipe):
         return (
             f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its transformer reads the text "
             "through joint attention (SD3, FLUX), whose per-block text streams the fine-tuning does not "
             "model."
         )
-    if TextEmbedder(pipe).instruction is not None:
-        return (
-            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its prompts go behind an instruction "
-            "prefix (Sana's complex_human_instruction), which the fine-tuning's adversaries do not model."
-        )
+    TextEmbedder(pipe)  # raises for pipelines nothing can fit
     return None
 
 

@@ -206,9 +206,7 @@ def test_sanas_prompts_are_fitted_behind_its_instruction_as_its_cross_attention_
     reads exactly the rows the first cross-attention receives (the valid ones: the rest is masked out),
     finds the concept among them and fits a closed form that changes the concept's latents more than an
     unrelated prompt's (a random tiny Gemma separates them only roughly); fusing (baked on those rows) and
-    unfusing are bit-exact, and so is unloading; the fine-tuning, which does not model the prefix yet, is
-    refused with the reason."""
-    from ace_diffusers import ACETrainer
+    unfusing are bit-exact, and so is unloading."""
     from ace_diffusers.testing_transformers import tiny_sana_pipeline
 
     pipe = tiny_sana_pipeline()
@@ -229,8 +227,37 @@ def test_sanas_prompts_are_fitted_behind_its_instruction_as_its_cross_attention_
     assert torch.equal(_sana_latents(pipe), gated)
     pipe.unload_ace_adapter("vg")
     assert torch.equal(_sana_latents(pipe), before[PROMPT])
-    with pytest.raises(ACECompatibilityError, match="instruction prefix"):
-        ACETrainer(pipe, "Van Gogh", kind="style")
+
+
+def test_the_trainer_fine_tunes_sana_behind_its_instruction():
+    """The adversaries read a prompt as Sana does (behind its instruction, the kept rows, padding masked):
+    unperturbed, their encoder path gives exactly the fixed prompts' rows, the concept's tokens are found
+    behind the prefix, and the fine-tuned adapter lowers the loss and changes the concept's latents more
+    than an unrelated prompt's (a random tiny Gemma separates them only roughly)."""
+    from ace_diffusers import ACETrainer
+    from ace_diffusers.fitting.adversary import concept_tokens, run_encoder
+    from ace_diffusers.fitting.attention import encode_full
+    from ace_diffusers.testing_transformers import tiny_sana_pipeline
+
+    pipe = tiny_sana_pipeline()
+    embedder = TextEmbedder(pipe)
+    tokens, span = concept_tokens(embedder, PROMPT, 14, "Van Gogh")
+    ids = tokens["input_ids"][0]
+    assert pipe.tokenizer.decode(ids[span]).replace("\u2581", " ").split() == ["van", "gogh"]
+    with torch.no_grad():
+        read = run_encoder(embedder, tokens["input_ids"])
+    torch.testing.assert_close(read, encode_full(embedder, [PROMPT]))
+    before = {p: _sana_latents(pipe, p) for p in (PROMPT, UNRELATED)}
+    trainer = ACETrainer(
+        pipe, "Van Gogh", kind="style", steps=30, adversarial_every=10, adversarial_steps=2,
+        mined_synonyms=0, queries_per_layer=16, batch_size=8, progress=False,
+    )
+    adapter = trainer.fit()
+    assert adapter.fit["fine_tuning"]["adversaries_found"] > 0
+    assert trainer.final_loss < trainer.initial_loss
+    pipe.load_ace_adapter(adapter, adapter_name="vg")
+    concept_change = (_sana_latents(pipe) - before[PROMPT]).abs().max()
+    assert concept_change > (_sana_latents(pipe, UNRELATED) - before[UNRELATED]).abs().max()
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
