@@ -2,8 +2,10 @@
 miniature world, side by side: ``ace-diffusers bench attacks``.
 
 For each erased shape (given only its canonical word, as ``bench trainer`` erases it) and each model
-state — the base model, the ACE closed form, ACE fine-tuned (``ACETrainer`` defaults), UCE and ESD-x (its
-published 200 steps and learning rate) — on the prompt "a red {shape}", with the same seeds everywhere:
+state — the base model, the ACE closed form, ACE fine-tuned (``ACETrainer`` defaults: "ACE (full)"), ACE
+fine-tuned with the trainer's two opt-in defences ("ACE (defended)": ``search_phrases`` and
+``concept_vectors``, :data:`DEFENCES`), UCE and ESD-x (its published 200 steps and learning rate) — on the
+prompt "a red {shape}", with the same seeds everywhere:
 
 * **prompt attacks** (no access to the model): misspellings, weighting, the concept in a longer prompt,
   the negative-prompt trick; each over the four prompts "a {red|green|blue|yellow} {shape}";
@@ -20,7 +22,9 @@ published 200 steps and learning rate) — on the prompt "a red {shape}", with t
   by this model state from strength 0.5 and 0.8 on the same prompt (:mod:`..eval.img2img`).
 
 Every cell is ``--images`` images (default 32) judged by the world's classifier, with a 95 % Wilson
-interval. The targets are the attacks issue's, for ACE fine-tuned, averaged over the shapes.
+interval. The targets are the attacks issue's, for ACE fine-tuned (both states), averaged over the shapes.
+``--from-json`` re-renders the page from saved runs, several at once (e.g. a full run and a run of one new
+model state).
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ IMAGES = 32
 IMG2IMG_STRENGTHS = (0.5, 0.8)  # the img2img probe: how much of the schedule is re-run
 INVERSION_START = "object"  # the world's neutral anchor of kind object: drawn as nothing
 ESD_STEPS = 200  # ESD-x's published budget
+# "ACE (defended)": ACETrainer with both opt-in defences (both off by default, no value documented), on the
+# inputs of "ACE (full)". search_phrases=4: the trainer's coordinate search runs 8 times (2 and 3 words; the
+# discrete-token attack searches 3) and keeps up to 4 phrases that pass the miner's in-context test, a
+# quarter on top of the 16 mined words (mined_synonyms' default); a minute or so per shape on one thread.
+# concept_vectors=8: the anchor in each of the world's 8 fit templates, and 8 unrelated prompts, pushed
+# along the concept's direction (32 pairs at the two strengths): every template the concept is erased in,
+# among them "a red {}" with the anchor, which is what the attack pushes.
+DEFENCES = {"search_phrases": 4, "concept_vectors": 8}
+TRAINER_OPTIONS = {"ACE (full)": {}, "ACE (defended)": DEFENCES}
 
 
 @contextlib.contextmanager
@@ -75,11 +88,12 @@ def erased(pipe: Any, method: str, shape: str, seed: int) -> Iterator[float]:
     started = time.perf_counter()
     if method == "base":
         yield 0.0
-    elif method in ("closed form", "ACE (full)"):
+    elif method == "closed form" or method in TRAINER_OPTIONS:
         if method == "closed form":
             adapter = fit_adapter(pipe, resolve_spec(shape, **kept), FitSettings())
         else:
-            adapter = ACETrainer(pipe, shape, seed=seed, progress=False, **kept).fit()
+            options = TRAINER_OPTIONS[method]
+            adapter = ACETrainer(pipe, shape, seed=seed, progress=False, **kept, **options).fit()
         seconds = time.perf_counter() - started
         name = pipe.load_ace_adapter(adapter, adapter_name="bench-attacks")
         try:
@@ -233,7 +247,10 @@ def _parser() -> Any:
     parser.add_argument("--docs", default=str(DEFAULT_DOCS), help=f"page to update (default {DEFAULT_DOCS})")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not update the page")
     parser.add_argument("--json", help="also write the raw figures to this JSON file")
-    parser.add_argument("--from-json", help="re-render the page from a JSON this command wrote (no run)")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="re-render the page from JSON files this command wrote (no run); several: their "
+                             "rows together (the same shapes, images, seed and budgets; each model state of "
+                             "each shape in one of them), e.g. a full run and a run of one new method")
     return parser
 
 
@@ -267,12 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{docs} not found: run from the repository root, pass --docs PAGE, or --no-docs")
     if args.images < 1 or any(b < 0 for b in args.budgets):
         parser.error("--images must be positive and --budgets non-negative step counts")
+    argv = argv if argv is not None else sys.argv[1:]
+    rendered_by = None
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.from_json]
+        result = runs[0]
+        if len(runs) > 1:
+            try:
+                result = attacks_report.combine(runs)
+            except ValueError as e:
+                parser.error(f"--from-json: {e}")
+            rendered_by = helptext.command_line("ace-diffusers bench attacks", argv)
     else:
-        result = _measure(args, argv if argv is not None else sys.argv[1:])
-    body = attacks_report.markdown(result, result["command"], None if args.no_docs else PLOT.as_posix())
-    body += f"\n\nMachine: {result['machine']}; the whole run took {result['seconds']} s."
+        result = _measure(args, argv)
+    body = attacks_report.markdown(result, None if args.no_docs else PLOT.as_posix(), rendered_by)
+    body += "\n\n" + attacks_report.trailer(result)
     print(body)
     if not args.no_docs:
         atomic_write_bytes(docs.parent / PLOT, attacks_report.plot_budget_curves(result))

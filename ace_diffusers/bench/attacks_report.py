@@ -9,8 +9,10 @@ from typing import Any
 
 from ..eval.attacks import PROMPT_ATTACKS
 
-METHODS = ("base", "closed form", "ACE (full)", "UCE", "ESD-x")  # the model states, in table order
+# the model states, in table order; "ACE (defended)": ACE (full) with the trainer's two opt-in defences
+METHODS = ("base", "closed form", "ACE (full)", "ACE (defended)", "UCE", "ESD-x")
 FINE_TUNED = METHODS[2]
+FINE_TUNED_STATES = (FINE_TUNED, METHODS[3])  # the states the issue's bars (for ACE fine-tuned) are shown for
 ATTACKS = (*PROMPT_ATTACKS, "discrete_tokens", "concept_vector", "concept_vector_tokens")
 NAMES = {
     "misspelling": "misspelling", "weighting": "weighting", "context": "longer prompt",
@@ -44,25 +46,26 @@ def mean_asr(result: dict[str, Any], method: str, group: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    """``(target, measured, met)`` for ACE fine-tuned, averaged over the shapes (None: not measured)."""
+def targets(result: dict[str, Any], method: str = FINE_TUNED) -> list[tuple[str, str, bool | None]]:
+    """``(target, measured, met)`` for ``method`` (a fine-tuned state), averaged over the shapes (None: not
+    measured)."""
     out: list[tuple[str, str, bool | None]] = []
     for group, ceiling in CEILINGS.items():
-        value = mean_asr(result, FINE_TUNED, group)
+        value = mean_asr(result, method, group)
         target = f"{NAMES[group]}: ASR ≤ {100 * ceiling:.0f} %"
         out.append((target, "not measured" if value is None else f"{100 * value:.1f} %",
                     None if value is None else value <= ceiling))
-    out += _inversion_targets(result)
+    out += _inversion_targets(result, method)
     return out
 
 
-def _inversion_targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+def _inversion_targets(result: dict[str, Any], method: str) -> list[tuple[str, str, bool | None]]:
     largest = max(result["budgets"])
     budget_target = f"concept inversion: steps to 50 % ASR ≥ {BUDGET_FACTOR}× the base model's (every shape)"
     half_target = f"concept inversion: ASR at {largest} steps ≤ half the better of UCE and ESD-x"
     budgets, halves = [], []
     for shape in result["shapes"]:
-        ace, base = _row(result, shape, FINE_TUNED), _row(result, shape, "base")
+        ace, base = _row(result, shape, method), _row(result, shape, "base")
         baselines = [r for r in (_row(result, shape, "UCE"), _row(result, shape, "ESD-x")) if r]
         if ace and base:
             ace_steps, base_steps = steps_to_half(ace), steps_to_half(base)
@@ -91,24 +94,95 @@ def _cell(rate: dict[str, Any] | None) -> str:
     return f"{100 * rate['asr']:.0f} % [{100 * low:.0f}, {100 * high:.0f}]"
 
 
-def markdown(result: dict[str, Any], command: str, plot: str | None = None) -> str:
-    """The generated section of docs/robustness.md."""
+def markdown(result: dict[str, Any], plot: str | None = None, rendered_by: str | None = None) -> str:
+    """The generated section of docs/robustness.md; ``rendered_by``: the command that combined several
+    runs' JSON files into ``result`` (:func:`combine`), named beside the runs' own commands."""
     largest = max(result["budgets"])
-    lines = [f"Written by `{command}` ({result['images']} images per cell, seed {result['seed']}; the "
-             "interval is the 95 % Wilson interval). ASR: the share of the attack's images that the "
-             "classifier judges to show the erased shape.", ""]
+    lines = [f"Written by {written_by(result, rendered_by)} ({result['images']} images per cell, seed "
+             f"{result['seed']}; the interval is the 95 % Wilson interval). ASR: the share of the attack's "
+             "images that the classifier judges to show the erased shape.", ""]
     if result.get("partial"):
         done = sorted({(r["shape"], r["method"]) for r in result["rows"]})
         lines += [f"**Partial run**: the command was cut short; measured so far: "
                   f"{', '.join(f'{s} ({m})' for s, m in done)}. The targets use only these.", ""]
-    lines += ["| target (ACE fine-tuned, mean over shapes) | measured | status |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'not measured' if ok is None else ('**met**' if ok else '**not met**')} |"
-              for t, m, ok in targets(result)]
+    lines += _targets_table(result)
     for shape in dict.fromkeys(r["shape"] for r in result["rows"]):  # measured shapes, in run order
         lines += ["", f"### {shape}", ""] + _shape_table(result, shape)
     if plot:
         lines += ["", f"![Concept inversion: ASR over the attack budget (steps up to {largest})]({plot})"]
     return "\n".join(lines)
+
+
+def _targets_table(result: dict[str, Any]) -> list[str]:
+    """The issue's bars (for ACE fine-tuned): a measured and a status column per fine-tuned state run."""
+    states = [m for m in FINE_TUNED_STATES if m in result["methods"]] or [FINE_TUNED]
+    columns = [targets(result, m) for m in states]
+
+    def status(ok: bool | None) -> str:
+        return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+
+    lines = ["| target (ACE fine-tuned, mean over shapes) | " + " | ".join(f"{m} | status" for m in states)
+             + " |", "|---|" + "---|---|" * len(states)]
+    for i, (target, *_) in enumerate(columns[0]):
+        cells = [f"{column[i][1]} | {status(column[i][2])}" for column in columns]
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def written_by(result: dict[str, Any], rendered_by: str | None = None) -> str:
+    """The command(s) that measured ``result``'s rows, each in code; after :func:`combine`, each with the
+    model states it measured, and the command that combined them."""
+    runs = result.get("runs")
+    if not runs:
+        return f"`{result['command']}`"
+    named = " + ".join(f"`{r['command']}` ({', '.join(r['methods'])})" for r in runs)
+    return named + (f", combined by `{rendered_by}`" if rendered_by else "")
+
+
+def trailer(result: dict[str, Any]) -> str:
+    """The machine each run used and how long it took."""
+    runs = result.get("runs")
+    if not runs:
+        return f"Machine: {result['machine']}; the whole run took {result['seconds']} s."
+    each = [f"`{r['command']}` on {r['machine']}, {r['seconds']} s" for r in runs]
+    return "Machines: " + "; ".join(each) + "."
+
+
+def _settings(result: dict[str, Any]) -> dict[str, Any]:
+    """What every combined run must share."""
+    return {"shapes": sorted(result["shapes"]), "images": result["images"], "seed": result["seed"],
+            "budgets": sorted(result["budgets"])}
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs' JSON files of the same shapes, images, seed and budgets: their rows,
+    the model states in table order; a ``ValueError`` (naming what differs) otherwise, or when two runs
+    measured the same shape and model state."""
+    first = results[0]
+    for other in results[1:]:
+        mine, theirs = _settings(first), _settings(other)
+        differs = [k for k in mine if mine[k] != theirs[k]]
+        if differs:
+            raise ValueError(
+                f"cannot combine runs of different {', '.join(differs)}: `{first['command']}` has "
+                + ", ".join(f"{k} {first[k]}" for k in differs) + f"; `{other['command']}` has "
+                + ", ".join(f"{k} {other[k]}" for k in differs))
+    seen: dict[tuple[str, str], str] = {}
+    for run in results:
+        for row in run["rows"]:
+            key = (row["shape"], row["method"])
+            if key in seen:
+                raise ValueError(f"{key[0]} ({key[1]}) was measured by both `{seen[key]}` and "
+                                 f"`{run['command']}`: pass one of them")
+            seen[key] = run["command"]
+    methods = list(dict.fromkeys(m for r in results for m in r["methods"]))
+    methods.sort(key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+    runs = [{"command": r["command"], "machine": r["machine"], "seconds": r["seconds"],
+             "methods": r["methods"]} for r in results]
+    return {**first, "methods": methods, "rows": [row for r in results for row in r["rows"]],
+            "partial": any(r.get("partial") for r in results), "runs": runs,
+            "command": " + ".join(r["command"] for r in results),
+            "seconds": sum(r["seconds"] for r in results)}
 
 
 def rows_groups(rows: list[dict[str, Any] | None]) -> set[str]:

@@ -1,6 +1,8 @@
-"""``ace-diffusers bench attacks``: each method's state is undone after use, rates carry their
-intervals, and a saved run re-renders the page and its plot without generating anything."""
+"""``ace-diffusers bench attacks``: each method's state is undone after use, the defended state fits with
+both of the trainer's defences, rates carry their intervals, and saved runs (one, or several combined)
+re-render the page and its plot without generating anything."""
 
+import functools
 import json
 
 import pytest
@@ -8,9 +10,11 @@ import torch
 
 from ace_diffusers.bench import attacks
 from ace_diffusers.eval.plans import EvalCase
+from ace_diffusers.fitting import trainer as trainer_module
 from ace_diffusers.shapes.pipeline import WEIGHTS_DIR, weights_present
+from ace_diffusers.testing import tiny_sd_pipeline
 
-from .test_attacks_report import result
+from .test_attacks_report import defended_run, result
 
 
 def test_rates_count_hits_per_group_with_an_interval():
@@ -58,3 +62,59 @@ def test_a_saved_run_renders_the_page_and_the_plot(tmp_path, capsys):
     assert (tmp_path / "images" / "attack_budget.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         attacks.main(["--from-json", str(saved), "--docs", str(tmp_path / "missing.md")])
+
+
+def test_the_defended_state_fits_with_both_defences_and_is_undone(monkeypatch):
+    pipe = tiny_sd_pipeline()
+    searched = []
+
+    def short_search(embedder, layers, spec, *, per_concept, seed):  # a short search: this checks the wiring
+        searched.append(per_concept)
+        return search(embedder, layers, spec, per_concept=per_concept, seed=seed, steps=2, candidates=8,
+                      top_k=8)
+
+    search = trainer_module.search_phrases
+    monkeypatch.setattr(trainer_module, "search_phrases", short_search)
+    short = functools.partial(trainer_module.ACETrainer, steps=4, mined_synonyms=0, queries_per_layer=8,
+                              batch_size=8)
+    monkeypatch.setattr(attacks, "ACETrainer", short)
+    tuning = {}
+    for method in ("ACE (full)", "ACE (defended)"):
+        with attacks.erased(pipe, method, "circle", 0) as seconds:
+            tuning[method] = pipe.get_ace_adapter().fit["fine_tuning"]
+            assert seconds > 0
+        assert not pipe.get_list_ace_adapters()
+    assert searched == [0, attacks.DEFENCES["search_phrases"]]
+    assert tuning["ACE (full)"]["concept_vectors"] == 0 and "concept vectors" not in tuning["ACE (full)"][
+        "phase_seconds"]
+    defended = tuning["ACE (defended)"]
+    assert defended["concept_vectors"] == attacks.DEFENCES["concept_vectors"] > 0
+    assert defended["phase_seconds"]["concept vectors"] > 0  # the defence's pairs were built and trained on
+    assert "ACE (defended)" in attacks.METHODS and attacks.METHODS.index("ACE (defended)") == 3
+
+
+def test_several_saved_runs_render_one_page_naming_every_command(tmp_path):
+    page = tmp_path / "robustness.md"
+    page.write_text(f"# Robustness\n\n{attacks.START}\nold\n{attacks.END}\n")
+    full, new = tmp_path / "full.json", tmp_path / "defended.json"
+    full.write_text(json.dumps(result()))
+    new.write_text(json.dumps(defended_run()))
+    assert attacks.main(["--from-json", str(full), str(new), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert "| attack | base | ACE (full) | ACE (defended) | UCE | ESD-x |" in text
+    written = next(line for line in text.splitlines() if line.startswith("Written by"))
+    assert "`ace-diffusers bench attacks` (base, ACE (full), UCE, ESD-x)" in written
+    assert "`ace-diffusers bench attacks --methods 'ACE (defended)'` (ACE (defended))" in written
+    combining = "ace-diffusers bench attacks --from-json full.json defended.json --docs robustness.md"
+    assert f"combined by `{combining}`" in written
+    assert "test, 10 s; `ace-diffusers bench attacks --methods 'ACE (defended)'` on test, 7 s." in text
+
+
+def test_runs_of_other_budgets_are_refused(tmp_path, capsys):
+    full, new = tmp_path / "full.json", tmp_path / "defended.json"
+    full.write_text(json.dumps(result()))
+    new.write_text(json.dumps({**defended_run(), "budgets": [0, 50, 100]}))
+    with pytest.raises(SystemExit):
+        attacks.main(["--from-json", str(full), str(new), "--no-docs"])
+    error = capsys.readouterr().err
+    assert "--from-json: cannot combine runs of different budgets" in error and "[0, 50, 100]" in error

@@ -1,4 +1,5 @@
-"""``ace-diffusers bench attacks`` tables, targets and plot, as functions of a result (no generation)."""
+"""``ace-diffusers bench attacks`` tables, targets and plot, as functions of a result (no generation); runs
+of the same settings combine into one result, others are refused."""
 
 import pytest
 
@@ -36,6 +37,13 @@ def result(ace_asr=0.0, ace_curve=(0.0, 0.0, 0.25)):
             "machine": "test", "seconds": 10}
 
 
+def defended_run(asr=0.0, curve=(0.0, 0.25, 0.5)):
+    """A run of only "ACE (defended)", with the settings of :func:`result`."""
+    rows = [row(s, "ACE (defended)", {g: asr for g in R.ATTACKS}, curve) for s in ("circle", "square")]
+    return {**result(), "methods": ["ACE (defended)"], "rows": rows,
+            "command": "ace-diffusers bench attacks --methods 'ACE (defended)'", "seconds": 7}
+
+
 def test_budget_to_half_and_curve():
     r = row("circle", "x", {}, (0.0, 0.4, 0.5))
     assert R.inversion_curve(r) == {0: 0.0, 25: 0.4, 100: 0.5} and R.steps_to_half(r) == 100
@@ -61,7 +69,8 @@ def test_missing_methods_are_not_measured():
 
 
 def test_markdown_has_every_attack_budget_and_found_words():
-    text = R.markdown(result(), "ace-diffusers bench attacks --images 32", "images/attack_budget.png")
+    text = R.markdown(result(), "images/attack_budget.png")
+    assert text.startswith("Written by `ace-diffusers bench attacks` (32 images per cell")
     assert "| attack | base | ACE (full) | UCE | ESD-x |" in text
     for name in R.NAMES.values():
         assert f"| {name} |" in text
@@ -80,7 +89,7 @@ def test_plot_is_a_png():
 def test_a_partial_run_says_so():
     cut = {**result(), "partial": True}
     cut["rows"] = cut["rows"][:2]
-    text = R.markdown(cut, "ace-diffusers bench attacks", None)
+    text = R.markdown(cut)
     assert "**Partial run**" in text and "circle (ACE (full)), circle (base)" in text
     assert "### circle" in text and "### square" not in text  # only what was measured
 
@@ -89,6 +98,50 @@ def test_the_img2img_probe_is_a_column_without_a_bar():
     with_probe = result()
     for r in with_probe["rows"]:
         r["rates"]["img2img@0.5"] = {"n": 32, "hits": 16, "asr": 0.5, "interval": [0.3, 0.7]}
-    text = R.markdown(with_probe, "ace-diffusers bench attacks", None)
+    text = R.markdown(with_probe)
     assert "| img2img probe, strength 0.5 (no bar) | 50 % [30, 70] |" in text
     assert not any("img2img" in t for t, _, _ in R.targets(with_probe))
+
+
+def test_the_targets_are_stated_for_both_fine_tuned_states():
+    both = R.combine([result(ace_asr=0.5), defended_run(asr=0.0)])
+    full, defended = R.targets(both, "ACE (full)"), R.targets(both, "ACE (defended)")
+    assert [t for t, _, _ in full] == [t for t, _, _ in defended]
+    assert full[0][1:] == ("50.0 %", False) and defended[0][1:] == ("0.0 %", True)
+    assert defended[-2][1] == "circle 100 vs 25, square 100 vs 25"  # 50 % first reached at 100 steps
+    text = R.markdown(both)
+    header = "| target (ACE fine-tuned, mean over shapes) | ACE (full) | status | ACE (defended) | status |"
+    assert header in text
+    assert "| discrete tokens: ASR ≤ 15 % | 50.0 % | **not met** | 0.0 % | **met** |" in text
+    # a run without the defended state keeps one column
+    assert "| ACE (full) | status |\n" in R.markdown(result())
+
+
+def test_runs_combine_in_table_order_with_every_command():
+    both = R.combine([result(), defended_run()])
+    assert both["methods"] == ["base", "ACE (full)", "ACE (defended)", "UCE", "ESD-x"]
+    assert len(both["rows"]) == len(result()["rows"]) + 2 and both["seconds"] == 17 and not both["partial"]
+    assert R.written_by(both, "ace-diffusers bench attacks --from-json a.json b.json") == (
+        "`ace-diffusers bench attacks` (base, ACE (full), UCE, ESD-x) + "
+        "`ace-diffusers bench attacks --methods 'ACE (defended)'` (ACE (defended)), "
+        "combined by `ace-diffusers bench attacks --from-json a.json b.json`"
+    )
+    assert R.trailer(both) == ("Machines: `ace-diffusers bench attacks` on test, 10 s; "
+                               "`ace-diffusers bench attacks --methods 'ACE (defended)'` on test, 7 s.")
+    assert R.trailer(result()) == "Machine: test; the whole run took 10 s."
+    assert R.combine([result(), {**defended_run(), "partial": True}])["partial"]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"images": 16}, "images"), ({"seed": 1}, "seed"), ({"budgets": [0, 25]}, "budgets"),
+     ({"shapes": ["circle"]}, "shapes")],
+)
+def test_runs_of_other_settings_are_refused(change, named):
+    with pytest.raises(ValueError, match=f"cannot combine runs of different {named}:"):
+        R.combine([result(), {**defended_run(), **change}])
+
+
+def test_a_state_measured_twice_is_refused():
+    with pytest.raises(ValueError, match=r"circle \(ACE \(defended\)\) was measured by both"):
+        R.combine([result(), defended_run(), defended_run()])
