@@ -2,15 +2,14 @@
 
 * Size: the default one-concept adapter (``erase_concept``'s rank, K/V of every layer that reads the text,
   plus the pooled edit where the family has one) at each family's real shape, built on the ``meta``
-  device, so nothing is allocated: SD1.5, SDXL, SD3-medium, PixArt-α XL, FLUX.1-dev.
+  device, so nothing is allocated: SD1.5, SDXL, SD3-medium, PixArt-α XL, Sana 1600M, FLUX.1-dev.
 * Overhead: one denoising step (batch 2, as with classifier-free guidance; latent 64x64 by default, i.e. a
   512-pixel image) with and without a loaded one-concept adapter, interleaved round by round and compared
-  by medians. The text tokens are fixed (77 CLIP, 333 for SD3, 120 for PixArt, 512 T5 tokens for FLUX) while
-image tokens grow with
-  the image, so the ratio shrinks at larger sizes. Real-width models are too
-  large to time on a CPU at full depth, so each family is timed on a *slice* at its real widths and
-  token counts (named in the table): the ratio per block is what an adapter adds, the depth only repeats
-  it. SD1.5 at full size is timed by :mod:`.inference`.
+  by medians. The text tokens are fixed (77 CLIP, 333 for SD3, 120 for PixArt, 300 for Sana, 512 T5 tokens
+  for FLUX) while image tokens grow with the image, so the ratio shrinks at larger sizes. Real-width
+  models are too large to time on a CPU at full depth, so each family is timed on a *slice* at its real
+  widths and token counts (named in the table): the ratio per block is what an adapter adds, the depth
+  only repeats it. SD1.5 at full size is timed by :mod:`.inference`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from diffusers import (
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
@@ -102,6 +102,11 @@ def _pixart(depth: int | None = None) -> PixArtTransformer2DModel:
     )
 
 
+def _sana(depth: int | None = None) -> SanaTransformer2DModel:
+    # Sana 1600M 1024px (diffusers' defaults): 20 blocks of width 2240 over projected Gemma-2 tokens
+    return SanaTransformer2DModel(num_layers=depth or 20)
+
+
 def _flux(depth: int | None = None) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(  # FLUX.1-dev: 19 double- and 38 single-stream blocks of width 3072
         patch_size=1,
@@ -123,11 +128,13 @@ FAMILIES: dict[str, tuple[Callable[..., torch.nn.Module], int, int | None, str]]
     "SDXL": (_sdxl, 1280, 1, "SDXL widths, 1 transformer layer per block (of 1-10)"),
     "SD3": (_sd3, 2048, 2, "2 of 24 joint blocks, full width"),
     "PixArt-α": (_pixart, 0, 2, "2 of 28 blocks, full width"),
+    "Sana": (_sana, 0, 2, "2 of 20 blocks, full width"),
     "FLUX.1": (_flux, 768, 1, "1 of 19 double- and 1 of 38 single-stream blocks, full width"),
 }
 
 
-SHARED_TEXT = {"SD1.5", "SDXL", "PixArt-α"}  # every layer reads one text: the closed form saves its text map
+# every layer reads one text: the closed form saves its text map
+SHARED_TEXT = {"SD1.5", "SDXL", "PixArt-α", "Sana"}
 
 
 def family_sizes() -> list[dict[str, Any]]:
@@ -157,7 +164,8 @@ def family_sizes() -> list[dict[str, Any]]:
 
 def _inputs(model: torch.nn.Module, pooled: int, latent: int, generator: torch.Generator) -> dict[str, Any]:
     """One step's inputs for batch 2: latents, timestep and text of the widths the model reads (77 CLIP
-    tokens for UNets, 77 + 256 for SD3, 120 T5 tokens for PixArt)."""
+    tokens for UNets, 77 + 256 for SD3, 120 T5 tokens for PixArt, 300 Gemma tokens for Sana, whose latent
+    side is a quarter of the others' for the same image)."""
     config, batch = model.config, 2
     sample = torch.randn(batch, config.in_channels, latent, latent, generator=generator)
     timestep = torch.tensor([500, 500])
@@ -175,6 +183,13 @@ def _inputs(model: torch.nn.Module, pooled: int, latent: int, generator: torch.G
         return inputs
     if isinstance(model, FluxTransformer2DModel):
         return _flux_inputs(model, latent, generator)
+    if isinstance(model, SanaTransformer2DModel):  # its autoencoder downsamples 32x, not 8x: the same image
+        side = max(latent // 4, 1)
+        return {
+            "hidden_states": torch.randn(batch, config.in_channels, side, side, generator=generator),
+            "timestep": timestep,
+            "encoder_hidden_states": torch.randn(batch, 300, config.caption_channels, generator=generator),
+        }
     if isinstance(model, SD3Transformer2DModel):
         return {
             "hidden_states": sample,

@@ -25,16 +25,27 @@ CORE = FitSettings(neighbours=0, context_prompts=0)  # random tiny T5: mined wor
 
 
 def _generate(pipe, prompt=PROMPT, **kwargs):
-    """Two steps at 32x32 with a fixed seed, as tensors."""
-    generator = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt, num_inference_steps=2, height=32, width=32, output_type="pt", generator=generator, **kwargs
-    ).images
+    """Two steps at 32x32 with a fixed seed, as tensors (``kwargs`` add to or override those)."""
+    call = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **{**call, **kwargs}).images
+
+
+FAMILY_CALLS = {  # what each tiny transformer pipeline is called with besides _generate's defaults
+    "pixart": {"clean_caption": False, "use_resolution_binning": False},
+    "sana": {"height": 256, "width": 256, "output_type": "latent", "use_resolution_binning": False},
+}
+
+
+def _family_pipeline(family):
+    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+
+    builders = {"sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline, "flux": tiny_flux_pipeline}
+    return {**builders, "sana": tiny_sana_pipeline}[family]()
 
 
 def _images(pipe, prompt=PROMPT):
     """:func:`_generate` for PixArt (no caption cleaning, no resolution binning at 32x32)."""
-    return _generate(pipe, prompt, clean_caption=False, use_resolution_binning=False)
+    return _generate(pipe, prompt, **FAMILY_CALLS["pixart"])
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +205,7 @@ def test_the_trainer_fine_tunes_pixart_on_its_masked_t5_prompts(tmp_path):
 
 
 def _sana_latents(pipe, prompt=PROMPT):
-    generator = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt, num_inference_steps=2, height=256, width=256, output_type="latent",
-        use_resolution_binning=False, generator=generator,
-    ).images
+    return _generate(pipe, prompt, **FAMILY_CALLS["sana"])
 
 
 def test_sanas_prompts_are_fitted_behind_its_instruction_as_its_cross_attention_reads_them():
@@ -260,12 +267,9 @@ def test_the_trainer_fine_tunes_sana_behind_its_instruction():
     assert concept_change > (_sana_latents(pipe, UNRELATED) - before[UNRELATED]).abs().max()
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "pixart", "sana", "flux"])
 def test_guards_and_model_offload_keep_the_erasure_on_transformers(family):
-    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    pipe = {"sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline, "flux": tiny_flux_pipeline}[family]()
-    kwargs = {"pixart": {"clean_caption": False, "use_resolution_binning": False}}.get(family, {})
+    pipe, kwargs = _family_pipeline(family), FAMILY_CALLS.get(family, {})
 
     def run():
         return _generate(pipe, PROMPT, **kwargs)
@@ -280,14 +284,11 @@ def test_guards_and_model_offload_keep_the_erasure_on_transformers(family):
     torch.testing.assert_close(run(), erased, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "pixart", "sana", "flux"])
 def test_a_compiled_transformer_keeps_the_erasure_in_one_graph_across_scales(family):
     """``torch.compile(fullgraph=True)`` of each transformer family with an adapter loaded: outputs match
     eager at every scale, and rescaling (0 switches it off) reuses the one compiled graph."""
-    from ace_diffusers.testing_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    pipe = {"sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline, "flux": tiny_flux_pipeline}[family]()
-    kwargs = {"pixart": {"clean_caption": False, "use_resolution_binning": False}}.get(family, {})
+    pipe, kwargs = _family_pipeline(family), FAMILY_CALLS.get(family, {})
     model = pipe.transformer
     pooled = {"sd3": 32, "flux": 16}.get(family)
     name = pipe.load_ace_adapter(random_adapter(model, rank=4, seed=1, pooled_dim=pooled), adapter_name="a")
@@ -301,11 +302,7 @@ def test_a_compiled_transformer_keeps_the_erasure_in_one_graph_across_scales(fam
         results = []
         for scale in (1.0, 0.3, 0.0, 1.0):
             pipe.set_ace_adapters([name], scale)
-            generator = torch.Generator().manual_seed(0)
-            results.append(
-                pipe(PROMPT, num_inference_steps=1, height=32, width=32, output_type="pt",
-                     generator=generator, **kwargs).images
-            )
+            results.append(_generate(pipe, PROMPT, **{"num_inference_steps": 1, **kwargs}))
         return results
 
     eager = outputs()
