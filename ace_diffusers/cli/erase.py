@@ -17,11 +17,8 @@ from diffusers import DiffusionPipeline
 
 from .. import helptext
 from ..core.adapter import ACEAdapter
-from ..errors import ACECompatibilityError, ACEValueError
-from ..fitting.erase import erase_concept
 from ..fitting.pooled import describe_pooled_shift
 from ..fitting.trainer import ACETrainer
-from ..fitting.trainer_args import untrainable_reason
 from ..shapes.pipeline import load_shapes_pipeline
 
 MINIATURE_NAMES = ("shapes", "miniature", "miniature-world")
@@ -73,10 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = load_model(args.model)
     neutral = args.neutral[0] if args.neutral and len(args.neutral) == 1 else args.neutral
-    reason = untrainable_reason(pipe)
-    if reason is not None:
-        _finish(_closed_form_only(pipe, args, neutral, reason), args, started)
-        return 0
     trainer = ACETrainer(
         pipe,
         args.concept,
@@ -94,22 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     _finish(trainer.fit(), args, started)
     return 0
-
-
-def _closed_form_only(pipe: Any, args: argparse.Namespace, neutral: Any, reason: str) -> ACEAdapter:
-    """The closed form, for pipelines the fine-tuning does not model yet: only with ``--steps 0``, and
-    without the options only the fine-tuning reads (refused with the reason before any fitting)."""
-    if args.steps != 0:
-        raise ACECompatibilityError(f"{reason} Run with --steps 0 to fit the closed form only.")
-    if args.synonym:
-        raise ACEValueError(
-            "--synonym is used by the fine-tuning, which this pipeline does not run; give the synonyms as "
-            "further --concept options to erase them in the closed form."
-        )
-    return erase_concept(
-        pipe, args.concept, neutral=neutral, kind=args.kind, preserve=args.preserve, rank=args.rank,
-        templates=args.template, load=False, progress=True,
-    )
 
 
 def _finish(adapter: ACEAdapter, args: argparse.Namespace, started: float) -> None:

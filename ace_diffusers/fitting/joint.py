@@ -25,6 +25,7 @@ The pooled embedding (``pooled_projections``) gets the SDXL edit (:func:`.pooled
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,13 +188,26 @@ class BlockStreams:
     def capture(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``{block: (timesteps, prompts, rows, d)}``: the text tokens each joint attention receives. The
         latents of prompt ``i`` depend on ``i`` only, so two prompt lists see the same noise row by row."""
-        embeds, pooled = self.encode(prompts)
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
 
+        def record(name: str, kwargs: dict, text_length: int) -> None:
+            captured[name].append(self._text_rows(name, kwargs, text_length).float().cpu())
+
+        self.run(prompts, record)
+        steps = len(TIMESTEPS)
+        return {
+            n: torch.cat(rows).reshape(steps, len(prompts), *rows[0].shape[1:])
+            for n, rows in captured.items()
+        }
+
+    @torch.no_grad()
+    def run(self, prompts: list[str], record: Callable[[str, dict, int], None]) -> None:
+        """The transformer on ``prompts`` at every timestep of :data:`TIMESTEPS` (in that order, prompts
+        in batches); ``record(block, its attention's keyword inputs, text length)`` sees each call."""
+        embeds, pooled = self.encode(prompts)
+
         def hook(name: str):
-            return lambda m, args, kwargs: captured[name].append(
-                self._text_rows(name, kwargs, embeds.shape[1]).float().cpu()
-            )
+            return lambda m, args, kwargs: record(name, kwargs, embeds.shape[1])
 
         handles = [
             attn.register_forward_pre_hook(hook(n), with_kwargs=True) for n, attn in self.modules.items()
@@ -207,11 +221,6 @@ class BlockStreams:
         finally:
             for handle in handles:
                 handle.remove()
-        steps = len(TIMESTEPS)
-        return {
-            n: torch.cat(rows).reshape(steps, len(prompts), *rows[0].shape[1:])
-            for n, rows in captured.items()
-        }
 
     def _latents(self, index: int) -> torch.Tensor:
         size = sample_size(self.model)
@@ -287,6 +296,16 @@ def aligned_rows(
         c_enc, n_enc = (_segment(tokenizer, job, length) for job in (concept_job, neutral_job))
         pairs += [(offset + i, offset + j) for i, j in align_tokens(c_enc, n_enc)]
     return pairs
+
+
+def phrase_rows(job: tuple, segments: list[tuple[Any, int, int]]) -> list[int]:
+    """Rows of the prompt embeddings (every segment's, :meth:`BlockStreams.segments`) that spell the
+    marked phrase of ``job``."""
+    rows = []
+    for tokenizer, length, offset in segments:
+        span = _segment(tokenizer, job, length).span
+        rows += [] if span is None else [offset + i for i in range(*span)]
+    return rows
 
 
 def _segment(tokenizer: Any, job: tuple, length: int) -> EncodedPrompt:

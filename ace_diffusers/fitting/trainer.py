@@ -39,14 +39,16 @@ from tqdm.auto import tqdm
 from ..core.adapter import ACEAdapter
 from ..core.factors import LayerFactors
 from ..errors import ACEValueError
-from ..integration.modules import get_unet
+from ..format import TENSOR_KEYS
+from ..integration.modules import get_unet, layer_shapes, reads_joint_text
 from .adversary import soft_adversary
-from .attention import QueryLayer, capture_queries, detached, encode_full, unedited_outputs
+from .attention import QueryLayer, capture_queries, detached, encode_full, layer_factors, unedited_outputs
 from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
 from .clock import PhaseClock
 from .closed_form import check_rank, fit_adapter
 from .concept_vectors import concept_vector_pairs
 from .data import FitSettings, context_templates
+from .joint_tuning import fine_tune_joint
 from .mining import mine_synonyms
 from .phrases import search_phrases
 from .presets import filled, normalize_prompt, resolve_spec
@@ -109,12 +111,12 @@ class ACETrainer:
     ) -> None:
         self.pipe = pipe
         self.unet = get_unet(pipe)
-        check_trainable(pipe)
+        self.joint = reads_joint_text(pipe)  # SD3, FLUX: fine-tuned block by block (.joint_tuning)
+        check_trainable(pipe, search_phrases=search_phrases, concept_vectors=concept_vectors)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
         self.synonyms = synonym_list(synonyms)
         if rank is not None:  # refused now, not after the query bank is built
-            width = self.unet.config.cross_attention_dim
-            check_rank(rank, max(width) if isinstance(width, (list, tuple)) else int(width))
+            check_rank(rank, max(shape[0] for shape in layer_shapes(self.unet).values()))
         self.rank = rank
         n_concepts = len(self.spec.concepts)
         self.steps = default_steps(n_concepts) if steps is None else positive_int(steps, "steps", minimum=0)
@@ -144,6 +146,8 @@ class ACETrainer:
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
         clock = PhaseClock()
+        if self.joint:
+            return self._fit_joint(started, clock)
         embedder = TextEmbedder(self.pipe)
         layers, mined = self._setup(embedder, clock)
         with clock("closed form"):  # the closed-form start erases the same mined words (no second mining)
@@ -174,14 +178,23 @@ class ACETrainer:
                     adversaries += 1
             with clock("steps"):
                 pending.append(self._step(data, layers, params, optimizer))
-            if len(pending) == LOSS_READ_EVERY:
-                self._read_losses(pending, bar)
-        self._read_losses(pending, bar)
+            self.record_losses(pending, bar)
+        self.record_losses(pending, bar, final=True)
         bar.close()
         with torch.no_grad():
             self.final_loss = float(data.fixed_loss(layers, params))
         self.phase_seconds = clock.seconds
-        self.adapter = self._to_adapter(base, params, mined, adversaries, time.perf_counter() - started)
+        trained = {name: layer_factors(params, name) for name in base.layers}
+        self.adapter = self._to_adapter(base, trained, mined, adversaries, time.perf_counter() - started)
+        return self.adapter
+
+    def _fit_joint(self, started: float, clock: PhaseClock) -> ACEAdapter:
+        """SD3 / FLUX: the joint closed form, then :func:`.joint_tuning.fine_tune_joint`."""
+        with clock("closed form"):
+            base = fit_adapter(self.pipe, self.spec, FitSettings(rank=self.rank))
+        trained, adversaries = fine_tune_joint(self, base, clock)
+        self.phase_seconds = clock.seconds
+        self.adapter = self._to_adapter(base, trained, {}, adversaries, time.perf_counter() - started)
         return self.adapter
 
     def _setup(self, embedder: TextEmbedder, clock: PhaseClock) -> tuple[list[QueryLayer], dict[str, str]]:
@@ -251,10 +264,11 @@ class ACETrainer:
         optimizer.step()
         return torch.stack([loss, loss_erase, loss_keep]).detach()
 
-    def _read_losses(self, pending: list[torch.Tensor], bar: Any) -> None:
+    def record_losses(self, pending: list[torch.Tensor], bar: Any, *, final: bool = False) -> None:
         """Read the losses of the ``pending`` steps back in one transfer (every :data:`LOSS_READ_EVERY`
-        steps and at the end), record them and stop a diverged fit, naming its first non-finite step."""
-        if not pending:
+        steps, and at the end with ``final``), record them and stop a diverged fit, naming its first
+        non-finite step."""
+        if not pending or (len(pending) < LOSS_READ_EVERY and not final):
             return
         losses = torch.stack(pending).cpu().tolist()
         pending.clear()
@@ -363,17 +377,13 @@ class ACETrainer:
         return source, normalize_prompt(filled(template, self.spec.neutral[concept_index]))
 
     def _to_adapter(
-        self, base: ACEAdapter, params: dict, mined: dict[str, str], adversaries: int, seconds: float
+        self, base: ACEAdapter, trained: dict[str, LayerFactors], mined: dict[str, str], adversaries: int,
+        seconds: float,
     ) -> ACEAdapter:
-        gate_w = params["gate"]["weight"].detach().clone()
-        gate_b = params["gate"]["bias"].detach().clone()
+        """The fine-tuned adapter: ``trained`` factors (copied, without gradients) and the fit record."""
         layers = {
-            name: LayerFactors(
-                **{key: params[name][key].detach().clone() for key in ("k_down", "k_up", "v_down", "v_up")},
-                gate_weight=gate_w.clone(),
-                gate_bias=gate_b.clone(),
-            )
-            for name in base.layers
+            name: LayerFactors(**{key: getattr(factors, key).detach().clone() for key in TENSOR_KEYS})
+            for name, factors in trained.items()
         }
         fit = dict(base.fit)
         fit["closed_form_seconds"] = fit.pop("seconds", None)
@@ -384,6 +394,7 @@ class ACETrainer:
             "adversarial": self.adversarial,
             "adversaries_found": adversaries,
             "adversarial_radius": self.adversarial_radius,
+            "adversaries_kind": "stream rows per block" if self.joint else "input token embeddings",
             "mined_synonyms": [w for w in mined if w not in self.searched],
             "searched_phrases": list(self.searched),
             "concept_vectors": self.concept_vectors,

@@ -48,21 +48,26 @@ def synonym_list(synonyms: Any) -> list[str]:
     return kept
 
 
-def untrainable_reason(pipe: Any) -> str | None:
-    """Why the fine-tuning does not model ``pipe`` yet (joint attention: SD3, FLUX), or None. Pipelines
-    nothing can fit raise :class:`ACECompatibilityError` here already."""
-    if reads_joint_text(pipe):
+def untrainable_reason(pipe: Any, *, search_phrases: int = 0, concept_vectors: int = 0) -> str | None:
+    """Why the fine-tuning cannot run on ``pipe`` with these options, or None: on joint attention (SD3,
+    FLUX) the phrase search and the concept-vector defence, which model a single text encoder's output,
+    are not available. Pipelines nothing can fit raise :class:`ACECompatibilityError` here already."""
+    if not reads_joint_text(pipe):
+        TextEmbedder(pipe)  # raises for pipelines nothing can fit
+        return None
+    options = [name for name, value in (("search_phrases", search_phrases), ("concept_vectors",
+               concept_vectors)) if value]
+    if options:
         return (
-            f"ACETrainer does not fine-tune {type(pipe).__name__} yet: its transformer reads the text "
-            "through joint attention (SD3, FLUX), whose per-block text streams the fine-tuning does not "
-            "model."
+            f"ACETrainer's {' and '.join(options)} defence(s) model a single text encoder's output, which "
+            f"{type(pipe).__name__}'s joint attention (SD3, FLUX) does not read; leave "
+            f"{' and '.join(f'{o}=0' for o in options)}."
         )
-    TextEmbedder(pipe)  # raises for pipelines nothing can fit
     return None
 
 
-def check_trainable(pipe: Any) -> None:
-    """Refuse, before any work, pipelines the fine-tuning does not model yet (:func:`untrainable_reason`)."""
-    reason = untrainable_reason(pipe)
+def check_trainable(pipe: Any, **options: int) -> None:
+    """Refuse, before any work, what the fine-tuning cannot run (:func:`untrainable_reason`)."""
+    reason = untrainable_reason(pipe, **options)
     if reason is not None:
-        raise ACECompatibilityError(f"{reason} pipe.erase_concept() (the closed form) works.")
+        raise ACECompatibilityError(reason)

@@ -36,5 +36,5 @@ def test_synonyms_are_a_list_of_words_and_one_string_is_one_synonym():
         synonym_list(3)
 
 
-def test_stable_diffusion_is_trainable():
-    assert untrainable_reason(tiny_sd_pipeline()) is None
+def test_stable_diffusion_is_trainable_with_every_defence():
+    assert untrainable_reason(tiny_sd_pipeline(), search_phrases=2, concept_vectors=2) is None
