@@ -15,8 +15,10 @@ Writes, next to the Markdown page, ``benchmarks.json`` (every number) and ``imag
 4 colours, 1 image per prompt, the trainer's default steps but fewer ESD-x / soft-prompt steps,
 closed-form counts 1, 10 and 100 and 5 timing rounds; the full run (no flag) uses all 8 shapes, all
 colours, 2 images per prompt and the methods' default step counts (an hour or more). ``--from-json``
-re-renders a saved result. Runs unchanged under ``accelerate launch`` (the efficacy images are split
-across processes; timings are taken by the main process alone). Needs the ``bench`` extra
+re-renders a saved result. ``--update`` runs only ``--sections`` and keeps the other sections from the
+page's ``benchmarks.json``; the page then names each run with the sections it measured. Runs
+unchanged under ``accelerate launch`` (the efficacy images are split across processes; timings are taken
+by the main process alone). Needs the ``bench`` extra
 (matplotlib, the miniature world's text encoder).
 """
 
@@ -130,6 +132,25 @@ def run(quick: bool, sections: list[str] | tuple[str, ...], *, plan: Any = None,
     return {"sections": out}
 
 
+def updated(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with ``new``'s sections in place of its own. ``runs`` lists every run whose sections
+    the result still holds (command, date, those sections); the command line names them all, the time
+    is their sum and the date the newest's."""
+    kept = [s for s in previous.get("sections", {}) if s not in new["sections"]]
+    runs = previous.get("runs") or [
+        {"command": previous["command"], "date": previous.get("date"), "sections": list(previous["sections"])}
+    ]
+    runs = [{**r, "sections": [s for s in r["sections"] if s in kept]} for r in runs]
+    runs = [r for r in runs if r["sections"]]
+    runs.append({"command": new["command"], "date": new.get("date"), "sections": list(new["sections"])})
+    merged = {**previous, **{k: v for k, v in new.items() if k != "sections"}}
+    merged["sections"] = {**{s: previous["sections"][s] for s in kept}, **new["sections"]}
+    merged["runs"] = runs
+    merged["command"] = " + ".join(f"{r['command']} ({', '.join(r['sections'])}; {r['date']})" for r in runs)
+    merged["seconds"] = previous["seconds"] + new["seconds"]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = helptext.parser("bench", __doc__)
     parser.add_argument("--quick", action="store_true", help="the ~15-minute version")
@@ -138,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Markdown page; JSON and images/ go beside it")
     parser.add_argument("--from-json",
                         help="re-render the page and plots from a saved benchmarks.json (no runs)")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --sections; keep the page's other sections (from its JSON)")
     small = parser.add_argument_group("overrides of the quick/full plan (smaller smoke runs)")
     small.add_argument("--shapes", nargs="*", help="shapes erased alone")
     small.add_argument("--multi", nargs="*", type=int, help="multi-concept adapter sizes (of 1, 3, 5)")
@@ -176,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(command=command, machine=_machine(), quick=args.quick,
                       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       seconds=time.perf_counter() - started)
+        if args.update:
+            result = updated(json.loads(Path(args.output).with_suffix(".json").read_text()), result)
     if not _state().is_main_process:
         return 0
 

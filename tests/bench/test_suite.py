@@ -49,3 +49,27 @@ def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["--sections", "everything"])
     assert "invalid choice: 'everything'" in capsys.readouterr().err
+
+
+def test_update_replaces_the_sections_run_and_names_every_run(tmp_path, monkeypatch):
+    """``--update`` re-runs only the chosen sections: the others stay as the page's JSON had them, and
+    the command line names each run with the sections it measured."""
+    previous = fake_result()
+    previous.update(command="ace-diffusers bench --quick", date="2026-01-01 10:00 UTC", seconds=100.0)
+    output = tmp_path / "benchmarks.md"
+    output.with_suffix(".json").write_text(json.dumps(previous))
+    fresh = copy.deepcopy(previous["sections"]["inference"])
+    fresh["seconds"] = 7.0
+    monkeypatch.setattr(suite, "run", lambda quick, sections, **kw: {"sections": {"inference": fresh}})
+    assert main(["--sections", "inference", "--update", "--output", str(output)]) == 0
+    written = json.loads(output.with_suffix(".json").read_text())
+    assert written["sections"]["efficacy"] == previous["sections"]["efficacy"]
+    assert written["sections"]["inference"]["seconds"] == 7.0
+    assert [r["sections"] for r in written["runs"]] == [
+        [s for s in previous["sections"] if s != "inference"], ["inference"]
+    ]
+    assert written["command"].startswith("ace-diffusers bench --quick (efficacy")
+    assert "--sections inference --update" in written["command"] and "(inference; 20" in written["command"]
+    assert written["command"] in output.read_text()
+    again = suite.updated(written, {**written, "sections": {"efficacy": previous["sections"]["efficacy"]}})
+    assert [r["sections"] for r in again["runs"]][-1] == ["efficacy"]
