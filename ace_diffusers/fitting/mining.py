@@ -5,7 +5,9 @@ Never from a synonym list and never from a benchmark's vocabulary: the only inpu
 words, the text encoder's vocabulary and the UNet's projections. Three stages, each cheaper per word than
 the next:
 
-1. the ``pool`` words whose input embedding is closest to the concept's;
+1. the ``pool`` words whose input embedding is closest to the concept's (with ``dictionary``, every
+   English word the tokenizer splits into pieces joins them: a split word has no one input embedding to
+   compare; :func:`.vocabulary.dictionary_words`);
 2. of those, the ones whose encoded token, projected by every cross-attention layer's ``to_k``/``to_v``,
    points most nearly where the concept's does — what the UNet was trained to react to;
 3. in the concept's own templates, the attention output of the query bank must move from the neutral
@@ -24,8 +26,11 @@ from .attention import QueryLayer, attention_output
 from .embedding_cache import EMBEDDINGS
 from .presets import ErasureSpec, fill_phrase, filled, normalize_prompt
 from .text import TextEmbedder
-from .vocabulary import encode_words, vocabulary_words
+from .vocabulary import dictionary_words, encode_words, prepare_vocabulary, vocabulary_words
 
+# With the dictionary's ~10⁵ more candidates, stage 2 (a proxy) ranks a word the UNet reads as the concept
+# lower: on the miniature world "rhombus" (diamond) came 151st and "pentagram" (star) 165th of them.
+DICTIONARY_SHORTLIST = 256
 MINED_MIN_SHIFT = 0.4  # a mined word must move attention at least this far towards the concept
 SIGNATURE_PAD_TOKENS = 6  # causal encoders: padding tokens kept after EOS in stage 3's prompts
 
@@ -40,13 +45,17 @@ def mine_synonyms(
     pool: int,
     shortlist: int | None = None,
     gram: torch.Tensor | None = None,
+    dictionary: bool = False,
 ) -> dict[str, str]:
     """Up to ``per_concept`` mined words per concept of ``spec``: ``{word: the concept it stands in for}``;
-    ``shortlist``: how many of the ``pool`` go on to stage 3 (default ``4 * per_concept``); ``gram``:
-    :func:`projection_gram` of ``layers``, if already known."""
+    ``shortlist``: how many of the ``pool`` go on to stage 3 (default ``4 * per_concept``, with the
+    dictionary :data:`DICTIONARY_SHORTLIST`); ``gram``:
+    :func:`projection_gram` of ``layers``, if already known; ``dictionary``: split English words are
+    candidates too (encoded once per text encoder and stored: :func:`.vocabulary.prepare_vocabulary`)."""
     tokenizer, encoder = embedder.encoders[0]
     table = encoder.get_input_embeddings().weight.detach().float()
     words = vocabulary_words(embedder)
+    split = _split_words(embedder) if dictionary else []
     banned = {w.lower() for phrase in spec.concepts + spec.preserve + spec.neutral for w in phrase.split()}
     gram = projection_gram(layers) if gram is None else gram
     table_n = F.normalize(table, dim=-1)
@@ -62,7 +71,10 @@ def mine_synonyms(
         index = torch.tensor([words[w] for w in candidates])
         sims = table_n[index] @ F.normalize(table[ids].mean(0), dim=-1)
         nearest = [candidates[i] for i in sims.topk(min(pool, len(candidates))).indices.tolist()]
-        short = _keyed_shortlist(embedder, concept, nearest, gram, shortlist or 4 * per_concept)
+        own = set(ids)  # a split word spelled with the concept's own pieces reads as it through them
+        nearest += [w for w, pieces in split if not pieces & own and w not in banned and w not in found]
+        size = shortlist or (DICTIONARY_SHORTLIST if dictionary else 4 * per_concept)
+        short = _keyed_shortlist(embedder, concept, nearest, gram, size)
         if not short:
             continue
         anchors = [concept, spec.neutral[concept_index]] + list(spec.preserve)
@@ -70,6 +82,17 @@ def mine_synonyms(
         for word in kept[:per_concept]:
             found[word] = concept
     return found
+
+
+def _split_words(embedder: TextEmbedder) -> list[tuple[str, set[int]]]:
+    """The dictionary's split words (encoded and stored once: :func:`.vocabulary.prepare_vocabulary`),
+    each with its pieces. A word that shares a piece with the concept is left out: the erasure of the
+    concept's own tokens covers what that piece carries, and shared sub-word pieces pull in unrelated
+    words ("starbase" for *star*, "pendragon" for *hexagon* on the miniature world)."""
+    prepare_vocabulary(embedder, dictionary=True)
+    words = dictionary_words(embedder)
+    pieces = embedder.encoders[0][0](words, add_special_tokens=False)["input_ids"]
+    return [(word, set(ids)) for word, ids in zip(words, pieces, strict=True)]
 
 
 def projection_gram(layers: list[QueryLayer]) -> torch.Tensor:

@@ -10,10 +10,9 @@ The closed form erases the words it was shown. Fine-tuning makes the erasure gen
    prompts the target is the unedited model on the same prompt. Whole padded prompts are compared, so
    no token alignment is needed, and no UNet forward or backward pass is — which is why a step costs
    milliseconds where ESD's denoiser-space loss costs a UNet pass.
-3. **Adversarial augmentation.** (a) *Mined near-synonyms*: vocabulary words that the UNet's
-   cross-attention reads like the concept (their projected keys/values point where the concept's do,
-   and in context they shift the attention output towards the concept's and not towards a preserved
-   concept's) join the prompts to erase — found from the model alone, never from a synonym list. (b)
+3. **Adversarial augmentation.** (a) *Mined near-synonyms*: vocabulary and (``dictionary``) English
+   words that the UNet's cross-attention reads like the concept (:mod:`.mining`) join the prompts to
+   erase — found from the model alone, never from a synonym list. (b)
    *Embedding-space adversaries*: every few steps a few gradient steps on soft input
    embeddings that replace the concept's tokens look for the input whose *edited* attention output is
    closest to the *original* concept's (i.e. that slips through the current adapter), within a ball of
@@ -99,6 +98,7 @@ class ACETrainer:
         adversarial_steps: int = 8,
         adversarial_radius: float = ADVERSARIAL_RADIUS,
         mined_synonyms: int = 16,
+        dictionary: bool = True,
         search_phrases: int = 0,
         concept_vectors: int = 0,
         mining_pool: int = 4096,
@@ -129,6 +129,7 @@ class ACETrainer:
         self.search_phrases = positive_int(search_phrases, "search_phrases", minimum=0)
         self.concept_vectors = positive_int(concept_vectors, "concept_vectors", minimum=0)
         self.mining_pool = positive_int(mining_pool, "mining_pool")
+        self.dictionary = bool(dictionary)
         self.preserve_weight = positive_float(preserve_weight, "preserve_weight")
         self.queries_per_layer = positive_int(queries_per_layer, "queries_per_layer")
         self.batch_size = positive_int(batch_size, "batch_size")
@@ -211,7 +212,8 @@ class ACETrainer:
         with clock("mining"):
             mined = (
                 mine_synonyms(
-                    embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool
+                    embedder, layers, self.spec, per_concept=self.mined_synonyms, pool=self.mining_pool,
+                    dictionary=self.dictionary,
                 )
                 if self.mined_synonyms
                 else {}

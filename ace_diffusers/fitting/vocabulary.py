@@ -7,10 +7,16 @@ so each word's encoded token (mean over its pieces, the word encoded alone with 
 text encoder: rows encoded on demand are kept in memory; :func:`prepare_vocabulary` encodes all of them
 once and stores the table on disk with the embedding cache (one safetensors file, float16, a checksum in
 its metadata), so a new process reads it instead.
+
+A tokenizer holds whole words only where they are one token. WordPiece (BERT) and sentencepiece (T5) spell
+many words with several pieces — "rhombus" is ``r ##hom ##bus`` — so :func:`dictionary_words` adds the
+most frequent English words (wordfreq's list, a general dictionary, the same for every model) that the
+tokenizer splits; ``prepare_vocabulary(embedder, dictionary=True)`` encodes and stores them with the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -18,12 +24,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+from wordfreq import top_n_list
 
 from .._io import atomic_save_safetensors, tensors_checksum
 from .embedding_cache import EMBEDDINGS, cache_root, read_verified
 from .text import TextEmbedder
 
 BATCH = 512
+DICTIONARY_SIZE = 100_000  # the most frequent English words: about every word used once per 10⁸ words
 
 
 SENTENCEPIECE_SPACE = "\u2581"  # "▁": a sentencepiece piece that starts a word
@@ -51,19 +60,36 @@ def vocabulary_words(embedder: TextEmbedder) -> dict[str, int]:
     return words
 
 
+@functools.lru_cache(maxsize=1)
+def english_words(count: int = DICTIONARY_SIZE) -> tuple[str, ...]:
+    """The ``count`` most frequent English words (wordfreq), alphabetic and longer than two letters."""
+    return tuple(w for w in top_n_list("en", count, wordlist="large") if w.isalpha() and len(w) > 2)
+
+
+def dictionary_words(embedder: TextEmbedder) -> list[str]:
+    """The English words of :func:`english_words` that the first tokenizer spells with several pieces
+    (those it holds as one token are :func:`vocabulary_words` already)."""
+    single = vocabulary_words(embedder)
+    return [w for w in english_words() if w not in single]
+
+
 @dataclass
 class VocabularyTable:
-    """Encoded tokens of vocabulary words, filled on demand (``complete`` once every word is in)."""
+    """Encoded tokens of vocabulary words, filled on demand (``complete`` once every word is in;
+    ``dictionary`` once :func:`dictionary_words` are in too)."""
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     complete: bool = False
+    dictionary: bool = False
 
 
-def encode_words(embedder: TextEmbedder, words: list[str]) -> torch.Tensor:
-    """``(len(words), d)``: each word encoded alone, the mean of its output tokens (float32)."""
+def encode_words(embedder: TextEmbedder, words: list[str], *, desc: str | None = None) -> torch.Tensor:
+    """``(len(words), d)``: each word encoded alone, the mean of its output tokens (float32); ``desc``: a
+    progress bar's label (shown on a terminal only)."""
     table = _table(embedder)
     missing = [w for w in dict.fromkeys(words) if w not in table.rows]
-    for start in range(0, len(missing), BATCH):
+    starts = range(0, len(missing), BATCH)
+    for start in tqdm(starts, desc=desc, disable=None if desc else True, leave=False):
         chunk = missing[start : start + BATCH]
         encoded = embedder.encode(
             chunk, [(0, len(w)) for w in chunk], extra_pad_tokens=0, batch_size=BATCH, approximate=True
@@ -74,16 +100,17 @@ def encode_words(embedder: TextEmbedder, words: list[str]) -> torch.Tensor:
     return torch.stack([table.rows[w] for w in words]) if words else torch.zeros(0)
 
 
-def prepare_vocabulary(embedder: TextEmbedder) -> int:
-    """Encode every vocabulary word once (read from disk if stored there); returns the number of words."""
+def prepare_vocabulary(embedder: TextEmbedder, *, dictionary: bool = False) -> int:
+    """Encode every vocabulary word once (read from disk if stored there) and, with ``dictionary``, the
+    :func:`dictionary_words` too; returns the number of words in the table."""
     table = _table(embedder)
-    if table.complete:
+    if table.complete and (table.dictionary or not dictionary):
         return len(table.rows)
-    words = list(vocabulary_words(embedder))
-    encode_words(embedder, words)
-    table.complete = True
+    words = list(vocabulary_words(embedder)) + (dictionary_words(embedder) if dictionary else [])
+    encode_words(embedder, words, desc="ACE: encoding the vocabulary once (stored for later fits)")
+    table.complete, table.dictionary = True, table.dictionary or dictionary
     _save(embedder, table)
-    return len(words)
+    return len(table.rows)
 
 
 def _table(embedder: TextEmbedder) -> VocabularyTable:
@@ -104,14 +131,16 @@ def _load(embedder: TextEmbedder) -> VocabularyTable | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:
-            words = json.loads((fh.metadata() or {})["words"])
+            meta = fh.metadata() or {}
+            words = json.loads(meta["words"])
             tokens = read_verified(fh, ["tokens"])["tokens"].float()
         if tokens.ndim != 2 or len(words) != tokens.shape[0]:
             raise ValueError(f"{len(words)} words for a table of shape {tuple(tokens.shape)}")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         warnings.warn(f"Ignoring an unreadable or altered vocabulary table {path} ({error}).", stacklevel=4)
         return None
-    return VocabularyTable(dict(zip(words, tokens, strict=True)), complete=True)
+    rows = dict(zip(words, tokens, strict=True))
+    return VocabularyTable(rows, complete=True, dictionary=meta.get("dictionary") == str(DICTIONARY_SIZE))
 
 
 def _save(embedder: TextEmbedder, table: VocabularyTable) -> None:
@@ -121,6 +150,8 @@ def _save(embedder: TextEmbedder, table: VocabularyTable) -> None:
     words = list(table.rows)
     tensors = {"tokens": torch.stack([table.rows[w] for w in words]).half().contiguous()}
     meta = {"words": json.dumps(words), "sha256": tensors_checksum(tensors)}
+    if table.dictionary:
+        meta["dictionary"] = str(DICTIONARY_SIZE)
     try:
         atomic_save_safetensors(path, tensors, meta)
     except OSError as error:

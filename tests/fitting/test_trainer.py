@@ -21,6 +21,7 @@ def small_trainer(pipe, **kwargs):
         adversarial_every=5,
         adversarial_steps=2,
         mined_synonyms=2,
+        dictionary=False,  # the English dictionary: tests/fitting/test_vocabulary.py, tests/shapes
         queries_per_layer=16,
         batch_size=8,
         progress=False,

@@ -3,9 +3,16 @@ disk by the preparation and read back by a new process."""
 
 import torch
 
+from ace_diffusers.fitting import vocabulary
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS
 from ace_diffusers.fitting.text import TextEmbedder
-from ace_diffusers.fitting.vocabulary import encode_words, prepare_vocabulary, vocabulary_words
+from ace_diffusers.fitting.vocabulary import (
+    dictionary_words,
+    encode_words,
+    english_words,
+    prepare_vocabulary,
+    vocabulary_words,
+)
 from ace_diffusers.testing import tiny_sd_pipeline
 
 
@@ -55,3 +62,24 @@ def test_sentencepiece_words_are_read_without_their_space_mark():
     words = vocabulary_words(TextEmbedder(tiny_pixart_pipeline()))
     assert {"painting", "gogh", "portrait"} <= set(words) and not any(w.startswith("\u2581") for w in words)
     assert "ab" not in words and all(w.isalpha() and len(w) > 2 for w in words)
+
+
+def test_dictionary_words_are_the_english_words_the_tokenizer_splits(sd_pipe):
+    embedder = TextEmbedder(sd_pipe)
+    split, single = dictionary_words(embedder), vocabulary_words(embedder)
+    assert len(english_words()) > 90000 and "painting" in english_words() and "painting" not in split
+    assert split and not set(split) & set(single)
+    assert all(len(sd_pipe.tokenizer.tokenize(w)) > 1 for w in split[:50])
+
+
+def test_the_dictionary_is_stored_with_the_table_and_read_back(cache_dir, monkeypatch):
+    monkeypatch.setattr(vocabulary, "english_words", lambda count=None: ("rhombus", "lozenge", "painting"))
+    embedder = TextEmbedder(tiny_sd_pipeline())
+    words = prepare_vocabulary(embedder)
+    assert prepare_vocabulary(embedder, dictionary=True) == words + 2  # painting is one CLIP token
+    EMBEDDINGS.clear()  # a new process reads both from disk
+    monkeypatch.setattr(
+        TextEmbedder, "encode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoded"))
+    )
+    assert prepare_vocabulary(embedder, dictionary=True) == words + 2
+    assert encode_words(embedder, ["rhombus"]).shape[0] == 1

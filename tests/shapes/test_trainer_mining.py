@@ -41,3 +41,22 @@ def test_mining_finds_the_worlds_held_out_synonyms(shapes_pipe, shape):
     }
     assert not kept & set(mined), (shape, list(mined))
     assert set(mined.values()) == {shape} and len(mined) <= trainer.mined_synonyms
+
+
+@NEEDS_WEIGHTS
+def test_the_dictionary_brings_split_words_the_world_reads_as_the_shape(shapes_pipe, monkeypatch):
+    """MiniLM's WordPiece spells "rhombus" with three pieces, so no tokenizer word is it; given English
+    words as candidates (here the 5,000 most frequent plus "rhombus", where the real list is 100,000),
+    the miner finds that the world's UNet reads it as a diamond — and only such words."""
+    from ace_diffusers.fitting import vocabulary
+
+    words = vocabulary.english_words(5000) + ("rhombus",)
+    monkeypatch.setattr(vocabulary, "english_words", lambda count=None: words)
+    trainer = ACETrainer(shapes_pipe, progress=False, **erase_arguments("diamond"))
+    embedder, spec = TextEmbedder(shapes_pipe), trainer.spec
+    assert len(shapes_pipe.tokenizer.tokenize("rhombus")) > 1
+    layers = capture_queries(trainer.unet, embedder, spec.neutral[0], spec.templates, per_layer=64, seed=0)
+    plain = mine_synonyms(embedder, layers, spec, per_concept=16, pool=4096)
+    mined = mine_synonyms(embedder, layers, spec, per_concept=16, pool=4096, dictionary=True)
+    assert "rhombus" in mined and "rhombus" not in plain, list(mined)
+    assert set(mined.values()) == {"diamond"} and len(mined) <= 16
