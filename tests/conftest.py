@@ -19,9 +19,23 @@ import ace_diffusers  # noqa: E402,F401  (installs the pipeline verbs)
 # The tiny test models are far faster on one thread, and CI machines have only two cores.
 torch.set_num_threads(int(os.environ.get("ACE_TEST_THREADS", "1")))
 from ace_diffusers.deploy.bake import bake  # noqa: E402
+from ace_diffusers.fitting import vocabulary  # noqa: E402
 from ace_diffusers.fitting.embedding_cache import EMBEDDINGS  # noqa: E402
 from ace_diffusers.fitting.text import TextEmbedder  # noqa: E402
 from ace_diffusers.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+TEST_DICTIONARY = 2000  # English words the tests' trainers mine from (the default list is 100,000)
+
+
+@pytest.fixture(autouse=True)
+def small_dictionary(monkeypatch):
+    """The trainer's dictionary of split words, cut to the most frequent :data:`TEST_DICTIONARY`: the
+    full list costs a minute or two to encode per text encoder, and the mechanism is the same
+    (``tests/fitting/test_vocabulary.py`` checks the full list; ``tests/shapes`` the world's words)."""
+    full = vocabulary.english_words
+    monkeypatch.setattr(
+        vocabulary, "english_words", lambda count=None: full(TEST_DICTIONARY if count is None else count)
+    )
 
 
 @pytest.fixture
