@@ -112,7 +112,6 @@ class ACETrainer:
         self.pipe = pipe
         self.unet = get_unet(pipe)
         self.joint = reads_joint_text(pipe)  # SD3, FLUX: fine-tuned block by block (.joint_tuning)
-        check_trainable(pipe, search_phrases=search_phrases, concept_vectors=concept_vectors)
         self.spec = resolve_spec(concepts, neutral=neutral, kind=kind, preserve=preserve, templates=templates)
         self.synonyms = synonym_list(synonyms)
         if rank is not None:  # refused now, not after the query bank is built
@@ -128,6 +127,7 @@ class ACETrainer:
         self.mined_synonyms = positive_int(mined_synonyms, "mined_synonyms", minimum=0)
         self.search_phrases = positive_int(search_phrases, "search_phrases", minimum=0)
         self.concept_vectors = positive_int(concept_vectors, "concept_vectors", minimum=0)
+        check_trainable(pipe, search_phrases=self.search_phrases, concept_vectors=self.concept_vectors)
         self.mining_pool = positive_int(mining_pool, "mining_pool")
         self.dictionary = bool(dictionary)
         self.preserve_weight = positive_float(preserve_weight, "preserve_weight")
@@ -378,10 +378,7 @@ class ACETrainer:
             return None
         return source, normalize_prompt(filled(template, self.spec.neutral[concept_index]))
 
-    def _to_adapter(
-        self, base: ACEAdapter, trained: dict[str, LayerFactors], mined: dict[str, str], adversaries: int,
-        seconds: float,
-    ) -> ACEAdapter:
+    def _to_adapter(self, base: ACEAdapter, trained: dict, mined: dict, adversaries: int, seconds: float):
         """The fine-tuned adapter: ``trained`` factors (copied, without gradients) and the fit record."""
         layers = {
             name: LayerFactors(**{key: getattr(factors, key).detach().clone() for key in TENSOR_KEYS})
@@ -398,6 +395,7 @@ class ACETrainer:
             "adversarial_radius": self.adversarial_radius,
             "adversaries_kind": "stream rows per block" if self.joint else "input token embeddings",
             "mined_synonyms": [w for w in mined if w not in self.searched],
+            "dictionary": self.dictionary and self.mined_synonyms > 0 and not self.joint,  # split words mined
             "searched_phrases": list(self.searched),
             "concept_vectors": self.concept_vectors,
             "user_synonyms": self.synonyms,

@@ -120,6 +120,7 @@ def test_the_trainer_fine_tunes_joint_attention_block_by_block(family, tmp_path)
     tuning = adapter.fit["fine_tuning"]
     assert adapter.method == "ace" and tuning["adversaries_found"] == 2
     assert tuning["adversaries_kind"] == "stream rows per block" and tuning["mined_synonyms"] == []
+    assert tuning["dictionary"] is False  # no mining on joint attention
     assert trainer.final_loss < trainer.initial_loss and len(trainer.history) == 40
     assert adapter.pooled is not None and len({float(f.gate_bias) for f in adapter.layers.values()}) > 1
     adapter.save_pretrained(tmp_path / "a")

@@ -183,3 +183,10 @@ def test_a_bfloat16_pipeline_trains_in_float32_and_keeps_its_dtype():
                  generator=torch.Generator().manual_seed(0)).images
     assert image.dtype == torch.bfloat16 and bool(torch.isfinite(image).all())
     assert half.unet.dtype == torch.bfloat16
+
+
+def test_the_record_says_whether_split_english_words_were_mined(pipe):
+    """``dictionary`` (the default) mines English words the tokenizer splits, and the fit record says so."""
+    with_words = small_trainer(pipe, steps=2, adversarial=False, dictionary=True).fit()
+    assert with_words.fit["fine_tuning"]["dictionary"] is True
+    assert small_trainer(pipe, steps=2, adversarial=False).fit().fit["fine_tuning"]["dictionary"] is False
