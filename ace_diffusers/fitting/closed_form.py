@@ -35,6 +35,8 @@ from .data import (
     Job,
     closed_form_adapter,
     collect_fit_data,
+    context_count,
+    context_templates,
     fit_jobs,
     other_tokens,
     template_jobs,
@@ -150,7 +152,8 @@ def _check_fit_data(data: FitData, spec: ErasureSpec, d_text: int) -> None:
 
 def estimate_fit_bytes(embedder: TextEmbedder, spec: ErasureSpec, settings: FitSettings, d_text: int) -> int:
     """Upper bound of the token embeddings held during a fit (concept + neutral prompts dominate)."""
-    prompts = 2 * sum(len(spec.templates_for(c)) for c in spec.concepts)
+    per_concept = context_count(settings, len(spec.concepts)) if spec.pairing else 0
+    prompts = 2 * sum(len(spec.templates_for(c)) + per_concept for c in spec.concepts)
     prompts += len(spec.unrelated_prompts()) + settings.preserve_templates * len(spec.preserve)
     return prompts * embedder.max_length * d_text * 4 * 3  # float32 embeddings, aligned copies, float64 solve
 
@@ -323,6 +326,17 @@ def _preparation_layout(
             job
             for full in (set(range(len(template_list))), set())
             for job in template_jobs(spec.neutral[0], list(template_list), full, settings)
+        ]
+        # ... and the anchor's paired prompts that each concept's turn through the kept phrases gives
+        every_layout += [
+            job
+            for start in range(1, len(spec.pairing))
+            for job in template_jobs(
+                spec.neutral[0],
+                context_templates(spec, spec.concepts[0], settings.context_prompts, start),
+                set(),
+                settings,
+            )
         ]
         layout.jobs += fit.concept_independent + every_layout
         layout.moments.append((fit.neutral, fit.other))

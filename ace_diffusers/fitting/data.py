@@ -41,7 +41,7 @@ class FitSettings:
         12  # ... and after each preservation prompt's: far padding must stay unedited too
     )
     context_prompts: int = 4  # per concept: prompts pairing it with a preserved phrase ("X and Y") ...
-    context_budget: int = 16  # ... while the total stays within this many (none beyond 16 concepts)
+    context_budget: int = 16  # ... while the total stays within this many (beyond: one per concept)
     neighbours: int = 8  # words mined from the model per concept and erased with it (0: none; .neighbours)
     neighbour_templates: int = 4  # ... each in this many of its concept's templates
     neighbour_weight: float = 0.5  # ... its tokens weighing this much in the edit (the user's weigh 1)
@@ -102,8 +102,8 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings, neighbours: dict[str, str
         preset_jobs += jobs if concept in expanded else []
         neutral_jobs += template_jobs(anchor, templates, full, settings)
         if concept not in expanded:
-            count = min(settings.context_prompts, settings.context_budget // len(spec.concepts))
-            paired = context_templates(spec, concept, count)
+            count = context_count(settings, len(spec.concepts))
+            paired = context_templates(spec, concept, count, start=c_index)
             concept_jobs += template_jobs(concept, paired, set(), settings)
             neutral_jobs += template_jobs(anchor, paired, set(), settings)
     anchor_of = dict(zip(spec.concepts, spec.neutral, strict=True))
@@ -129,8 +129,18 @@ def fit_jobs(spec: ErasureSpec, settings: FitSettings, neighbours: dict[str, str
 CONTEXT_JOINS = ("{} and {}", "{} with {}")  # how a prompt pairs the concept with something kept
 
 
-def context_templates(spec: ErasureSpec, concept: str, count: int) -> list[str]:
-    """Templates that pair ``concept`` with a preserved phrase: ``"a red {} and a blue square"``.
+def context_count(settings: FitSettings, n_concepts: int) -> int:
+    """Context prompts per concept: ``context_prompts`` while the fit's total stays within
+    ``context_budget``, else one. A fit of a thousand words and two shapes without them kept the other
+    shape of "a red circle and a blue triangle" in half the images (miniature world); with one each, taken
+    in turn from the preserved phrases (:func:`context_templates`), in every image of 32."""
+    return min(settings.context_prompts, max(1, settings.context_budget // max(1, n_concepts)))
+
+
+def context_templates(spec: ErasureSpec, concept: str, count: int, start: int = 0) -> list[str]:
+    """Templates that pair ``concept`` with a preserved phrase: ``"a red {} and a blue square"``, the
+    phrases taken in turn from the ``start``-th (each concept of a fit starts one further on, so that a
+    fit of many concepts with one such prompt each still pairs them with every preserved phrase).
 
     In the concept's prompt every token after it (causal CLIP) or every token (a bidirectional
     encoder) carries some of it, including the tokens of the *other* thing the prompt asks for. Fitted
@@ -138,7 +148,7 @@ def context_templates(spec: ErasureSpec, concept: str, count: int) -> list[str]:
     """
     kept, templates, out = spec.pairing, spec.templates_for(concept), []
     for i in range(min(count, len(kept) * len(CONTEXT_JOINS))):
-        phrase = kept[i % len(kept)]
+        phrase = kept[(start + i) % len(kept)]
         if spec.names_concept(phrase):  # left out, not replaced: the other prompts stay the same
             continue
         other = filled(spec.templates_for(phrase)[(i + 1) % len(spec.templates_for(phrase))], phrase)

@@ -24,8 +24,12 @@ import numpy as np
 import torch
 
 from ..core.factors import gate_values
+from ..integration.attach import MAX_GATE
 
 GATE_MARGIN_LOGIT = 4.6  # sigmoid(4.6) ~ 0.99: where the sharpened gate puts its class quantiles
+# sharpening stops where a gate weight or the bias would reach this: a tenth of what the loader accepts
+# (classes that barely separate — a thousand concepts against a few hundred kept prompts — ask for more)
+SHARPENED_GATE_LIMIT = MAX_GATE / 10
 
 
 @dataclass
@@ -97,7 +101,9 @@ def fit_gate(
     768- or 2048-d tokens where Newton's d x d Hessian would dominate the whole erasure. 60 iterations:
     the sharpened gate's statistics no longer move after ~50 on SD1.5-shaped fits of 1 and 100 concepts.
     Sharpening rescales the logit so that the 5th percentile of concept tokens and the 99.5th of the
-    others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there.
+    others sit at ±4.6 (gate 0.99 / 0.01) when the classes separate there — by at most the factor that
+    keeps every weight and the bias within :data:`SHARPENED_GATE_LIMIT` (when the classes lie close
+    together, a softer gate rather than one the loader refuses), and never beyond its ``MAX_GATE``.
     """
     # float32 is plenty for the features (standardised); the optimiser's own state is float64. The two
     # matrix-vector products stay in torch: NumPy's BLAS threads would spin and slow torch down after.
@@ -130,8 +136,10 @@ def fit_gate(
     if hi <= lo:  # not separable at those quantiles: fall back to the class medians
         hi, lo = logit_pos.median(), logit_neg.median()
     if hi > lo:
-        alpha = 2 * GATE_MARGIN_LOGIT / (hi - lo)
         center = (hi + lo) / 2
+        reach = max(float(w.abs().max()), abs(float(b - center)), 1e-12)
+        wanted = 2 * GATE_MARGIN_LOGIT / (hi - lo)
+        alpha = min(wanted, max(1.0, SHARPENED_GATE_LIMIT / reach), MAX_GATE / reach)
         w, b = w * alpha, (b - center) * alpha
         logit_pos, logit_neg = (logit_pos - center) * alpha, (logit_neg - center) * alpha
     gate_pos, gate_neg = torch.sigmoid(logit_pos), torch.sigmoid(logit_neg)
@@ -140,6 +148,7 @@ def fit_gate(
         "gate_mean_other_tokens": float(gate_neg.mean()),
         "gate_concept_tokens_open": float((gate_pos > 0.5).double().mean()),
         "gate_other_tokens_open": float((gate_neg > 0.5).double().mean()),
+        "gate_sharpening": float(alpha) if hi > lo else 1.0,
     }
     return w.float(), b.float().reshape(1), stats
 

@@ -42,7 +42,9 @@ def test_full_length_budget_spreads_over_concepts_and_unsampled_concepts_still_m
     # concepts whose prompts were all short-encoded are erased on full-length prompts all the same
     pipe = tiny_sd_pipeline(text_dim=TEXT_DIM)
     names = concept_names(40)
-    erase_concept(pipe, names, kind="style")
+    # without paired prompts: they are the next test's; here they only move the figure (one per concept
+    # leaves ~10 % more of the gap on this random encoder; the miniature world erases as before)
+    erase_concept(pipe, names, kind="style", settings=FitSettings(context_prompts=0))
     unsampled = [n for n, c in zip(names, chosen, strict=True) if not c][:4]
     for name in unsampled:
         assert concept_gap_left(pipe, "art by {}", name, "art") < CONCEPT_GAP_LEFT, name
@@ -60,9 +62,19 @@ def test_paired_prompts_put_a_kept_phrase_beside_the_concept_the_same_in_every_f
     assert not any("Claude Monet" in t for t in monet)
     same = [t.replace("{}", "") for t in paired[1:]]
     assert same == [t.replace("{}", "") for t in monet]
-    # jobs: a few per concept, none beyond the budget
+    # jobs: a few per concept within the budget; beyond it one each, the kept phrases taken in turn, so
+    # that the fit still pairs its concepts with every one of them (a thousand-concept fit without them
+    # kept "a blue triangle" beside an erased circle in half the images: docs/benchmarks.md, bench mass)
     settings = FitSettings()
     one = fit_jobs(spec, settings)
-    many = fit_jobs(resolve_spec([f"painter {i}" for i in range(17)], kind="style"), settings)
+    painters = [f"painter {i}" for i in range(17)]
+    many_spec = resolve_spec(painters, kind="style")
+    many = fit_jobs(many_spec, settings)
     assert sum(" and " in j[0] or " with " in j[0] for j in one.concept) == settings.context_prompts
-    assert not any(" with " in j[0] for j in many.concept)
+    paired_jobs = [j[0] for j in many.concept if " and " in j[0] or " with " in j[0]]
+    assert len(paired_jobs) == len(painters)
+    assert all(p in j for p, j in zip(painters, paired_jobs, strict=True))
+    kept_in_turn = [next(k for k in many_spec.preserve if k in j) for j in paired_jobs]
+    assert kept_in_turn == [many_spec.preserve[i % len(many_spec.preserve)] for i in range(len(painters))]
+    assert not any(" and " in j[0] or " with " in j[0] for j in fit_jobs(
+        many_spec, FitSettings(context_prompts=0)).concept)

@@ -101,3 +101,26 @@ def test_the_gate_opens_on_concept_tokens_and_stays_shut_elsewhere():
     assert w.shape == (32,) and b.shape == (1,)
     assert stats["gate_concept_tokens_open"] > 0.95 and stats["gate_other_tokens_open"] < 0.01
     assert float(torch.sigmoid(positive @ w + b).quantile(0.05)) > 0.98  # sharpened to ~1 on the concept
+
+
+def test_sharpening_stops_before_the_gate_grows_beyond_what_the_loader_accepts():
+    """Classes that barely separate (a thousand concepts against a few hundred kept prompts) asked the
+    sharpening for gate weights of ~9e4, which ``load_ace_adapter`` then refused as corrupted; now the
+    gate sharpens only as far as :data:`SHARPENED_GATE_LIMIT` (a tenth of the loader's bound) allows."""
+    from ace_diffusers.fitting import solvers
+    from ace_diffusers.integration.attach import MAX_GATE
+
+    g = torch.Generator().manual_seed(0)
+    positive, negative = torch.randn(20000, 32, generator=g), torch.randn(200, 32, generator=g)
+    positive[:, 0] = 1e-3 * (0.2 + torch.randn(20000, generator=g))  # one faint direction tells them apart
+    negative[:, 0] = 1e-3 * (-0.2 + torch.randn(200, generator=g))
+    w, b, stats = solvers.fit_gate(positive, negative)
+    assert float(w.abs().max()) <= solvers.SHARPENED_GATE_LIMIT * (1 + 1e-5) < MAX_GATE
+    assert float(b.abs().max()) <= solvers.SHARPENED_GATE_LIMIT
+    assert stats["gate_sharpening"] >= 1.0  # never softer than the logistic fit itself
+    assert stats["gate_mean_concept_tokens"] > stats["gate_mean_other_tokens"] + 0.1
+    unbounded = pytest.MonkeyPatch.context()
+    with unbounded as patch:  # what the same data asked for before: weights the loader refuses
+        patch.setattr(solvers, "SHARPENED_GATE_LIMIT", float("inf"))
+        patch.setattr(solvers, "MAX_GATE", float("inf"))
+        assert float(solvers.fit_gate(positive, negative)[0].abs().max()) > MAX_GATE
