@@ -53,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="fine-tuning steps (0 = closed form only, the one choice on SD3 and PixArt for now; "
-        "default 450, +50 per extra concept, at most 2000)",
+        help="fine-tuning steps (0 = closed form only; default 450, +50 per extra concept, at most 2000)",
     )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole fit")
     parser.add_argument("--no-adversarial", action="store_true", help="skip adversarial augmentation")
+    parser.add_argument(
+        "--no-dictionary",
+        action="store_true",
+        help="mine only the tokenizer's whole words, not the English words it splits (skips encoding "
+        "those 100,000 words once per text encoder: minutes on a CPU for CLIP)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True, help="folder to write the adapter to")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="also publish to this Hub repo")
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank,
         steps=args.steps,
         adversarial=not args.no_adversarial,
+        dictionary=not args.no_dictionary,
         time_budget=args.time_budget,
         seed=args.seed,
         progress=True,

@@ -63,6 +63,7 @@ def test_erase_pushes_to_the_hub(model_dir, tmp_path, hub_server, monkeypatch): 
             "--steps",
             "2",
             "--no-adversarial",
+            "--no-dictionary",
             "--output",
             str(tmp_path / "a"),
             "--push-to-hub",
@@ -70,7 +71,9 @@ def test_erase_pushes_to_the_hub(model_dir, tmp_path, hub_server, monkeypatch): 
         ]
     )
     assert code == 0
-    assert ACEAdapter.from_pretrained(repo).concepts == ["cat", "dog"]
+    published = ACEAdapter.from_pretrained(repo)
+    assert published.concepts == ["cat", "dog"]
+    assert published.fit["fine_tuning"]["dictionary"] is False  # --no-dictionary reached the trainer
 
 
 def test_erase_rejects_bad_arguments(model_dir, tmp_path):
