@@ -78,7 +78,12 @@ def fit_adapter(
         bar.set_postfix_str("mining neighbours")
         if neighbours is None:
             neighbours = mine_neighbours(
-                unet, embedder, spec, per_concept=settings.neighbours, pool=settings.mining_pool
+                unet,
+                embedder,
+                spec,
+                per_concept=settings.neighbours,
+                pool=settings.mining_pool,
+                dictionary=settings.dictionary,
             )
         bar.update()
         bar.set_postfix_str("encoding prompts")
@@ -272,19 +277,9 @@ def prepare_erasure(
             other_jobs,
             [encoded[j] for j in other_jobs],
         )
-    if settings.neighbours > 0:  # the vocabulary table, and one mining run keeps its query bank and
-        prepare_vocabulary(embedder)  # its anchors' prompts
-        for layout in layouts:
-            spec = resolve_spec(
-                PREPARATION_PLACEHOLDER,
-                neutral=layout.anchor,
-                kind=kind,
-                preserve=preserve,
-                templates=templates,
-            )
-            mine_neighbours(
-                get_unet(pipe), embedder, spec, per_concept=settings.neighbours, pool=settings.mining_pool
-            )
+    if settings.neighbours > 0:
+        anchors_of = [layout.anchor for layout in layouts]
+        _prepare_mining(pipe, embedder, anchors_of, kind, preserve, templates, settings)
     root = cache_root()
     return Preparation(
         kind=layouts[0].kind,
@@ -293,6 +288,27 @@ def prepare_erasure(
         cache_dir=str(root) if root is not None else None,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _prepare_mining(
+    pipe: Any, embedder: TextEmbedder, anchors: list[str], kind: Any, preserve: Any, templates: Any,
+    settings: FitSettings,
+) -> None:
+    """The vocabulary table (with the dictionary's words if the fits mine them), and one mining run per
+    anchor, which keeps its query bank and its anchors' prompts."""
+    prepare_vocabulary(embedder, dictionary=settings.dictionary)
+    for anchor in anchors:
+        spec = resolve_spec(
+            PREPARATION_PLACEHOLDER, neutral=anchor, kind=kind, preserve=preserve, templates=templates
+        )
+        mine_neighbours(
+            get_unet(pipe),
+            embedder,
+            spec,
+            per_concept=settings.neighbours,
+            pool=settings.mining_pool,
+            dictionary=settings.dictionary,
+        )
 
 
 @dataclass

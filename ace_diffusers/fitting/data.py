@@ -46,6 +46,8 @@ class FitSettings:
     neighbour_templates: int = 4  # ... each in this many of its concept's templates
     neighbour_weight: float = 0.5  # ... its tokens weighing this much in the edit (the user's weigh 1)
     mining_pool: int = 4096  # ... chosen from this many vocabulary words nearest the concept's
+    dictionary: bool = False  # ... and from the English words the tokenizer splits (.vocabulary): slower
+    # (256 candidates reach the in-context test, not 64) and mixed on the miniature world (docs/limitations)
     single_stream: bool = True  # FLUX: edit the single-stream blocks' text rows too (False: no edit there,
     # so the adapter can be fused and exported as a LoRA; see docs/guides/models.md)
 

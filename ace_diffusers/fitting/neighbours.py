@@ -74,7 +74,13 @@ def clear_query_banks() -> None:
 
 
 def mine_neighbours(
-    unet: torch.nn.Module, embedder: TextEmbedder, spec: ErasureSpec, *, per_concept: int, pool: int
+    unet: torch.nn.Module,
+    embedder: TextEmbedder,
+    spec: ErasureSpec,
+    *,
+    per_concept: int,
+    pool: int,
+    dictionary: bool = False,
 ) -> dict[str, str]:
     """``{mined word: its concept}`` for a fit of ``spec`` (empty for more than
     :data:`MAX_MINED_CONCEPTS` concepts or ``per_concept=0``)."""
@@ -88,8 +94,9 @@ def mine_neighbours(
         dataclasses.replace(spec, concepts=users, neutral=_anchors(spec, users)),
         per_concept=per_concept,
         pool=pool,
-        shortlist=SHORTLIST_PER_WORD * per_concept,
+        shortlist=None if dictionary else SHORTLIST_PER_WORD * per_concept,
         gram=gram,
+        dictionary=dictionary,
     )
 
 

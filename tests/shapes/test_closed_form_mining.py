@@ -32,3 +32,29 @@ def test_the_closed_form_erases_a_mined_word_it_was_never_given(shapes_pipe, sha
         assert _drawn_as(shapes_pipe, shapes_classifier, "square", "square", colours) >= 0.75
     finally:
         shapes_pipe.unload_ace_adapter(name)
+
+
+@NEEDS_WEIGHTS
+@NEEDS_CLASSIFIER
+def test_with_the_dictionary_the_closed_form_erases_a_split_word(shapes_pipe, shapes_classifier, monkeypatch):
+    """``FitSettings(dictionary=True)``: English words the tokenizer splits are mined too (here the 5,000
+    most frequent plus "rhombus", three WordPiece pieces; the real list is 100,000). The world draws a
+    rhombus as a diamond; erasing "diamond" then erases "rhombus", which the fit was never given."""
+    from ace_diffusers.fitting import vocabulary
+    from ace_diffusers.fitting.data import FitSettings
+
+    words = vocabulary.english_words(5000) + ("rhombus",)
+    monkeypatch.setattr(vocabulary, "english_words", lambda count=None: words)
+    colours = COLOURS[:4]
+    assert _drawn_as(shapes_pipe, shapes_classifier, "rhombus", "diamond", colours) >= 0.75
+    plain = erase_concept(shapes_pipe, **erase_arguments("diamond"), load=False)
+    assert "rhombus" not in plain.fit["mined_neighbours"]["diamond"]
+    settings = FitSettings(dictionary=True)
+    adapter = erase_concept(shapes_pipe, **erase_arguments("diamond"), settings=settings, load=False)
+    assert "rhombus" in adapter.fit["mined_neighbours"]["diamond"]
+    name = shapes_pipe.load_ace_adapter(adapter)
+    try:
+        assert _drawn_as(shapes_pipe, shapes_classifier, "rhombus", "diamond", colours) <= 0.25
+        assert _drawn_as(shapes_pipe, shapes_classifier, "square", "square", colours) >= 0.75
+    finally:
+        shapes_pipe.unload_ace_adapter(name)
