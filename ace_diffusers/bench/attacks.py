@@ -24,7 +24,7 @@ prompt "a red {shape}", with the same seeds everywhere:
 Every cell is ``--images`` images (default 32) judged by the world's classifier, with a 95 % Wilson
 interval. The targets are the attacks issue's, for ACE fine-tuned (both states), averaged over the shapes.
 ``--from-json`` re-renders the page from saved runs, several at once (e.g. a full run and a run of one new
-model state).
+model state); with ``--replace`` a later file's rows of a model state replace an earlier file's.
 """
 
 from __future__ import annotations
@@ -251,6 +251,9 @@ def _parser() -> Any:
                         help="re-render the page from JSON files this command wrote (no run); several: their "
                              "rows together (the same shapes, images, seed and budgets; each model state of "
                              "each shape in one of them), e.g. a full run and a run of one new method")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --from-json: a state measured by several files is taken from the last "
+                             "of them (a state measured again after its code changed)")
     return parser
 
 
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         result = runs[0]
         if len(runs) > 1:
             try:
-                result = attacks_report.combine(runs)
+                result = attacks_report.combine(runs, replace=args.replace)
             except ValueError as e:
                 parser.error(f"--from-json: {e}")
             rendered_by = helptext.command_line("ace-diffusers bench attacks", argv)

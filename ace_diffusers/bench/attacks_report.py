@@ -154,10 +154,11 @@ def _settings(result: dict[str, Any]) -> dict[str, Any]:
             "budgets": sorted(result["budgets"])}
 
 
-def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(results: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
     """One result from several runs' JSON files of the same shapes, images, seed and budgets: their rows,
     the model states in table order; a ``ValueError`` (naming what differs) otherwise, or when two runs
-    measured the same shape and model state."""
+    measured the same shape and model state — unless ``replace``: then the later run's rows stand (a
+    state measured again after its code changed) and each run is named with the states it still gives."""
     first = results[0]
     for other in results[1:]:
         mine, theirs = _settings(first), _settings(other)
@@ -167,19 +168,22 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
                 f"cannot combine runs of different {', '.join(differs)}: `{first['command']}` has "
                 + ", ".join(f"{k} {first[k]}" for k in differs) + f"; `{other['command']}` has "
                 + ", ".join(f"{k} {other[k]}" for k in differs))
-    seen: dict[tuple[str, str], str] = {}
-    for run in results:
+    seen: dict[tuple[str, str], int] = {}
+    for index, run in enumerate(results):
         for row in run["rows"]:
             key = (row["shape"], row["method"])
-            if key in seen:
-                raise ValueError(f"{key[0]} ({key[1]}) was measured by both `{seen[key]}` and "
-                                 f"`{run['command']}`: pass one of them")
-            seen[key] = run["command"]
+            if key in seen and not replace:
+                raise ValueError(f"{key[0]} ({key[1]}) was measured by both `{results[seen[key]]['command']}`"
+                                 f" and `{run['command']}`: pass one of them, or --replace to keep the later")
+            seen[key] = index
+    rows = [row for i, r in enumerate(results) for row in r["rows"]
+            if seen[(row["shape"], row["method"])] == i]
     methods = list(dict.fromkeys(m for r in results for m in r["methods"]))
     methods.sort(key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
     runs = [{"command": r["command"], "machine": r["machine"], "seconds": r["seconds"],
-             "methods": r["methods"]} for r in results]
-    return {**first, "methods": methods, "rows": [row for r in results for row in r["rows"]],
+             "methods": [m for m in r["methods"] if any(seen.get((s, m)) == i for s in r["shapes"])]}
+            for i, r in enumerate(results)]
+    return {**first, "methods": methods, "rows": rows,
             "partial": any(r.get("partial") for r in results), "runs": runs,
             "command": " + ".join(r["command"] for r in results),
             "seconds": sum(r["seconds"] for r in results)}

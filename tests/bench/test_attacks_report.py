@@ -145,3 +145,18 @@ def test_runs_of_other_settings_are_refused(change, named):
 def test_a_state_measured_twice_is_refused():
     with pytest.raises(ValueError, match=r"circle \(ACE \(defended\)\) was measured by both"):
         R.combine([result(), defended_run(), defended_run()])
+
+
+def test_a_state_measured_again_replaces_the_earlier_rows_when_asked():
+    """``--replace``: a state re-measured after its code changed (a later file) stands; the earlier run
+    is named only with the states it still gives."""
+    again = {**result(ace_asr=0.0), "command": "ace-diffusers bench attacks --methods 'ACE (full)'",
+             "methods": ["ACE (full)"], "seconds": 3}
+    again["rows"] = [r for r in again["rows"] if r["method"] == "ACE (full)"]
+    both = R.combine([result(ace_asr=0.5), again], replace=True)
+    full_rows = [r for r in both["rows"] if r["method"] == "ACE (full)"]
+    assert full_rows == again["rows"] and len(both["rows"]) == len(result()["rows"])
+    assert R.targets(both, "ACE (full)")[0][1:] == ("0.0 %", True)
+    assert [r["methods"] for r in both["runs"]] == [["base", "UCE", "ESD-x"], ["ACE (full)"]]
+    with pytest.raises(ValueError, match="or --replace to keep the later"):
+        R.combine([result(ace_asr=0.5), again])
