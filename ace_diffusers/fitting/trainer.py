@@ -46,7 +46,7 @@ from .batches import PromptPool, TargetBank, TrainingSet, kept_projections
 from .clock import PhaseClock
 from .closed_form import check_rank, fit_adapter
 from .concept_vectors import concept_vector_pairs
-from .data import FitSettings, context_templates
+from .data import FitSettings, context_count, context_templates
 from .joint_tuning import fine_tune_joint
 from .mining import mine_synonyms
 from .phrases import search_phrases
@@ -327,9 +327,8 @@ class ACETrainer:
 
     def _paired(self, concept: str) -> list[str]:
         """The closed form's paired templates of ``concept`` ("X and Y"): the other thing must stay."""
-        settings = FitSettings()
-        count = min(settings.context_prompts, settings.context_budget // len(self.spec.concepts))
-        return context_templates(self.spec, concept, count)
+        count = context_count(FitSettings(), len(self.spec.concepts))
+        return context_templates(self.spec, concept, count, start=self.spec.concepts.index(concept))
 
     def _keep_prompts(self, embedder: TextEmbedder) -> torch.Tensor:
         """Unrelated and preservation prompts, and the paired prompts with the anchor in the concept's
