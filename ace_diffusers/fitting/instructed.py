@@ -11,6 +11,7 @@ which rows are kept and where a phrase of the prompt lands among them.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -60,3 +61,40 @@ class Instruction:
     def chars(self, span: tuple[int, int] | None) -> tuple[int, int] | None:
         """A character span of the prompt as a span of ``instruction + prompt``."""
         return None if span is None else (span[0] + len(self.text), span[1] + len(self.text))
+
+
+@torch.no_grad()
+def run_behind_instruction(
+    encoder: Any, layout: Instruction, input_ids: torch.Tensor, mask: torch.Tensor, batch_size: int
+) -> torch.Tensor | None:
+    """The kept rows (float32) of ``instruction + prompt`` token ids, as the encoder gives them with the
+    attention mask, with the instruction run once for all rows; None where that cannot be done (the
+    rows do not share their beginning, or the encoder takes no key/value cache).
+
+    The encoder is causal (Gemma): position ``j`` reads positions ``<= j`` only. So the tokens every row
+    shares (the instruction's, ~800 of Sana's ~1,100) run once, and their per-layer keys and values serve
+    each row's remaining tokens, which run only up to the last one any row attends to: the rows after
+    it are padding, which Sana's cross-attention masks out; they are returned as zeros. Equal to the
+    full run on every row that is read, up to float rounding.
+    """
+    parameters = inspect.signature(encoder.forward).parameters
+    cache_arg = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    differs = (input_ids != input_ids[:1]).any(dim=0).nonzero()
+    shared = min(int(differs[0]) if len(differs) else input_ids.shape[1], layout.first)
+    if cache_arg is None or shared < 2:
+        return None
+    device = next(encoder.parameters()).device
+    ids, mask = input_ids.to(device), mask.to(device)
+    end = int(mask.sum(dim=1).max())  # right padding: every row's tokens lie before this
+    prefix = encoder(ids[:1, :shared], attention_mask=mask[:1, :shared], use_cache=True)
+    cache = prefix["cache"] if "cache" in prefix else prefix["past_key_values"]  # newer / older names
+    bos = prefix[0][0, 0].float()
+    out = torch.zeros(len(ids), layout.total, bos.shape[-1], device=device)
+    out[:, 0] = bos  # BOS reads itself only: the same row for every prompt
+    for start in range(0, len(ids), batch_size):
+        rows = slice(start, start + batch_size)
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(len(ids[rows]))
+        tail = encoder(ids[rows, shared:end], attention_mask=mask[rows, :end], **{cache_arg: batch_cache})
+        out[rows, shared:end] = tail[0].float()
+    return out[:, layout.rows().to(device)]

@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 from ..errors import ACECompatibilityError
 from ..integration.modules import context_projection, find_denoiser, reads_joint_text
 from .clip_packing import PrefixStore, clip_text_model, encode_with_shared_prefixes
-from .instructed import Instruction, instruction_of
+from .instructed import Instruction, instruction_of, run_behind_instruction
 
 
 @dataclass
@@ -188,11 +188,13 @@ class TextEmbedder:
         tokenizer, layout = self.encoders[0][0], self.instruction
         tokens = self._tokenize(tokenizer, layout.texts(texts), layout.total)
         ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        parts = [
-            self.run_instructed(ids[i : i + batch_size], mask[i : i + batch_size])
-            for i in range(0, len(prompts), batch_size)
-        ]
-        kept = torch.cat(parts)
+        kept = run_behind_instruction(self.encoders[0][1], layout, ids, mask, batch_size)
+        if kept is None:
+            parts = [
+                self.run_instructed(ids[i : i + batch_size], mask[i : i + batch_size])
+                for i in range(0, len(prompts), batch_size)
+            ]
+            kept = torch.cat(parts)
         valid = mask[:, layout.rows()].sum(1).tolist()
         out = []
         for i, prompt in enumerate(prompts):
