@@ -257,6 +257,24 @@ def test_prepare_erasure_without_a_disk_cache_prepares_this_process(monkeypatch)
         prepare_erasure(pipe, kind="animal")
 
 
+def test_prepare_erasure_stores_the_dictionary_when_the_fits_mine_it(cache_dir, monkeypatch):
+    """``FitSettings(dictionary=True)``: the split English words are encoded by the preparation and
+    stored with the vocabulary table, so no later fit (or process) pays for them."""
+    from ace_diffusers.fitting import vocabulary
+
+    monkeypatch.setattr(vocabulary, "english_words", lambda count=None: ("rhombus", "lozenge", "painting"))
+    pipe = tiny_sd_pipeline()
+    embedder = text_module.TextEmbedder(pipe)
+    prepare_erasure(pipe, kind="style")
+    assert not EMBEDDINGS.memory(embedder).vocabulary.dictionary  # the default fit does not mine them
+    prepare_erasure(pipe, kind="style", settings=FitSettings(dictionary=True))
+    assert {"rhombus", "lozenge"} <= set(EMBEDDINGS.memory(embedder).vocabulary.rows)
+    EMBEDDINGS.clear()  # a new process reads them from disk
+    encoded = record_encoded_prompts(monkeypatch)
+    erase_concept(pipe, "Van Gogh", kind="style", load=False, settings=FitSettings(dictionary=True))
+    assert not {"rhombus", "lozenge"} & set(encoded)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
